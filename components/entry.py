@@ -1,0 +1,39 @@
+"""Shared plumbing for the `python -m components.<step>` entry points: typed config dataclasses
+become command-line flags, and a KubetuneError becomes its exit code with a one-line message."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Callable
+
+from components.errors import KubetuneError
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
+    """One --flag per dataclass field, typed and defaulted from the field."""
+    for f in dataclasses.fields(cls):
+        kind = _bool if isinstance(f.default, bool) else type(f.default)
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, metavar=kind.__name__.upper())
+
+
+def config_from_args(cls, ns: argparse.Namespace):
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
+def run_main(fn: Callable[[], object]) -> int:
+    try:
+        fn()
+    except KubetuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0

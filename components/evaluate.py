@@ -1,0 +1,151 @@
+"""Step 4 - evaluate: score the fine-tuned model on the test split and decide the quality gate.
+
+    python -m components.evaluate --model /tmp/kt/model --tokens /tmp/kt/tokens \
+        --dataset /tmp/kt/dataset --out /tmp/kt/evaluation.json --name sms-spam \
+        --store ./kubetune-store --run-id dev
+
+Metrics: accuracy, macro/weighted F1, macro precision/recall, per-class precision/recall/F1/support
+and the confusion matrix (components.metrics).
+
+Gate: the model passes when
+  1. its `metric` on the test split >= `threshold`, and
+  2. it is not worse than the current production model of the same name by more than `tolerance`.
+For (2) the production model is re-scored on this run's test split (same rows, same metric) when
+its label set is the same; otherwise its recorded metric is used and the record says so. The
+decision and its reason go to evaluation.json; the pipeline exports and deploys only on a pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from components import registry
+from components.entry import add_config_args, config_from_args, run_main
+from components.errors import ConfigError, GateRejected
+from components.metrics import GATE_METRICS, classification_metrics
+from components.modeling import pick_device, predict_logits
+from components.onnx_model import OnnxClassifier
+from components.progress import log
+from components.records import open_run, scratch
+from components.shards import load_split
+from components.store import Store
+
+STEP = "evaluate"
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    metric: str = "macro_f1"
+    threshold: float = 0.8
+    tolerance: float = 0.01  # how much worse than production a new model may be
+    batch_size: int = 128
+    device: str = "auto"
+
+    def check(self) -> None:
+        if self.metric not in GATE_METRICS:
+            raise ConfigError(f"gate metric {self.metric!r}: use one of {', '.join(GATE_METRICS)}")
+        if self.tolerance < 0:
+            raise ConfigError(f"gate tolerance {self.tolerance}: must be >= 0")
+
+
+def champion_score(store: Store, name: str, labels: list[str], texts: list[str], y_true: np.ndarray, metric: str) -> dict | None:
+    """The production model's `metric`, re-scored on these rows when its labels match."""
+    alias = registry.read_alias(store, name)
+    if alias is None:
+        return None
+    version = alias["version"]
+    local = registry.download(store, name, version, scratch(STEP) / version)
+    recorded = json.loads((local / "metrics.json").read_text())
+    champion_labels = json.loads((local / "labels.json").read_text())["labels"]
+    if champion_labels != labels:
+        return {"version": version, "value": recorded["metrics"][metric],
+                "source": f"recorded metric (its labels {champion_labels} differ from {labels}, so it cannot be re-scored)"}
+    clf = OnnxClassifier(local, device="cpu")
+    pred = clf.logits_for_texts(texts).argmax(-1)
+    return {"version": version, "value": classification_metrics(y_true, pred, labels)[metric],
+            "source": "re-scored on this run's test split"}
+
+
+def decide(value: float, champion: dict | None, cfg: GateConfig) -> dict:
+    gate = {"metric": cfg.metric, "value": value, "threshold": cfg.threshold, "tolerance": cfg.tolerance,
+            "champion_version": champion and champion["version"], "champion_value": champion and champion["value"],
+            "champion_source": champion and champion["source"]}
+    if value < cfg.threshold:
+        return {**gate, "passed": False, "reason": f"{cfg.metric} {value:.4f} is below the threshold {cfg.threshold}"}
+    if champion is not None and value < champion["value"] - cfg.tolerance:
+        return {**gate, "passed": False, "reason": (
+            f"{cfg.metric} {value:.4f} is worse than production {champion['version']} ({champion['value']:.4f}) "
+            f"by more than the tolerance {cfg.tolerance}")}
+    versus = (f" and within {cfg.tolerance} of production {champion['version']} ({champion['value']:.4f})"
+              if champion else "; no production model yet")
+    return {**gate, "passed": True, "reason": f"{cfg.metric} {value:.4f} >= threshold {cfg.threshold}{versus}"}
+
+
+def evaluate(model_dir: Path, tokens_dir: Path, dataset_dir: Path, store: Store, name: str, cfg: GateConfig) -> dict:
+    import pandas as pd
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    cfg.check()
+    hf_logging.disable_progress_bar()
+    meta = json.loads((tokens_dir / "meta.json").read_text())
+    labels = meta["labels"]
+    test = load_split(tokens_dir, "test")
+    device = pick_device(cfg.device)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(device)
+    logits = predict_logits(model, test, batch_size=cfg.batch_size, pad_id=meta["pad_token_id"],
+                            input_names=meta["model_input_names"], device=device)
+    metrics = classification_metrics(test.labels, logits.argmax(-1), labels)
+    log(STEP, f"test ({len(test)} rows): accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+              + ", ".join(f"{k} F1 {v['f1']:.4f}" for k, v in metrics["per_class"].items()))
+
+    texts = pd.read_parquet(dataset_dir / "test.parquet")["text"].tolist()
+    champion = champion_score(store, name, labels, texts, test.labels, cfg.metric)
+    gate = decide(metrics[cfg.metric], champion, cfg)
+    log(STEP, f"gate {'PASSED' if gate['passed'] else 'REJECTED'}: {gate['reason']}")
+    return {"model_name": name, "labels": labels, "test_rows": len(test), "metrics": metrics, "gate": gate}
+
+
+def run_step(*, store_uri: str, run_id: str, model_dir: Path, tokens_dir: Path, dataset_dir: Path, model_name: str,
+             out_path: Path, cfg: GateConfig) -> dict:
+    record = open_run(store_uri, run_id)
+    with record.step(STEP, config={"model_name": model_name, **asdict(cfg)}) as rec:
+        result = evaluate(model_dir, tokens_dir, dataset_dir, record.store, registry.check_name(model_name), cfg)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=2))
+        record.write_json("evaluation.json", result)
+        rec["outputs"] = {"passed": result["gate"]["passed"], "reason": result["gate"]["reason"],
+                          "accuracy": result["metrics"]["accuracy"], "macro_f1": result["metrics"]["macro_f1"]}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m components.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, type=Path, help="fine-tuned model folder (finetune's output)")
+    p.add_argument("--tokens", required=True, type=Path)
+    p.add_argument("--dataset", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="evaluation.json to write")
+    p.add_argument("--name", required=True, help="registry model name (its production model is the champion)")
+    p.add_argument("--store", required=True)
+    p.add_argument("--run-id", required=True)
+    add_config_args(p, GateConfig)
+    a = p.parse_args(argv)
+    result = {}
+
+    def go():
+        result.update(run_step(store_uri=a.store, run_id=a.run_id, model_dir=a.model, tokens_dir=a.tokens,
+                               dataset_dir=a.dataset, model_name=a.name, out_path=a.out, cfg=config_from_args(GateConfig, a)))
+
+    code = run_main(go)
+    # for shell pipelines: 3 when the gate rejected the model, as `kubetune run` does
+    return code or (0 if result["gate"]["passed"] else GateRejected.exit_code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Step 5 - export: the fine-tuned model to ONNX, checked against torch before anything uses it.
+
+    python -m components.export --model /tmp/kt/model --tokens /tmp/kt/tokens --out /tmp/kt/onnx \
+        --store ./kubetune-store --run-id dev
+
+The graph comes from torch's exporter (torch.export + onnxscript, `dynamo=True`) with dynamic batch
+and sequence axes. Parity: up to `parity_rows` held-out (test) rows go through torch and through
+ONNX Runtime at several batch shapes; the step fails when the largest logit difference exceeds
+`parity_atol` or the argmax agreement falls below `min_agreement`. The output folder carries
+everything inference needs (see components.onnx_model): model.onnx, tokenizer, labels, settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from components.entry import add_config_args, config_from_args, run_main
+from components.errors import ConfigError, KubetuneError
+from components.modeling import predict_logits
+from components.onnx_model import OnnxClassifier
+from components.progress import log
+from components.records import open_run
+from components.shards import load_split
+
+STEP = "export"
+
+
+class ParityError(KubetuneError):
+    kind = "parity"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 18
+    parity_rows: int = 256
+    parity_atol: float = 1e-3  # max |torch logit - onnx logit|, fp32 vs fp32
+    min_agreement: float = 0.995  # share of rows whose argmax agrees
+    device: str = "cpu"  # ONNX Runtime provider for the parity check: cpu | cuda
+
+    def check(self) -> None:
+        if self.parity_rows < 1:
+            raise ConfigError("parity_rows must be >= 1: an export is never published unchecked")
+        if not 0 < self.min_agreement <= 1:
+            raise ConfigError(f"min_agreement={self.min_agreement}: must be in (0, 1]")
+
+
+def export_onnx(model, input_names: list[str], path: Path, opset: int) -> None:
+    import torch
+
+    # two rows of different lengths: the exporter must not specialise on batch 1 or on one length
+    # (small ids exist in every vocabulary; the values do not shape the graph)
+    example = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 3, 0, 0, 0]], dtype=torch.long)
+    kwargs = {"input_ids": example, "attention_mask": torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]])}
+    if "token_type_ids" in input_names:
+        kwargs["token_type_ids"] = torch.zeros_like(example)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" x4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter deprecation chatter; failures still raise
+        program = torch.onnx.export(
+            model.eval(), (), kwargs=kwargs, input_names=list(kwargs), output_names=["logits"],
+            dynamic_shapes={k: {0: batch, 1: seq} for k in kwargs}, opset_version=opset, dynamo=True,
+            external_data=False, verbose=False,
+        )
+    program.save(str(path))
+
+
+def check_parity(model, clf: OnnxClassifier, split, cfg: ExportConfig, pad_id: int, input_names: list[str]) -> dict:
+    """torch vs ONNX Runtime logits on the same rows, at two batch sizes (1 and 32) so both the
+    unpadded and the padded paths are covered."""
+    import torch
+
+    rows = split.take(np.arange(min(cfg.parity_rows, len(split))))
+    reference = predict_logits(model, rows, batch_size=32, pad_id=pad_id, input_names=input_names, device=torch.device("cpu"))
+    report = {"rows": len(rows)}
+    worst, agree = 0.0, 1.0
+    for batch in (1, 32):
+        got = clf.logits_for_tokens(rows, batch_size=batch)
+        diff = float(np.abs(got - reference).max())
+        share = float((got.argmax(-1) == reference.argmax(-1)).mean())
+        report[f"batch_{batch}"] = {"max_abs_diff": diff, "argmax_agreement": share}
+        worst, agree = max(worst, diff), min(agree, share)
+    report.update(max_abs_diff=worst, argmax_agreement=agree,
+                  passed=worst <= cfg.parity_atol and agree >= cfg.min_agreement,
+                  parity_atol=cfg.parity_atol, min_agreement=cfg.min_agreement)
+    return report
+
+
+def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig) -> dict:
+    import onnx
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    cfg.check()
+    hf_logging.disable_progress_bar()
+    meta = json.loads((tokens_dir / "meta.json").read_text())
+    names, pad_id = meta["model_input_names"], meta["pad_token_id"]
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).float().to("cpu").eval()
+
+    # ---- graph -------------------------------------------------------------------------------
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / "model.onnx"
+    export_onnx(model, names, onnx_path, cfg.opset)
+    onnx.checker.check_model(str(onnx_path))
+    log(STEP, f"exported {onnx_path.stat().st_size / 2**20:.1f} MiB, opset {cfg.opset}, dynamic batch and sequence axes")
+
+    # ---- what travels with the graph ---------------------------------------------------------
+    for f in model_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "vocab.txt", "config.json"):
+            shutil.copy2(f, out_dir / f.name)
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    (out_dir / "labels.json").write_text(json.dumps({"labels": labels}, indent=2))
+    info = {"task": "sequence-classification", "max_length": meta["max_length"], "input_names": names,
+            "output": "logits", "opset": cfg.opset, "torch": torch.__version__}
+    (out_dir / "kubetune.json").write_text(json.dumps(info, indent=2))
+
+    # ---- parity on held-out rows -------------------------------------------------------------
+    clf = OnnxClassifier(out_dir, device=cfg.device)
+    parity = check_parity(model, clf, load_split(tokens_dir, "test"), cfg, pad_id, names)
+    (out_dir / "parity.json").write_text(json.dumps(parity, indent=2))
+    log(STEP, f"parity on {parity['rows']} test rows: max |logit diff| {parity['max_abs_diff']:.2e}, "
+              f"argmax agreement {parity['argmax_agreement']:.4f}")
+    if not parity["passed"]:
+        raise ParityError(
+            f"ONNX parity failed: max |logit diff| {parity['max_abs_diff']:.3e} (limit {cfg.parity_atol}), argmax agreement "
+            f"{parity['argmax_agreement']:.4f} (minimum {cfg.min_agreement}); the export is not published"
+        )
+    return {**parity, "size_bytes": onnx_path.stat().st_size, "opset": cfg.opset}
+
+
+def run_step(*, store_uri: str, run_id: str, model_dir: Path, tokens_dir: Path, out_dir: Path, out_uri: str, cfg: ExportConfig) -> dict:
+    record = open_run(store_uri, run_id)
+    with record.step(STEP, config=asdict(cfg)) as rec:
+        result = export(model_dir, tokens_dir, out_dir, cfg)
+        result["uri"] = out_uri or str(out_dir)
+        record.write_json("export.json", result)
+        rec["outputs"] = {"uri": result["uri"], "max_abs_diff": result["max_abs_diff"], "argmax_agreement": result["argmax_agreement"]}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m components.export", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, type=Path, help="fine-tuned model folder (finetune's output)")
+    p.add_argument("--tokens", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--store", required=True)
+    p.add_argument("--run-id", required=True)
+    add_config_args(p, ExportConfig)
+    a = p.parse_args(argv)
+    return run_main(lambda: run_step(store_uri=a.store, run_id=a.run_id, model_dir=a.model, tokens_dir=a.tokens,
+                                     out_dir=a.out, out_uri="", cfg=config_from_args(ExportConfig, a)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

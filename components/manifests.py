@@ -1,0 +1,67 @@
+"""Kubernetes manifests rendered from a registry version (no cluster access here: plain data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import yaml
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    namespace: str = "kubetune"
+    image: str = "ghcr.io/kubetune/kubetune:0.1.0"
+    service_account: str = "kubetune-serving"  # carries the S3 credentials for the storage initializer
+    cpu_request: str = "500m"
+    cpu_limit: str = "2"
+    memory_request: str = "1Gi"
+    memory_limit: str = "2Gi"
+    min_replicas: int = 1
+    max_replicas: int = 3
+
+
+def inference_service(name: str, version: str, storage_uri: str, run_id: str, cfg: ServingConfig) -> dict:
+    """A KServe v1beta1 InferenceService with kubetune's custom predictor: KServe's storage
+    initializer copies `storage_uri` to /mnt/models, and the container serves raw text in,
+    labels out (`kubetune serve`)."""
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": {
+            "name": name,
+            "namespace": cfg.namespace,
+            "labels": {"app.kubernetes.io/name": name, "app.kubernetes.io/managed-by": "kubetune"},
+            "annotations": {"kubetune.io/model-version": version, "kubetune.io/run-id": run_id},
+        },
+        "spec": {
+            "predictor": {
+                "serviceAccountName": cfg.service_account,
+                "minReplicas": cfg.min_replicas,
+                "maxReplicas": cfg.max_replicas,
+                "containers": [
+                    {
+                        "name": "kserve-container",
+                        "image": cfg.image,
+                        "command": ["kubetune", "serve"],
+                        "args": ["--model", "/mnt/models", "--name", name, "--port", "8080"],
+                        "env": [{"name": "STORAGE_URI", "value": storage_uri}],
+                        "ports": [{"containerPort": 8080, "protocol": "TCP"}],
+                        "resources": {
+                            "requests": {"cpu": cfg.cpu_request, "memory": cfg.memory_request},
+                            "limits": {"cpu": cfg.cpu_limit, "memory": cfg.memory_limit},
+                        },
+                        "securityContext": {
+                            "runAsNonRoot": True,
+                            "readOnlyRootFilesystem": True,
+                            "allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
+                    }
+                ],
+            }
+        },
+    }
+
+
+def to_yaml(obj: dict) -> str:
+    return yaml.safe_dump(obj, sort_keys=False)

@@ -1,0 +1,60 @@
+"""Torch-side helpers shared by finetune, evaluate and export: where the model comes from, which
+device runs it, and batched prediction over token shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from components import assets
+from components.errors import ConfigError, InputError
+from components.shards import TokenizedSplit, pad_batch, sorted_batches
+from components.store import S3Settings, fetch
+
+
+def resolve_model_dir(uri: str, settings: S3Settings | None, workdir: Path) -> Path:
+    """A local transformers model folder for `builtin:<name>`, a local path or an s3:// prefix."""
+    path = assets.resolve(uri)[0] if assets.is_builtin(uri) else fetch(uri, settings, workdir)
+    if not (path / "config.json").is_file():
+        raise InputError(f"model {uri}: {path} is not a transformers model folder (no config.json)")
+    return path
+
+
+def pick_device(requested: str):
+    import torch
+
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device={requested!r}: use auto, cpu or cuda")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda was requested but torch sees no CUDA device; use --device auto or cpu, "
+                          "or run the step in the CUDA trainer image on a GPU node")
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(requested)
+
+
+def batch_inputs(split: TokenizedSplit, index: np.ndarray, pad_id: int, input_names: list[str], device) -> dict:
+    """Model keyword arguments for rows `index`: input_ids, attention_mask and, for models that take
+    them (BERT), all-zero token_type_ids (single-segment inputs)."""
+    import torch
+
+    ids, mask = pad_batch(split, index, pad_id)
+    out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+    if "token_type_ids" in input_names:
+        out["token_type_ids"] = torch.zeros_like(out["input_ids"])
+    # non_blocking: the copy overlaps with the host work of building the next batch
+    return {k: v.to(device, non_blocking=True) for k, v in out.items()}
+
+
+def predict_logits(model, split: TokenizedSplit, *, batch_size: int, pad_id: int, input_names: list[str], device) -> np.ndarray:
+    """Logits for every row of `split`, in row order, float32."""
+    import torch
+
+    model.eval()
+    out = np.zeros((len(split), model.config.num_labels), dtype=np.float32)
+    with torch.inference_mode():
+        for index in sorted_batches(split.lengths, batch_size):
+            logits = model(**batch_inputs(split, index, pad_id, input_names, device)).logits
+            out[index] = logits.float().cpu().numpy()
+    return out

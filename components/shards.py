@@ -1,0 +1,99 @@
+"""Token shards: variable-length token ids stored without padding, and the batches made from them.
+
+A split is a list of `<split>-NNNNN.npz` files, each holding `ids` (all rows' token ids end to end,
+int32), `offsets` (row i is ids[offsets[i]:offsets[i+1]]) and `labels` (int64). Padding happens per
+batch, at collate time, to the longest row of the batch: rows of similar length are batched together,
+so little compute goes to pad tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class TokenizedSplit:
+    ids: np.ndarray
+    offsets: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def row(self, i: int) -> np.ndarray:
+        return self.ids[self.offsets[i]:self.offsets[i + 1]]
+
+    def take(self, index: np.ndarray) -> "TokenizedSplit":
+        rows = [self.row(i) for i in index]
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum([len(r) for r in rows], out=offsets[1:])
+        ids = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int32)
+        return TokenizedSplit(ids, offsets, self.labels[index])
+
+
+def save_split(out_dir: Path, split: str, rows: list[list[int]], labels: np.ndarray, shard_rows: int) -> list[str]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = []
+    for n, start in enumerate(range(0, max(len(rows), 1), shard_rows)):
+        chunk = rows[start:start + shard_rows]
+        offsets = np.zeros(len(chunk) + 1, dtype=np.int64)
+        np.cumsum([len(r) for r in chunk], out=offsets[1:])
+        ids = np.fromiter((t for r in chunk for t in r), dtype=np.int32, count=int(offsets[-1]))
+        name = f"{split}-{n:05d}.npz"
+        np.savez(out_dir / name, ids=ids, offsets=offsets, labels=np.asarray(labels[start:start + shard_rows], dtype=np.int64))
+        names.append(name)
+    return names
+
+
+def load_split(tokens_dir: Path, split: str) -> TokenizedSplit:
+    files = sorted(tokens_dir.glob(f"{split}-*.npz"))
+    if not files:
+        raise FileNotFoundError(f"no {split} shards in {tokens_dir}")
+    ids, offsets, labels, base = [], [np.zeros(1, dtype=np.int64)], [], 0
+    for f in files:
+        with np.load(f) as z:
+            ids.append(z["ids"])
+            offsets.append(z["offsets"][1:] + base)
+            labels.append(z["labels"])
+            base += int(z["offsets"][-1])
+    return TokenizedSplit(np.concatenate(ids), np.concatenate(offsets), np.concatenate(labels))
+
+
+def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, group: int = 50) -> list[np.ndarray]:
+    """Training batches: shuffle, cut into groups of `group` batches, sort each group by length,
+    cut into batches, shuffle the batch order. Similar lengths share a batch (little padding) while
+    the order stays random from epoch to epoch."""
+    order = rng.permutation(len(lengths))
+    batches = []
+    for start in range(0, len(order), batch_size * group):
+        chunk = order[start:start + batch_size * group]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Inference batches: all rows sorted by length (results are put back in row order by the caller)."""
+    order = np.argsort(lengths, kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def pad_batch(split: TokenizedSplit, index: np.ndarray, pad_id: int, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) int64 arrays for rows `index`, padded on the right to the batch's
+    longest row rounded up to `multiple` (fewer distinct shapes, friendlier to GPU kernels)."""
+    lengths = split.lengths[index]
+    width = int(-(-lengths.max() // multiple) * multiple)
+    input_ids = np.full((len(index), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(index), width), dtype=np.int64)
+    for j, i in enumerate(index):
+        row = split.row(i)
+        input_ids[j, : len(row)] = row
+        mask[j, : len(row)] = 1
+    return input_ids, mask

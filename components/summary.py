@@ -1,0 +1,98 @@
+"""The run summary: every step's outcome, the metrics, the gate, the export and the deployment in
+one JSON document, built from the run records (components.records). In the pipeline it is the exit
+handler's task, so it is written whether the run passed, was rejected or failed.
+
+    python -m components.summary --store ./kubetune-store --run-id dev [--out summary.json]
+
+Outcome and exit code (the `kubetune run` contract):
+  deployed        0   every step succeeded and production points at the new version
+  failed          1   a step failed for another reason (its error is in "error")
+  input_rejected  2   validate rejected the input: nothing trained, nothing published
+  gate_rejected   3   the gate refused the model: export and deploy skipped, nothing published
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from components.entry import run_main
+from components.records import STEPS, RunRecord, open_run
+
+OUTCOMES = {"deployed": 0, "failed": 1, "input_rejected": 2, "gate_rejected": 3}
+
+
+def build_summary(record: RunRecord, pipeline_state: str = "") -> dict:
+    steps = {name: record.read_json(f"steps/{name}.json") for name in STEPS}
+    evaluation = record.read_json("evaluation.json")
+    export = record.read_json("export.json")
+    deployment = record.read_json("deployment.json")
+    failed = next((s for s in steps.values() if s and s.get("status") == "failed"), None)
+    gate = evaluation["gate"] if evaluation else None
+
+    if failed:
+        outcome = "input_rejected" if failed["error"].get("kind") == "input" else "failed"
+    elif gate is not None and not gate["passed"]:
+        outcome = "gate_rejected"
+    elif deployment:
+        outcome = "deployed"
+    else:
+        outcome = "failed"  # e.g. a pod killed before it could write its record
+
+    rows = []
+    for name, s in steps.items():
+        if s:
+            rows.append({"name": name, "status": s["status"], "seconds": s.get("seconds")})
+        else:  # never ran: skipped by the gate, or not reached after a failure
+            status = "skipped" if outcome == "gate_rejected" and name in ("export", "deploy") else "not_run"
+            rows.append({"name": name, "status": status, "seconds": None})
+
+    metrics = None
+    if evaluation:
+        m = evaluation["metrics"]
+        metrics = {k: m[k] for k in ("accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix")}
+    return {
+        "run_id": record.run_id,
+        "store": record.store.uri,
+        "outcome": outcome,
+        "exit_code": OUTCOMES[outcome],
+        "error": failed and {"step": failed["name"], **failed["error"]},
+        "pipeline_state": pipeline_state or None,
+        "steps": rows,
+        "metrics": metrics,
+        "gate": gate and {k: gate.get(k) for k in ("passed", "metric", "value", "threshold", "tolerance",
+                                                   "champion_value", "champion_version", "reason")},
+        "onnx": export and {k: export.get(k) for k in ("uri", "max_abs_diff", "argmax_agreement")},
+        "deployment": deployment and {k: deployment.get(k) for k in ("model_uri", "version", "manifest_uri")},
+    }
+
+
+def run_step(*, store_uri: str, run_id: str, pipeline_state: str = "") -> dict:
+    record = open_run(store_uri, run_id)
+    summary = build_summary(record, pipeline_state)
+    record.write_json("summary.json", summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m components.summary", description=__doc__.split("\n")[0])
+    p.add_argument("--store", required=True)
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--out", type=Path, help="also write the summary here")
+    a = p.parse_args(argv)
+    result = {}
+
+    def go():
+        result.update(run_step(store_uri=a.store, run_id=a.run_id))
+        text = json.dumps(result, indent=2)
+        if a.out:
+            a.out.write_text(text)
+        print(text)
+
+    return run_main(go) or result["exit_code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Step 2 - tokenize: the model's fast tokenizer over every split, truncated, unpadded, cached.
+
+    python -m components.tokenize --dataset /tmp/kt/dataset --model builtin:all-minilm-l6-v2 \
+        --out /tmp/kt/tokens --store ./kubetune-store --run-id dev
+
+Output folder: `<split>-NNNNN.npz` token shards (see components.shards), `tokenizer/` (the files
+that travel with the model) and meta.json (label set, max_length, length statistics, how many rows
+were truncated and how many tokens that cost).
+
+Cache: the result is keyed by the content of the data (validate's fingerprints), the tokenizer's
+full definition (its tokenizer.json), max_length and the shard format, and published to
+<store>/cache/tokenize/<key>/. A re-run with the same inputs copies the cached folder instead of
+tokenizing again, also on another machine sharing the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from components.entry import add_config_args, config_from_args, run_main
+from components.errors import ConfigError, InputError
+from components.modeling import resolve_model_dir
+from components.progress import Progress, log
+from components.records import open_run, scratch
+from components.shards import save_split
+from components.store import S3Settings, Store, join
+
+STEP = "tokenize"
+SPLITS = ("train", "eval", "test")
+FORMAT = 1  # bump when the shard layout changes: old cache entries stop matching
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    max_length: int = 128
+    batch_size: int = 1000  # texts per tokenizer call
+    shard_rows: int = 50_000
+
+    def check(self) -> None:
+        if not 8 <= self.max_length <= 8192:
+            raise ConfigError(f"max_length={self.max_length}: use a value between 8 and 8192 tokens")
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:  # transformers raises OSError/ValueError/... for a broken folder
+        raise InputError(f"model {model_dir}: cannot load its tokenizer ({e})") from None
+    if not tokenizer.is_fast:
+        raise InputError(f"model {model_dir}: has no fast (Rust) tokenizer; kubetune needs tokenizer.json")
+    return tokenizer
+
+
+def cache_key(meta: dict, tokenizer, cfg: TokenizeConfig) -> str:
+    spec = {
+        "format": FORMAT,
+        "data": {s: meta["splits"][s]["fingerprint"] for s in SPLITS},
+        "labels": meta["labels"],
+        "tokenizer": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
+        "truncation_side": tokenizer.truncation_side,
+        "max_length": cfg.max_length,
+        "shard_rows": cfg.shard_rows,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def tokenize_texts(tokenizer, texts: list[str], cfg: TokenizeConfig, progress: Progress) -> tuple[list[list[int]], int, int]:
+    """Token ids per text, truncated to max_length; also (rows truncated, tokens cut off)."""
+    rows: list[list[int]] = []
+    truncated = lost = 0
+    for start in range(0, len(texts), cfg.batch_size):
+        batch = texts[start:start + cfg.batch_size]
+        # tokenize untruncated first, to count what truncation drops; redo only the long rows
+        full = tokenizer(batch, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        long = [i for i, ids in enumerate(full) if len(ids) > cfg.max_length]
+        if long:
+            cut = tokenizer([batch[i] for i in long], add_special_tokens=True, truncation=True, max_length=cfg.max_length)["input_ids"]
+            for i, ids in zip(long, cut):
+                lost += len(full[i]) - len(ids)
+                full[i] = ids
+            truncated += len(long)
+        rows += full
+        progress.update(len(batch))
+    return rows, truncated, lost
+
+
+def tokenize(dataset_dir: Path, model_dir: Path, out_dir: Path, cfg: TokenizeConfig, store: Store | None) -> dict:
+    """Write the tokens folder for a validated dataset (from the cache when possible)."""
+    import pandas as pd
+
+    cfg.check()
+    meta = json.loads((dataset_dir / "meta.json").read_text())
+    tokenizer = load_tokenizer(model_dir)
+    key = cache_key(meta, tokenizer, cfg)
+    cache_prefix = join("cache", STEP, key)
+    if store is not None and store.is_published(cache_prefix):
+        store.download_dir(cache_prefix, out_dir)
+        out = json.loads((out_dir / "meta.json").read_text())
+        log(STEP, f"cache hit: {store.url(cache_prefix)} (same data, tokenizer and max_length)")
+        return {**out, "cache": "hit"}
+
+    label_ids = {label: i for i, label in enumerate(meta["labels"])}
+    frames = {s: pd.read_parquet(dataset_dir / f"{s}.parquet") for s in SPLITS}
+    total = sum(len(f) for f in frames.values())
+    progress = Progress(STEP, total, "texts", every_s=2.0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = {"format": FORMAT, "cache_key": key, "labels": meta["labels"], "max_length": cfg.max_length,
+            "pad_token_id": tokenizer.pad_token_id, "model_input_names": list(tokenizer.model_input_names),
+            "data_fingerprints": {s: meta["splits"][s]["fingerprint"] for s in SPLITS}, "splits": {}}
+    for split, frame in frames.items():
+        rows, truncated, lost = tokenize_texts(tokenizer, frame["text"].tolist(), cfg, progress)
+        labels = frame["label"].map(label_ids).to_numpy(dtype=np.int64)
+        lengths = np.array([len(r) for r in rows])
+        info["splits"][split] = {
+            "rows": len(rows),
+            "shards": save_split(out_dir, split, rows, labels, cfg.shard_rows),
+            "tokens": int(lengths.sum()),
+            "length": {"mean": round(float(lengths.mean()), 2), "p50": int(np.percentile(lengths, 50)),
+                       "p95": int(np.percentile(lengths, 95)), "max": int(lengths.max())},
+            "truncated_rows": truncated,
+            "truncated_tokens": lost,
+        }
+        if truncated:
+            log(STEP, f"{split}: {truncated} of {len(rows)} texts truncated to {cfg.max_length} tokens ({lost} tokens dropped)")
+    tokenizer.save_pretrained(out_dir / "tokenizer")
+    (out_dir / "meta.json").write_text(json.dumps(info, indent=2))
+    if store is not None and store.publish_dir(out_dir, cache_prefix):
+        log(STEP, f"cached as {store.url(cache_prefix)}")
+    return {**info, "cache": "miss"}
+
+
+def run_step(*, store_uri: str, run_id: str, dataset_dir: Path, model_uri: str, out_dir: Path, cfg: TokenizeConfig) -> dict:
+    record = open_run(store_uri, run_id)
+    with record.step(STEP, config={"model": model_uri, **asdict(cfg)}) as rec:
+        model_dir = resolve_model_dir(model_uri, S3Settings.from_env(), scratch(STEP))
+        info = tokenize(dataset_dir, model_dir, out_dir, cfg, record.store)
+        rec["outputs"] = {"cache": info["cache"], "cache_key": info["cache_key"],
+                          "splits": {s: {k: v for k, v in d.items() if k != "shards"} for s, d in info["splits"].items()}}
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m components.tokenize", description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", required=True, type=Path)
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--store", required=True)
+    p.add_argument("--run-id", required=True)
+    add_config_args(p, TokenizeConfig)
+    a = p.parse_args(argv)
+    return run_main(lambda: run_step(store_uri=a.store, run_id=a.run_id, dataset_dir=a.dataset, model_uri=a.model,
+                                     out_dir=a.out, cfg=config_from_args(TokenizeConfig, a)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

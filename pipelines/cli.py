@@ -1,0 +1,210 @@
+"""The `kubetune` command line.
+
+    kubetune run                         # train on the SMS Spam Collection with all-MiniLM-L6-v2, locally
+    kubetune run --train s3://data/reviews.csv --text-column review --label-column stars \
+                 --store s3://ml/kubetune --epochs 3
+    kubetune compile --output kubetune-training.yaml [--image REGISTRY/kubetune:TAG]
+
+`run` exit codes: 0 model deployed; 2 input rejected (bad data or options): nothing trained or
+published; 3 the quality gate rejected the model: nothing published; 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from components import registry
+from components.errors import ConfigError, InputError, KubetuneError
+from components.evaluate import GateConfig
+from components.finetune import FinetuneConfig
+from components.manifests import ServingConfig
+from components.metrics import GATE_METRICS
+from components.progress import fmt_seconds
+from components.records import RunRecord
+from components.store import LocalStore, S3Settings, open_store
+from components.summary import build_summary
+from components.tokenize import TokenizeConfig
+from components.validate import ValidateConfig
+from pipelines.config import DEFAULT_IMAGE, ClusterConfig
+
+DEFAULT_STORE = "./kubetune-store"
+
+
+def _run_parser(sub) -> None:
+    v, t, f, g = ValidateConfig, TokenizeConfig, FinetuneConfig, GateConfig
+    p = sub.add_parser("run", help="run the training pipeline locally (kfp.local)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--train", default="builtin:sms-spam", help="CSV/TSV/JSONL/Parquet: path, s3://bucket/key or builtin:sms-spam (default)")
+    d.add_argument("--eval", default="", help="eval file (default: a stratified split of --train)")
+    d.add_argument("--test", default="", help="test file (default: a stratified split of --train)")
+    d.add_argument("--text-column", default=v.text_column)
+    d.add_argument("--label-column", default=v.label_column)
+    d.add_argument("--no-header", action="store_true", help="CSV/TSV without a header row: name columns 0, 1, ...")
+    d.add_argument("--limit", type=int, default=v.limit, help="use at most N rows per file (seeded stratified sample)")
+    d.add_argument("--eval-fraction", type=float, default=v.eval_fraction)
+    d.add_argument("--test-fraction", type=float, default=v.test_fraction)
+    m = p.add_argument_group("model and training")
+    m.add_argument("--model", default="builtin:all-minilm-l6-v2", help="pretrained transformers folder, s3:// prefix or builtin:all-minilm-l6-v2")
+    m.add_argument("--name", default="", help="registry name (default: from --train, e.g. sms-spam)")
+    m.add_argument("--max-length", type=int, default=t.max_length)
+    m.add_argument("--epochs", type=int, default=f.epochs)
+    m.add_argument("--batch-size", type=int, default=f.batch_size)
+    m.add_argument("--learning-rate", type=float, default=f.learning_rate)
+    m.add_argument("--seed", type=int, default=v.seed)
+    q = p.add_argument_group("quality gate")
+    q.add_argument("--gate-metric", default=g.metric, choices=GATE_METRICS)
+    q.add_argument("--gate-threshold", type=float, default=g.threshold)
+    q.add_argument("--gate-tolerance", type=float, default=g.tolerance, help="how much worse than production a new model may be")
+    o = p.add_argument_group("output")
+    o.add_argument("--store", default=DEFAULT_STORE, help="local folder or s3://bucket/prefix (S3 settings from AWS_* variables)")
+    o.add_argument("--summary", type=Path, help="write the run summary JSON here")
+    o.add_argument("--run-id", default="", help="default: <UTC time>-<random>")
+    o.add_argument("--namespace", default=ServingConfig.namespace, help="namespace of the rendered InferenceService")
+    o.add_argument("--serving-image", default=DEFAULT_IMAGE)
+    o.add_argument("--verbose", action="store_true", help="show kfp.local's full output, not only kubetune's lines")
+
+
+def _compile_parser(sub) -> None:
+    p = sub.add_parser("compile", help="compile the training pipeline to KFP v2 IR YAML")
+    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--image", default=DEFAULT_IMAGE, help="image of the CPU steps; finetune uses IMAGE-cuda")
+    p.add_argument("--trainer-image", default="", help="CUDA image for finetune (default: the --image tag + '-cuda')")
+    p.add_argument("--store", default="s3://kubetune", help="default of the pipeline's store parameter")
+    p.add_argument("--pipeline-root", default="", help="KFP artifact root (default: the installation's)")
+    p.add_argument("--s3-secret", default=ClusterConfig.s3_secret)
+    p.add_argument("--s3-config-map", default=ClusterConfig.s3_config_map)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kubetune", description="Fine-tune, gate, export and publish transformer text classifiers on Kubeflow.")
+    sub = p.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    _compile_parser(sub)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+
+
+def pipeline_arguments(a: argparse.Namespace, store_uri: str, run_id: str, name: str) -> dict:
+    """CLI options -> pipeline parameters, checked before anything runs."""
+    ValidateConfig(limit=a.limit, eval_fraction=a.eval_fraction, test_fraction=a.test_fraction).check()
+    TokenizeConfig(max_length=a.max_length).check()
+    FinetuneConfig(epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.learning_rate).check()
+    GateConfig(metric=a.gate_metric, tolerance=a.gate_tolerance).check()
+    return {
+        "train_uri": a.train, "eval_uri": a.eval, "test_uri": a.test, "text_column": a.text_column,
+        "label_column": a.label_column, "header": not a.no_header, "model_uri": a.model, "model_name": name,
+        "store": store_uri, "run_id": run_id, "limit": a.limit, "seed": a.seed, "eval_fraction": a.eval_fraction,
+        "test_fraction": a.test_fraction, "max_length": a.max_length, "epochs": a.epochs, "batch_size": a.batch_size,
+        "learning_rate": a.learning_rate, "gate_metric": a.gate_metric, "gate_threshold": a.gate_threshold,
+        "gate_tolerance": a.gate_tolerance, "namespace": a.namespace, "serving_image": a.serving_image,
+    }
+
+
+def print_summary(s: dict, wall: float) -> None:
+    w = sys.stdout.write
+    w("\nstep       status        seconds\n")
+    for row in s["steps"]:
+        secs = f"{row['seconds']:8.1f}" if row["seconds"] is not None else "       -"
+        w(f"{row['name']:<10} {row['status']:<12} {secs}\n")
+    w(f"{'total':<10} {'wall time':<12} {wall:8.1f}  ({fmt_seconds(wall)})\n\n")
+    if s["metrics"]:
+        m = s["metrics"]
+        per = ", ".join(f"{k} F1 {v['f1']:.4f}" for k, v in m["per_class"].items())
+        w(f"test: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} ({per})\n")
+    if s["gate"]:
+        w(f"gate: {'passed' if s['gate']['passed'] else 'REJECTED'} - {s['gate']['reason']}\n")
+    if s["onnx"]:
+        w(f"onnx: max |logit diff| {s['onnx']['max_abs_diff']:.2e}, argmax agreement {s['onnx']['argmax_agreement']:.4f}\n")
+    if s["deployment"]:
+        d = s["deployment"]
+        w(f"deployed: {d['version']} at {d['model_uri']}\n          manifest {d['manifest_uri']}\n")
+    if s["error"]:
+        w(f"\n{s['error']['step']} failed: {s['error']['message']}\n")
+    w(f"\noutcome: {s['outcome']} (exit {s['exit_code']}), records in {s['store']}/runs/{s['run_id']}\n")
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from pipelines.local import run_locally
+    from pipelines.training import build_training_pipeline
+
+    store = open_store(a.store, S3Settings.from_env())
+    store_uri = store.uri
+    name = registry.check_name(a.name) if a.name else registry.name_from_uri(a.train)
+    run_id = a.run_id or f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+    arguments = pipeline_arguments(a, store_uri, run_id, name)
+    record = RunRecord(store, run_id)
+
+    # kfp.local needs a local pipeline root; keep it in a local store, in a temp folder otherwise
+    local = isinstance(store, LocalStore)
+    pipeline_root = store.root / "kfp-local" if local else Path(tempfile.mkdtemp(prefix="kubetune-kfp-"))
+    log_path = (store.root / record.prefix / "kfp-local.log") if local else pipeline_root / "kfp-local.log"
+    print(f"kubetune run {run_id}: {name} from {a.train} with {a.model}\n  store {store_uri}\n  full log {log_path}", flush=True)
+
+    t0 = time.perf_counter()
+    try:
+        # no task retries locally: a failure here is not a flaky node, and backoff would only delay it
+        run_locally(build_training_pipeline(ClusterConfig(retries=0), default_store=store_uri), arguments,
+                    pipeline_root=pipeline_root, log_path=log_path, verbose=a.verbose)
+    finally:
+        if not local:
+            store.upload(log_path, record.key("kfp-local.log"))
+            shutil.rmtree(pipeline_root, ignore_errors=True)
+    wall = time.perf_counter() - t0
+
+    summary = record.read_json("summary.json") or build_summary(record)
+    summary["wall_seconds"] = round(wall, 1)
+    print_summary(summary, wall)
+    if a.summary:
+        a.summary.parent.mkdir(parents=True, exist_ok=True)
+        tmp = a.summary.with_name(f".{a.summary.name}.tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.replace(a.summary)
+    return summary["exit_code"]
+
+
+# ---------------------------------------------------------------------------------------------
+# compile
+
+
+def cmd_compile(a: argparse.Namespace) -> int:
+    from kfp import compiler
+
+    from pipelines.training import build_training_pipeline
+
+    cluster = replace(ClusterConfig(), image=a.image, trainer_image=a.trainer_image, pipeline_root=a.pipeline_root,
+                      s3_secret=a.s3_secret, s3_config_map=a.s3_config_map)
+    a.output.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_training_pipeline(cluster, default_store=a.store), str(a.output))
+    print(f"wrote {a.output} (images {cluster.image}, {cluster.gpu_image})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "compile": cmd_compile}[a.command](a)
+    except (InputError, ConfigError) as e:
+        print(f"kubetune: error: {e}", file=sys.stderr)
+        return InputError.exit_code
+    except KubetuneError as e:
+        print(f"kubetune: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("kubetune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""KFP components: thin typed wrappers that import a step from components/ and call it.
+
+KFP ships each wrapper's source into the container, so a wrapper holds nothing but imports and one
+call. `run_id or job_id`: a local run passes its own id; a run started from the Kubeflow UI leaves
+run_id empty and the records go under the KFP run's id.
+
+`make_components(cluster)` turns the wrappers into components with the project's images (decided at
+compile time, not import time).
+"""
+
+# no `from __future__ import annotations` here: KFP reads the annotations as real types
+from types import SimpleNamespace
+
+from kfp import dsl
+from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+
+from pipelines.config import ClusterConfig
+
+
+def validate(
+    store: str, run_id: str, job_id: str, train_uri: str, eval_uri: str, test_uri: str, text_column: str,
+    label_column: str, header: bool, limit: int, seed: int, eval_fraction: float, test_fraction: float,
+    dataset: Output[Dataset], report: Output[Markdown], expectations: Output[Artifact],
+):
+    from pathlib import Path
+
+    from components.validate import ValidateConfig, run_step
+
+    run_step(
+        store_uri=store, run_id=run_id or job_id, train_uri=train_uri, eval_uri=eval_uri, test_uri=test_uri,
+        cfg=ValidateConfig(text_column=text_column, label_column=label_column, header=header, limit=limit, seed=seed,
+                           eval_fraction=eval_fraction, test_fraction=test_fraction),
+        dataset_dir=Path(dataset.path), report_path=Path(report.path), expectations_path=Path(expectations.path),
+    )
+
+
+def tokenize(store: str, run_id: str, job_id: str, model_uri: str, max_length: int,
+             dataset: Input[Dataset], tokens: Output[Dataset]):
+    from pathlib import Path
+
+    from components.tokenize import TokenizeConfig, run_step
+
+    run_step(store_uri=store, run_id=run_id or job_id, dataset_dir=Path(dataset.path), model_uri=model_uri,
+             out_dir=Path(tokens.path), cfg=TokenizeConfig(max_length=max_length))
+
+
+def finetune(store: str, run_id: str, job_id: str, model_uri: str, epochs: int, batch_size: int, learning_rate: float,
+             seed: int, tokens: Input[Dataset], model: Output[Model], training_metrics: Output[Metrics]):
+    from pathlib import Path
+
+    from components.finetune import FinetuneConfig, run_step
+    from pipelines.outputs import log_training
+
+    result = run_step(store_uri=store, run_id=run_id or job_id, tokens_dir=Path(tokens.path), model_uri=model_uri,
+                      out_dir=Path(model.path),
+                      cfg=FinetuneConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed))
+    log_training(result, training_metrics)
+
+
+def evaluate(store: str, run_id: str, job_id: str, model_name: str, gate_metric: str, gate_threshold: float,
+             gate_tolerance: float, model: Input[Model], tokens: Input[Dataset], dataset: Input[Dataset],
+             evaluation: Output[Artifact], metrics: Output[Metrics], confusion: Output[ClassificationMetrics]) -> bool:
+    from pathlib import Path
+
+    from components.evaluate import GateConfig, run_step
+    from pipelines.outputs import log_evaluation
+
+    result = run_step(store_uri=store, run_id=run_id or job_id, model_dir=Path(model.path), tokens_dir=Path(tokens.path),
+                      dataset_dir=Path(dataset.path), model_name=model_name, out_path=Path(evaluation.path),
+                      cfg=GateConfig(metric=gate_metric, threshold=gate_threshold, tolerance=gate_tolerance))
+    return log_evaluation(result, metrics, confusion)
+
+
+def export(store: str, run_id: str, job_id: str, model: Input[Model], tokens: Input[Dataset], onnx_model: Output[Model]):
+    from pathlib import Path
+
+    from components.export import ExportConfig, run_step
+
+    run_step(store_uri=store, run_id=run_id or job_id, model_dir=Path(model.path), tokens_dir=Path(tokens.path),
+             out_dir=Path(onnx_model.path), out_uri=onnx_model.uri, cfg=ExportConfig())
+
+
+def deploy(store: str, run_id: str, job_id: str, model_name: str, namespace: str, serving_image: str,
+           onnx_model: Input[Model], evaluation: Input[Artifact], manifest: Output[Artifact]) -> str:
+    from pathlib import Path
+
+    from components.deploy import run_step
+    from components.manifests import ServingConfig
+
+    result = run_step(store_uri=store, run_id=run_id or job_id, model_name=model_name, onnx_dir=Path(onnx_model.path),
+                      evaluation_path=Path(evaluation.path), manifest_path=Path(manifest.path),
+                      cfg=ServingConfig(namespace=namespace, image=serving_image))
+    return result["model_uri"]
+
+
+def summarize(store: str, run_id: str, job_id: str, status: dsl.PipelineTaskFinalStatus):
+    from components.summary import run_step
+
+    run_step(store_uri=store, run_id=run_id or job_id, pipeline_state=status.state)
+
+
+def make_components(cluster: ClusterConfig) -> SimpleNamespace:
+    def cpu(fn):
+        return dsl.component(fn, base_image=cluster.image, install_kfp_package=False)
+
+    return SimpleNamespace(
+        validate=cpu(validate), tokenize=cpu(tokenize),
+        finetune=dsl.component(finetune, base_image=cluster.gpu_image, install_kfp_package=False),
+        evaluate=cpu(evaluate), export=cpu(export), deploy=cpu(deploy), summarize=cpu(summarize),
+    )

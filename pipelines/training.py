@@ -1,0 +1,122 @@
+"""The training pipeline: validate -> tokenize -> finetune -> evaluate -> [gate] -> export -> deploy,
+with a summary written by an exit handler whatever happens. Pure wiring plus cluster settings.
+
+    kubetune compile --output kubetune-training.yaml     # upload in the Kubeflow UI
+    kubetune run                                          # the same pipeline under kfp.local
+"""
+
+# no `from __future__ import annotations`: KFP reads the pipeline's annotations as real types
+from kfp import dsl, kubernetes
+
+from components.evaluate import GateConfig
+from components.finetune import FinetuneConfig
+from components.manifests import ServingConfig
+from components.tokenize import TokenizeConfig
+from components.validate import ValidateConfig
+from pipelines.components import make_components
+from pipelines.config import S3_CONFIG_KEYS, S3_SECRET_KEYS, ClusterConfig
+
+PIPELINE_NAME = "kubetune-training"
+# Retried on failure: their work is mostly store I/O (cache, champion download, registry publish).
+# Not validate: its failures are input errors that a retry only delays (boto3 already retries
+# transient S3 errors within a call); not finetune/export: GPU time, deterministic failures.
+NETWORK_STEPS = ("tokenize", "evaluate", "deploy", "summarize")
+
+
+def configure(task, step: str, cluster: ClusterConfig) -> None:
+    """Resources, GPU, retries, S3 settings from the Secret/ConfigMap, no KFP caching (every step
+    writes run records, which a cached task would skip)."""
+    res = cluster.resources[step]
+    task.set_cpu_request(res.cpu_request).set_cpu_limit(res.cpu_limit)
+    task.set_memory_request(res.memory_request).set_memory_limit(res.memory_limit)
+    if res.gpus:
+        task.set_accelerator_type(cluster.accelerator).set_accelerator_limit(res.gpus)
+        kubernetes.add_toleration(task, key=cluster.accelerator, operator="Exists", effect="NoSchedule")
+    if step in NETWORK_STEPS and cluster.retries:
+        task.set_retry(num_retries=cluster.retries, backoff_duration="30s", backoff_factor=2.0, backoff_max_duration="300s")
+    task.set_caching_options(False)
+    kubernetes.use_secret_as_env(task, secret_name=cluster.s3_secret, secret_key_to_env={k: k for k in S3_SECRET_KEYS})
+    kubernetes.use_config_map_as_env(task, config_map_name=cluster.s3_config_map, config_map_key_to_env={k: k for k in S3_CONFIG_KEYS})
+
+
+def build_training_pipeline(cluster: ClusterConfig = ClusterConfig(), default_store: str = "s3://kubetune"):
+    ops = make_components(cluster)
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune a Hugging Face text classifier, gate it, export it to ONNX and publish it.",
+                  pipeline_root=cluster.pipeline_root or None)
+    def training(
+        train_uri: str = "builtin:sms-spam",
+        eval_uri: str = "",
+        test_uri: str = "",
+        text_column: str = ValidateConfig.text_column,
+        label_column: str = ValidateConfig.label_column,
+        header: bool = ValidateConfig.header,
+        model_uri: str = "builtin:all-minilm-l6-v2",
+        model_name: str = "sms-spam",
+        store: str = default_store,
+        run_id: str = "",
+        limit: int = ValidateConfig.limit,
+        seed: int = ValidateConfig.seed,
+        eval_fraction: float = ValidateConfig.eval_fraction,
+        test_fraction: float = ValidateConfig.test_fraction,
+        max_length: int = TokenizeConfig.max_length,
+        epochs: int = FinetuneConfig.epochs,
+        batch_size: int = FinetuneConfig.batch_size,
+        learning_rate: float = FinetuneConfig.learning_rate,
+        gate_metric: str = GateConfig.metric,
+        gate_threshold: float = GateConfig.threshold,
+        gate_tolerance: float = GateConfig.tolerance,
+        namespace: str = ServingConfig.namespace,
+        serving_image: str = cluster.image,
+    ):
+        """Fine-tune, gate, export and publish a text classifier.
+
+        Args:
+            train_uri: Training data: CSV, TSV, JSONL or Parquet at s3://bucket/key, or builtin:sms-spam.
+            eval_uri: Optional eval file; empty = split eval_fraction off the training data.
+            test_uri: Optional test file; empty = split test_fraction off the training data.
+            text_column: Column (field) holding the text.
+            label_column: Column (field) holding the label.
+            header: Whether CSV/TSV files start with a header row (else columns are named 0, 1, ...).
+            model_uri: Pretrained transformers model folder (s3:// prefix) or builtin:all-minilm-l6-v2.
+            model_name: Registry name; also the InferenceService name (lowercase, digits, '-').
+            store: Artifact store for run records, the tokenization cache and the model registry (s3://bucket/prefix).
+            run_id: Leave empty to use the KFP run id.
+            limit: Use at most this many rows per input file (seeded stratified sample); 0 = all.
+            seed: Seed for splitting, sampling and training.
+            eval_fraction: Share of training rows held out for eval when no eval file is given.
+            test_fraction: Share of training rows held out for test when no test file is given.
+            max_length: Truncate texts to this many tokens.
+            epochs: Training epochs (the best epoch on eval is kept; early stopping after 2 without gain).
+            batch_size: Training batch size.
+            learning_rate: Peak AdamW learning rate (linear warm-up over 10% of steps, then linear decay).
+            gate_metric: Test metric the gate checks: accuracy, macro_f1, weighted_f1, macro_precision or macro_recall.
+            gate_threshold: Minimum gate_metric on the test split.
+            gate_tolerance: How much worse than the current production model the new one may be.
+            namespace: Namespace of the rendered KServe InferenceService.
+            serving_image: Image of the predictor container in the rendered InferenceService.
+        """
+        common = {"store": store, "run_id": run_id, "job_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
+        summary = ops.summarize(**common)
+        configure(summary, "summarize", cluster)
+        with dsl.ExitHandler(summary, name="train-and-publish"):
+            validate = ops.validate(
+                **common, train_uri=train_uri, eval_uri=eval_uri, test_uri=test_uri, text_column=text_column,
+                label_column=label_column, header=header, limit=limit, seed=seed,
+                eval_fraction=eval_fraction, test_fraction=test_fraction,
+            )
+            tokenize = ops.tokenize(**common, model_uri=model_uri, max_length=max_length, dataset=validate.outputs["dataset"])
+            finetune = ops.finetune(**common, model_uri=model_uri, epochs=epochs, batch_size=batch_size,
+                                    learning_rate=learning_rate, seed=seed, tokens=tokenize.outputs["tokens"])
+            evaluate = ops.evaluate(**common, model_name=model_name, gate_metric=gate_metric, gate_threshold=gate_threshold,
+                                    gate_tolerance=gate_tolerance, model=finetune.outputs["model"],
+                                    tokens=tokenize.outputs["tokens"], dataset=validate.outputs["dataset"])
+            with dsl.If(evaluate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (KFP condition)
+                export = ops.export(**common, model=finetune.outputs["model"], tokens=tokenize.outputs["tokens"])
+                deploy = ops.deploy(**common, model_name=model_name, namespace=namespace, serving_image=serving_image,
+                                    onnx_model=export.outputs["onnx_model"], evaluation=evaluate.outputs["evaluation"])
+        for step, task in (("validate", validate), ("tokenize", tokenize), ("finetune", finetune),
+                           ("evaluate", evaluate), ("export", export), ("deploy", deploy)):
+            configure(task, step, cluster)
+
+    return training

@@ -1,0 +1,126 @@
+"""The compiled KFP v2 IR: checked against a golden file, and parsed into kfp's own PipelineSpec /
+PlatformSpec protos to check what a cluster will do with it.
+
+Regenerate the golden file after an intended change:
+    KUBETUNE_UPDATE_GOLDEN=1 python -m pytest tests/test_pipeline.py
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from google.protobuf import json_format
+from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb2
+from kfp.pipeline_spec import pipeline_spec_pb2
+
+from pipelines.cli import main
+from pipelines.config import S3_CONFIG_KEYS, S3_SECRET_KEYS
+from pipelines.training import NETWORK_STEPS
+
+GOLDEN = Path(__file__).parent / "golden" / "kubetune-training.yaml"
+STEPS = ("validate", "tokenize", "finetune", "evaluate", "export", "deploy", "summarize")
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ir") / "kubetune-training.yaml"
+    assert main(["compile", "--output", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def specs(compiled):
+    pipeline_doc, platform_doc = yaml.safe_load_all(compiled.read_text())
+    pipeline = json_format.ParseDict(pipeline_doc, pipeline_spec_pb2.PipelineSpec())
+    platform = json_format.ParseDict(platform_doc, pipeline_spec_pb2.PlatformSpec())
+    return pipeline, platform
+
+
+def all_tasks(pipeline) -> dict:
+    """Task name -> PipelineTaskSpec, across the root DAG and nested DAGs (exit handler, condition)."""
+    tasks = dict(pipeline.root.dag.tasks)
+    for comp in pipeline.components.values():
+        if comp.WhichOneof("implementation") == "dag":
+            tasks.update(comp.dag.tasks)
+    return tasks
+
+
+def test_matches_golden_file(compiled):
+    if os.environ.get("KUBETUNE_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(compiled.read_text())
+    assert compiled.read_text() == GOLDEN.read_text(), "compiled IR changed: review, then KUBETUNE_UPDATE_GOLDEN=1"
+
+
+def test_resources_gpu_and_images(specs):
+    pipeline, _ = specs
+    executors = json_format.MessageToDict(pipeline.deployment_spec)["executors"]
+    for step in STEPS:
+        res = executors[f"exec-{step}"]["container"]["resources"]
+        assert {"resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"} <= set(res), step
+        accelerator = res.get("accelerator")
+        if step == "finetune":
+            assert accelerator["resourceType"] == "nvidia.com/gpu" and accelerator["resourceCount"] == "1"
+            assert executors[f"exec-{step}"]["container"]["image"].endswith("-cuda")
+        else:
+            assert accelerator is None, step
+            assert not executors[f"exec-{step}"]["container"]["image"].endswith("-cuda")
+
+
+def test_retries_caching_and_control_flow(specs):
+    pipeline, _ = specs
+    tasks = all_tasks(pipeline)
+    assert set(STEPS) <= set(tasks)
+    for step in STEPS:
+        retry = tasks[step].retry_policy.max_retry_count
+        assert retry == (3 if step in NETWORK_STEPS else 0), step
+        assert not tasks[step].caching_options.enable_cache, step  # every step writes run records
+    # the summary is the exit handler's task: it runs whatever happened inside
+    assert tasks["summarize"].trigger_policy.strategy == pipeline_spec_pb2.PipelineTaskSpec.TriggerPolicy.ALL_UPSTREAM_TASKS_COMPLETED
+    assert tasks["summarize"].inputs.parameters["status"].task_final_status.producer_task
+    # export and deploy sit under the gate condition
+    conditions = [t.trigger_policy.condition for t in tasks.values() if t.trigger_policy.condition]
+    assert conditions == ["inputs.parameter_values['pipelinechannel--evaluate-Output'] == true"]
+    condition_dag = next(c for name, c in pipeline.components.items() if name.startswith("comp-condition"))
+    assert set(condition_dag.dag.tasks) == {"export", "deploy"}
+
+
+def test_s3_settings_come_from_the_secret_and_configmap(specs):
+    _, platform = specs
+    executors = platform.platforms["kubernetes"].deployment_spec.executors
+    assert set(executors) == {f"exec-{s}" for s in STEPS}
+    for name, struct in executors.items():
+        config = json_format.ParseDict(json_format.MessageToDict(struct), k8s_pb2.KubernetesExecutorConfig())
+        (secret,) = config.secret_as_env
+        assert secret.secret_name == "kubetune-s3" and not secret.optional
+        assert {(k.secret_key, k.env_var) for k in secret.key_to_env} == {(k, k) for k in S3_SECRET_KEYS}
+        (cm,) = config.config_map_as_env
+        assert cm.config_map_name == "kubetune-s3-config"
+        assert {k.env_var for k in cm.key_to_env} == set(S3_CONFIG_KEYS)
+        tolerations = [(t.key, t.operator, t.effect) for t in config.tolerations]
+        assert tolerations == ([("nvidia.com/gpu", "Exists", "NoSchedule")] if name == "exec-finetune" else []), name
+
+
+def test_parameters_are_documented_for_the_ui(specs):
+    pipeline, _ = specs
+    params = pipeline.root.input_definitions.parameters
+    assert params["train_uri"].default_value.string_value == "builtin:sms-spam"
+    assert params["gate_threshold"].default_value.number_value == 0.8
+    undocumented = [name for name, p in params.items() if not p.description]
+    assert undocumented == []
+
+
+def test_compile_overrides(tmp_path):
+    out = tmp_path / "p.yaml"
+    assert main(["compile", "--output", str(out), "--image", "reg.example/kt:2.0", "--store", "s3://ml/kt",
+                 "--pipeline-root", "s3://ml/kfp", "--s3-secret", "ml-s3"]) == 0
+    pipeline_doc, platform_doc = yaml.safe_load_all(out.read_text())
+    assert pipeline_doc["defaultPipelineRoot"] == "s3://ml/kfp"
+    assert pipeline_doc["root"]["inputDefinitions"]["parameters"]["store"]["defaultValue"] == "s3://ml/kt"
+    images = {k: v["container"]["image"] for k, v in pipeline_doc["deploymentSpec"]["executors"].items()}
+    assert images.pop("exec-finetune") == "reg.example/kt:2.0-cuda" and set(images.values()) == {"reg.example/kt:2.0"}
+    secrets = {e["secretAsEnv"][0]["secretName"] for e in platform_doc["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values()}
+    assert secrets == {"ml-s3"}
