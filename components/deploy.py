@@ -11,7 +11,6 @@ InferenceService manifest that points at it (applied by a later step or by GitOp
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -19,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from components import registry
-from components.entry import add_config_args, config_from_args, run_main
+from components.entry import add_config_args, config_from_args, run_main, step_parser
 from components.errors import ConfigError
 from components.manifests import ServingConfig, inference_service, to_yaml
 from components.progress import log
@@ -31,6 +30,7 @@ MANIFEST_FILE = "inferenceservice.yaml"
 
 def model_card(name: str, version: str, evaluation: dict, run: dict, training: dict, export: dict) -> str:
     m, g = evaluation["metrics"], evaluation["gate"]
+    settings = {k: training.get("config", {}).get(k) for k in ("epochs", "batch_size", "learning_rate", "seed")}
     rows = "\n".join(f"| {k} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |"
                      for k, v in m["per_class"].items())
     return f"""# {name} {version}
@@ -38,9 +38,9 @@ def model_card(name: str, version: str, evaluation: dict, run: dict, training: d
 Sequence classifier ({', '.join(evaluation['labels'])}) fine-tuned by kubetune, run `{run.get('run_id')}`.
 
 - Base model: `{training.get('config', {}).get('model', 'unknown')}`
-- Training data: `{run.get('train')}` (eval: `{run.get('eval') or 'split from train'}`, test: `{run.get('test') or 'split from train'}`)
-- Data fingerprints (sha256 of text/label rows): {json.dumps(run.get('fingerprints', {}))}
-- Training: {json.dumps({k: training.get('config', {}).get(k) for k in ('epochs', 'batch_size', 'learning_rate', 'seed')})}, best epoch {training.get('outputs', {}).get('best_epoch')}
+- Training data: `{run.get('train')}`; eval: `{run.get('eval') or 'split from train'}`; test: `{run.get('test') or 'split from train'}`
+- Data fingerprints (sha256 of the text/label rows): {json.dumps(run.get('fingerprints', {}))}
+- Training: {json.dumps(settings)}, best epoch {training.get('outputs', {}).get('best_epoch')}
 
 ## Test results ({evaluation['test_rows']} rows)
 
@@ -54,7 +54,8 @@ Gate: {'passed' if g['passed'] else 'rejected'} - {g['reason']}
 
 ## ONNX
 
-Parity with torch on {export.get('rows')} held-out rows: max |logit diff| {export.get('max_abs_diff')}, argmax agreement {export.get('argmax_agreement')}.
+Parity with torch on {export.get('rows')} held-out rows: max |logit diff| {export.get('max_abs_diff')},
+argmax agreement {export.get('argmax_agreement')}.
 
 ## Intended use and limits
 
@@ -107,13 +108,11 @@ def run_step(*, store_uri: str, run_id: str, model_name: str, onnx_dir: Path, ev
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m components.deploy", description=__doc__.split("\n")[0])
+    p = step_parser("components.deploy", __doc__)
     p.add_argument("--onnx", required=True, type=Path, help="exported model folder (export's output)")
     p.add_argument("--evaluation", required=True, type=Path, help="evaluation.json (evaluate's output)")
     p.add_argument("--name", required=True)
     p.add_argument("--manifest-out", type=Path, default=Path(MANIFEST_FILE))
-    p.add_argument("--store", required=True)
-    p.add_argument("--run-id", required=True)
     add_config_args(p, ServingConfig)
     a = p.parse_args(argv)
     return run_main(lambda: run_step(store_uri=a.store, run_id=a.run_id, model_name=a.name, onnx_dir=a.onnx,

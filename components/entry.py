@@ -19,6 +19,15 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
+def step_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """`python -m components.<step>` parser with the arguments every step takes: where the store
+    is and which run the records belong to."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.strip().split("\n\n")[0])
+    p.add_argument("--store", required=True, help="local folder or s3://bucket/prefix")
+    p.add_argument("--run-id", required=True, help="records go to <store>/runs/<run-id>/")
+    return p
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
     """One --flag per dataclass field, typed and defaulted from the field."""
     for f in dataclasses.fields(cls):

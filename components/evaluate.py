@@ -17,7 +17,6 @@ decision and its reason go to evaluation.json; the pipeline exports and deploys 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from components import registry
-from components.entry import add_config_args, config_from_args, run_main
+from components.entry import add_config_args, config_from_args, run_main, step_parser
 from components.errors import ConfigError, GateRejected
 from components.metrics import GATE_METRICS, classification_metrics
 from components.modeling import pick_device, predict_logits
@@ -126,14 +125,12 @@ def run_step(*, store_uri: str, run_id: str, model_dir: Path, tokens_dir: Path, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m components.evaluate", description=__doc__.split("\n")[0])
+    p = step_parser("components.evaluate", __doc__)
     p.add_argument("--model", required=True, type=Path, help="fine-tuned model folder (finetune's output)")
     p.add_argument("--tokens", required=True, type=Path)
     p.add_argument("--dataset", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path, help="evaluation.json to write")
     p.add_argument("--name", required=True, help="registry model name (its production model is the champion)")
-    p.add_argument("--store", required=True)
-    p.add_argument("--run-id", required=True)
     add_config_args(p, GateConfig)
     a = p.parse_args(argv)
     result = {}

@@ -12,7 +12,6 @@ everything inference needs (see components.onnx_model): model.onnx, tokenizer, l
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.entry import add_config_args, config_from_args, run_main
+from components.entry import add_config_args, config_from_args, run_main, step_parser
 from components.errors import ConfigError, KubetuneError
 from components.modeling import predict_logits
 from components.onnx_model import OnnxClassifier
@@ -149,12 +148,10 @@ def run_step(*, store_uri: str, run_id: str, model_dir: Path, tokens_dir: Path, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m components.export", description=__doc__.split("\n")[0])
+    p = step_parser("components.export", __doc__)
     p.add_argument("--model", required=True, type=Path, help="fine-tuned model folder (finetune's output)")
     p.add_argument("--tokens", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--store", required=True)
-    p.add_argument("--run-id", required=True)
     add_config_args(p, ExportConfig)
     a = p.parse_args(argv)
     return run_main(lambda: run_step(store_uri=a.store, run_id=a.run_id, model_dir=a.model, tokens_dir=a.tokens,

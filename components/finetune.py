@@ -15,7 +15,6 @@ tokenizer files) and training.json (per-epoch history, best epoch, throughput).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -26,10 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from components.entry import add_config_args, config_from_args, run_main
+from components.entry import add_config_args, config_from_args, run_main, step_parser
 from components.errors import ConfigError, InputError
 from components.metrics import GATE_METRICS, classification_metrics
-from components.modeling import batch_inputs, pick_device, predict_logits, resolve_model_dir
+from components.modeling import (
+    batch_inputs,
+    pick_device,
+    predict_logits,
+    resolve_model_dir,
+)
 from components.progress import Progress, log
 from components.records import open_run, scratch
 from components.shards import length_grouped_batches, load_split
@@ -219,12 +223,10 @@ def run_step(*, store_uri: str, run_id: str, tokens_dir: Path, model_uri: str, o
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m components.finetune", description=__doc__.split("\n")[0])
+    p = step_parser("components.finetune", __doc__)
     p.add_argument("--tokens", required=True, type=Path)
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--store", required=True)
-    p.add_argument("--run-id", required=True)
     add_config_args(p, FinetuneConfig)
     a = p.parse_args(argv)
     return run_main(lambda: run_step(store_uri=a.store, run_id=a.run_id, tokens_dir=a.tokens, model_uri=a.model,

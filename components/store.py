@@ -183,12 +183,20 @@ class LocalStore(Store):
         except FileNotFoundError:
             raise NotFound(f"{self.url(key)} does not exist") from None
 
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def _replace(self, key: str, fill) -> None:
+        """Write through `fill(tmp_path)` beside the target, then rename over it: atomic on POSIX,
+        so readers see the old or the new file, never half of one."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half
+        try:
+            fill(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._replace(key, lambda tmp: tmp.write_bytes(data))
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
@@ -217,11 +225,7 @@ class LocalStore(Store):
             raise NotFound(f"{self.url(key)} does not exist") from None
 
     def upload(self, src: Path, key: str) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, path)
+        self._replace(key, lambda tmp: shutil.copyfile(src, tmp))
 
     def publish_dir(self, local_dir: Path, prefix: str) -> bool:
         """Copy `local_dir` to `prefix` atomically. Returns False (and changes nothing) if the

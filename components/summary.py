@@ -13,12 +13,11 @@ Outcome and exit code (the `kubetune run` contract):
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from components.entry import run_main
+from components.entry import run_main, step_parser
 from components.records import STEPS, RunRecord, open_run
 
 OUTCOMES = {"deployed": 0, "failed": 1, "input_rejected": 2, "gate_rejected": 3}
@@ -77,9 +76,7 @@ def run_step(*, store_uri: str, run_id: str, pipeline_state: str = "") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m components.summary", description=__doc__.split("\n")[0])
-    p.add_argument("--store", required=True)
-    p.add_argument("--run-id", required=True)
+    p = step_parser("components.summary", __doc__)
     p.add_argument("--out", type=Path, help="also write the summary here")
     a = p.parse_args(argv)
     result = {}

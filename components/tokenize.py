@@ -15,7 +15,6 @@ tokenizing again, also on another machine sharing the store.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.entry import add_config_args, config_from_args, run_main
+from components.entry import add_config_args, config_from_args, run_main, step_parser
 from components.errors import ConfigError, InputError
 from components.modeling import resolve_model_dir
 from components.progress import Progress, log
@@ -149,12 +148,10 @@ def run_step(*, store_uri: str, run_id: str, dataset_dir: Path, model_uri: str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m components.tokenize", description=__doc__.split("\n")[0])
+    p = step_parser("components.tokenize", __doc__)
     p.add_argument("--dataset", required=True, type=Path)
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--store", required=True)
-    p.add_argument("--run-id", required=True)
     add_config_args(p, TokenizeConfig)
     a = p.parse_args(argv)
     return run_main(lambda: run_step(store_uri=a.store, run_id=a.run_id, dataset_dir=a.dataset, model_uri=a.model,

@@ -19,7 +19,6 @@ grouped by text so that duplicates never straddle two splits.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -30,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from components import data
-from components.entry import add_config_args, config_from_args, run_main
+from components.entry import add_config_args, config_from_args, run_main, step_parser
 from components.errors import ConfigError, InputError, KubetuneError
 from components.progress import log
 from components.records import open_run, scratch
@@ -57,10 +56,12 @@ class ValidateConfig:
 
     def check(self) -> None:
         problems = []
-        if not 0 <= self.eval_fraction < 1 or not 0 <= self.test_fraction < 1:
-            problems.append("eval/test fractions must be in [0, 1)")
+        if not 0 < self.eval_fraction < 1 or not 0 < self.test_fraction < 1:
+            problems.append(f"eval_fraction={self.eval_fraction}, test_fraction={self.test_fraction}: each must be in (0, 1) "
+                            "(they apply only when no eval/test file is given)")
         if self.eval_fraction + self.test_fraction >= 0.9:
-            problems.append(f"eval_fraction + test_fraction = {self.eval_fraction + self.test_fraction:.2f} leaves too little to train on; keep it below 0.9")
+            held_out = self.eval_fraction + self.test_fraction
+            problems.append(f"eval_fraction + test_fraction = {held_out:.2f} leaves too little to train on; keep it below 0.9")
         if self.limit < 0:
             problems.append(f"limit={self.limit}: use 0 (all rows) or a positive row count")
         if not 0 <= self.min_text_chars <= self.max_text_chars:
@@ -424,15 +425,13 @@ def run_step(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m components.validate", description=__doc__.split("\n")[0])
+    p = step_parser("components.validate", __doc__)
     p.add_argument("--train", required=True)
     p.add_argument("--eval", default="")
     p.add_argument("--test", default="")
     p.add_argument("--out", required=True, type=Path, help="dataset folder to write")
     p.add_argument("--report", required=True, type=Path)
     p.add_argument("--expectations", required=True, type=Path)
-    p.add_argument("--store", required=True)
-    p.add_argument("--run-id", required=True)
     add_config_args(p, ValidateConfig)
     a = p.parse_args(argv)
     return run_main(lambda: run_step(

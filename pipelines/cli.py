@@ -1,8 +1,7 @@
 """The `kubetune` command line.
 
     kubetune run                         # train on the SMS Spam Collection with all-MiniLM-L6-v2, locally
-    kubetune run --train s3://data/reviews.csv --text-column review --label-column stars \
-                 --store s3://ml/kubetune --epochs 3
+    kubetune run --train s3://data/reviews.csv --text-column review --label-column stars --epochs 3
     kubetune compile --output kubetune-training.yaml [--image REGISTRY/kubetune:TAG]
 
 `run` exit codes: 0 model deployed; 2 input rejected (bad data or options): nothing trained or
@@ -38,38 +37,41 @@ from pipelines.config import DEFAULT_IMAGE, ClusterConfig
 DEFAULT_STORE = "./kubetune-store"
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the module docstring's layout and shows every default."""
+
+
 def _run_parser(sub) -> None:
     v, t, f, g = ValidateConfig, TokenizeConfig, FinetuneConfig, GateConfig
-    p = sub.add_parser("run", help="run the training pipeline locally (kfp.local)", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("run", help="run the training pipeline locally (kfp.local)", description=__doc__, formatter_class=_Help)
     d = p.add_argument_group("data")
-    d.add_argument("--train", default="builtin:sms-spam", help="CSV/TSV/JSONL/Parquet: path, s3://bucket/key or builtin:sms-spam (default)")
-    d.add_argument("--eval", default="", help="eval file (default: a stratified split of --train)")
-    d.add_argument("--test", default="", help="test file (default: a stratified split of --train)")
-    d.add_argument("--text-column", default=v.text_column)
-    d.add_argument("--label-column", default=v.label_column)
-    d.add_argument("--no-header", action="store_true", help="CSV/TSV without a header row: name columns 0, 1, ...")
-    d.add_argument("--limit", type=int, default=v.limit, help="use at most N rows per file (seeded stratified sample)")
-    d.add_argument("--eval-fraction", type=float, default=v.eval_fraction)
-    d.add_argument("--test-fraction", type=float, default=v.test_fraction)
+    d.add_argument("--train", default="builtin:sms-spam", help="CSV/TSV/JSONL/Parquet file: local path, s3://bucket/key or builtin:sms-spam")
+    d.add_argument("--eval", default="", help="eval file; empty: a stratified split of --train")
+    d.add_argument("--test", default="", help="test file; empty: a stratified split of --train")
+    d.add_argument("--text-column", default=v.text_column, help="column (JSONL: field) holding the text")
+    d.add_argument("--label-column", default=v.label_column, help="column (JSONL: field) holding the label")
+    d.add_argument("--no-header", action="store_true", help="CSV/TSV without a header row: columns are then named 0, 1, ...")
+    d.add_argument("--limit", type=int, default=v.limit, help="use at most N rows per file (seeded stratified sample); 0: all")
+    d.add_argument("--eval-fraction", type=float, default=v.eval_fraction, help="share held out for eval when there is no --eval")
+    d.add_argument("--test-fraction", type=float, default=v.test_fraction, help="share held out for test when there is no --test")
     m = p.add_argument_group("model and training")
-    m.add_argument("--model", default="builtin:all-minilm-l6-v2", help="pretrained transformers folder, s3:// prefix or builtin:all-minilm-l6-v2")
-    m.add_argument("--name", default="", help="registry name (default: from --train, e.g. sms-spam)")
-    m.add_argument("--max-length", type=int, default=t.max_length)
-    m.add_argument("--epochs", type=int, default=f.epochs)
-    m.add_argument("--batch-size", type=int, default=f.batch_size)
-    m.add_argument("--learning-rate", type=float, default=f.learning_rate)
-    m.add_argument("--seed", type=int, default=v.seed)
+    m.add_argument("--model", default="builtin:all-minilm-l6-v2", help="pretrained transformers folder: local, s3:// prefix or builtin:")
+    m.add_argument("--name", default="", help="registry (and InferenceService) name; empty: derived from --train")
+    m.add_argument("--max-length", type=int, default=t.max_length, help="truncate texts to this many tokens")
+    m.add_argument("--epochs", type=int, default=f.epochs, help="epochs; the best one on eval is kept")
+    m.add_argument("--batch-size", type=int, default=f.batch_size, help="training batch size")
+    m.add_argument("--learning-rate", type=float, default=f.learning_rate, help="peak AdamW learning rate")
+    m.add_argument("--seed", type=int, default=v.seed, help="seed for sampling, splitting and training")
     q = p.add_argument_group("quality gate")
-    q.add_argument("--gate-metric", default=g.metric, choices=GATE_METRICS)
-    q.add_argument("--gate-threshold", type=float, default=g.threshold)
+    q.add_argument("--gate-metric", default=g.metric, choices=GATE_METRICS, help="test metric the gate checks")
+    q.add_argument("--gate-threshold", type=float, default=g.threshold, help="minimum value of the gate metric")
     q.add_argument("--gate-tolerance", type=float, default=g.tolerance, help="how much worse than production a new model may be")
     o = p.add_argument_group("output")
     o.add_argument("--store", default=DEFAULT_STORE, help="local folder or s3://bucket/prefix (S3 settings from AWS_* variables)")
     o.add_argument("--summary", type=Path, help="write the run summary JSON here")
-    o.add_argument("--run-id", default="", help="default: <UTC time>-<random>")
+    o.add_argument("--run-id", default="", help="records go to <store>/runs/<run-id>; empty: <UTC time>-<random>")
     o.add_argument("--namespace", default=ServingConfig.namespace, help="namespace of the rendered InferenceService")
-    o.add_argument("--serving-image", default=DEFAULT_IMAGE)
+    o.add_argument("--serving-image", default=DEFAULT_IMAGE, help="predictor image of the rendered InferenceService")
     o.add_argument("--verbose", action="store_true", help="show kfp.local's full output, not only kubetune's lines")
 
 

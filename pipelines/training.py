@@ -39,7 +39,8 @@ def configure(task, step: str, cluster: ClusterConfig) -> None:
     kubernetes.use_config_map_as_env(task, config_map_name=cluster.s3_config_map, config_map_key_to_env={k: k for k in S3_CONFIG_KEYS})
 
 
-def build_training_pipeline(cluster: ClusterConfig = ClusterConfig(), default_store: str = "s3://kubetune"):
+def build_training_pipeline(cluster: ClusterConfig | None = None, default_store: str = "s3://kubetune"):
+    cluster = cluster or ClusterConfig()
     ops = make_components(cluster)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune a Hugging Face text classifier, gate it, export it to ONNX and publish it.",

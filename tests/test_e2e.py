@@ -14,7 +14,7 @@ import pytest
 
 from components.store import S3Settings, open_store
 from pipelines.cli import main
-from tests.conftest import QUICK, write_csv, write_jsonl
+from tests.conftest import QUICK, write_csv
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,6 @@ from components.records import RunRecord
 from components.shards import load_split
 from components.store import StoreError, open_store
 
-
 # ---- gate decisions -----------------------------------------------------------------------------
 
 
@@ -130,7 +129,7 @@ def test_deploy_publishes_then_moves_the_alias(tmp_path, exported_model, evaluat
     assert {"model.onnx", "tokenizer.json", "labels.json", "metrics.json", "MODEL_CARD.md", "inferenceservice.yaml"} <= files
     alias = registry.read_alias(store, "sms-spam")
     assert alias["version"] == first["version"] and alias["previous"] is None
-    isvc = yaml.safe_load(store.read_text(f"{prefix}/inferenceservice.yaml") if hasattr(store, "read_text") else store.read_bytes(f"{prefix}/inferenceservice.yaml"))
+    isvc = yaml.safe_load(store.read_bytes(f"{prefix}/inferenceservice.yaml"))
     container = isvc["spec"]["predictor"]["containers"][0]
     assert isvc["kind"] == "InferenceService" and isvc["metadata"] == {**isvc["metadata"], "name": "sms-spam", "namespace": "ml"}
     assert {"name": "STORAGE_URI", "value": store.url(prefix)} in container["env"]

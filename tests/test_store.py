@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from components.errors import InputError
-from components.store import MANIFEST, LocalStore, NotFound, S3Settings, StoreError, fetch, open_store
+from components.store import (
+    MANIFEST,
+    LocalStore,
+    NotFound,
+    S3Settings,
+    StoreError,
+    fetch,
+    open_store,
+)
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -8,7 +8,13 @@ import pandas as pd
 import pytest
 
 from components.errors import ConfigError
-from components.validate import ValidateConfig, load_dataset, split_frame, subsample, validate
+from components.validate import (
+    ValidateConfig,
+    load_dataset,
+    split_frame,
+    subsample,
+    validate,
+)
 from tests.conftest import write_csv
 
 
