@@ -41,5 +41,3 @@ class GateRejected(KubetuneError):
     exit_code = 3
     kind = "gate"
 
-
-EXIT_CODES = {cls.kind: cls.exit_code for cls in (KubetuneError, InputError, ConfigError, GateRejected)}

@@ -133,7 +133,7 @@ class Store:
 
     uri: str
 
-    # primitives: read_bytes, write_bytes, exists, list, delete, download, upload, publish_dir
+    # primitives: read_bytes, write_bytes, exists, list, download, upload, publish_dir
     def read_json(self, key: str) -> Any:
         return json.loads(self.read_bytes(key))
 
@@ -210,13 +210,6 @@ class LocalStore(Store):
             for p in base.rglob("*")
             if p.is_file() and not any(".tmp-" in part for part in p.relative_to(self.root).parts)
         )
-
-    def delete(self, prefix: str) -> None:
-        path = self._path(prefix)
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
 
     def download(self, key: str, dest: Path) -> None:
         try:
@@ -303,12 +296,6 @@ class S3Store(Store):
 
     def list(self, prefix: str) -> list[str]:
         return sorted(self._iter_keys(prefix))
-
-    def delete(self, prefix: str) -> None:
-        keys = self.list(prefix) or ([prefix] if self.exists(prefix) else [])
-        for i in range(0, len(keys), 1000):
-            batch = [{"Key": self._key(k)} for k in keys[i:i + 1000]]
-            self._call("delete", prefix, self._client.delete_objects, Bucket=self.bucket, Delete={"Objects": batch})
 
     def download(self, key: str, dest: Path) -> None:
         tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")

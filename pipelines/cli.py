@@ -147,6 +147,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     run_id = a.run_id or f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
     arguments = pipeline_arguments(a, store_uri, run_id, name)
     record = RunRecord(store, run_id)
+    if store.list(record.prefix):  # also the first store access: an unreachable S3 store fails here
+        raise InputError(f"run id {run_id!r} already has records in {store.url(record.prefix)}; pick another --run-id")
 
     # kfp.local needs a local pipeline root; keep it in a local store, in a temp folder otherwise
     local = isinstance(store, LocalStore)
