@@ -84,3 +84,13 @@ class OnnxClassifier:
         split = TokenizedSplit(np.concatenate([np.asarray(r, dtype=np.int32) for r in rows]), offsets,
                                np.zeros(len(rows), dtype=np.int64))
         return self.logits_for_tokens(split, batch_size)
+
+    def predict(self, texts: list[str], batch_size: int = 64) -> list[dict]:
+        """The prediction contract shared by batch inference and serving: per text, the top label,
+        its probability and every class probability ({label: p}, in the model's label order)."""
+        if not texts:
+            return []
+        probs = softmax(self.logits_for_texts(texts, batch_size).astype(np.float64))
+        top = probs.argmax(-1)
+        return [{"label": self.labels[k], "score": float(p[k]), "probabilities": dict(zip(self.labels, map(float, p)))}
+                for k, p in zip(top, probs)]
