@@ -46,6 +46,10 @@ class NotFound(StoreError):
     """A key or published prefix does not exist."""
 
 
+class Conflict(StoreError):
+    """A compare-and-swap write lost: the object changed (or appeared) since it was read."""
+
+
 @dataclass(frozen=True)
 class S3Settings:
     endpoint_url: str | None = None
@@ -133,7 +137,18 @@ class Store:
 
     uri: str
 
-    # primitives: read_bytes, write_bytes, exists, list, download, upload, publish_dir
+    # primitives: read_bytes, write_bytes, exists, list, download, upload, publish_dir,
+    # read_versioned and write_if (compare-and-swap, for registry aliases)
+    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        """(content, token) of an object, (None, None) when it does not exist. The token is what
+        `write_if` compares against: an ETag on S3, a content hash locally."""
+        raise NotImplementedError
+
+    def write_if(self, key: str, data: bytes, token: str | None) -> None:
+        """Write `data` only if the object still has `token` (None: only if it still does not
+        exist); raise Conflict otherwise. Two writers that read the same token cannot both win."""
+        raise NotImplementedError
+
     def read_json(self, key: str) -> Any:
         return json.loads(self.read_bytes(key))
 
@@ -201,6 +216,28 @@ class LocalStore(Store):
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
 
+    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        try:
+            data = self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None, None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def write_if(self, key: str, data: bytes, token: str | None) -> None:
+        """Compare-and-swap under an exclusive lock on `<key>.lock` (flock: released by the kernel
+        if the writer dies, so a crash never leaves the alias locked); the write itself is the
+        usual atomic rename, so lock-free readers still see the old or the new content."""
+        import fcntl
+
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            _, current = self.read_versioned(key)
+            if current != token:
+                raise Conflict(f"{self.url(key)} changed since it was read (compare-and-swap lost)")
+            self.write_bytes(key, data)
+
     def list(self, prefix: str) -> list[str]:
         base = self._path(prefix)
         if not base.is_dir():
@@ -208,7 +245,8 @@ class LocalStore(Store):
         return sorted(
             p.relative_to(self.root).as_posix()
             for p in base.rglob("*")
-            if p.is_file() and not any(".tmp-" in part for part in p.relative_to(self.root).parts)
+            if p.is_file() and not p.name.endswith(".lock")
+            and not any(".tmp-" in part for part in p.relative_to(self.root).parts)
         )
 
     def download(self, key: str, dest: Path) -> None:
@@ -276,6 +314,32 @@ class S3Store(Store):
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self._call("write", key, self._client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        try:
+            resp = self._call("read", key, self._client.get_object, Bucket=self.bucket, Key=self._key(key))
+        except NotFound:
+            return None, None
+        return resp["Body"].read(), resp["ETag"]
+
+    def write_if(self, key: str, data: bytes, token: str | None) -> None:
+        """S3 conditional writes (AWS since 2024-08, MinIO, moto 5): If-Match on the ETag read, or
+        If-None-Match: * to create. A server that ignores the headers would make this a plain
+        write, so check that yours supports them (MinIO and AWS do)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        cond = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **cond)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            # 412: the ETag moved / the key exists; 409: a concurrent conditional write; 404: If-Match on a deleted key
+            if status in (404, 409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
+                raise Conflict(f"{self.url(key)} changed since it was read (compare-and-swap lost: {code or status})") from None
+            raise StoreError(f"S3 conditional write {self.url(key)} failed at {self._endpoint()}: {code} {e}") from None
+        except BotoCoreError as e:
+            raise StoreError(f"S3 conditional write {self.url(key)} failed at {self._endpoint()}: {e}") from None
 
     def exists(self, key: str) -> bool:
         try:

@@ -9,6 +9,7 @@ Outcome and exit code (the `kubetune run` contract):
   failed          1   a step failed for another reason (its error is in "error")
   input_rejected  2   validate rejected the input: nothing trained, nothing published
   gate_rejected   3   the gate refused the model: export and deploy skipped, nothing published
+  skipped         0   the data equals the production model's (components.freshness): not retrained
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 from components.entry import run_main, step_parser
 from components.records import STEPS, RunRecord, open_run
 
-OUTCOMES = {"deployed": 0, "failed": 1, "input_rejected": 2, "gate_rejected": 3}
+OUTCOMES = {"deployed": 0, "failed": 1, "input_rejected": 2, "gate_rejected": 3, "skipped": 0}
+TRAINING = ("tokenize", "finetune", "evaluate", "export", "deploy")  # what freshness skips
 
 
 def build_summary(record: RunRecord, pipeline_state: str = "") -> dict:
@@ -28,6 +30,10 @@ def build_summary(record: RunRecord, pipeline_state: str = "") -> dict:
     evaluation = record.read_json("evaluation.json")
     export = record.read_json("export.json")
     deployment = record.read_json("deployment.json")
+    freshness = record.read_json("steps/freshness.json")
+    if freshness and freshness.get("status") == "failed":
+        steps = {**steps, "freshness": freshness}  # so its error is reported
+    skip = (freshness or {}).get("outputs") if ((freshness or {}).get("outputs") or {}).get("train") is False else None
     failed = next((s for s in steps.values() if s and s.get("status") == "failed"), None)
     gate = evaluation["gate"] if evaluation else None
 
@@ -35,6 +41,8 @@ def build_summary(record: RunRecord, pipeline_state: str = "") -> dict:
         outcome = "input_rejected" if failed["error"].get("kind") == "input" else "failed"
     elif gate is not None and not gate["passed"]:
         outcome = "gate_rejected"
+    elif skip:
+        outcome = "skipped"
     elif deployment:
         outcome = "deployed"
     else:
@@ -42,10 +50,13 @@ def build_summary(record: RunRecord, pipeline_state: str = "") -> dict:
 
     rows = []
     for name, s in steps.items():
+        if name not in STEPS:
+            continue
         if s:
             rows.append({"name": name, "status": s["status"], "seconds": s.get("seconds")})
         else:  # never ran: skipped by the gate, or not reached after a failure
-            status = "skipped" if outcome == "gate_rejected" and name in ("export", "deploy") else "not_run"
+            skipped = (outcome == "gate_rejected" and name in ("export", "deploy")) or (outcome == "skipped" and name in TRAINING)
+            status = "skipped" if skipped else "not_run"
             rows.append({"name": name, "status": status, "seconds": None})
 
     metrics = None
@@ -64,7 +75,8 @@ def build_summary(record: RunRecord, pipeline_state: str = "") -> dict:
         "gate": gate and {k: gate.get(k) for k in ("passed", "metric", "value", "threshold", "tolerance",
                                                    "champion_value", "champion_version", "reason")},
         "onnx": export and {k: export.get(k) for k in ("uri", "max_abs_diff", "argmax_agreement")},
-        "deployment": deployment and {k: deployment.get(k) for k in ("model_uri", "version", "manifest_uri")},
+        "deployment": deployment and {k: deployment.get(k) for k in ("model_uri", "version", "manifest_uri", "rollout")},
+        "skip": skip and {k: skip.get(k) for k in ("reason", "fingerprint", "production_version")},
     }
 
 

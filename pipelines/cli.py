@@ -3,8 +3,12 @@
     kubetune run                         # train on the SMS Spam Collection with all-MiniLM-L6-v2, locally
     kubetune run --train s3://data/reviews.csv --text-column review --label-column stars --epochs 3
     kubetune compile --output kubetune-training.yaml [--image REGISTRY/kubetune:TAG]
+    kubetune upload|submit|schedule --host KFP_API ...      # Kubeflow Pipelines server (pipelines/cluster.py)
+    kubetune deploy NAME [--version V] --target registry|kserve|gitops   # roll out a published version
+    kubetune rollback NAME [--to V]      # production back to the previous version
+    kubetune models NAME                 # versions and aliases in the registry
 
-`run` exit codes: 0 model deployed; 2 input rejected (bad data or options): nothing trained or
+`run` exit codes: 0 model deployed (or training skipped: data unchanged); 2 input rejected (bad data or options): nothing trained or
 published; 3 the quality gate rejected the model: nothing published; 1 anything else.
 """
 
@@ -17,10 +21,11 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from components import registry
+from components.deploy import release, roll_back
+from components.entry import add_config_args, config_from_args
 from components.errors import ConfigError, InputError, KubetuneError
 from components.evaluate import GateConfig
 from components.finetune import FinetuneConfig
@@ -28,10 +33,12 @@ from components.manifests import ServingConfig
 from components.metrics import GATE_METRICS
 from components.progress import fmt_seconds
 from components.records import RunRecord
+from components.rollout import TARGETS, DeployConfig, GitAuth
 from components.store import LocalStore, S3Settings, open_store
 from components.summary import build_summary
 from components.tokenize import TokenizeConfig
 from components.validate import ValidateConfig
+from pipelines import cluster
 from pipelines.config import DEFAULT_IMAGE, ClusterConfig
 
 DEFAULT_STORE = "./kubetune-store"
@@ -44,6 +51,7 @@ class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpF
 def _run_parser(sub) -> None:
     v, t, f, g = ValidateConfig, TokenizeConfig, FinetuneConfig, GateConfig
     p = sub.add_parser("run", help="run the training pipeline locally (kfp.local)", description=__doc__, formatter_class=_Help)
+    p.set_defaults(func=cmd_run)
     d = p.add_argument_group("data")
     d.add_argument("--train", default="builtin:sms-spam", help="CSV/TSV/JSONL/Parquet file: local path, s3://bucket/key or builtin:sms-spam")
     d.add_argument("--eval", default="", help="eval file; empty: a stratified split of --train")
@@ -73,17 +81,45 @@ def _run_parser(sub) -> None:
     o.add_argument("--namespace", default=ServingConfig.namespace, help="namespace of the rendered InferenceService")
     o.add_argument("--serving-image", default=DEFAULT_IMAGE, help="predictor image of the rendered InferenceService")
     o.add_argument("--verbose", action="store_true", help="show kfp.local's full output, not only kubetune's lines")
+    o.add_argument("--force", action="store_true", help="train even when the data equals the production model's (else the run is skipped)")
+    t = p.add_argument_group("deploy target (see kubetune deploy --help)")
+    t.add_argument("--deploy-target", default=DeployConfig.target, choices=TARGETS, help="where deploy rolls the model out")
+    t.add_argument("--canary-traffic-percent", type=int, default=DeployConfig.canary_traffic_percent, help="kserve: canary share 1-99")
+    t.add_argument("--gitops-repo", default=DeployConfig.gitops_repo, help="gitops: Git URL (credentials from KUBETUNE_GIT_* env)")
+    t.add_argument("--gitops-branch", default=DeployConfig.gitops_branch, help="gitops: branch")
+    t.add_argument("--gitops-path", default=DeployConfig.gitops_path, help="gitops: folder in the repository")
 
 
 def _compile_parser(sub) -> None:
-    p = sub.add_parser("compile", help="compile the training pipeline to KFP v2 IR YAML")
+    p = sub.add_parser("compile", help="compile the training pipeline to KFP v2 IR YAML", formatter_class=_Help)
     p.add_argument("--output", required=True, type=Path)
-    p.add_argument("--image", default=DEFAULT_IMAGE, help="image of the CPU steps; finetune uses IMAGE-cuda")
-    p.add_argument("--trainer-image", default="", help="CUDA image for finetune (default: the --image tag + '-cuda')")
-    p.add_argument("--store", default="s3://kubetune", help="default of the pipeline's store parameter")
-    p.add_argument("--pipeline-root", default="", help="KFP artifact root (default: the installation's)")
-    p.add_argument("--s3-secret", default=ClusterConfig.s3_secret)
-    p.add_argument("--s3-config-map", default=ClusterConfig.s3_config_map)
+    cluster.add_compile_args(p)
+    p.set_defaults(func=cmd_compile)
+
+
+def _registry_parsers(sub) -> None:
+    p = sub.add_parser("deploy", help="roll a published version out to a deploy target and move its alias", formatter_class=_Help,
+                       description="Roll a published registry version out (registry: move the production alias; kserve: apply "
+                                   "the InferenceService, wait for Ready, roll back on failure; gitops: commit it for Argo CD).")
+    p.add_argument("name", help="registry name")
+    p.add_argument("--version", default=registry.PRODUCTION, help="version or alias to deploy")
+    p.add_argument("--store", default=DEFAULT_STORE, help="local folder or s3://bucket/prefix")
+    add_config_args(p, DeployConfig)
+    add_config_args(p, ServingConfig)
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("rollback", help="move production back to the previous version (and roll it out to a target)", formatter_class=_Help)
+    p.add_argument("name", help="registry name")
+    p.add_argument("--to", default="", help="version to go back to (default: production's previous)")
+    p.add_argument("--store", default=DEFAULT_STORE, help="local folder or s3://bucket/prefix")
+    add_config_args(p, DeployConfig)
+    add_config_args(p, ServingConfig)
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("models", help="list a model's published versions and aliases", formatter_class=_Help)
+    p.add_argument("name", help="registry name")
+    p.add_argument("--store", default=DEFAULT_STORE, help="local folder or s3://bucket/prefix")
+    p.set_defaults(func=cmd_models)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     _compile_parser(sub)
+    cluster.add_parsers(sub, _Help)
+    _registry_parsers(sub)
     return p
 
 
@@ -104,6 +142,8 @@ def pipeline_arguments(a: argparse.Namespace, store_uri: str, run_id: str, name:
     TokenizeConfig(max_length=a.max_length).check()
     FinetuneConfig(epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.learning_rate).check()
     GateConfig(metric=a.gate_metric, tolerance=a.gate_tolerance).check()
+    DeployConfig(target=a.deploy_target, canary_traffic_percent=a.canary_traffic_percent, gitops_repo=a.gitops_repo,
+                 gitops_branch=a.gitops_branch, gitops_path=a.gitops_path).check()
     return {
         "train_uri": a.train, "eval_uri": a.eval, "test_uri": a.test, "text_column": a.text_column,
         "label_column": a.label_column, "header": not a.no_header, "model_uri": a.model, "model_name": name,
@@ -111,6 +151,8 @@ def pipeline_arguments(a: argparse.Namespace, store_uri: str, run_id: str, name:
         "test_fraction": a.test_fraction, "max_length": a.max_length, "epochs": a.epochs, "batch_size": a.batch_size,
         "learning_rate": a.learning_rate, "gate_metric": a.gate_metric, "gate_threshold": a.gate_threshold,
         "gate_tolerance": a.gate_tolerance, "namespace": a.namespace, "serving_image": a.serving_image,
+        "force": a.force, "deploy_target": a.deploy_target, "canary_traffic_percent": a.canary_traffic_percent,
+        "gitops_repo": a.gitops_repo, "gitops_branch": a.gitops_branch, "gitops_path": a.gitops_path,
     }
 
 
@@ -132,6 +174,10 @@ def print_summary(s: dict, wall: float) -> None:
     if s["deployment"]:
         d = s["deployment"]
         w(f"deployed: {d['version']} at {d['model_uri']}\n          manifest {d['manifest_uri']}\n")
+        if d.get("rollout") and d["rollout"].get("target") != "registry":
+            w(f"          rolled out: {json.dumps(d['rollout'])}\n")
+    if s.get("skip"):
+        w(f"skipped: {s['skip']['reason']}\n")
     if s["error"]:
         w(f"\n{s['error']['step']} failed: {s['error']['message']}\n")
     w(f"\noutcome: {s['outcome']} (exit {s['exit_code']}), records in {s['store']}/runs/{s['run_id']}\n")
@@ -183,22 +229,51 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_compile(a: argparse.Namespace) -> int:
-    from kfp import compiler
+    c = cluster.compile_pipeline(a, a.output)
+    print(f"wrote {a.output} (images {c.image}, {c.gpu_image})")
+    return 0
 
-    from pipelines.training import build_training_pipeline
 
-    cluster = replace(ClusterConfig(), image=a.image, trainer_image=a.trainer_image, pipeline_root=a.pipeline_root,
-                      s3_secret=a.s3_secret, s3_config_map=a.s3_config_map)
-    a.output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_training_pipeline(cluster, default_store=a.store), str(a.output))
-    print(f"wrote {a.output} (images {cluster.image}, {cluster.gpu_image})")
+# ---------------------------------------------------------------------------------------------
+# registry: deploy, rollback, models
+
+
+def cmd_deploy(a: argparse.Namespace) -> int:
+    store = open_store(a.store, S3Settings.from_env())
+    name, version = registry.resolve(store, f"{registry.check_name(a.name)}/{a.version}")
+    run_id = f"cli-deploy-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    result = release(store, name, version, config_from_args(ServingConfig, a), config_from_args(DeployConfig, a), run_id,
+                     GitAuth.from_env())
+    print(json.dumps({k: v for k, v in result.items() if k != "manifest"}, indent=2))
+    return 0
+
+
+def cmd_rollback(a: argparse.Namespace) -> int:
+    store = open_store(a.store, S3Settings.from_env())
+    run_id = f"cli-rollback-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    result = roll_back(store, registry.check_name(a.name), config_from_args(ServingConfig, a), config_from_args(DeployConfig, a),
+                       run_id, GitAuth.from_env(), to=a.to)
+    alias = result["alias"]
+    print(f"{a.name}/{registry.PRODUCTION}: {alias['rolled_back_from']} -> {alias['version']} (previous now {alias['previous']})")
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    store = open_store(a.store, S3Settings.from_env())
+    name = registry.check_name(a.name)
+    production = registry.read_alias(store, name) or {}
+    canary = registry.read_alias(store, name, "canary") or {}
+    for version in registry.versions(store, name):
+        tags = [t for t, v in ((registry.PRODUCTION, production.get("version")), (registry.PREVIOUS, production.get("previous")),
+                               ("canary", canary.get("version"))) if v == version]
+        print(f"{version}  {' '.join(tags)}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "compile": cmd_compile}[a.command](a)
+        return a.func(a)
     except (InputError, ConfigError) as e:
         print(f"kubetune: error: {e}", file=sys.stderr)
         return InputError.exit_code

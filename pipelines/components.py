@@ -43,6 +43,14 @@ def validate(
     )
 
 
+def freshness(store: str, run_id: str, job_id: str, model_name: str, force: bool, dataset: Input[Dataset]) -> bool:
+    from pathlib import Path
+
+    from components.freshness import run_step
+
+    return run_step(store_uri=store, run_id=run_id or job_id, model_name=model_name, dataset_dir=Path(dataset.path), force=force)
+
+
 def tokenize(store: str, run_id: str, job_id: str, model_uri: str, max_length: int,
              dataset: Input[Dataset], tokens: Output[Dataset]):
     from pathlib import Path
@@ -89,16 +97,20 @@ def export(store: str, run_id: str, job_id: str, model: Input[Model], tokens: In
              out_dir=Path(onnx_model.path), out_uri=onnx_model.uri, cfg=ExportConfig())
 
 
-def deploy(store: str, run_id: str, job_id: str, model_name: str, namespace: str, serving_image: str,
+def deploy(store: str, run_id: str, job_id: str, model_name: str, namespace: str, serving_image: str, deploy_target: str,
+           canary_traffic_percent: int, gitops_repo: str, gitops_branch: str, gitops_path: str,
            onnx_model: Input[Model], evaluation: Input[Artifact], manifest: Output[Artifact]) -> str:
     from pathlib import Path
 
     from components.deploy import run_step
     from components.manifests import ServingConfig
+    from components.rollout import DeployConfig
 
     result = run_step(store_uri=store, run_id=run_id or job_id, model_name=model_name, onnx_dir=Path(onnx_model.path),
                       evaluation_path=Path(evaluation.path), manifest_path=Path(manifest.path),
-                      cfg=ServingConfig(namespace=namespace, image=serving_image))
+                      cfg=ServingConfig(namespace=namespace, image=serving_image),
+                      target=DeployConfig(target=deploy_target, canary_traffic_percent=canary_traffic_percent,
+                                          gitops_repo=gitops_repo, gitops_branch=gitops_branch, gitops_path=gitops_path))
     return result["model_uri"]
 
 
@@ -113,7 +125,7 @@ def make_components(cluster: ClusterConfig) -> SimpleNamespace:
         return dsl.component(fn, base_image=cluster.image, install_kfp_package=False)
 
     return SimpleNamespace(
-        validate=cpu(validate), tokenize=cpu(tokenize),
+        validate=cpu(validate), freshness=cpu(freshness), tokenize=cpu(tokenize),
         finetune=dsl.component(finetune, base_image=cluster.gpu_image, install_kfp_package=False),
         evaluate=cpu(evaluate), export=cpu(export), deploy=cpu(deploy), summarize=cpu(summarize),
     )

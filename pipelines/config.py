@@ -35,11 +35,13 @@ class ClusterConfig:
     trainer_image: str = ""  # default: cuda_variant(image)
     s3_secret: str = "kubetune-s3"  # keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
     s3_config_map: str = "kubetune-s3-config"  # keys AWS_ENDPOINT_URL, AWS_REGION, KUBETUNE_S3_ADDRESSING_STYLE
+    git_secret: str = "kubetune-git"  # optional; keys GIT_SECRET_KEYS, for the gitops deploy target
     accelerator: str = "nvidia.com/gpu"
     retries: int = 3  # for the steps whose work is mostly network I/O
     pipeline_root: str = ""  # "" = the KFP installation's default artifact store
     resources: dict = field(default_factory=lambda: {
         "validate": Resources("1", "2", "2Gi", "4Gi"),
+        "freshness": Resources("250m", "500m", "512Mi", "1Gi"),
         "tokenize": Resources("2", "4", "2Gi", "4Gi"),
         "finetune": Resources("4", "8", "16Gi", "32Gi", gpus=1),
         "evaluate": Resources("2", "4", "4Gi", "8Gi"),
@@ -55,3 +57,4 @@ class ClusterConfig:
 
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 S3_CONFIG_KEYS = ("AWS_ENDPOINT_URL", "AWS_REGION", "KUBETUNE_S3_ADDRESSING_STYLE")
+GIT_SECRET_KEYS = ("KUBETUNE_GIT_USERNAME", "KUBETUNE_GIT_TOKEN")  # components.rollout.GitAuth

@@ -1,4 +1,4 @@
-"""The training pipeline: validate -> tokenize -> finetune -> evaluate -> [gate] -> export -> deploy,
+"""The training pipeline: validate -> freshness -> [data changed] tokenize -> finetune -> evaluate -> [gate] -> export -> deploy,
 with a summary written by an exit handler whatever happens. Pure wiring plus cluster settings.
 
     kubetune compile --output kubetune-training.yaml     # upload in the Kubeflow UI
@@ -11,16 +11,17 @@ from kfp import dsl, kubernetes
 from components.evaluate import GateConfig
 from components.finetune import FinetuneConfig
 from components.manifests import ServingConfig
+from components.rollout import DeployConfig
 from components.tokenize import TokenizeConfig
 from components.validate import ValidateConfig
 from pipelines.components import make_components
-from pipelines.config import S3_CONFIG_KEYS, S3_SECRET_KEYS, ClusterConfig
+from pipelines.config import GIT_SECRET_KEYS, S3_CONFIG_KEYS, S3_SECRET_KEYS, ClusterConfig
 
 PIPELINE_NAME = "kubetune-training"
 # Retried on failure: their work is mostly store I/O (cache, champion download, registry publish).
 # Not validate: its failures are input errors that a retry only delays (boto3 already retries
 # transient S3 errors within a call); not finetune/export: GPU time, deterministic failures.
-NETWORK_STEPS = ("tokenize", "evaluate", "deploy", "summarize")
+NETWORK_STEPS = ("freshness", "tokenize", "evaluate", "deploy", "summarize")
 
 
 def configure(task, step: str, cluster: ClusterConfig) -> None:
@@ -37,6 +38,8 @@ def configure(task, step: str, cluster: ClusterConfig) -> None:
     task.set_caching_options(False)
     kubernetes.use_secret_as_env(task, secret_name=cluster.s3_secret, secret_key_to_env={k: k for k in S3_SECRET_KEYS})
     kubernetes.use_config_map_as_env(task, config_map_name=cluster.s3_config_map, config_map_key_to_env={k: k for k in S3_CONFIG_KEYS})
+    if step == "deploy":  # credentials of the gitops target; optional: the other targets need none
+        kubernetes.use_secret_as_env(task, secret_name=cluster.git_secret, secret_key_to_env={k: k for k in GIT_SECRET_KEYS}, optional=True)
 
 
 def build_training_pipeline(cluster: ClusterConfig | None = None, default_store: str = "s3://kubetune"):
@@ -69,6 +72,12 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
         gate_tolerance: float = GateConfig.tolerance,
         namespace: str = ServingConfig.namespace,
         serving_image: str = cluster.image,
+        force: bool = False,
+        deploy_target: str = DeployConfig.target,
+        canary_traffic_percent: int = DeployConfig.canary_traffic_percent,
+        gitops_repo: str = DeployConfig.gitops_repo,
+        gitops_branch: str = DeployConfig.gitops_branch,
+        gitops_path: str = DeployConfig.gitops_path,
     ):
         """Fine-tune, gate, export and publish a text classifier.
 
@@ -96,6 +105,12 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
             gate_tolerance: How much worse than the current production model the new one may be.
             namespace: Namespace of the rendered KServe InferenceService.
             serving_image: Image of the predictor container in the rendered InferenceService.
+            force: Train even when the data equals that of the current production model (else the run is skipped).
+            deploy_target: registry (move the production alias), kserve (apply the InferenceService, wait for Ready, roll back on failure) or gitops (commit it to gitops_repo for Argo CD).
+            canary_traffic_percent: kserve only: share of traffic (1-99) for the new model as a canary; 0 = all traffic.
+            gitops_repo: gitops only: Git URL the Argo CD Application watches (credentials from the kubetune-git Secret).
+            gitops_branch: gitops only: branch to commit to.
+            gitops_path: gitops only: folder in the repository; the manifest is <model_name>.yaml.
         """
         common = {"store": store, "run_id": run_id, "job_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
         summary = ops.summarize(**common)
@@ -106,17 +121,21 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
                 label_column=label_column, header=header, limit=limit, seed=seed,
                 eval_fraction=eval_fraction, test_fraction=test_fraction,
             )
-            tokenize = ops.tokenize(**common, model_uri=model_uri, max_length=max_length, dataset=validate.outputs["dataset"])
-            finetune = ops.finetune(**common, model_uri=model_uri, epochs=epochs, batch_size=batch_size,
-                                    learning_rate=learning_rate, seed=seed, tokens=tokenize.outputs["tokens"])
-            evaluate = ops.evaluate(**common, model_name=model_name, gate_metric=gate_metric, gate_threshold=gate_threshold,
-                                    gate_tolerance=gate_tolerance, model=finetune.outputs["model"],
-                                    tokens=tokenize.outputs["tokens"], dataset=validate.outputs["dataset"])
-            with dsl.If(evaluate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (KFP condition)
-                export = ops.export(**common, model=finetune.outputs["model"], tokens=tokenize.outputs["tokens"])
-                deploy = ops.deploy(**common, model_name=model_name, namespace=namespace, serving_image=serving_image,
-                                    onnx_model=export.outputs["onnx_model"], evaluation=evaluate.outputs["evaluation"])
-        for step, task in (("validate", validate), ("tokenize", tokenize), ("finetune", finetune),
+            freshness = ops.freshness(**common, model_name=model_name, force=force, dataset=validate.outputs["dataset"])
+            with dsl.If(freshness.outputs["Output"] == True, name="data-changed"):  # noqa: E712 (KFP condition)
+                tokenize = ops.tokenize(**common, model_uri=model_uri, max_length=max_length, dataset=validate.outputs["dataset"])
+                finetune = ops.finetune(**common, model_uri=model_uri, epochs=epochs, batch_size=batch_size,
+                                        learning_rate=learning_rate, seed=seed, tokens=tokenize.outputs["tokens"])
+                evaluate = ops.evaluate(**common, model_name=model_name, gate_metric=gate_metric, gate_threshold=gate_threshold,
+                                        gate_tolerance=gate_tolerance, model=finetune.outputs["model"],
+                                        tokens=tokenize.outputs["tokens"], dataset=validate.outputs["dataset"])
+                with dsl.If(evaluate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (KFP condition)
+                    export = ops.export(**common, model=finetune.outputs["model"], tokens=tokenize.outputs["tokens"])
+                    deploy = ops.deploy(**common, model_name=model_name, namespace=namespace, serving_image=serving_image,
+                                        deploy_target=deploy_target, canary_traffic_percent=canary_traffic_percent,
+                                        gitops_repo=gitops_repo, gitops_branch=gitops_branch, gitops_path=gitops_path,
+                                        onnx_model=export.outputs["onnx_model"], evaluation=evaluate.outputs["evaluation"])
+        for step, task in (("validate", validate), ("freshness", freshness), ("tokenize", tokenize), ("finetune", finetune),
                            ("evaluate", evaluate), ("export", export), ("deploy", deploy)):
             configure(task, step, cluster)
 

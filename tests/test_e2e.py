@@ -77,9 +77,10 @@ def test_local_store_deploys_then_gate_rejects(tmp_path, capsys):
     (report,) = (store / "kfp-local").glob("*/validate/report")
     assert report.read_text().startswith("# Data validation: PASSED")
 
-    # same data and seed, impossible threshold: the gate rejects, nothing is published, the
-    # tokenization comes from the cache and the champion is re-scored on the same test rows
-    code, rejected = run([*QUICK_ARGS, "--store", str(store), "--run-id", "second", "--gate-threshold", "1.01"], tmp_path / "second.json")
+    # same data and seed, impossible threshold, forced (the data is unchanged): the gate rejects,
+    # nothing is published, the tokenization comes from the cache and the champion is re-scored on the same test rows
+    code, rejected = run([*QUICK_ARGS, "--store", str(store), "--run-id", "second", "--gate-threshold", "1.01", "--force"],
+                         tmp_path / "second.json")
     assert code == 3 and rejected["outcome"] == "gate_rejected" and rejected["error"] is None
     assert [s["status"] for s in rejected["steps"]] == ["succeeded"] * 4 + ["skipped", "skipped"]
     assert rejected["onnx"] is None and rejected["deployment"] is None
@@ -90,6 +91,14 @@ def test_local_store_deploys_then_gate_rejects(tmp_path, capsys):
     assert tokenize_record["outputs"]["cache"] == "hit"
     assert sorted(p.name for p in (store / "models/sms-spam").iterdir()) == sorted(["aliases", version])
     assert json.loads((store / "models/sms-spam/aliases/production.json").read_text())["version"] == version
+
+    # the same data again, not forced: a scheduled run that finds nothing new skips training, exit 0
+    code, skipped = run([*QUICK_ARGS, "--store", str(store), "--run-id", "third"], tmp_path / "third.json")
+    assert code == 0 and skipped["outcome"] == "skipped" and skipped["error"] is None
+    assert skipped["skip"]["production_version"] == version and "unchanged since production" in skipped["skip"]["reason"]
+    assert [s["status"] for s in skipped["steps"]] == ["succeeded"] + ["skipped"] * 5
+    assert "skipped: the data is unchanged since production" in capsys.readouterr().out
+    assert not (store / "runs/third/steps/finetune.json").exists()
 
 
 def test_s3_store_end_to_end(tmp_path, s3_bucket, sms_rows):

@@ -17,11 +17,11 @@ from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
 from pipelines.cli import main
-from pipelines.config import S3_CONFIG_KEYS, S3_SECRET_KEYS
+from pipelines.config import GIT_SECRET_KEYS, S3_CONFIG_KEYS, S3_SECRET_KEYS
 from pipelines.training import NETWORK_STEPS
 
 GOLDEN = Path(__file__).parent / "golden" / "kubetune-training.yaml"
-STEPS = ("validate", "tokenize", "finetune", "evaluate", "export", "deploy", "summarize")
+STEPS = ("validate", "freshness", "tokenize", "finetune", "evaluate", "export", "deploy", "summarize")
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +81,12 @@ def test_retries_caching_and_control_flow(specs):
     # the summary is the exit handler's task: it runs whatever happened inside
     assert tasks["summarize"].trigger_policy.strategy == pipeline_spec_pb2.PipelineTaskSpec.TriggerPolicy.ALL_UPSTREAM_TASKS_COMPLETED
     assert tasks["summarize"].inputs.parameters["status"].task_final_status.producer_task
-    # export and deploy sit under the gate condition
-    conditions = [t.trigger_policy.condition for t in tasks.values() if t.trigger_policy.condition]
-    assert conditions == ["inputs.parameter_values['pipelinechannel--evaluate-Output'] == true"]
-    condition_dag = next(c for name, c in pipeline.components.items() if name.startswith("comp-condition"))
-    assert set(condition_dag.dag.tasks) == {"export", "deploy"}
+    # training sits under the freshness condition (unchanged data: skipped), export and deploy under the gate's
+    conditions = sorted(t.trigger_policy.condition for t in tasks.values() if t.trigger_policy.condition)
+    assert conditions == ["inputs.parameter_values['pipelinechannel--evaluate-Output'] == true",
+                          "inputs.parameter_values['pipelinechannel--freshness-Output'] == true"]
+    condition_tasks = sorted(sorted(c.dag.tasks) for name, c in pipeline.components.items() if name.startswith("comp-condition"))
+    assert [[t for t in ts if not t.startswith("condition-")] for ts in condition_tasks] == [["evaluate", "finetune", "tokenize"], ["deploy", "export"]]
 
 
 def test_s3_settings_come_from_the_secret_and_configmap(specs):
@@ -94,9 +95,15 @@ def test_s3_settings_come_from_the_secret_and_configmap(specs):
     assert set(executors) == {f"exec-{s}" for s in STEPS}
     for name, struct in executors.items():
         config = json_format.ParseDict(json_format.MessageToDict(struct), k8s_pb2.KubernetesExecutorConfig())
-        (secret,) = config.secret_as_env
+        secret, *git = config.secret_as_env
         assert secret.secret_name == "kubetune-s3" and not secret.optional
         assert {(k.secret_key, k.env_var) for k in secret.key_to_env} == {(k, k) for k in S3_SECRET_KEYS}
+        if name == "exec-deploy":  # the gitops target's credentials, optional for the other targets
+            (git,) = git
+            assert git.secret_name == "kubetune-git" and git.optional
+            assert {k.env_var for k in git.key_to_env} == set(GIT_SECRET_KEYS)
+        else:
+            assert git == [], name
         (cm,) = config.config_map_as_env
         assert cm.config_map_name == "kubetune-s3-config"
         assert {k.env_var for k in cm.key_to_env} == set(S3_CONFIG_KEYS)
@@ -109,6 +116,8 @@ def test_parameters_are_documented_for_the_ui(specs):
     params = pipeline.root.input_definitions.parameters
     assert params["train_uri"].default_value.string_value == "builtin:sms-spam"
     assert params["gate_threshold"].default_value.number_value == 0.8
+    assert params["deploy_target"].default_value.string_value == "registry"
+    assert params["force"].default_value.bool_value is False
     undocumented = [name for name, p in params.items() if not p.description]
     assert undocumented == []
 

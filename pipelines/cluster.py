@@ -1,0 +1,203 @@
+"""Kubeflow Pipelines server commands: upload the pipeline, submit runs, schedule retraining.
+
+    kubetune upload   --host https://kubeflow.example.com/pipeline --image REGISTRY/kubetune:0.1.0 --store s3://ml/kubetune
+    kubetune submit   --host ... --experiment sms-spam --run-name nightly-1 --param train_uri=s3://ml/data/sms.csv
+    kubetune schedule --host ... --experiment sms-spam --cron "0 0 3 * * *" --param force=false
+
+Each compiles the pipeline here (the same IR as `kubetune compile`, so the images and store default
+are this checkout's) and talks to the KFP API with kfp.Client. The host is --host or
+$KF_PIPELINES_ENDPOINT; inside a cluster pod kfp.Client reads the ServiceAccount token from
+$KF_PIPELINES_SA_TOKEN_PATH (k8s/base/schedule-cronjob.yaml mounts one); outside, pass a bearer
+token through $KF_PIPELINES_TOKEN (never on the command line).
+
+A recurring run starts at most one run at a time (max_concurrency 1) and does not catch up on
+missed slots after a pause (no_catchup): retraining is idempotent on unchanged data anyway (the
+pipeline's freshness step skips it), but a backlog of GPU runs after an outage is never wanted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+
+from components.errors import InputError
+from pipelines.config import DEFAULT_IMAGE, ClusterConfig
+
+PIPELINE_DESCRIPTION = "Fine-tune a Hugging Face text classifier, gate it, export it to ONNX and publish it (kubetune)."
+
+
+def add_compile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", default=DEFAULT_IMAGE, help="image of the CPU steps; finetune uses IMAGE-cuda")
+    p.add_argument("--trainer-image", default="", help="CUDA image for finetune (default: the --image tag + '-cuda')")
+    p.add_argument("--store", default="s3://kubetune", help="default of the pipeline's store parameter")
+    p.add_argument("--pipeline-root", default="", help="KFP artifact root (default: the installation's)")
+    p.add_argument("--s3-secret", default=ClusterConfig.s3_secret)
+    p.add_argument("--s3-config-map", default=ClusterConfig.s3_config_map)
+
+
+def compile_pipeline(a: argparse.Namespace, output: Path) -> ClusterConfig:
+    from kfp import compiler
+
+    from pipelines.training import build_training_pipeline
+
+    cluster = replace(ClusterConfig(), image=a.image, trainer_image=a.trainer_image, pipeline_root=a.pipeline_root,
+                      s3_secret=a.s3_secret, s3_config_map=a.s3_config_map)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_training_pipeline(cluster, default_store=a.store), str(output))
+    return cluster
+
+
+# ---- talking to the KFP API ------------------------------------------------------------------
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    add_compile_args(p)
+    k = p.add_argument_group("Kubeflow Pipelines API")
+    k.add_argument("--host", default="", help="KFP API endpoint; empty: $KF_PIPELINES_ENDPOINT, or kfp.Client's in-cluster default")
+    k.add_argument("--namespace", default="", help="Kubeflow profile namespace (multi-user Kubeflow); empty: the server's default")
+    k.add_argument("--ssl-ca-cert", default="", help="CA bundle for a private TLS endpoint")
+
+
+def kfp_client(a: argparse.Namespace, environ=None):
+    import kfp
+
+    env = os.environ if environ is None else environ
+    return kfp.Client(host=a.host or env.get("KF_PIPELINES_ENDPOINT") or None, namespace=a.namespace or "kubeflow",
+                      existing_token=env.get("KF_PIPELINES_TOKEN") or None, ssl_ca_cert=a.ssl_ca_cert or None)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", default="kubetune", help="experiment (created when missing)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="pipeline parameter, repeatable (names and types as in the Kubeflow run form)")
+    p.add_argument("--service-account", default="kubetune-pipeline-runner",
+                   help="ServiceAccount the run's pods use (k8s/base); empty: the profile's default-editor")
+
+
+def parse_params(pairs: list[str], package: Path) -> dict:
+    """NAME=VALUE strings -> typed pipeline arguments, checked against the compiled pipeline's
+    parameters (a typo fails here, not as an unknown-input error on the server)."""
+    doc = next(yaml.safe_load_all(package.read_text()))
+    spec = doc["root"]["inputDefinitions"]["parameters"]
+    out = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep:
+            raise InputError(f"--param {pair!r}: use NAME=VALUE")
+        if name not in spec:
+            raise InputError(f"--param {name}: the pipeline has no such parameter; it has {', '.join(sorted(spec))}")
+        kind = spec[name]["parameterType"]
+        try:
+            if kind == "BOOLEAN":
+                if raw.lower() not in ("true", "false"):
+                    raise ValueError(raw)
+                out[name] = raw.lower() == "true"
+            elif kind == "NUMBER_INTEGER":
+                out[name] = int(raw)
+            elif kind == "NUMBER_DOUBLE":
+                out[name] = float(raw)
+            else:
+                out[name] = raw
+        except ValueError:
+            raise InputError(f"--param {name}={raw!r}: expected {kind.lower().replace('number_', '')}") from None
+    return out
+
+
+def check_cron(cron: str) -> str:
+    """KFP cron expressions have 6 fields, seconds first (robfig/cron)."""
+    fields = cron.split()
+    if len(fields) != 6:
+        hint = f"; for '{cron}' (5 fields) use '0 {cron}'" if len(fields) == 5 else ""
+        raise InputError(f"--cron {cron!r}: KFP expects 6 fields, seconds first (e.g. '0 0 3 * * *' = 03:00 daily){hint}")
+    return cron
+
+
+def cmd_upload(a: argparse.Namespace) -> int:
+    from pipelines.training import PIPELINE_NAME
+
+    client = kfp_client(a)
+    name = a.pipeline_name or PIPELINE_NAME
+    with tempfile.TemporaryDirectory() as tmp:
+        package = Path(tmp) / "kubetune-training.yaml"
+        cluster = compile_pipeline(a, package)
+        pipeline_id = client.get_pipeline_id(name)
+        if pipeline_id is None:
+            pipeline = client.upload_pipeline(str(package), pipeline_name=name, description=PIPELINE_DESCRIPTION,
+                                              namespace=a.namespace or None)
+            pipeline_id = pipeline.pipeline_id
+            versions = client.list_pipeline_versions(pipeline_id=pipeline_id, page_size=1)
+            version = versions.pipeline_versions[0] if versions.pipeline_versions else None
+            print(f"uploaded pipeline {name} ({pipeline_id})")
+        else:
+            version = client.upload_pipeline_version(str(package), pipeline_version_name=a.version or _version_name(cluster),
+                                                     pipeline_id=pipeline_id, description=a.description or None)
+            print(f"uploaded version {version.display_name} ({version.pipeline_version_id}) of pipeline {name} ({pipeline_id})")
+    print(f"images {cluster.image}, {cluster.gpu_image}; start a run from the Kubeflow UI (Pipelines -> {name} -> Create run)")
+    return 0
+
+
+def _version_name(cluster: ClusterConfig) -> str:
+    import time
+
+    return f"{cluster.image.rsplit('/', 1)[-1]}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def cmd_submit(a: argparse.Namespace) -> int:
+    client = kfp_client(a)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = Path(tmp) / "kubetune-training.yaml"
+        compile_pipeline(a, package)
+        params = parse_params(a.param, package)
+        result = client.create_run_from_pipeline_package(
+            str(package), arguments=params, run_name=a.run_name or None, experiment_name=a.experiment,
+            namespace=a.namespace or None, service_account=a.service_account or None)
+    print(f"submitted run {result.run_id} in experiment {a.experiment}" + (f" with {params}" if params else ""))
+    if a.wait:
+        run = client.wait_for_run_completion(result.run_id, timeout=a.wait)
+        print(f"run {result.run_id} finished: {run.state}")
+        return 0 if run.state == "SUCCEEDED" else 1
+    return 0
+
+
+def cmd_schedule(a: argparse.Namespace) -> int:
+    client = kfp_client(a)
+    cron = check_cron(a.cron)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = Path(tmp) / "kubetune-training.yaml"
+        compile_pipeline(a, package)
+        params = parse_params(a.param, package)
+        experiment = client.create_experiment(a.experiment, namespace=a.namespace or None)
+        job = client.create_recurring_run(
+            experiment_id=experiment.experiment_id, job_name=a.job_name, description=f"kubetune retraining, cron {cron}",
+            cron_expression=cron, max_concurrency=1, no_catchup=True, params=params, pipeline_package_path=str(package),
+            enabled=True, service_account=a.service_account or None)
+    print(f"scheduled {a.job_name} ({job.recurring_run_id}): cron '{cron}', at most one run at a time, no catch-up")
+    return 0
+
+
+def add_parsers(sub, formatter) -> None:
+    p = sub.add_parser("upload", help="upload the pipeline (or a new version of it) to Kubeflow Pipelines", formatter_class=formatter)
+    add_server_args(p)
+    p.add_argument("--pipeline-name", default="", help="pipeline name in the UI (default kubetune-training)")
+    p.add_argument("--version", default="", help="version name (default: image tag + UTC time)")
+    p.add_argument("--description", default="", help="version description")
+    p.set_defaults(func=cmd_upload)
+
+    p = sub.add_parser("submit", help="start a pipeline run on Kubeflow Pipelines", formatter_class=formatter)
+    add_server_args(p)
+    add_run_args(p)
+    p.add_argument("--run-name", default="", help="run name in the UI (default: pipeline name + time)")
+    p.add_argument("--wait", type=int, default=0, metavar="SECONDS", help="wait up to this long for the run to finish; exit 1 unless it succeeded")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("schedule", help="create a KFP recurring run (scheduled retraining)", formatter_class=formatter)
+    add_server_args(p)
+    add_run_args(p)
+    p.add_argument("--cron", required=True, help="6-field cron, seconds first, in UTC: '0 0 3 * * *' = daily at 03:00")
+    p.add_argument("--job-name", default="kubetune-retraining", help="recurring run name")
+    p.set_defaults(func=cmd_schedule)
