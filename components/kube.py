@@ -86,7 +86,7 @@ class Kube:
 
     def apply(self, obj: dict, *, kind: Kind | None = None, force: bool = True) -> dict:
         """Server-side apply of a full manifest: PATCH with application/apply-patch+yaml (JSON is
-        YAML). Through ApiClient.call_api because CustomObjectsApi only sends merge patches."""
+        YAML; the client JSON-encodes it). Through ApiClient.call_api: CustomObjectsApi only sends merge patches."""
         from kubernetes.client.exceptions import ApiException
 
         kind = kind or kind_of(obj)
@@ -96,7 +96,7 @@ class Kube:
                 f"/apis/{kind.group}/{kind.version}/namespaces/{ns}/{kind.plural}/{name}", "PATCH",
                 query_params=[("fieldManager", FIELD_MANAGER), ("force", "true" if force else "false")],
                 header_params={"Accept": "application/json", "Content-Type": "application/apply-patch+yaml"},
-                body=json.dumps(obj), response_type="object", auth_settings=["BearerToken"],
+                body=obj, response_type="object", auth_settings=["BearerToken"],
                 _return_http_data_only=True, _preload_content=True)
         except ApiException as e:
             hint = " (does the ServiceAccount have RBAC to patch it? see k8s/base/deployer-rbac.yaml)" if e.status == 403 else ""
