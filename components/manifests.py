@@ -56,8 +56,16 @@ def inference_service(name: str, version: str, storage_uri: str, run_id: str, cf
                             "allowPrivilegeEscalation": False,
                             "capabilities": {"drop": ["ALL"]},
                         },
+                        # KServe ModelServer endpoints: ready once the model is loaded, alive while the process answers
+                        "readinessProbe": {"httpGet": {"path": f"/v1/models/{name}", "port": 8080},
+                                           "initialDelaySeconds": 5, "periodSeconds": 10, "failureThreshold": 3},
+                        "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": 8080},
+                                          "initialDelaySeconds": 30, "periodSeconds": 20, "failureThreshold": 3},
+                        # the root filesystem is read-only: scratch space for the runtime (tokenizer caches, temp files)
+                        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
                     }
                 ],
+                "volumes": [{"name": "tmp", "emptyDir": {}}],
             }
         },
     }
