@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import urllib3
+
 from components.errors import KubetuneError
 
 FIELD_MANAGER = "kubetune"
@@ -64,6 +66,10 @@ def _message(e) -> str:
         return f"{getattr(e, 'status', '')} {getattr(e, 'reason', e)}"
 
 
+def _unreachable(e: Exception, what: str) -> KubeError:
+    return KubeError(f"{what}: the Kubernetes API is unreachable: {type(e).__name__}: {e}")
+
+
 class Kube:
     """A thin facade over CustomObjectsApi: one place that turns ApiExceptions into KubeErrors."""
 
@@ -83,6 +89,8 @@ class Kube:
             if e.status == 404:
                 return None
             raise KubeError(f"get {kind.describe(namespace, name)}: {_message(e)} (HTTP {e.status})") from None
+        except (OSError, urllib3.exceptions.HTTPError) as e:
+            raise _unreachable(e, f"get {kind.describe(namespace, name)}") from None
 
     def apply(self, obj: dict, *, kind: Kind | None = None, force: bool = True) -> dict:
         """Server-side apply of a full manifest: PATCH with application/apply-patch+yaml (JSON is
@@ -101,6 +109,8 @@ class Kube:
         except ApiException as e:
             hint = " (does the ServiceAccount have RBAC to patch it? see k8s/base/deployer-rbac.yaml)" if e.status == 403 else ""
             raise KubeError(f"apply {kind.describe(ns, name)}: {_message(e)} (HTTP {e.status}){hint}") from None
+        except (OSError, urllib3.exceptions.HTTPError) as e:
+            raise _unreachable(e, f"apply {kind.describe(ns, name)}") from None
 
     def wait(self, kind: Kind, namespace: str, name: str, ready: Callable[[dict], bool | None], *,
              timeout: float, interval: float = 5.0) -> dict:

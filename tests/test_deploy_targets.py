@@ -269,3 +269,32 @@ def test_rollback_cli_walks_back_through_history(store, tmp_path, capsys):
     assert alias["version"] == v3 and alias["previous"] == v1
     with pytest.raises(Exception, match="derived from production"):
         registry.set_alias(store, NAME, registry.PREVIOUS, v1, "r")
+
+
+def test_unreachable_api_server_is_a_clear_error(store, tmp_path):
+    v1 = publish_version(store, "r1-aaaa", 0.95, tmp_path)
+    with fake_kube.FakeKube() as fake:
+        config = fake.kubeconfig(tmp_path / "kubeconfig")
+    # the server is gone now; the client retries a few times, then gives up
+    with pytest.raises(Exception, match="get InferenceService ml/sms-spam: the Kubernetes API is unreachable"):
+        release(store, NAME, v1, ServingConfig(namespace="ml"), DeployConfig(target="kserve", kubeconfig=str(config)), "d")
+    assert registry.read_alias(store, NAME) is None
+
+
+# ---- freshness: skip retraining on unchanged data ------------------------------------------------
+
+
+def test_freshness_skips_unchanged_data_unless_forced(store, tmp_path):
+    from components.freshness import data_fingerprint, decide
+
+    meta = {"splits": {"train": {"fingerprint": "a"}, "eval": {"fingerprint": "b"}, "test": {"fingerprint": "c"}}}
+    fp = data_fingerprint({"train": "a", "eval": "b", "test": "c"})
+    assert decide(store, NAME, meta, force=False)["train"] is True  # no production model yet
+    v1 = publish_version(store, "r1-aaaa", 0.95, tmp_path)
+    registry.set_alias(store, NAME, registry.PRODUCTION, v1, "r1", {"data_fingerprint": fp})
+    skip = decide(store, NAME, meta, force=False)
+    assert skip["train"] is False and skip["production_version"] == v1 and "unchanged since production" in skip["reason"]
+    assert decide(store, NAME, meta, force=True)["train"] is True
+    changed = {"splits": {**meta["splits"], "test": {"fingerprint": "d"}}}
+    fresh = decide(store, NAME, changed, force=False)
+    assert fresh["train"] is True and fresh["reason"] == "the data changed since the production model"
