@@ -148,14 +148,16 @@ def roll_back(store: Store, name: str, serving: ServingConfig, target: DeployCon
 
 
 def deploy(record: RunRecord, name: str, onnx_dir: Path, evaluation: dict, cfg: ServingConfig,
-           target: DeployConfig = DeployConfig(), auth: GitAuth | None = None) -> dict:
+           target: DeployConfig | None = None, auth: GitAuth | None = None) -> dict:
+    target = target or DeployConfig()
     target.check()  # before publishing: a bad target setting should not leave an orphan version
     published = publish(record, name, onnx_dir, evaluation, cfg)
     return release(record.store, name, published["version"], cfg, target, record.run_id, auth)
 
 
 def run_step(*, store_uri: str, run_id: str, model_name: str, onnx_dir: Path, evaluation_path: Path,
-             manifest_path: Path, cfg: ServingConfig, target: DeployConfig = DeployConfig()) -> dict:
+             manifest_path: Path, cfg: ServingConfig, target: DeployConfig | None = None) -> dict:
+    target = target or DeployConfig()
     record = open_run(store_uri, run_id)
     with record.step(STEP, config={"model_name": model_name, **asdict(cfg), **asdict(target)}) as rec:
         evaluation = json.loads(evaluation_path.read_text())

@@ -81,7 +81,8 @@ def test_kserve_failure_restores_previous_spec_and_alias(store, kube, tmp_path):
     v2 = publish_version(store, "r2-bbbb", 0.96, tmp_path)
     release(store, NAME, v1, ServingConfig(namespace="ml"), kserve(kube), "deploy-1")
     kube.controller = lambda obj: fake_kube.failed_load(obj) if obj["metadata"]["generation"] == 2 else fake_kube.ready(obj)
-    with pytest.raises(RolloutFailed, match=rf"failed: Ready=False \(RevisionFailed: model failed to load\).*rolled back to the previous spec \(model version {v1}\)"):
+    expected = rf"failed: Ready=False \(RevisionFailed: model failed to load\).*rolled back to the previous spec \(model version {v1}\)"
+    with pytest.raises(RolloutFailed, match=expected):
         release(store, NAME, v2, ServingConfig(namespace="ml"), kserve(kube), "deploy-2")
     assert live_version(kube) == v1  # the previous spec is live again (a 3rd generation, ready)
     assert [r["method"] for r in kube.requests].count("PATCH") == 3

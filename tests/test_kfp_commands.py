@@ -4,7 +4,6 @@ over HTTP (tests/fake_kfp.py): what reaches the server is what a Kubeflow instal
 from __future__ import annotations
 
 import pytest
-import yaml
 
 from pipelines.cli import main
 from pipelines.training import PIPELINE_NAME
