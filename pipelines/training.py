@@ -106,8 +106,7 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
             namespace: Namespace of the rendered KServe InferenceService.
             serving_image: Image of the predictor container in the rendered InferenceService.
             force: Train even when the data equals that of the current production model (else the run is skipped).
-            deploy_target: registry (move the production alias), kserve (apply the InferenceService, wait for Ready,
-                roll back on failure) or gitops (commit it to gitops_repo for Argo CD).
+            deploy_target: registry (move the production alias), kserve (apply, wait for Ready, else roll back) or gitops (commit for Argo CD).
             canary_traffic_percent: kserve only: share of traffic (1-99) for the new model as a canary; 0 = all traffic.
             gitops_repo: gitops only: Git URL the Argo CD Application watches (credentials from the kubetune-git Secret).
             gitops_branch: gitops only: branch to commit to.
