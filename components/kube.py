@@ -1,6 +1,6 @@
 """Kubernetes API helpers on the official `kubernetes` Python client: connect (in-cluster or
 kubeconfig), server-side apply, get, and wait for a status condition. Used by the KServe deploy
-target (components/deploy_targets.py); generic over custom resources (InferenceService,
+target (components/rollout.py); generic over custom resources (InferenceService,
 PyTorchJob, ...), addressed by a `Kind` (group, version, plural).
 
     python -c "from components import kube; print(kube.connect().get(kube.INFERENCE_SERVICE, 'kubetune', 'sms-spam'))"

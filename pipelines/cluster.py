@@ -108,6 +108,16 @@ def parse_params(pairs: list[str], package: Path) -> dict:
     return out
 
 
+def check_deploy_params(params: dict) -> None:
+    """The deploy settings are used last, after hours of training: reject a bad combination now."""
+    from components.rollout import DeployConfig
+
+    DeployConfig(target=params.get("deploy_target", DeployConfig.target),
+                 canary_traffic_percent=params.get("canary_traffic_percent", DeployConfig.canary_traffic_percent),
+                 gitops_repo=params.get("gitops_repo", DeployConfig.gitops_repo),
+                 gitops_path=params.get("gitops_path", DeployConfig.gitops_path)).check()
+
+
 def check_cron(cron: str) -> str:
     """KFP cron expressions have 6 fields, seconds first (robfig/cron)."""
     fields = cron.split()
@@ -153,6 +163,7 @@ def cmd_submit(a: argparse.Namespace) -> int:
         package = Path(tmp) / "kubetune-training.yaml"
         compile_pipeline(a, package)
         params = parse_params(a.param, package)
+        check_deploy_params(params)
         result = client.create_run_from_pipeline_package(
             str(package), arguments=params, run_name=a.run_name or None, experiment_name=a.experiment,
             namespace=a.namespace or None, service_account=a.service_account or None)
@@ -171,6 +182,7 @@ def cmd_schedule(a: argparse.Namespace) -> int:
         package = Path(tmp) / "kubetune-training.yaml"
         compile_pipeline(a, package)
         params = parse_params(a.param, package)
+        check_deploy_params(params)
         experiment = client.create_experiment(a.experiment, namespace=a.namespace or None)
         job = client.create_recurring_run(
             experiment_id=experiment.experiment_id, job_name=a.job_name, description=f"kubetune retraining, cron {cron}",

@@ -66,6 +66,7 @@ def test_schedule_creates_a_recurring_run(kfp_server):
     (["submit", "--param", "epoch=3"], "the pipeline has no such parameter"),
     (["submit", "--param", "epochs=three"], "--param epochs='three': expected integer"),
     (["submit", "--param", "force=yes"], "expected boolean"),
+    (["schedule", "--cron", "0 0 3 * * *", "--param", "deploy_target=gitops"], "deploy target gitops needs gitops_repo"),
 ])
 def test_bad_arguments_fail_before_reaching_the_server(kfp_server, args, message, capsys):
     assert main([*args, "--host", kfp_server.url]) == 2
