@@ -299,3 +299,20 @@ def test_freshness_skips_unchanged_data_unless_forced(store, tmp_path):
     changed = {"splits": {**meta["splits"], "test": {"fingerprint": "d"}}}
     fresh = decide(store, NAME, changed, force=False)
     assert fresh["train"] is True and fresh["reason"] == "the data changed since the production model"
+
+
+def test_cli_deploy_and_rollback_on_kserve(store, kube, tmp_path, capsys):
+    v1 = publish_version(store, "r1-aaaa", 0.95, tmp_path)
+    v2 = publish_version(store, "r2-bbbb", 0.96, tmp_path)
+    target = ["--store", store.uri, "--target", "kserve", "--kubeconfig", str(kube.config_path), "--namespace", "ml",
+              "--poll-seconds", "0.02", "--image", "reg.example/kubetune:2.0"]
+    for v in (v1, v2):
+        assert main(["deploy", NAME, "--version", v, *target]) == 0
+    assert live_version(kube) == v2
+    assert kube.objects[("ml", NAME)]["spec"]["predictor"]["containers"][0]["image"] == "reg.example/kubetune:2.0"
+    capsys.readouterr()
+    assert main(["rollback", NAME, *target, "--canary-traffic-percent", "5"]) == 2
+    assert "a rollback sends all traffic to the previous version" in capsys.readouterr().err
+    assert main(["rollback", NAME, *target]) == 0
+    assert live_version(kube) == v1 and registry.read_alias(store, NAME)["version"] == v1
+    assert f"{v2} -> {v1}" in capsys.readouterr().out
