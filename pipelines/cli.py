@@ -7,6 +7,7 @@
     kubetune deploy NAME [--version V] --target registry|kserve|gitops   # roll out a published version
     kubetune rollback NAME [--to V]      # production back to the previous version
     kubetune models NAME                 # versions and aliases in the registry
+    kubetune serve --model sms-spam --port 8080   # serve the production model of ./kubetune-store over HTTP
 
 `run` exit codes: 0 model deployed (or training skipped: data unchanged); 2 input rejected (bad data or options): nothing trained or
 published; 3 the quality gate rejected the model: nothing published; 1 anything else.
@@ -122,6 +123,15 @@ def _registry_parsers(sub) -> None:
     p.set_defaults(func=cmd_models)
 
 
+def _serve_parser(sub) -> None:
+    from components import serve
+
+    p = sub.add_parser("serve", help="serve a registry model over HTTP (KServe v1 and v2 protocols)", description=serve.__doc__,
+                       formatter_class=_Help)
+    serve.add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubetune", description="Fine-tune, gate, export and publish transformer text classifiers on Kubeflow.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -129,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     _compile_parser(sub)
     cluster.add_parsers(sub, _Help)
     _registry_parsers(sub)
+    _serve_parser(sub)
     return p
 
 
@@ -268,6 +279,16 @@ def cmd_models(a: argparse.Namespace) -> int:
                                ("canary", canary.get("version"))) if v == version]
         print(f"{version}  {' '.join(tags)}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# serve
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from components.serve import serve
+
+    return serve(a)
 
 
 def main(argv: list[str] | None = None) -> int:

