@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,8 +26,6 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from components.microbatch import MicroBatcher, Overloaded
 from components.onnx_model import OnnxClassifier
 from components.serve_protocol import RequestError, TextLimits, apply_limits, texts_from_v1, texts_from_v2, v2_outputs
-
-log = logging.getLogger("kubetune.serve")
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -92,6 +91,11 @@ class TextModel(kserve.Model):
         return [{"name": "label", "datatype": "BYTES", "shape": [-1]}, {"name": "score", "datatype": "FP64", "shape": [-1]},
                 {"name": "probabilities", "datatype": "FP64", "shape": [-1, k]}]
 
+    def validate(self, payload):
+        """All checks happen in predict (components.serve_protocol), with kubetune's messages; KServe's
+        own check would answer 500 for a bare JSON number (it tests `"instances" in payload`)."""
+        return payload
+
     def _texts(self, payload) -> list[str]:
         if isinstance(payload, InferRequest):
             inputs = [SimpleNamespace(name=i.name, datatype=i.datatype, shape=i.shape,
@@ -146,9 +150,16 @@ class RequestGuard:
             return await _send_json(send, 403, {"error": "the model repository API (load/unload) is disabled on this server"})
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if scope["path"].endswith("/infer") and b"inference-header-content-length" not in headers \
+                and headers.get(b"content-type", b"").split(b";")[0].strip() != b"application/json":
+            # curl -d sends a form content type; KServe would take such a v2 body for the binary
+            # extension and answer 400. A body without the binary header can only be JSON.
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                     + [(b"content-type", b"application/json")]}
         too_big = {"error": f"request body over the limit of {self.max_body_bytes} bytes (--max-body-bytes); "
                             "send fewer or shorter texts per request"}
-        declared = dict(scope["headers"]).get(b"content-length")
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             self.metrics.rejected("body_too_large")
             return await _send_json(send, 413, too_big)
@@ -194,4 +205,8 @@ def serve_forever(name: str, model_dir: Path, version: str, port: int, grpc_port
     app.add_exception_handler(RequestError, request_error)
     server = kserve.ModelServer(http_port=port, grpc_port=grpc_port or 8081, enable_grpc=grpc_port > 0, workers=1,
                                 enable_docs_url=False, enable_latency_logging=False)
+    # Log noise, not information: two kserve.trace lines per request repeat what /metrics and the
+    # access log already hold, and kserve's routes trip FastAPI's ORJSONResponse deprecation notice.
+    logging.getLogger("kserve.trace").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
     server.start([model])

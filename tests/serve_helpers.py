@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,3 +75,13 @@ def running_server(args: list[str], env: dict | None = None, timeout: float = 18
                 proc.wait()
         server.exit_code = proc.returncode
         log.unlink(missing_ok=True)
+
+
+def assert_same_predictions(served: list[dict], expected: list[dict]) -> None:
+    """Labels equal; probabilities equal up to float noise (a micro-batch pads texts to a different
+    length than a standalone call, which changes the last bits of the logits)."""
+    assert len(served) == len(expected)
+    for s, e in zip(served, expected):
+        assert s["label"] == e["label"] and list(s["probabilities"]) == list(e["probabilities"])
+        assert s["score"] == pytest.approx(e["score"], abs=1e-5)
+        assert list(s["probabilities"].values()) == pytest.approx(list(e["probabilities"].values()), abs=1e-5)

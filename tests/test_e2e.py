@@ -1,6 +1,7 @@
 """End to end: `kubetune run` runs the whole KFP pipeline under kfp.local (every step a subprocess)
 on 300 rows of the real SMS data with the real model, against a local store and against S3 (moto
-over HTTP); then the gate rejection path and bad inputs, each with its exit code."""
+over HTTP), then `kubetune serve` on the published model; then the gate rejection path and bad
+inputs, each with its exit code."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from components.onnx_model import OnnxClassifier
 from components.store import S3Settings, open_store
 from pipelines.cli import main
 from tests.conftest import QUICK, write_csv
+from tests.serve_helpers import assert_same_predictions, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +48,7 @@ def check_deployed(summary: dict) -> None:
     assert summary["deployment"]["manifest_uri"].endswith("/inferenceservice.yaml")
 
 
-def test_local_store_deploys_then_gate_rejects(tmp_path, capsys):
+def test_local_store_deploys_then_gate_rejects(tmp_path, capsys, sms_rows):
     store = tmp_path / "store"
     code, summary = run([*QUICK_ARGS, "--store", str(store), "--run-id", "first", "--gate-threshold", "0.5"], tmp_path / "first.json")
     assert code == 0
@@ -99,6 +102,16 @@ def test_local_store_deploys_then_gate_rejects(tmp_path, capsys):
     assert [s["status"] for s in skipped["steps"]] == ["succeeded"] + ["skipped"] * 5
     assert "skipped: the data is unchanged since production" in capsys.readouterr().out
     assert not (store / "runs/third/steps/finetune.json").exists()
+
+    # `kubetune serve` on the published model answers real HTTP requests as batch inference does
+    texts = [t for _, t in sms_rows[:24]]
+    with running_server(["--model", "sms-spam", "--store", str(store)]) as server:
+        r = server.post("/v1/models/sms-spam:predict", json={"instances": texts})
+        assert r.status_code == 200, r.text
+        assert_same_predictions(r.json()["predictions"], OnnxClassifier(store / "models/sms-spam" / version).predict(texts))
+        assert server.post("/v1/models/sms-spam:predict", json={"instances": [1]}).status_code == 400
+        assert server.get("/v2/health/ready").json() == {"ready": True}
+    assert server.exit_code == 0
 
 
 def test_s3_store_end_to_end(tmp_path, s3_bucket, sms_rows):
