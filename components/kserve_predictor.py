@@ -13,6 +13,7 @@ metrics, and the model repository routes switched off (an unload request would t
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import uuid
@@ -75,7 +76,8 @@ class TextModel(kserve.Model):
 
     def load(self) -> bool:
         self.classifier = OnnxClassifier(self.model_dir, device=self.cfg.device, threads=self.cfg.threads)
-        self.batcher = MicroBatcher(self.classifier.predict, max_batch=self.cfg.max_batch_texts,
+        predict = functools.partial(self.classifier.predict, batch_size=self.cfg.onnx_batch_size)
+        self.batcher = MicroBatcher(predict, max_batch=self.cfg.max_batch_texts,
                                     max_wait_s=self.cfg.batch_wait_ms / 1000, max_queue=self.cfg.max_queue_texts,
                                     on_batch=self.metrics.batch)
         self.ready = True

@@ -48,13 +48,14 @@ class ServeConfig:
     max_text_chars: int = 20_000
     long_texts: str = "truncate"
     max_batch_texts: int = 64
+    onnx_batch_size: int = 4
     batch_wait_ms: float = 2.0
     max_queue_texts: int = 4096
     device: str = "cpu"
     threads: int = 0
 
     def check(self) -> "ServeConfig":
-        for name in ("max_texts", "max_text_chars", "max_batch_texts"):
+        for name in ("max_texts", "max_text_chars", "max_batch_texts", "onnx_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if self.max_body_bytes < 1024:
@@ -79,6 +80,8 @@ HELP = {
     "max_text_chars": "longest text in characters (see --long-texts)",
     "long_texts": "truncate: cut longer texts to --max-text-chars before tokenization; reject: answer 413",
     "max_batch_texts": "most texts per model call; concurrent requests are batched up to this",
+    "onnx_batch_size": "texts per ONNX Runtime run inside a model call, which sorts its texts by length first: small runs pad little "
+                       "(best on CPU); raise it on a GPU",
     "batch_wait_ms": "how long a model call waits for more requests when its batch is not full; 0: never",
     "max_queue_texts": "most texts waiting for a model call; more: 503 (retry later)",
     "device": "ONNX Runtime device: cpu or cuda (onnxruntime-gpu)",
