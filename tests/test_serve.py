@@ -240,6 +240,11 @@ def test_health_readiness_and_metadata(server):
     assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
     assert [o["name"] for o in meta["outputs"]] == ["label", "score", "probabilities"]
     assert server.get("/v1/models/no-such-model").status_code == 404
+    # the probes of the InferenceService deploy renders hit these endpoints
+    container = inference_service(NAME, VERSION, "s3://b/m", "run", ServingConfig())["spec"]["predictor"]["containers"][0]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == 8080  # the --port the container runs with
+        assert server.get(container[probe]["httpGet"]["path"]).status_code == 200, probe
 
 
 def test_metrics_count_texts_rejections_and_latency(server):
