@@ -484,14 +484,18 @@ def run_step(*, store_uri: str, run_id: str, tokens_dir: Path | str, model_uri: 
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser():
     p = step_parser("components.finetune", __doc__)
     p.add_argument("--tokens", required=True, help="tokenize's output folder (local, or an s3:// published prefix)")
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--publish", default="", help="also publish the model folder to this key of the store")
     add_config_args(p, FinetuneConfig)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     return run_main(lambda: run_step(store_uri=a.store, run_id=a.run_id, tokens_dir=a.tokens, model_uri=a.model,
                                      out_dir=a.out, cfg=config_from_args(FinetuneConfig, a), world=World.from_env(),
                                      publish=a.publish))

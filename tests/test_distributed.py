@@ -1,0 +1,122 @@
+"""Distributed fine-tune on Kubernetes: the k8s/training templates render with kustomize and are
+exactly what components.distributed creates; the launcher's job handling; the pipeline switch."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.distributed import JobConfig, JobFailed, job_name, render, run_job, worker_command
+from components.entry import config_from_args
+from components.errors import ConfigError
+from components.finetune import FinetuneConfig, build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINING = ROOT / "k8s" / "training"
+needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed (renders k8s/ with kustomize)")
+
+
+def kustomize(path: Path) -> list[dict]:
+    proc = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"kubectl kustomize {path} failed:\n{proc.stderr}"
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
+def test_job_templates_are_what_the_launcher_creates(backend):
+    [rendered] = kustomize(TRAINING / backend)
+    container = (rendered["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+                 if backend == "pytorchjob" else rendered["spec"]["trainer"])
+    command = container["command"] + container["args"]
+    job = JobConfig(backend=backend, workers=2, gpus_per_worker=1, image=container["image"])
+    ours = render(job, "kubetune-finetune", "kubetune", command)
+    if backend == "trainjob":
+        ours["spec"]["trainer"].pop("env")
+    assert rendered["apiVersion"] == ours["apiVersion"] and rendered["kind"] == ours["kind"]
+    assert rendered["metadata"]["labels"] == ours["metadata"]["labels"] and rendered["metadata"]["namespace"] == "kubetune"
+    assert rendered["spec"] == ours["spec"]
+    # the template's command is a valid fine-tune command line
+    assert command[:3] == ["torchrun", "-m", "components.finetune"]
+    build_parser().parse_args(command[3:])
+
+
+@needs_kubectl
+def test_launcher_rbac_lets_the_pipeline_runner_manage_jobs():
+    docs = kustomize(TRAINING)
+    role = next(d for d in docs if d["kind"] == "Role")
+    granted = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    for key in (("kubeflow.org", "pytorchjobs"), ("trainer.kubeflow.org", "trainjobs")):
+        assert {"create", "get"} <= granted[key], key
+    binding = next(d for d in docs if d["kind"] == "RoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune-pipeline-runner", "namespace": "kubetune"}]
+    assert all(d["metadata"]["namespace"] == "kubetune" for d in docs)
+
+
+def test_worker_command_forwards_the_training_settings():
+    cfg = FinetuneConfig(epochs=3, batch_size=64, learning_rate=8e-5, peft="lora", lora_rank=16, compile=True, seed=7)
+    cmd = worker_command(store="s3://b/kt", run_id="r1", model_uri="builtin:all-minilm-l6-v2", tokens_uri="s3://b/kt/runs/r1/finetune/tokens",
+                         publish="runs/r1/finetune/model", cfg=cfg)
+    a = build_parser().parse_args(cmd[3:])
+    assert config_from_args(FinetuneConfig, a) == replace(cfg, device="auto", cpu_threads=0)
+    assert (a.store, a.run_id, a.publish) == ("s3://b/kt", "r1", "runs/r1/finetune/model")
+
+
+def test_render_scales_workers_and_gpus():
+    cmd = ["torchrun", "-m", "components.finetune"]
+    job = render(JobConfig(workers=4, gpus_per_worker=8), job_name("20261123-ABC_1"), "team", cmd)
+    assert job["metadata"]["name"] == "kubetune-ft-20261123-abc-1"
+    assert job["spec"]["nprocPerNode"] == "8"
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 3
+    assert replicas["Worker"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    single_cpu = render(JobConfig(workers=1, gpus_per_worker=0), "j", "team", cmd)["spec"]
+    assert "Worker" not in single_cpu["pytorchReplicaSpecs"] and single_cpu["nprocPerNode"] == "1"
+    assert "tolerations" not in single_cpu["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    trainjob = render(JobConfig(backend="trainjob", workers=3, gpus_per_worker=2), "j", "team", cmd)["spec"]["trainer"]
+    assert trainjob["numNodes"] == 3 and trainjob["numProcPerNode"] == 2
+    with pytest.raises(ConfigError, match="backend='mpijob'"):
+        JobConfig(backend="mpijob").check()
+
+
+class FakeCluster:
+    """The two CustomObjectsApi calls the launcher makes, answered from a list of job states."""
+
+    def __init__(self, states: list[dict], create_status: int | None = None):
+        self.states, self.create_status, self.created = list(states), create_status, []
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        from kubernetes.client.exceptions import ApiException
+
+        if self.create_status:
+            raise ApiException(status=self.create_status)
+        self.created.append((group, version, namespace, plural, body["metadata"]["name"]))
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        return {"status": self.states.pop(0)}
+
+
+def cond(kind: str, message: str = "") -> dict:
+    return {"conditions": [{"type": "Created", "status": "True"}, {"type": kind, "status": "True", "message": message}]}
+
+
+def test_run_job_waits_for_the_outcome():
+    job = JobConfig(poll_s=0)
+    manifest = render(job, "j", "ns", ["torchrun"])
+    api = FakeCluster([{}, cond("Running"), cond("Succeeded")])
+    run_job(manifest, "pytorchjob", job, api)
+    assert api.created == [("kubeflow.org", "v1", "ns", "pytorchjobs", "j")] and not api.states
+    run_job(manifest, "pytorchjob", job, FakeCluster([cond("Succeeded")], create_status=409))  # a retried launcher
+    trainjob = replace(job, backend="trainjob")
+    run_job(render(trainjob, "j", "ns", ["torchrun"]), "trainjob", trainjob, FakeCluster([cond("Complete")]))
+    with pytest.raises(JobFailed, match="PyTorchJob ns/j failed: worker-0 exited with code 1"):
+        run_job(manifest, "pytorchjob", job, FakeCluster([cond("Failed", "worker-0 exited with code 1")]))
+    with pytest.raises(ConfigError, match="PyTorchJob is not installed"):
+        run_job(manifest, "pytorchjob", job, FakeCluster([], create_status=404))
+    with pytest.raises(ConfigError, match="apply k8s/training/rbac"):
+        run_job(manifest, "pytorchjob", job, FakeCluster([], create_status=403))
