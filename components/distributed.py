@@ -36,7 +36,6 @@ from components.errors import ConfigError, KubetuneError
 from components.finetune import STEP, FinetuneConfig
 from components.progress import log
 from components.records import open_run
-from components.store import join
 
 BACKENDS = ("pytorchjob", "trainjob")
 API = {

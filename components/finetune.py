@@ -416,10 +416,11 @@ class FinetuneRun:
 
 
 def finetune(tokens_dir: Path, model_dir: Path, out_dir: Path, cfg: FinetuneConfig, *,
-             checkpoints: Checkpoints | None = None, world: World = World()) -> dict:
+             checkpoints: Checkpoints | None = None, world: World | None = None) -> dict:
     import torch
 
     cfg.check()
+    world = world or World()
     device = pick_device(cfg.device)
     if device.type == "cuda" and world.distributed:
         device = torch.device("cuda", world.local_rank)
@@ -465,9 +466,10 @@ def finetune(tokens_dir: Path, model_dir: Path, out_dir: Path, cfg: FinetuneConf
 
 
 def run_step(*, store_uri: str, run_id: str, tokens_dir: Path | str, model_uri: str, out_dir: Path, cfg: FinetuneConfig,
-             world: World = World(), publish: str = "") -> dict:
+             world: World | None = None, publish: str = "") -> dict:
     """The step as the pipeline runs it: records (main process only), checkpoints in the store,
     inputs fetched from the store when they are s3:// URIs, the output optionally published."""
+    world = world or World()
     settings = S3Settings.from_env()
     record = open_run(store_uri, run_id)
     checkpoints = Checkpoints(record.store, record.key("checkpoints", STEP))

@@ -104,7 +104,8 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
             epochs: Training epochs (the best epoch on eval is kept; early stopping after 2 without gain).
             batch_size: Training batch size.
             learning_rate: Peak AdamW learning rate (linear warm-up over 10% of steps, then linear decay).
-            finetune_backend: pod = fine-tune in one pod with 1 GPU; pytorchjob = a Kubeflow Training Operator PyTorchJob, trainjob = a Kubeflow Trainer TrainJob, each with finetune_workers x finetune_gpus_per_worker (DDP).
+            finetune_backend: pod = fine-tune in one pod with 1 GPU; pytorchjob = a Kubeflow Training Operator PyTorchJob,
+                trainjob = a Kubeflow Trainer TrainJob, each with finetune_workers x finetune_gpus_per_worker (DDP).
             finetune_workers: Worker pods of the distributed job (pytorchjob/trainjob only).
             finetune_gpus_per_worker: GPUs (one torchrun process each) per worker pod; 0 = CPU workers (pytorchjob/trainjob only).
             gate_metric: Test metric the gate checks: accuracy, macro_f1, weighted_f1, macro_precision or macro_recall.
