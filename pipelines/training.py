@@ -21,8 +21,11 @@ from pipelines.config import GIT_SECRET_KEYS, S3_CONFIG_KEYS, S3_SECRET_KEYS, Cl
 PIPELINE_NAME = "kubetune-training"
 # Retried on failure: their work is mostly store I/O (cache, champion download, registry publish).
 # Not validate: its failures are input errors that a retry only delays (boto3 already retries
-# transient S3 errors within a call); not finetune/export: GPU time, deterministic failures.
+# transient S3 errors within a call); not export: deterministic failures.
 NETWORK_STEPS = ("freshness", "tokenize", "evaluate", "deploy", "summarize")
+# Retried because a retry resumes from the store checkpoint (a lost node costs minutes, not the run);
+# their deterministic failures (bad options, labels) fail within seconds, before any training.
+RESUMABLE_STEPS = ("finetune", "finetune_distributed")
 
 
 def configure(task, step: str, cluster: ClusterConfig) -> None:
@@ -34,7 +37,7 @@ def configure(task, step: str, cluster: ClusterConfig) -> None:
     if res.gpus:
         task.set_accelerator_type(cluster.accelerator).set_accelerator_limit(res.gpus)
         kubernetes.add_toleration(task, key=cluster.accelerator, operator="Exists", effect="NoSchedule")
-    if step in NETWORK_STEPS and cluster.retries:
+    if (step in NETWORK_STEPS or step in RESUMABLE_STEPS) and cluster.retries:
         task.set_retry(num_retries=cluster.retries, backoff_duration="30s", backoff_factor=2.0, backoff_max_duration="300s")
     task.set_caching_options(False)
     kubernetes.use_secret_as_env(task, secret_name=cluster.s3_secret, secret_key_to_env={k: k for k in S3_SECRET_KEYS})

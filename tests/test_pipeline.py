@@ -18,7 +18,7 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 
 from pipelines.cli import main
 from pipelines.config import GIT_SECRET_KEYS, S3_CONFIG_KEYS, S3_SECRET_KEYS
-from pipelines.training import NETWORK_STEPS
+from pipelines.training import NETWORK_STEPS, RESUMABLE_STEPS
 
 GOLDEN = Path(__file__).parent / "golden" / "kubetune-training.yaml"
 STEPS = ("validate", "freshness", "tokenize", "finetune", "evaluate", "export", "deploy", "summarize")
@@ -76,7 +76,7 @@ def test_retries_caching_and_control_flow(specs):
     assert set(STEPS) <= set(tasks)
     for step in STEPS:
         retry = tasks[step].retry_policy.max_retry_count
-        assert retry == (3 if step in NETWORK_STEPS else 0), step
+        assert retry == (3 if step in NETWORK_STEPS + RESUMABLE_STEPS else 0), step
         assert not tasks[step].caching_options.enable_cache, step  # every step writes run records
     # the summary is the exit handler's task: it runs whatever happened inside
     assert tasks["summarize"].trigger_policy.strategy == pipeline_spec_pb2.PipelineTaskSpec.TriggerPolicy.ALL_UPSTREAM_TASKS_COMPLETED
