@@ -380,15 +380,17 @@ class FinetuneRun:
 
     def fit(self, checkpoints: Checkpoints | None) -> dict | None:
         """Trains the remaining epochs; returns where it resumed from (None for a fresh start)."""
-        cfg, st, world = self.cfg, self.state, self.world
+        cfg, world = self.cfg, self.world
         resumed = None
         if checkpoints is not None and cfg.resume:
             saved = checkpoints.load()
             if saved is not None:
-                self.restore(saved, checkpoints.url)
+                self.restore(saved, checkpoints.url)  # replaces self.state: read it only after this
+                st = self.state
                 resumed = {"epoch": st.epoch, "step": st.step, "checkpoint": checkpoints.url}
                 log(STEP, f"resumed from checkpoint {checkpoints.url}: epoch {st.epoch}, step {st.step}/{self.steps_per_epoch}"
                           + (" (training had finished)" if st.stopped or st.epoch > cfg.epochs else ""))
+        st = self.state
 
         def save(where: str) -> None:
             if checkpoints is None:

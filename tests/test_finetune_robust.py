@@ -48,7 +48,7 @@ def weights(folder: Path) -> dict:
 def step_cmd(tokens: Path, model_dir: Path, out: Path, store: Path, run_id: str) -> list[str]:
     return [sys.executable, "-m", "components.finetune", "--tokens", str(tokens), "--model", str(model_dir), "--out", str(out),
             "--store", str(store), "--run-id", run_id, "--epochs", "2", "--batch-size", "8", "--learning-rate", "2e-4",
-            "--seed", "5", "--checkpoint-steps", "3"]
+            "--seed", "5", "--checkpoint-steps", "4"]
 
 
 def run_env() -> dict:
