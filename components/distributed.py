@@ -27,20 +27,20 @@ from __future__ import annotations
 import json
 import re
 import sys
-import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from components.entry import add_config_args, config_from_args, run_main, step_parser
 from components.errors import ConfigError, KubetuneError
 from components.finetune import STEP, FinetuneConfig
+from components.kube import Kind, Kube, KubeError, WaitTimeout, connect
 from components.progress import log
 from components.records import open_run
 
 BACKENDS = ("pytorchjob", "trainjob")
-API = {
-    "pytorchjob": ("kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"),
-    "trainjob": ("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"),
+KINDS = {
+    "pytorchjob": Kind("kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"),
+    "trainjob": Kind("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"),
 }
 # settings forwarded to the workers' fine-tune (device is the workers' business: cuda when they have GPUs)
 FORWARDED = [f.name for f in fields(FinetuneConfig) if f.name not in ("device", "cpu_threads")]
@@ -122,7 +122,7 @@ def pod_template(job: JobConfig, command: list[str], name: str) -> dict:
 
 def render(job: JobConfig, name: str, namespace: str, command: list[str]) -> dict:
     """The PyTorchJob or TrainJob manifest."""
-    group, version, _, kind = API[job.backend]
+    group, version, kind = KINDS[job.backend].group, KINDS[job.backend].version, KINDS[job.backend].kind
     meta = {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "kubetune",
                                                               "app.kubernetes.io/component": "finetune"}}
     if job.backend == "pytorchjob":
@@ -163,52 +163,39 @@ def current_namespace() -> str:
     return path.read_text().strip() if path.is_file() else "default"
 
 
-def custom_objects_api():
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    return client.CustomObjectsApi()
-
-
-def run_job(manifest: dict, backend: str, job: JobConfig, api=None) -> None:
-    """Creates the job (or finds it from an earlier attempt) and waits until it ends."""
-    from kubernetes.client.exceptions import ApiException
-
-    api = api or custom_objects_api()
-    group, version, plural, kind = API[backend]
+def run_job(manifest: dict, backend: str, job: JobConfig, kube: Kube | None = None) -> None:
+    """Applies the job (server-side apply: a retried launcher re-applies the same spec instead of
+    starting a second job) and waits until it ends (components.kube)."""
+    kube = kube or connect()
+    kind = KINDS[backend]
     name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
     try:
-        api.create_namespaced_custom_object(group, version, namespace, plural, manifest)
-        log(STEP, f"created {kind} {namespace}/{name}: {job.workers} worker(s) x {job.processes_per_worker} process(es)")
-    except ApiException as e:
-        if e.status == 404:
-            raise ConfigError(f"{kind} is not installed in the cluster ({group}/{version}): install the Kubeflow "
+        kube.apply(manifest, kind=kind)
+    except KubeError as e:
+        if "HTTP 404" in str(e):
+            raise ConfigError(f"{kind.kind} is not installed in the cluster ({kind.group}/{kind.version}): install the Kubeflow "
                               f"{'Training Operator' if backend == 'pytorchjob' else 'Trainer'}, or use finetune_backend=pod") from None
-        if e.status == 403:
-            raise ConfigError(f"not allowed to create {plural} in namespace {namespace}: apply k8s/training/rbac "
+        if "HTTP 403" in str(e):
+            raise ConfigError(f"not allowed to create {kind.plural} in namespace {namespace}: apply k8s/training/rbac "
                               "(kubectl apply -k k8s/training) for the pipeline's ServiceAccount") from None
-        if e.status != 409:
-            raise
-        log(STEP, f"{kind} {namespace}/{name} exists (a retried launcher): waiting for it")
-    deadline = time.monotonic() + job.timeout_s
-    while True:
-        state, message = job_state(api.get_namespaced_custom_object(group, version, namespace, plural, name))
-        if state == "succeeded":
-            log(STEP, f"{kind} {name} succeeded")
-            return
-        if state == "failed":
-            raise JobFailed(f"{kind} {namespace}/{name} failed: {message} (kubectl -n {namespace} logs -l "
-                            f"training.kubeflow.org/job-name={name})")
-        if time.monotonic() > deadline:
-            raise JobFailed(f"{kind} {namespace}/{name} did not finish within {job.timeout_s}s")
-        time.sleep(job.poll_s)
+        raise
+    log(STEP, f"applied {kind.describe(namespace, name)}: {job.workers} worker(s) x {job.processes_per_worker} process(es)")
+
+    def done(obj: dict) -> bool | None:
+        state, _ = job_state(obj)
+        return True if state == "succeeded" else None if state == "failed" else False
+
+    try:
+        kube.wait(kind, namespace, name, done, timeout=job.timeout_s, interval=job.poll_s)
+    except WaitTimeout as e:
+        message = job_state(e.last)[1] if e.last else ""
+        raise JobFailed(f"{e}{': ' + message if message else ''} (kubectl -n {namespace} logs -l "
+                        f"training.kubeflow.org/job-name={name})") from None
+    log(STEP, f"{kind.describe(namespace, name)} succeeded")
 
 
 def run_step(*, store_uri: str, run_id: str, tokens_dir: Path, model_uri: str, out_dir: Path, cfg: FinetuneConfig,
-             job: JobConfig, dry_run: bool = False, api=None) -> dict:
+             job: JobConfig, dry_run: bool = False, kube: Kube | None = None) -> dict:
     """The pipeline's distributed fine-tune: publish tokens, run the job, fetch the model."""
     cfg.check()
     job.check()
@@ -224,7 +211,7 @@ def run_step(*, store_uri: str, run_id: str, tokens_dir: Path, model_uri: str, o
     with record.step(f"{STEP}-launcher", config={"model": model_uri, "job": manifest["metadata"], **vars(job)}) as rec:
         if not store.is_published(model_key):  # a retried launcher whose job already finished skips the job
             store.publish_dir(tokens_dir, tokens_key)
-            run_job(manifest, job.backend, job, api)
+            run_job(manifest, job.backend, job, kube)
         store.download_dir(model_key, out_dir)
         result = json.loads((out_dir / "training.json").read_text())
         rec["outputs"] = {"job": manifest["metadata"]["name"], "kind": manifest["kind"], "processes": result["processes"],

@@ -84,39 +84,30 @@ def test_render_scales_workers_and_gpus():
         JobConfig(backend="mpijob").check()
 
 
-class FakeCluster:
-    """The two CustomObjectsApi calls the launcher makes, answered from a list of job states."""
-
-    def __init__(self, states: list[dict], create_status: int | None = None):
-        self.states, self.create_status, self.created = list(states), create_status, []
-
-    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
-        from kubernetes.client.exceptions import ApiException
-
-        if self.create_status:
-            raise ApiException(status=self.create_status)
-        self.created.append((group, version, namespace, plural, body["metadata"]["name"]))
-
-    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
-        return {"status": self.states.pop(0)}
-
-
 def cond(kind: str, message: str = "") -> dict:
     return {"conditions": [{"type": "Created", "status": "True"}, {"type": kind, "status": "True", "message": message}]}
 
 
-def test_run_job_waits_for_the_outcome():
+def test_run_job_applies_the_job_and_waits_for_the_outcome(tmp_path):
+    """Against tests/fake_kube.py: real HTTP, the real kubernetes client via components.kube."""
+    from components.kube import connect
+    from tests import fake_kube
+
     job = JobConfig(poll_s=0)
-    manifest = render(job, "j", "ns", ["torchrun"])
-    api = FakeCluster([{}, cond("Running"), cond("Succeeded")])
-    run_job(manifest, "pytorchjob", job, api)
-    assert api.created == [("kubeflow.org", "v1", "ns", "pytorchjobs", "j")] and not api.states
-    run_job(manifest, "pytorchjob", job, FakeCluster([cond("Succeeded")], create_status=409))  # a retried launcher
-    trainjob = replace(job, backend="trainjob")
-    run_job(render(trainjob, "j", "ns", ["torchrun"]), "trainjob", trainjob, FakeCluster([cond("Complete")]))
-    with pytest.raises(JobFailed, match="PyTorchJob ns/j failed: worker-0 exited with code 1"):
-        run_job(manifest, "pytorchjob", job, FakeCluster([cond("Failed", "worker-0 exited with code 1")]))
-    with pytest.raises(ConfigError, match="PyTorchJob is not installed"):
-        run_job(manifest, "pytorchjob", job, FakeCluster([], create_status=404))
-    with pytest.raises(ConfigError, match="apply k8s/training/rbac"):
-        run_job(manifest, "pytorchjob", job, FakeCluster([], create_status=403))
+    manifest = render(job, "j", "ns", ["torchrun", "-m", "components.finetune"])
+    with fake_kube.FakeKube() as fake:
+        kube = connect(kubeconfig=str(fake.kubeconfig(tmp_path / "kubeconfig")))
+        states = iter([{}, cond("Running"), cond("Succeeded")])
+        fake.controller = lambda obj: next(states)
+        run_job(manifest, "pytorchjob", job, kube)
+        assert fake.objects[("ns", "j")]["spec"] == manifest["spec"]
+        assert any(r["path"] == "/apis/kubeflow.org/v1/namespaces/ns/pytorchjobs/j" and r["method"] == "PATCH" for r in fake.requests)
+        fake.controller = lambda obj: cond("Succeeded")
+        run_job(manifest, "pytorchjob", job, kube)  # a retried launcher re-applies the same job: no second one
+        assert len(fake.objects) == 1 and fake.objects[("ns", "j")]["metadata"]["generation"] == 1
+        trainjob = replace(job, backend="trainjob")
+        fake.controller = lambda obj: cond("Complete")
+        run_job(render(trainjob, "t", "ns", ["torchrun"]), "trainjob", trainjob, kube)
+        fake.controller = lambda obj: cond("Failed", "worker-0 exited with code 1")
+        with pytest.raises(JobFailed, match="PyTorchJob ns/f failed.*worker-0 exited with code 1"):
+            run_job(render(job, "f", "ns", ["torchrun"]), "pytorchjob", job, kube)
