@@ -52,7 +52,7 @@ def test_launcher_rbac_lets_the_pipeline_runner_manage_jobs():
     role = next(d for d in docs if d["kind"] == "Role")
     granted = {(g, r): set(rule["verbs"]) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
     for key in (("kubeflow.org", "pytorchjobs"), ("trainer.kubeflow.org", "trainjobs")):
-        assert {"create", "get"} <= granted[key], key
+        assert {"create", "patch", "get"} <= granted[key], key  # server-side apply is a PATCH
     binding = next(d for d in docs if d["kind"] == "RoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune-pipeline-runner", "namespace": "kubetune"}]
     assert all(d["metadata"]["namespace"] == "kubetune" for d in docs)
