@@ -74,6 +74,22 @@ def finetune(store: str, run_id: str, job_id: str, model_uri: str, epochs: int, 
     log_training(result, training_metrics)
 
 
+def finetune_distributed(store: str, run_id: str, job_id: str, model_uri: str, epochs: int, batch_size: int,
+                         learning_rate: float, seed: int, backend: str, workers: int, gpus_per_worker: int, image: str,
+                         tokens: Input[Dataset], model: Output[Model], training_metrics: Output[Metrics]):
+    from pathlib import Path
+
+    from components.distributed import JobConfig, run_step
+    from components.finetune import FinetuneConfig
+    from pipelines.outputs import log_training
+
+    result = run_step(store_uri=store, run_id=run_id or job_id, tokens_dir=Path(tokens.path), model_uri=model_uri,
+                      out_dir=Path(model.path),
+                      cfg=FinetuneConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed),
+                      job=JobConfig(backend=backend, workers=workers, gpus_per_worker=gpus_per_worker, image=image))
+    log_training(result, training_metrics)
+
+
 def evaluate(store: str, run_id: str, job_id: str, model_name: str, gate_metric: str, gate_threshold: float,
              gate_tolerance: float, model: Input[Model], tokens: Input[Dataset], dataset: Input[Dataset],
              evaluation: Output[Artifact], metrics: Output[Metrics], confusion: Output[ClassificationMetrics]) -> bool:
@@ -127,5 +143,6 @@ def make_components(cluster: ClusterConfig) -> SimpleNamespace:
     return SimpleNamespace(
         validate=cpu(validate), freshness=cpu(freshness), tokenize=cpu(tokenize),
         finetune=dsl.component(finetune, base_image=cluster.gpu_image, install_kfp_package=False),
+        finetune_distributed=cpu(finetune_distributed),
         evaluate=cpu(evaluate), export=cpu(export), deploy=cpu(deploy), summarize=cpu(summarize),
     )

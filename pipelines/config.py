@@ -44,6 +44,8 @@ class ClusterConfig:
         "freshness": Resources("250m", "500m", "512Mi", "1Gi"),
         "tokenize": Resources("2", "4", "2Gi", "4Gi"),
         "finetune": Resources("4", "8", "16Gi", "32Gi", gpus=1),
+        # launches a PyTorchJob/TrainJob and waits: moves the tokens and the model, trains nothing
+        "finetune_distributed": Resources("500m", "1", "2Gi", "4Gi"),
         "evaluate": Resources("2", "4", "4Gi", "8Gi"),
         "export": Resources("2", "4", "4Gi", "8Gi"),
         "deploy": Resources("500m", "1", "1Gi", "2Gi"),

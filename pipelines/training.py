@@ -8,6 +8,7 @@ with a summary written by an exit handler whatever happens. Pure wiring plus clu
 # no `from __future__ import annotations`: KFP reads the pipeline's annotations as real types
 from kfp import dsl, kubernetes
 
+from components.distributed import JobConfig
 from components.evaluate import GateConfig
 from components.finetune import FinetuneConfig
 from components.manifests import ServingConfig
@@ -20,8 +21,11 @@ from pipelines.config import GIT_SECRET_KEYS, S3_CONFIG_KEYS, S3_SECRET_KEYS, Cl
 PIPELINE_NAME = "kubetune-training"
 # Retried on failure: their work is mostly store I/O (cache, champion download, registry publish).
 # Not validate: its failures are input errors that a retry only delays (boto3 already retries
-# transient S3 errors within a call); not finetune/export: GPU time, deterministic failures.
+# transient S3 errors within a call); not export: deterministic failures.
 NETWORK_STEPS = ("freshness", "tokenize", "evaluate", "deploy", "summarize")
+# Retried because a retry resumes from the store checkpoint (a lost node costs minutes, not the run);
+# their deterministic failures (bad options, labels) fail within seconds, before any training.
+RESUMABLE_STEPS = ("finetune", "finetune_distributed")
 
 
 def configure(task, step: str, cluster: ClusterConfig) -> None:
@@ -33,7 +37,7 @@ def configure(task, step: str, cluster: ClusterConfig) -> None:
     if res.gpus:
         task.set_accelerator_type(cluster.accelerator).set_accelerator_limit(res.gpus)
         kubernetes.add_toleration(task, key=cluster.accelerator, operator="Exists", effect="NoSchedule")
-    if step in NETWORK_STEPS and cluster.retries:
+    if (step in NETWORK_STEPS or step in RESUMABLE_STEPS) and cluster.retries:
         task.set_retry(num_retries=cluster.retries, backoff_duration="30s", backoff_factor=2.0, backoff_max_duration="300s")
     task.set_caching_options(False)
     kubernetes.use_secret_as_env(task, secret_name=cluster.s3_secret, secret_key_to_env={k: k for k in S3_SECRET_KEYS})
@@ -67,6 +71,9 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
         epochs: int = FinetuneConfig.epochs,
         batch_size: int = FinetuneConfig.batch_size,
         learning_rate: float = FinetuneConfig.learning_rate,
+        finetune_backend: str = "pod",
+        finetune_workers: int = JobConfig.workers,
+        finetune_gpus_per_worker: int = JobConfig.gpus_per_worker,
         gate_metric: str = GateConfig.metric,
         gate_threshold: float = GateConfig.threshold,
         gate_tolerance: float = GateConfig.tolerance,
@@ -100,6 +107,10 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
             epochs: Training epochs (the best epoch on eval is kept; early stopping after 2 without gain).
             batch_size: Training batch size.
             learning_rate: Peak AdamW learning rate (linear warm-up over 10% of steps, then linear decay).
+            finetune_backend: pod = fine-tune in one pod with 1 GPU; pytorchjob = a Kubeflow Training Operator PyTorchJob,
+                trainjob = a Kubeflow Trainer TrainJob, each with finetune_workers x finetune_gpus_per_worker (DDP).
+            finetune_workers: Worker pods of the distributed job (pytorchjob/trainjob only).
+            finetune_gpus_per_worker: GPUs (one torchrun process each) per worker pod; 0 = CPU workers (pytorchjob/trainjob only).
             gate_metric: Test metric the gate checks: accuracy, macro_f1, weighted_f1, macro_precision or macro_recall.
             gate_threshold: Minimum gate_metric on the test split.
             gate_tolerance: How much worse than the current production model the new one may be.
@@ -124,18 +135,25 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
             freshness = ops.freshness(**common, model_name=model_name, force=force, dataset=validate.outputs["dataset"])
             with dsl.If(freshness.outputs["Output"] == True, name="data-changed"):  # noqa: E712 (KFP condition)
                 tokenize = ops.tokenize(**common, model_uri=model_uri, max_length=max_length, dataset=validate.outputs["dataset"])
-                finetune = ops.finetune(**common, model_uri=model_uri, epochs=epochs, batch_size=batch_size,
-                                        learning_rate=learning_rate, seed=seed, tokens=tokenize.outputs["tokens"])
+                train_args = {"model_uri": model_uri, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
+                              "seed": seed, "tokens": tokenize.outputs["tokens"]}
+                with dsl.If(finetune_backend == "pod", name="finetune-in-pod"):
+                    finetune = ops.finetune(**common, **train_args)
+                with dsl.Else(name="finetune-distributed"):
+                    finetune_job = ops.finetune_distributed(**common, **train_args, backend=finetune_backend, workers=finetune_workers,
+                                                            gpus_per_worker=finetune_gpus_per_worker, image=cluster.gpu_image)
+                model = dsl.OneOf(finetune.outputs["model"], finetune_job.outputs["model"])
                 evaluate = ops.evaluate(**common, model_name=model_name, gate_metric=gate_metric, gate_threshold=gate_threshold,
-                                        gate_tolerance=gate_tolerance, model=finetune.outputs["model"],
+                                        gate_tolerance=gate_tolerance, model=model,
                                         tokens=tokenize.outputs["tokens"], dataset=validate.outputs["dataset"])
                 with dsl.If(evaluate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (KFP condition)
-                    export = ops.export(**common, model=finetune.outputs["model"], tokens=tokenize.outputs["tokens"])
+                    export = ops.export(**common, model=model, tokens=tokenize.outputs["tokens"])
                     deploy = ops.deploy(**common, model_name=model_name, namespace=namespace, serving_image=serving_image,
                                         deploy_target=deploy_target, canary_traffic_percent=canary_traffic_percent,
                                         gitops_repo=gitops_repo, gitops_branch=gitops_branch, gitops_path=gitops_path,
                                         onnx_model=export.outputs["onnx_model"], evaluation=evaluate.outputs["evaluation"])
         for step, task in (("validate", validate), ("freshness", freshness), ("tokenize", tokenize), ("finetune", finetune),
+                           ("finetune_distributed", finetune_job),
                            ("evaluate", evaluate), ("export", export), ("deploy", deploy)):
             configure(task, step, cluster)
 

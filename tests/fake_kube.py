@@ -17,7 +17,8 @@ from urllib.parse import parse_qs, urlsplit
 import yaml
 
 TOKEN = "fake-token"
-PATH = re.compile(r"^/apis/serving\.kserve\.io/v1beta1/namespaces/([^/]+)/inferenceservices/([^/]+)$")
+# any namespaced custom object (InferenceServices, and PyTorchJobs/TrainJobs for the fine-tune launcher)
+PATH = re.compile(r"^/apis/[^/]+/[^/]+/namespaces/([^/]+)/[^/]+/([^/]+)$")
 
 
 def status(code: int, reason: str, message: str) -> dict:

@@ -18,7 +18,7 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 
 from pipelines.cli import main
 from pipelines.config import GIT_SECRET_KEYS, S3_CONFIG_KEYS, S3_SECRET_KEYS
-from pipelines.training import NETWORK_STEPS
+from pipelines.training import NETWORK_STEPS, RESUMABLE_STEPS
 
 GOLDEN = Path(__file__).parent / "golden" / "kubetune-training.yaml"
 STEPS = ("validate", "freshness", "tokenize", "finetune", "evaluate", "export", "deploy", "summarize")
@@ -76,24 +76,27 @@ def test_retries_caching_and_control_flow(specs):
     assert set(STEPS) <= set(tasks)
     for step in STEPS:
         retry = tasks[step].retry_policy.max_retry_count
-        assert retry == (3 if step in NETWORK_STEPS else 0), step
+        assert retry == (3 if step in NETWORK_STEPS + RESUMABLE_STEPS else 0), step
         assert not tasks[step].caching_options.enable_cache, step  # every step writes run records
     # the summary is the exit handler's task: it runs whatever happened inside
     assert tasks["summarize"].trigger_policy.strategy == pipeline_spec_pb2.PipelineTaskSpec.TriggerPolicy.ALL_UPSTREAM_TASKS_COMPLETED
     assert tasks["summarize"].inputs.parameters["status"].task_final_status.producer_task
-    # training sits under the freshness condition (unchanged data: skipped), export and deploy under the gate's
+    # training sits under the freshness condition (unchanged data: skipped), export and deploy under the gate's;
+    # fine-tune runs in the pod (GPU) or as a distributed job (launcher); evaluate takes whichever ran (dsl.OneOf)
     conditions = sorted(t.trigger_policy.condition for t in tasks.values() if t.trigger_policy.condition)
-    assert conditions == ["inputs.parameter_values['pipelinechannel--evaluate-Output'] == true",
-                          "inputs.parameter_values['pipelinechannel--freshness-Output'] == true"]
+    pod = "inputs.parameter_values['pipelinechannel--finetune_backend'] == 'pod'"
+    assert conditions == sorted([f"!({pod})", "inputs.parameter_values['pipelinechannel--evaluate-Output'] == true",
+                                 "inputs.parameter_values['pipelinechannel--freshness-Output'] == true", pod])
     condition_tasks = sorted(sorted(c.dag.tasks) for name, c in pipeline.components.items() if name.startswith("comp-condition"))
     nested = [[t for t in ts if not t.startswith("condition-")] for ts in condition_tasks]
-    assert nested == [["evaluate", "finetune", "tokenize"], ["deploy", "export"]]
+    assert nested == [[], ["evaluate", "tokenize"], ["deploy", "export"], ["finetune"], ["finetune-distributed"]], nested
+    assert tasks["evaluate"].inputs.artifacts["model"].task_output_artifact.producer_task.startswith("condition-branches")
 
 
 def test_s3_settings_come_from_the_secret_and_configmap(specs):
     _, platform = specs
     executors = platform.platforms["kubernetes"].deployment_spec.executors
-    assert set(executors) == {f"exec-{s}" for s in STEPS}
+    assert set(executors) == {f"exec-{s}" for s in STEPS} | {"exec-finetune-distributed"}
     for name, struct in executors.items():
         config = json_format.ParseDict(json_format.MessageToDict(struct), k8s_pb2.KubernetesExecutorConfig())
         secret, *git = config.secret_as_env
@@ -108,7 +111,7 @@ def test_s3_settings_come_from_the_secret_and_configmap(specs):
         (cm,) = config.config_map_as_env
         assert cm.config_map_name == "kubetune-s3-config"
         assert {k.env_var for k in cm.key_to_env} == set(S3_CONFIG_KEYS)
-        tolerations = [(t.key, t.operator, t.effect) for t in config.tolerations]
+        tolerations = [(t.key, t.operator, t.effect) for t in config.tolerations]  # the launcher needs no GPU
         assert tolerations == ([("nvidia.com/gpu", "Exists", "NoSchedule")] if name == "exec-finetune" else []), name
 
 
