@@ -27,16 +27,19 @@ import numpy as np
 
 from components.entry import add_config_args, config_from_args, run_main, step_parser
 from components.errors import ConfigError, InputError
-from components.metrics import GATE_METRICS, classification_metrics
+from components.metrics import SEQUENCE, TOKEN, classification_metrics, resolve_metric
 from components.modeling import (
+    auto_model_class,
     batch_inputs,
     pick_device,
     predict_logits,
+    predict_token_logits,
     resolve_model_dir,
+    token_metrics,
 )
 from components.progress import Progress, log
 from components.records import open_run, scratch
-from components.shards import length_grouped_batches, load_split
+from components.shards import IGNORE, length_grouped_batches, load_split, pad_token_labels
 from components.store import S3Settings
 
 STEP = "finetune"
@@ -51,7 +54,7 @@ class FinetuneConfig:
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     early_stopping_patience: int = 2  # epochs without eval improvement before stopping
-    selection_metric: str = "macro_f1"  # eval metric that picks the best epoch
+    selection_metric: str = ""  # eval metric that picks the best epoch; empty: the task's (macro_f1, entity_micro_f1)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     eval_batch_size: int = 128
@@ -67,8 +70,6 @@ class FinetuneConfig:
             problems.append(f"learning_rate={self.learning_rate}: expected something like 2e-5 .. 2e-4")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
-        if self.selection_metric not in GATE_METRICS:
-            problems.append(f"selection_metric={self.selection_metric!r}: use one of {', '.join(GATE_METRICS)}")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -85,16 +86,15 @@ def usable_cpus() -> int:
     return n
 
 
-def load_classifier(model_dir: Path, labels: list[str]):
+def load_classifier(model_dir: Path, labels: list[str], task: str = SEQUENCE):
     """The pretrained encoder with a classification head for `labels` (a new head when the
     checkpoint has none or one of another size)."""
-    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # its load report is replaced by the one line below
     hf_logging.disable_progress_bar()  # tqdm bars with carriage returns garble pod logs
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
+        model, info = auto_model_class(task).from_pretrained(
             model_dir,
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
@@ -103,7 +103,7 @@ def load_classifier(model_dir: Path, labels: list[str]):
             output_loading_info=True,
         )
     except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"model {model_dir}: not a transformers model that can classify sequences ({e})") from None
+        raise InputError(f"model {model_dir}: not a transformers model that can do {task} ({e})") from None
     fresh = sorted(set(info.get("missing_keys", [])) | {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])})
     if fresh:
         log(STEP, f"new classification head for {len(labels)} labels ({len(fresh)} tensors initialised)")
@@ -118,9 +118,35 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def finetune(tokens_dir: Path, model_dir: Path, out_dir: Path, cfg: FinetuneConfig) -> dict:
+def batch_target(split, index: np.ndarray, device):
+    """What the loss compares the logits with: a label per row, or (token classification) a label
+    per token, IGNORE on padding, continuation sub-tokens and special tokens."""
     import torch
+
+    target = pad_token_labels(split, index) if split.token_labels is not None else split.labels[index]
+    return torch.from_numpy(target).to(device, non_blocking=True)
+
+
+def task_loss(logits, target):
+    """Cross-entropy per row, or per labelled token (mean over the batch's labelled tokens)."""
     import torch.nn.functional as F
+
+    if logits.ndim == 3:
+        return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE)
+    return F.cross_entropy(logits.float(), target)
+
+
+def eval_scores(model, split, labels: list[str], task: str, **predict) -> dict:
+    """The eval split's metrics for the task (components.metrics)."""
+    if task == TOKEN:
+        return token_metrics(split, predict_token_logits(model, split, **predict), labels)
+    return classification_metrics(split.labels, predict_logits(model, split, **predict).argmax(-1), labels)
+
+
+def finetune(tokens_dir: Path, model_dir: Path, out_dir: Path, cfg: FinetuneConfig, on_epoch=None) -> dict:
+    """Train, keep the best epoch by eval `selection_metric`, save it. `on_epoch(epoch, model)`, when
+    given, runs after each epoch's eval (benchmarks use it to log more than the pipeline needs)."""
+    import torch
     from transformers import get_linear_schedule_with_warmup, set_seed
 
     cfg.check()
@@ -133,12 +159,14 @@ def finetune(tokens_dir: Path, model_dir: Path, out_dir: Path, cfg: FinetuneConf
     # ---- data: token shards, padded per batch ------------------------------------------------
     meta = json.loads((tokens_dir / "meta.json").read_text())
     labels, pad_id, names = meta["labels"], meta["pad_token_id"], meta["model_input_names"]
+    task = meta.get("task", SEQUENCE)
+    selection = resolve_metric(task, cfg.selection_metric, "selection_metric")
     train, evals = load_split(tokens_dir, "train"), load_split(tokens_dir, "eval")
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
 
     # ---- model and optimiser -----------------------------------------------------------------
-    model = load_classifier(model_dir, labels).to(device)
+    model = load_classifier(model_dir, labels, task).to(device)
     fused = device.type == "cuda"  # one kernel for the whole AdamW update; CUDA only
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, fused=fused)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
@@ -156,10 +184,10 @@ def finetune(tokens_dir: Path, model_dir: Path, out_dir: Path, cfg: FinetuneConf
         t0 = time.perf_counter()
         for step, index in enumerate(length_grouped_batches(train.lengths, cfg.batch_size, rng), start=1):
             inputs = batch_inputs(train, index, pad_id, names, device)
-            target = torch.from_numpy(train.labels[index]).to(device, non_blocking=True)
+            target = batch_target(train, index, device)
             with autocast:
                 logits = model(**inputs).logits
-            loss = F.cross_entropy(logits.float(), target)
+            loss = task_loss(logits, target)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
@@ -173,13 +201,15 @@ def finetune(tokens_dir: Path, model_dir: Path, out_dir: Path, cfg: FinetuneConf
             torch.cuda.synchronize()
         train_seconds += time.perf_counter() - t0
 
-        eval_logits = predict_logits(model, evals, batch_size=cfg.eval_batch_size, pad_id=pad_id, input_names=names, device=device)
-        scores = classification_metrics(evals.labels, eval_logits.argmax(-1), labels)
-        value = scores[cfg.selection_metric]
+        scores = eval_scores(model, evals, labels, task, batch_size=cfg.eval_batch_size, pad_id=pad_id, input_names=names, device=device)
+        value = scores[selection]
+        shown = ("accuracy", "macro_f1") if task == SEQUENCE else ("token_accuracy", "entity_micro_f1")
         history.append({"epoch": epoch, "train_loss": round(loss_sum.item() / steps_per_epoch, 5),
-                        "eval_accuracy": scores["accuracy"], "eval_macro_f1": scores["macro_f1"], f"eval_{cfg.selection_metric}": value})
-        log(STEP, f"epoch {epoch}: train loss {history[-1]['train_loss']:.4f}, eval accuracy {scores['accuracy']:.4f}, "
-                  f"eval macro-F1 {scores['macro_f1']:.4f}")
+                        **{f"eval_{k}": scores[k] for k in shown}, f"eval_{selection}": value,
+                        "seconds": round(time.perf_counter() - t0, 1)})
+        log(STEP, f"epoch {epoch}: train loss {history[-1]['train_loss']:.4f}, " + ", ".join(f"eval {k} {scores[k]:.4f}" for k in shown))
+        if on_epoch is not None:
+            on_epoch(epoch, model)
         if best is None or value > best:
             best, stale = value, 0
             # keep the best weights on the host: a small model fits, and nothing is written twice
@@ -188,7 +218,7 @@ def finetune(tokens_dir: Path, model_dir: Path, out_dir: Path, cfg: FinetuneConf
         else:
             stale += 1
             if stale >= cfg.early_stopping_patience:
-                log(STEP, f"early stop: no eval {cfg.selection_metric} gain for {stale} epoch(s)")
+                log(STEP, f"early stop: no eval {selection} gain for {stale} epoch(s)")
                 break
 
     # ---- save the best epoch ------------------------------------------------------------------
@@ -199,7 +229,9 @@ def finetune(tokens_dir: Path, model_dir: Path, out_dir: Path, cfg: FinetuneConf
     result = {
         "device": str(device),
         "best_epoch": best_epoch,
-        f"best_eval_{cfg.selection_metric}": best,
+        "task": task,
+        "selection_metric": selection,
+        f"best_eval_{selection}": best,
         "epochs_run": len(history),
         "history": history,
         "train_seconds": round(train_seconds, 2),
@@ -209,7 +241,7 @@ def finetune(tokens_dir: Path, model_dir: Path, out_dir: Path, cfg: FinetuneConf
         "config": asdict(cfg),
     }
     (out_dir / "training.json").write_text(json.dumps(result, indent=2))
-    log(STEP, f"best epoch {best_epoch}: eval {cfg.selection_metric} {best:.4f}; {result['train_samples_per_s']} samples/s")
+    log(STEP, f"best epoch {best_epoch}: eval {selection} {best:.4f}; {result['train_samples_per_s']} samples/s")
     return result
 
 

@@ -9,7 +9,8 @@ import numpy as np
 
 from components import assets
 from components.errors import ConfigError, InputError
-from components.shards import TokenizedSplit, pad_batch, sorted_batches
+from components.metrics import TOKEN, entity_metrics
+from components.shards import IGNORE, TokenizedSplit, pad_batch, sorted_batches
 from components.store import S3Settings, fetch
 
 
@@ -19,6 +20,13 @@ def resolve_model_dir(uri: str, settings: S3Settings | None, workdir: Path) -> P
     if not (path / "config.json").is_file():
         raise InputError(f"model {uri}: {path} is not a transformers model folder (no config.json)")
     return path
+
+
+def auto_model_class(task: str):
+    """The transformers Auto class of a task: a head per sequence or a head per token."""
+    import transformers
+
+    return transformers.AutoModelForTokenClassification if task == TOKEN else transformers.AutoModelForSequenceClassification
 
 
 def pick_device(requested: str):
@@ -58,3 +66,34 @@ def predict_logits(model, split: TokenizedSplit, *, batch_size: int, pad_id: int
             logits = model(**batch_inputs(split, index, pad_id, input_names, device)).logits
             out[index] = logits.float().cpu().numpy()
     return out
+
+
+def predict_token_logits(model, split: TokenizedSplit, *, batch_size: int, pad_id: int, input_names: list[str], device) -> list[np.ndarray]:
+    """Token classification: per row, its [row length, num_labels] float32 logits, in row order."""
+    import torch
+
+    model.eval()
+    out: list[np.ndarray] = [np.zeros(0)] * len(split)
+    with torch.inference_mode():
+        for index in sorted_batches(split.lengths, batch_size):
+            logits = model(**batch_inputs(split, index, pad_id, input_names, device)).logits.float().cpu().numpy()
+            for j, i in enumerate(index):
+                out[i] = logits[j, : split.lengths[i]]
+    return out
+
+
+def word_level_tags(split: TokenizedSplit, pred_rows: list[np.ndarray], labels: list[str]) -> tuple[list[list[str]], list[list[str]]]:
+    """(gold, predicted) tag sequences per sentence, one tag per word kept after truncation: the
+    labelled positions are each word's first sub-token. `pred_rows` hold tag ids per token."""
+    gold, pred = [], []
+    for i, p in enumerate(pred_rows):
+        y = split.row_labels(i)
+        keep = y != IGNORE
+        gold.append([labels[k] for k in y[keep]])
+        pred.append([labels[k] for k in np.asarray(p)[keep]])
+    return gold, pred
+
+
+def token_metrics(split: TokenizedSplit, logit_rows: list[np.ndarray], labels: list[str]) -> dict:
+    """Entity-level scores of token logits against the split's own (truncated) word labels."""
+    return entity_metrics(*word_level_tags(split, [r.argmax(-1) for r in logit_rows], labels))

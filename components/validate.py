@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components import data
+from components import data, validate_tokens
 from components.entry import add_config_args, config_from_args, run_main, step_parser
 from components.errors import ConfigError, InputError, KubetuneError
+from components.metrics import SEQUENCE, TOKEN, check_task
 from components.progress import log
 from components.records import open_run, scratch
 from components.store import S3Settings
@@ -42,6 +43,7 @@ EXAMPLES = 5  # example rows quoted per failed check
 
 @dataclass(frozen=True)
 class ValidateConfig:
+    task: str = SEQUENCE  # sequence-classification | token-classification
     text_column: str = "text"
     label_column: str = "label"
     header: bool = True  # CSV/TSV files start with a header row
@@ -53,8 +55,16 @@ class ValidateConfig:
     max_text_chars: int = 100_000
     min_examples_per_class: int = 5
     imbalance_warning_ratio: float = 0.2  # warn when smallest/largest class count is below this
+    # token classification (see components.validate_tokens)
+    token_column: int = 0  # CoNLL: column of the token
+    tag_column: int = -1  # CoNLL: column of the tag (-1: the last)
+    tokens_field: str = "tokens"  # JSONL fields
+    tags_field: str = "tags"
+    repair_tags: bool = False  # turn an I-X that continues nothing into B-X instead of rejecting it
+    max_sentence_words: int = 128  # longer sentences are reported
 
     def check(self) -> None:
+        check_task(self.task)
         problems = []
         if not 0 < self.eval_fraction < 1 or not 0 < self.test_fraction < 1:
             problems.append(f"eval_fraction={self.eval_fraction}, test_fraction={self.test_fraction}: each must be in (0, 1) "
@@ -81,6 +91,7 @@ class Check:
     unexpected_count: int = 0
     element_count: int = 0
     examples: list = field(default_factory=list)  # [(row, value)]
+    unit: str = "rows"  # what element_count counts
 
 
 @dataclass
@@ -99,7 +110,7 @@ class Report:
 
     def describe(self, c: Check, examples: int = EXAMPLES) -> str:
         where = data.unit(self.formats.get(c.split, "csv"))
-        count = f"{c.unexpected_count} of {c.element_count} rows " if c.element_count else ""
+        count = f"{c.unexpected_count} of {c.element_count} {c.unit} " if c.element_count else ""
         examples = ", ".join(f"{where} {row}: {_short(v)}" for row, v in c.examples[:examples])
         return f"{self.sources[c.split]}: column {c.column!r}: {count}{c.description}" + (f"; e.g. {examples}" if examples else "")
 
@@ -346,7 +357,7 @@ def prepare(frames: dict[str, pd.DataFrame], sources: dict[str, str], cfg: Valid
         frames = {**frames, **made}
     labels = sorted(frames["train"]["label"].unique().tolist())
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"labels": labels, "sources": sources, "split_made_here": sorted(missing), "config": asdict(cfg), "splits": {}}
+    meta = {"task": SEQUENCE, "labels": labels, "sources": sources, "split_made_here": sorted(missing), "config": asdict(cfg), "splits": {}}
     for split in SPLITS:
         frame = frames[split]
         if frame.empty:
@@ -380,6 +391,8 @@ def validate(
     the dataset meta (None when a critical check failed: nothing is written then)."""
     cfg.check()
     workdir = workdir or scratch(STEP)
+    if cfg.task == TOKEN:
+        return _validate_tokens(train_uri, eval_uri, test_uri, cfg, out_dir, settings, workdir)
     sources = {s: u for s, u in zip(SPLITS, (train_uri, eval_uri, test_uri)) if u}
     frames, formats = {}, {}
     for split, uri in sources.items():
@@ -395,6 +408,20 @@ def validate(
         return report, None
     meta = prepare(frames, sources, cfg, out_dir)
     log(STEP, "splits: " + ", ".join(f"{s} {meta['splits'][s]['rows']}" for s in SPLITS) + f"; labels {meta['labels']}")
+    return report, meta
+
+
+def _validate_tokens(train_uri, eval_uri, test_uri, cfg, out_dir, settings, workdir) -> tuple[Report, dict | None]:
+    sources = validate_tokens.sources_for(train_uri, eval_uri, test_uri)
+    sentences = {s: validate_tokens.load_sentences(s, u, cfg, settings, workdir) for s, u in sources.items()}
+    report, usable = validate_tokens.check(sentences, sources, cfg)
+    for c in report.failures("warning"):
+        log(STEP, f"warning: {report.describe(c, examples=2)}")
+    if not report.passed:
+        return report, None
+    meta = validate_tokens.prepare(usable, sources, cfg, out_dir)
+    log(STEP, "splits: " + ", ".join(f"{s} {meta['splits'][s]['rows']} sentences" for s in SPLITS)
+        + f"; entities in train {meta['splits']['train']['entities']}")
     return report, meta
 
 

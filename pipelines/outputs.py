@@ -6,8 +6,9 @@ from __future__ import annotations
 def log_training(result: dict, metrics) -> None:
     metrics.log_metric("best_epoch", result["best_epoch"])
     metrics.log_metric("train_samples_per_s", result["train_samples_per_s"])
+    key = f"eval_{result['selection_metric']}"
     for row in result["history"]:
-        metrics.log_metric(f"epoch{row['epoch']}_eval_macro_f1", round(row["eval_macro_f1"], 6))
+        metrics.log_metric(f"epoch{row['epoch']}_{key}", round(row[key], 6))
 
 
 def log_evaluation(result: dict, metrics, confusion) -> bool:
