@@ -34,6 +34,7 @@ from components.metrics import (
     TASK_METRICS,
     TOKEN,
     classification_metrics,
+    confusion,
     entity_metrics,
     per_type_table,
     resolve_metric,
@@ -101,12 +102,18 @@ def decide(value: float, champion: dict | None, cfg: GateConfig) -> dict:
     return {**gate, "passed": True, "reason": f"{cfg.metric} {value:.4f} >= threshold {cfg.threshold}{versus}"}
 
 
-def token_test_metrics(gold: list[list[str]], kept: list[list[str]]) -> dict:
+def token_test_metrics(gold: list[list[str]], kept: list[list[str]], labels: list[str] | None = None) -> dict:
     """Entity metrics against the full gold sentences: words cut off by truncation count as
-    predicted O (the model never saw them), so truncation costs recall instead of vanishing."""
+    predicted O (the model never saw them), so truncation costs recall instead of vanishing. With
+    `labels`, also the word-level tag confusion matrix (the Kubeflow UI draws it)."""
     pred = [p + ["O"] * (len(g) - len(p)) for g, p in zip(gold, kept)]
     metrics = entity_metrics(gold, pred)
     metrics["truncated_words"] = sum(len(g) - len(p) for g, p in zip(gold, kept))
+    if labels:
+        index = {t: i for i, t in enumerate(labels)}
+        flat = [(index[a], index[b]) for g, p in zip(gold, pred) for a, b in zip(g, p)]
+        cm = confusion(np.array([a for a, _ in flat], dtype=np.int64), np.array([b for _, b in flat], dtype=np.int64), len(labels))
+        metrics["confusion_matrix"] = {"labels": list(labels), "matrix": cm.tolist()}
     return metrics
 
 
@@ -125,7 +132,7 @@ def score_test(model_dir: Path, tokens_dir: Path, dataset_dir: Path, meta: dict,
     if task == TOKEN:
         rows = predict_token_logits(model, test, **predict)
         gold = [list(t) for t in frame["tags"]]
-        metrics = token_test_metrics(gold, word_level_tags(test, [r.argmax(-1) for r in rows], labels)[1])
+        metrics = token_test_metrics(gold, word_level_tags(test, [r.argmax(-1) for r in rows], labels)[1], labels)
         log(STEP, f"test ({len(test)} sentences, {metrics['entities']} entities): entity micro-F1 {metrics['entity_micro_f1']:.4f}, "
                   f"macro-F1 {metrics['entity_macro_f1']:.4f}, token accuracy {metrics['token_accuracy']:.4f}\n{per_type_table(metrics)}")
         return metrics, [list(t) for t in frame["tokens"]], gold

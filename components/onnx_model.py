@@ -36,9 +36,10 @@ from components.errors import ConfigError, InputError
 from components.metrics import SEQUENCE, TOKEN, entity_spans
 from components.shards import TokenizedSplit, pad_batch, sorted_batches
 
-# a word: a run of letters/digits, possibly joined by . ' & - (U.S, O'Neill, AT&T, 1996-08-22), or one
-# other non-space character (punctuation is its own word in CoNLL-style data)
-WORD = re.compile(r"\w+(?:[.'’&-]\w+)*|[^\w\s]")
+# a word, as CoNLL-style data splits text: a run of letters/digits, possibly joined by . & - or an
+# apostrophe (U.S, AT&T, 1996-08-22, O'Neill); a possessive 's on its own; any other non-space
+# character alone (punctuation)
+WORD = re.compile(r"\w+(?:[.&-]\w+|['’](?!s\b)\w+)*|['’]s\b|[^\w\s]")
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
@@ -81,6 +82,28 @@ def _first_subtokens(word_ids: list[int | None]) -> list[tuple[int, int]]:
             out.append((pos, w))
         prev = w
     return out
+
+
+def word_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) character offsets of the words of a raw text (see WORD)."""
+    return [(m.start(), m.end()) for m in WORD.finditer(text)]
+
+
+def group_entities(text: str, spans: list[tuple[int, int]], word_ids: list[int | None], offsets: list[tuple[int, int]],
+                   tags: list[str], scores: list[float]) -> list[dict]:
+    """Entities from word tags. `spans`: the words' character spans in `text`; `word_ids`/`offsets`:
+    the tokenizer's per-sub-token word index and offset mapping (relative to the word, as for
+    is_split_into_words input); `tags`/`scores`: one per word that has a sub-token, in order."""
+    first = _first_subtokens(word_ids)
+    last = {w: pos for pos, w in enumerate(word_ids) if w is not None}
+    found = []
+    for kind, k0, k1 in entity_spans(tags):
+        (pos0, w0), w1 = first[k0], first[k1][1]
+        start = spans[w0][0] + offsets[pos0][0]
+        end = spans[w1][0] + offsets[last[w1]][1]
+        found.append({"text": text[start:end], "type": kind, "start": int(start), "end": int(end),
+                      "score": float(np.mean(scores[k0:k1 + 1]))})
+    return found
 
 
 class OnnxClassifier:
@@ -139,26 +162,18 @@ class OnnxClassifier:
 
     def entities(self, texts: list[str], batch_size: int = 64) -> list[list[dict]]:
         """Entities of raw texts, with character offsets (see the module docstring)."""
-        spans = [[(m.start(), m.end()) for m in WORD.finditer(t)] for t in texts]
+        spans = [word_spans(t) for t in texts]
         todo = [i for i, sp in enumerate(spans) if sp]  # a text without words has no entities
         out: list[list[dict]] = [[] for _ in texts]
         if not todo:
             return out
         enc, split = self._encode_words([[texts[i][a:b] for a, b in spans[i]] for i in todo], return_offsets_mapping=True)
         for j, logits in enumerate(self.token_logits_for_tokens(split, batch_size)):
-            i, probs = todo[j], softmax(logits.astype(np.float64))
-            word_ids, offsets = enc.word_ids(j), enc["offset_mapping"][j]
-            first = _first_subtokens(word_ids)  # words in order, each with its first sub-token
-            last = {w: pos for pos, w in enumerate(word_ids) if w is not None}
-            tags = [self.labels[int(probs[pos].argmax())] for pos, _ in first]
-            scores = [float(probs[pos].max()) for pos, _ in first]
-            for kind, k0, k1 in entity_spans(tags):
-                (pos0, w0), w1 = first[k0], first[k1][1]
-                # offsets are relative to each word (is_split_into_words): shift by the word's start
-                start = spans[i][w0][0] + offsets[pos0][0]
-                end = spans[i][w1][0] + offsets[last[w1]][1]
-                out[i].append({"text": texts[i][start:end], "type": kind, "start": int(start), "end": int(end),
-                               "score": float(np.mean(scores[k0:k1 + 1]))})
+            probs = softmax(logits.astype(np.float64))
+            first = [pos for pos, _ in _first_subtokens(enc.word_ids(j))]
+            tags = [self.labels[int(probs[pos].argmax())] for pos in first]
+            scores = [float(probs[pos].max()) for pos in first]
+            out[todo[j]] = group_entities(texts[todo[j]], spans[todo[j]], enc.word_ids(j), enc["offset_mapping"][j], tags, scores)
         return out
 
     def logits_for_texts(self, texts: list[str], batch_size: int = 64) -> np.ndarray:

@@ -25,9 +25,9 @@ import numpy as np
 
 from components.entry import add_config_args, config_from_args, run_main, step_parser
 from components.errors import ConfigError, InputError
+from components.metrics import SEQUENCE, TOKEN
 from components.modeling import resolve_model_dir
 from components.progress import Progress, log
-from components.metrics import SEQUENCE, TOKEN
 from components.records import open_run, scratch
 from components.shards import IGNORE, save_split
 from components.store import S3Settings, Store, join

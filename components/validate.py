@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components import data, validate_tokens
+from components import assets, data, validate_tokens
 from components.entry import add_config_args, config_from_args, run_main, step_parser
 from components.errors import ConfigError, InputError, KubetuneError
 from components.metrics import SEQUENCE, TOKEN, check_task
@@ -391,6 +391,10 @@ def validate(
     the dataset meta (None when a critical check failed: nothing is written then)."""
     cfg.check()
     workdir = workdir or scratch(STEP)
+    for uri in (train_uri, eval_uri, test_uri):
+        if assets.is_builtin(uri) and assets.resolve(uri)[1].task != cfg.task:
+            ours = assets.DEFAULT_DATA[cfg.task]
+            raise InputError(f"{uri} is {assets.resolve(uri)[1].task} data, not {cfg.task} data; use {ours} or your own files")
     if cfg.task == TOKEN:
         return _validate_tokens(train_uri, eval_uri, test_uri, cfg, out_dir, settings, workdir)
     sources = {s: u for s, u in zip(SPLITS, (train_uri, eval_uri, test_uri)) if u}

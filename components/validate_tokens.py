@@ -111,7 +111,7 @@ def _check_file(split: str, sentences: list[Sentence], train_tags: set[str] | No
         for i in orphan:
             prev = s.tags[i - 1] if i else "(sentence start)"
             if cfg.repair_tags:
-                problems.add(split, "iob2_sequence_repaired", "warning", f"had an I- tag that continues nothing; "
+                problems.add(split, "iob2_sequence_repaired", "warning", "had an I- tag that continues nothing; "
                              "repaired to B- (repair_tags=true)", s.line, f"token {i + 1} {s.tokens[i]!r}: {prev} -> {s.tags[i]}")
             else:
                 problems.add(split, "iob2_sequence", "critical", "have an I-<type> tag that does not follow B-/I- of the same type; "
