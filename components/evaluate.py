@@ -75,6 +75,9 @@ def champion_score(store: Store, name: str, labels: list[str], rows: list, y_tru
     version = alias["version"]
     local = registry.download(store, name, version, scratch(STEP) / version)
     recorded = json.loads((local / "metrics.json").read_text())
+    if metric not in recorded["metrics"]:
+        raise ConfigError(f"the production model {name}/{version} is a {recorded.get('task', SEQUENCE)} model: it has no {metric} "
+                          "to compare with; give this model another --name (model_name)")
     champion_labels = json.loads((local / "labels.json").read_text())["labels"]
     if champion_labels != labels:
         return {"version": version, "value": recorded["metrics"][metric],

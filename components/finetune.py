@@ -27,7 +27,7 @@ import numpy as np
 
 from components.entry import add_config_args, config_from_args, run_main, step_parser
 from components.errors import ConfigError, InputError
-from components.metrics import SEQUENCE, TOKEN, classification_metrics, resolve_metric
+from components.metrics import SEQUENCE, TASK_METRICS, TOKEN, classification_metrics, resolve_metric
 from components.modeling import (
     auto_model_class,
     batch_inputs,
@@ -70,6 +70,9 @@ class FinetuneConfig:
             problems.append(f"learning_rate={self.learning_rate}: expected something like 2e-5 .. 2e-4")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+        known = [m for names in TASK_METRICS.values() for m in names]
+        if self.selection_metric and self.selection_metric not in known:
+            problems.append(f"selection_metric={self.selection_metric!r}: use one of {', '.join(known)} (empty: the task's default)")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -103,7 +106,8 @@ def load_classifier(model_dir: Path, labels: list[str], task: str = SEQUENCE):
             output_loading_info=True,
         )
     except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"model {model_dir}: not a transformers model that can do {task} ({e})") from None
+        what = "tag tokens" if task == TOKEN else "classify sequences"
+        raise InputError(f"model {model_dir}: not a transformers model that can {what} ({e})") from None
     fresh = sorted(set(info.get("missing_keys", [])) | {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])})
     if fresh:
         log(STEP, f"new classification head for {len(labels)} labels ({len(fresh)} tensors initialised)")

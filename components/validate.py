@@ -72,6 +72,8 @@ class ValidateConfig:
         if self.eval_fraction + self.test_fraction >= 0.9:
             held_out = self.eval_fraction + self.test_fraction
             problems.append(f"eval_fraction + test_fraction = {held_out:.2f} leaves too little to train on; keep it below 0.9")
+        if self.task == TOKEN and self.token_column == self.tag_column:
+            problems.append(f"token_column and tag_column are both {self.tag_column}: the tag needs its own column")
         if self.limit < 0:
             problems.append(f"limit={self.limit}: use 0 (all rows) or a positive row count")
         if not 0 <= self.min_text_chars <= self.max_text_chars:
