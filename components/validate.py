@@ -11,6 +11,10 @@ Checks, per input file (critical ones stop the run with exit code 2, warnings go
   warning   duplicate texts, identical texts with different labels, class imbalance,
             eval/test texts that also occur in train (leakage)
 
+With --task token-classification (NER: CoNLL or JSONL files of tagged words) the checks are those of
+components.validate_tokens (IOB2 tags, token/tag counts, unseen tags) and the dataset folder holds
+word lists and tag lists instead of texts and labels.
+
 Outputs: a dataset folder (train/eval/test.parquet with columns text, label, source_row;
 labels.json; meta.json with counts and content fingerprints), the expectation results as JSON and a
 Markdown report. Without eval/test files the splits are made here: stratified by label, seeded, and

@@ -11,7 +11,7 @@ import pytest
 
 from components.errors import InputError
 from components.metrics import entity_metrics, entity_spans, resolve_metric
-from components.shards import IGNORE, load_split
+from components.shards import IGNORE, load_split, pad_batch, pad_token_labels
 from components.tagged import read_sentences
 from components.validate import ValidateConfig, validate
 from pipelines.cli import main
@@ -218,6 +218,29 @@ def test_alignment_labels_first_subtoken_of_each_word(tmp_path, ner_dataset, mod
                 assert piece == tok.unk_token or word.lower().startswith(piece), (word, piece)
             checked += 1
     assert checked > 190
+
+    # the training batch: labels padded with IGNORE to exactly the padded ids' shape
+    index = np.array([0, 5, 17])
+    ids, mask = pad_batch(split, index, info["pad_token_id"])
+    target = pad_token_labels(split, index)
+    assert target.shape == ids.shape and (target[mask == 0] == IGNORE).all()
+    assert (target[0, : split.lengths[0]] == split.row_labels(0)).all()
+
+
+def test_token_loss_averages_over_labelled_tokens_only():
+    import torch
+    import torch.nn.functional as F
+
+    from components.finetune import task_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 9)
+    target = torch.tensor([[IGNORE, 3, IGNORE, 0, IGNORE, IGNORE], [IGNORE, 7, 7, IGNORE, IGNORE, IGNORE]])
+    keep = target != IGNORE
+    manual = F.cross_entropy(logits[keep], target[keep])
+    assert torch.allclose(task_loss(logits, target), manual)
+    # the sequence path is unchanged: one label per row
+    assert torch.allclose(task_loss(logits[:, 0], torch.tensor([1, 2])), F.cross_entropy(logits[:, 0], torch.tensor([1, 2])))
 
 
 def test_truncation_reports_words_lost(tmp_path, ner_dataset, model_dir):
