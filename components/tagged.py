@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components import assets
-from components.data import _decode
+from components.data import _decode, jsonl_objects
 from components.errors import InputError
 from components.store import S3Settings, fetch
 
@@ -83,21 +83,8 @@ def _strings(value, uri: str, n: int, field: str) -> list[str]:
 
 
 def read_jsonl(text: str, uri: str, tokens_field: str = "tokens", tags_field: str = "tags") -> list[Sentence]:
-    sentences = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{uri}: line {n}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise InputError(f'{uri}: line {n}: expected an object like {{"{tokens_field}": [...], "{tags_field}": [...]}}')
-        for f in (tokens_field, tags_field):
-            if f not in obj:
-                raise InputError(f"{uri}: line {n}: field {f!r} is missing; fields are: {', '.join(map(str, obj)) or 'none'}")
-        sentences.append(Sentence(_strings(obj[tokens_field], uri, n, tokens_field), _strings(obj[tags_field], uri, n, tags_field), n))
-    return sentences
+    return [Sentence(_strings(obj[tokens_field], uri, n, tokens_field), _strings(obj[tags_field], uri, n, tags_field), n)
+            for n, obj in jsonl_objects(text, uri, (tokens_field, tags_field))]
 
 
 def read_sentences(uri: str, *, split: str = "train", token_column: int = 0, tag_column: int = -1, tokens_field: str = "tokens",
