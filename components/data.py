@@ -126,9 +126,8 @@ def _read_delimited(text: str, uri: str, sep: str, header: bool, names: list[str
     return data
 
 
-def _read_jsonl(text: str, uri: str, fields: tuple[str, str]) -> dict:
-    data: dict[str, list] = {f: [] for f in fields}
-    data["__row__"] = []
+def jsonl_objects(text: str, uri: str, fields: tuple[str, str]):
+    """(line number, object) for each non-blank line of a JSONL text that holds both `fields`."""
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -141,6 +140,14 @@ def _read_jsonl(text: str, uri: str, fields: tuple[str, str]) -> dict:
         for f in fields:
             if f not in obj:
                 raise InputError(f"{uri}: line {n}: field {f!r} is missing; fields are: {', '.join(map(str, obj)) or 'none'}")
+        yield n, obj
+
+
+def _read_jsonl(text: str, uri: str, fields: tuple[str, str]) -> dict:
+    data: dict[str, list] = {f: [] for f in fields}
+    data["__row__"] = []
+    for n, obj in jsonl_objects(text, uri, fields):
+        for f in fields:
             data[f].append(obj[f])
         data["__row__"].append(n)
     return data

@@ -27,6 +27,7 @@ from components.entry import add_config_args, config_from_args, run_main, step_p
 from components.errors import ConfigError, InputError
 from components.freshness import data_fingerprint
 from components.manifests import ServingConfig, inference_service, to_yaml
+from components.metrics import TOKEN, per_type_table
 from components.progress import log
 from components.records import RunRecord, open_run, scratch
 from components.rollout import DeployConfig, GitAuth, commit_message, rollout_gitops, rollout_kserve
@@ -39,11 +40,19 @@ MANIFEST_FILE = "inferenceservice.yaml"
 def model_card(name: str, version: str, evaluation: dict, run: dict, training: dict, export: dict) -> str:
     m, g = evaluation["metrics"], evaluation["gate"]
     settings = {k: training.get("config", {}).get(k) for k in ("epochs", "batch_size", "learning_rate", "seed")}
-    rows = "\n".join(f"| {k} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |"
-                     for k, v in m["per_class"].items())
+    if evaluation.get("task") == TOKEN:
+        kind = f"Token classifier (NER; entity types {', '.join(m['per_type'])}, IOB2 tags)"
+        headline = (f"entity micro-F1 {m['entity_micro_f1']:.4f}, entity macro-F1 {m['entity_macro_f1']:.4f}, "
+                    f"token accuracy {m['token_accuracy']:.4f} ({m['entities']} entities)")
+        table = per_type_table(m)
+    else:
+        kind = f"Sequence classifier ({', '.join(evaluation['labels'])})"
+        headline = f"accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, weighted F1 {m['weighted_f1']:.4f}"
+        table = "| class | precision | recall | F1 | support |\n|---|---|---|---|---|\n" + "\n".join(
+            f"| {k} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |" for k, v in m["per_class"].items())
     return f"""# {name} {version}
 
-Sequence classifier ({', '.join(evaluation['labels'])}) fine-tuned by kubetune, run `{run.get('run_id')}`.
+{kind} fine-tuned by kubetune, run `{run.get('run_id')}`.
 
 - Base model: `{training.get('config', {}).get('model', 'unknown')}`
 - Training data: `{run.get('train')}`; eval: `{run.get('eval') or 'split from train'}`; test: `{run.get('test') or 'split from train'}`
@@ -52,11 +61,9 @@ Sequence classifier ({', '.join(evaluation['labels'])}) fine-tuned by kubetune, 
 
 ## Test results ({evaluation['test_rows']} rows)
 
-accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, weighted F1 {m['weighted_f1']:.4f}
+{headline}
 
-| class | precision | recall | F1 | support |
-|---|---|---|---|---|
-{rows}
+{table}
 
 Gate: {'passed' if g['passed'] else 'rejected'} - {g['reason']}
 

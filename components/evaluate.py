@@ -5,7 +5,9 @@
         --store ./kubetune-store --run-id dev
 
 Metrics: accuracy, macro/weighted F1, macro precision/recall, per-class precision/recall/F1/support
-and the confusion matrix (components.metrics).
+and the confusion matrix (components.metrics). Token classification: entity-level precision/recall/F1
+per type and micro/macro averages (seqeval's default semantics) and word accuracy, against the full
+gold sentences (words lost to truncation count as predicted O).
 
 Gate: the model passes when
   1. its `metric` on the test split >= `threshold`, and
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +29,17 @@ import numpy as np
 from components import registry
 from components.entry import add_config_args, config_from_args, run_main, step_parser
 from components.errors import ConfigError, GateRejected
-from components.metrics import GATE_METRICS, classification_metrics
-from components.modeling import pick_device, predict_logits
+from components.metrics import (
+    SEQUENCE,
+    TASK_METRICS,
+    TOKEN,
+    classification_metrics,
+    confusion,
+    entity_metrics,
+    per_type_table,
+    resolve_metric,
+)
+from components.modeling import auto_model_class, pick_device, predict_logits, predict_token_logits, word_level_tags
 from components.onnx_model import OnnxClassifier
 from components.progress import log
 from components.records import open_run, scratch
@@ -36,39 +47,47 @@ from components.shards import load_split
 from components.store import Store
 
 STEP = "evaluate"
+HEADLINE = {SEQUENCE: ("accuracy", "macro_f1"), TOKEN: ("entity_micro_f1", "entity_macro_f1", "token_accuracy")}
 
 
 @dataclass(frozen=True)
 class GateConfig:
-    metric: str = "macro_f1"
+    metric: str = ""  # empty: the task's default (macro_f1; entity_micro_f1 for token classification)
     threshold: float = 0.8
     tolerance: float = 0.01  # how much worse than production a new model may be
     batch_size: int = 128
     device: str = "auto"
 
     def check(self) -> None:
-        if self.metric not in GATE_METRICS:
-            raise ConfigError(f"gate metric {self.metric!r}: use one of {', '.join(GATE_METRICS)}")
+        known = [m for names in TASK_METRICS.values() for m in names]
+        if self.metric and self.metric not in known:
+            raise ConfigError(f"gate metric {self.metric!r}: use one of {', '.join(known)} (empty: the task's default)")
         if self.tolerance < 0:
             raise ConfigError(f"gate tolerance {self.tolerance}: must be >= 0")
 
 
-def champion_score(store: Store, name: str, labels: list[str], texts: list[str], y_true: np.ndarray, metric: str) -> dict | None:
-    """The production model's `metric`, re-scored on these rows when its labels match."""
+def champion_score(store: Store, name: str, labels: list[str], rows: list, y_true, metric: str) -> dict | None:
+    """The production model's `metric`, re-scored on these rows (texts, or word lists for token
+    classification) when its labels match."""
     alias = registry.read_alias(store, name)
     if alias is None:
         return None
     version = alias["version"]
     local = registry.download(store, name, version, scratch(STEP) / version)
     recorded = json.loads((local / "metrics.json").read_text())
+    if metric not in recorded["metrics"]:
+        raise ConfigError(f"the production model {name}/{version} is a {recorded.get('task', SEQUENCE)} model: it has no {metric} "
+                          "to compare with; give this model another --name (model_name)")
     champion_labels = json.loads((local / "labels.json").read_text())["labels"]
     if champion_labels != labels:
         return {"version": version, "value": recorded["metrics"][metric],
                 "source": f"recorded metric (its labels {champion_labels} differ from {labels}, so it cannot be re-scored)"}
     clf = OnnxClassifier(local, device="cpu")
-    pred = clf.logits_for_texts(texts).argmax(-1)
-    return {"version": version, "value": classification_metrics(y_true, pred, labels)[metric],
-            "source": "re-scored on this run's test split"}
+    if clf.task == TOKEN:
+        value = entity_metrics(y_true, clf.tags_for_words(rows))[metric]
+    else:
+        value = classification_metrics(y_true, clf.logits_for_texts(rows).argmax(-1), labels)[metric]
+    return {"version": version, "value": value, "source": "re-scored on this run's test split"}
 
 
 def decide(value: float, champion: dict | None, cfg: GateConfig) -> dict:
@@ -86,29 +105,58 @@ def decide(value: float, champion: dict | None, cfg: GateConfig) -> dict:
     return {**gate, "passed": True, "reason": f"{cfg.metric} {value:.4f} >= threshold {cfg.threshold}{versus}"}
 
 
-def evaluate(model_dir: Path, tokens_dir: Path, dataset_dir: Path, store: Store, name: str, cfg: GateConfig) -> dict:
+def token_test_metrics(gold: list[list[str]], kept: list[list[str]], labels: list[str] | None = None) -> dict:
+    """Entity metrics against the full gold sentences: words cut off by truncation count as
+    predicted O (the model never saw them), so truncation costs recall instead of vanishing. With
+    `labels`, also the word-level tag confusion matrix (the Kubeflow UI draws it)."""
+    pred = [p + ["O"] * (len(g) - len(p)) for g, p in zip(gold, kept)]
+    metrics = entity_metrics(gold, pred)
+    metrics["truncated_words"] = sum(len(g) - len(p) for g, p in zip(gold, kept))
+    if labels:
+        index = {t: i for i, t in enumerate(labels)}
+        flat = [(index[a], index[b]) for g, p in zip(gold, pred) for a, b in zip(g, p)]
+        cm = confusion(np.array([a for a, _ in flat], dtype=np.int64), np.array([b for _, b in flat], dtype=np.int64), len(labels))
+        metrics["confusion_matrix"] = {"labels": list(labels), "matrix": cm.tolist()}
+    return metrics
+
+
+def score_test(model_dir: Path, tokens_dir: Path, dataset_dir: Path, meta: dict, cfg: GateConfig) -> tuple[dict, list, object]:
+    """(test metrics, the rows a champion is re-scored on, their gold labels) for the task."""
     import pandas as pd
-    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    cfg.check()
     hf_logging.disable_progress_bar()
-    meta = json.loads((tokens_dir / "meta.json").read_text())
-    labels = meta["labels"]
+    task, labels = meta.get("task", SEQUENCE), meta["labels"]
     test = load_split(tokens_dir, "test")
     device = pick_device(cfg.device)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(device)
-    logits = predict_logits(model, test, batch_size=cfg.batch_size, pad_id=meta["pad_token_id"],
-                            input_names=meta["model_input_names"], device=device)
-    metrics = classification_metrics(test.labels, logits.argmax(-1), labels)
+    model = auto_model_class(task).from_pretrained(model_dir).to(device)
+    predict = {"batch_size": cfg.batch_size, "pad_id": meta["pad_token_id"], "input_names": meta["model_input_names"], "device": device}
+    frame = pd.read_parquet(dataset_dir / "test.parquet")
+    if task == TOKEN:
+        rows = predict_token_logits(model, test, **predict)
+        gold = [list(t) for t in frame["tags"]]
+        metrics = token_test_metrics(gold, word_level_tags(test, [r.argmax(-1) for r in rows], labels)[1], labels)
+        log(STEP, f"test ({len(test)} sentences, {metrics['entities']} entities): entity micro-F1 {metrics['entity_micro_f1']:.4f}, "
+                  f"macro-F1 {metrics['entity_macro_f1']:.4f}, token accuracy {metrics['token_accuracy']:.4f}\n{per_type_table(metrics)}")
+        return metrics, [list(t) for t in frame["tokens"]], gold
+    metrics = classification_metrics(test.labels, predict_logits(model, test, **predict).argmax(-1), labels)
     log(STEP, f"test ({len(test)} rows): accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
               + ", ".join(f"{k} F1 {v['f1']:.4f}" for k, v in metrics["per_class"].items()))
+    return metrics, frame["text"].tolist(), test.labels
 
-    texts = pd.read_parquet(dataset_dir / "test.parquet")["text"].tolist()
-    champion = champion_score(store, name, labels, texts, test.labels, cfg.metric)
+
+def evaluate(model_dir: Path, tokens_dir: Path, dataset_dir: Path, store: Store, name: str, cfg: GateConfig) -> dict:
+    cfg.check()
+    meta = json.loads((tokens_dir / "meta.json").read_text())
+    labels, task = meta["labels"], meta.get("task", SEQUENCE)
+    cfg = replace(cfg, metric=resolve_metric(task, cfg.metric, "gate metric"))
+    metrics, rows, y_true = score_test(model_dir, tokens_dir, dataset_dir, meta, cfg)
+    test_rows = metrics["rows"]
+
+    champion = champion_score(store, name, labels, rows, y_true, cfg.metric)
     gate = decide(metrics[cfg.metric], champion, cfg)
     log(STEP, f"gate {'PASSED' if gate['passed'] else 'REJECTED'}: {gate['reason']}")
-    return {"model_name": name, "labels": labels, "test_rows": len(test), "metrics": metrics, "gate": gate}
+    return {"model_name": name, "task": task, "labels": labels, "test_rows": test_rows, "metrics": metrics, "gate": gate}
 
 
 def run_step(*, store_uri: str, run_id: str, model_dir: Path, tokens_dir: Path, dataset_dir: Path, model_name: str,
@@ -120,7 +168,7 @@ def run_step(*, store_uri: str, run_id: str, model_dir: Path, tokens_dir: Path, 
         out_path.write_text(json.dumps(result, indent=2))
         record.write_json("evaluation.json", result)
         rec["outputs"] = {"passed": result["gate"]["passed"], "reason": result["gate"]["reason"],
-                          "accuracy": result["metrics"]["accuracy"], "macro_f1": result["metrics"]["macro_f1"]}
+                          **{k: result["metrics"][k] for k in HEADLINE[result["task"]]}}
     return result
 
 

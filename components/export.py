@@ -6,7 +6,8 @@
 The graph comes from torch's exporter (torch.export + onnxscript, `dynamo=True`) with dynamic batch
 and sequence axes. Parity: up to `parity_rows` held-out (test) rows go through torch and through
 ONNX Runtime at several batch shapes; the step fails when the largest logit difference exceeds
-`parity_atol` or the argmax agreement falls below `min_agreement`. The output folder carries
+`parity_atol` or the argmax agreement falls below `min_agreement` (token classification: over every
+real token of those rows, per-token argmax). The output folder carries
 everything inference needs (see components.onnx_model): model.onnx, tokenizer, labels, settings.
 """
 
@@ -24,7 +25,8 @@ import numpy as np
 
 from components.entry import add_config_args, config_from_args, run_main, step_parser
 from components.errors import ConfigError, KubetuneError
-from components.modeling import predict_logits
+from components.metrics import SEQUENCE, TOKEN
+from components.modeling import auto_model_class, predict_logits, predict_token_logits
 from components.onnx_model import OnnxClassifier
 from components.progress import log
 from components.records import open_run
@@ -79,11 +81,16 @@ def check_parity(model, clf: OnnxClassifier, split, cfg: ExportConfig, pad_id: i
     import torch
 
     rows = split.take(np.arange(min(cfg.parity_rows, len(split))))
-    reference = predict_logits(model, rows, batch_size=32, pad_id=pad_id, input_names=input_names, device=torch.device("cpu"))
-    report = {"rows": len(rows)}
+    predict = {"batch_size": 32, "pad_id": pad_id, "input_names": input_names, "device": torch.device("cpu")}
+    if clf.task == TOKEN:  # every real token of every row, end to end
+        reference = np.concatenate(predict_token_logits(model, rows, **predict))
+    else:
+        reference = predict_logits(model, rows, **predict)
+    report = {"rows": len(rows), "tokens": int(rows.lengths.sum())} if clf.task == TOKEN else {"rows": len(rows)}
     worst, agree = 0.0, 1.0
     for batch in (1, 32):
-        got = clf.logits_for_tokens(rows, batch_size=batch)
+        got = (np.concatenate(clf.token_logits_for_tokens(rows, batch_size=batch)) if clf.task == TOKEN
+               else clf.logits_for_tokens(rows, batch_size=batch))
         diff = float(np.abs(got - reference).max())
         share = float((got.argmax(-1) == reference.argmax(-1)).mean())
         report[f"batch_{batch}"] = {"max_abs_diff": diff, "argmax_agreement": share}
@@ -97,14 +104,13 @@ def check_parity(model, clf: OnnxClassifier, split, cfg: ExportConfig, pad_id: i
 def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig) -> dict:
     import onnx
     import torch
-    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     cfg.check()
     hf_logging.disable_progress_bar()
     meta = json.loads((tokens_dir / "meta.json").read_text())
-    names, pad_id = meta["model_input_names"], meta["pad_token_id"]
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).float().to("cpu").eval()
+    names, pad_id, task = meta["model_input_names"], meta["pad_token_id"], meta.get("task", SEQUENCE)
+    model = auto_model_class(task).from_pretrained(model_dir).float().to("cpu").eval()
 
     # ---- graph -------------------------------------------------------------------------------
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +125,7 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig) 
             shutil.copy2(f, out_dir / f.name)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     (out_dir / "labels.json").write_text(json.dumps({"labels": labels}, indent=2))
-    info = {"task": "sequence-classification", "max_length": meta["max_length"], "input_names": names,
+    info = {"task": task, "max_length": meta["max_length"], "input_names": names,
             "output": "logits", "opset": cfg.opset, "torch": torch.__version__}
     (out_dir / "kubetune.json").write_text(json.dumps(info, indent=2))
 

@@ -43,12 +43,20 @@ import numpy as np
 from components.checkpoint import Checkpoints, check_compatible
 from components.entry import add_config_args, config_from_args, run_main, step_parser
 from components.errors import ConfigError, InputError
-from components.metrics import GATE_METRICS, classification_metrics
-from components.modeling import DeviceSplit, pick_device, predict_logits, resolve_model_dir
+from components.metrics import SEQUENCE, TASK_METRICS, TOKEN, classification_metrics, resolve_metric
+from components.modeling import (
+    DeviceSplit,
+    auto_model_class,
+    pick_device,
+    predict_logits,
+    predict_token_logits,
+    resolve_model_dir,
+    token_metrics,
+)
 from components.parallel import World, barrier, gather, process_group, shard_batches
 from components.progress import Progress, log
 from components.records import open_run, scratch
-from components.shards import length_grouped_batches, load_split
+from components.shards import IGNORE, length_grouped_batches, load_split
 from components.store import S3Settings, fetch, join
 
 STEP = "finetune"
@@ -67,7 +75,7 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     grad_accum_steps: int = 1  # micro-batches per optimizer step (a big effective batch in little memory)
     early_stopping_patience: int = 2  # epochs without eval improvement before stopping
-    selection_metric: str = "macro_f1"  # eval metric that picks the best epoch
+    selection_metric: str = ""  # eval metric that picks the best epoch; empty: the task's (macro_f1, entity_micro_f1)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     eval_batch_size: int = 128
@@ -94,8 +102,9 @@ class FinetuneConfig:
             problems.append(f"learning_rate={self.learning_rate}: expected something like 2e-5 .. 2e-4")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
-        if self.selection_metric not in GATE_METRICS:
-            problems.append(f"selection_metric={self.selection_metric!r}: use one of {', '.join(GATE_METRICS)}")
+        known = [m for names in TASK_METRICS.values() for m in names]
+        if self.selection_metric and self.selection_metric not in known:
+            problems.append(f"selection_metric={self.selection_metric!r}: use one of {', '.join(known)} (empty: the task's default)")
         if self.pad_multiple < 1 or self.checkpoint_steps < 0:
             problems.append("pad_multiple must be >= 1 and checkpoint_steps >= 0")
         if self.peft not in PEFT_METHODS:
@@ -119,16 +128,15 @@ def usable_cpus() -> int:
     return n
 
 
-def load_classifier(model_dir: Path, labels: list[str]):
+def load_classifier(model_dir: Path, labels: list[str], task: str = SEQUENCE):
     """The pretrained encoder with a classification head for `labels` (a new head when the
     checkpoint has none or one of another size)."""
-    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # its load report is replaced by the one line below
     hf_logging.disable_progress_bar()  # tqdm bars with carriage returns garble pod logs
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
+        model, info = auto_model_class(task).from_pretrained(
             model_dir,
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
@@ -137,7 +145,8 @@ def load_classifier(model_dir: Path, labels: list[str]):
             output_loading_info=True,
         )
     except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"model {model_dir}: not a transformers model that can classify sequences ({e})") from None
+        what = "tag tokens" if task == TOKEN else "classify sequences"
+        raise InputError(f"model {model_dir}: not a transformers model that can {what} ({e})") from None
     fresh = sorted(set(info.get("missing_keys", [])) | {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])})
     if fresh:
         log(STEP, f"new classification head for {len(labels)} labels ({len(fresh)} tensors initialised)")
@@ -180,20 +189,29 @@ def load_trainable(model, state: dict) -> None:
                           "use a new run id or --resume false")
 
 
-def forward_loss(model, batch: dict, autocast):
-    """Loss of one batch: the only task-specific line of the training loop."""
+def task_loss(logits, target):
+    """Cross-entropy per row, or (token classification: [batch, tokens, labels] logits) per labelled
+    token, IGNORE on padding, continuation sub-tokens and special tokens."""
     import torch.nn.functional as F
 
+    if logits.ndim == 3:
+        return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE)
+    return F.cross_entropy(logits.float(), target)
+
+
+def forward_loss(model, batch: dict, autocast):
+    """Loss of one batch: the only task-specific part of the training loop."""
     with autocast:
         logits = model(**batch["inputs"]).logits
-    return F.cross_entropy(logits.float(), batch["labels"])
+    return task_loss(logits, batch["labels"])
 
 
 def eval_scores(model, split, labels: list[str], meta: dict, cfg: FinetuneConfig, device) -> dict:
-    """Metrics of `model` on the eval split (every metric the selection may use)."""
-    logits = predict_logits(model, split, batch_size=cfg.eval_batch_size, pad_id=meta["pad_token_id"],
-                            input_names=meta["model_input_names"], device=device)
-    return classification_metrics(split.labels, logits.argmax(-1), labels)
+    """Metrics of `model` on the eval split for the task (every metric the selection may use)."""
+    predict = {"batch_size": cfg.eval_batch_size, "pad_id": meta["pad_token_id"], "input_names": meta["model_input_names"], "device": device}
+    if meta.get("task", SEQUENCE) == TOKEN:
+        return token_metrics(split, predict_token_logits(model, split, **predict), labels)
+    return classification_metrics(split.labels, predict_logits(model, split, **predict).argmax(-1), labels)
 
 
 def out_of_memory(e: BaseException, cfg: FinetuneConfig, device) -> ConfigError | None:
@@ -240,6 +258,8 @@ class FinetuneRun:
 
         self.meta = json.loads((tokens_dir / "meta.json").read_text())
         self.labels, self.names = self.meta["labels"], self.meta["model_input_names"]
+        self.task = self.meta.get("task", SEQUENCE)
+        self.selection = resolve_metric(self.task, cfg.selection_metric, "selection_metric")
         train = load_split(tokens_dir, "train")
         self.evals = load_split(tokens_dir, "eval")
         self.train_rows = len(train)
@@ -248,7 +268,7 @@ class FinetuneRun:
         self.steps_per_epoch = -(-batches // cfg.grad_accum_steps)
         total_steps = self.steps_per_epoch * cfg.epochs
 
-        self.core = load_classifier(model_dir, self.labels)
+        self.core = load_classifier(model_dir, self.labels, self.task)
         if cfg.peft == "lora":
             self.core = add_lora(self.core, cfg)
         self.core.to(device)
@@ -265,6 +285,7 @@ class FinetuneRun:
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
         self.state = TrainProgress()
+        self.on_epoch = None  # (epoch, model) -> None after each epoch's eval
         self.best_state: dict | None = None
         self.loss_sum = torch.zeros((), device=device)
         config_hash = hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()[:16]
@@ -361,19 +382,20 @@ class FinetuneRun:
 
         cfg, st = self.cfg, self.state
         scores = eval_scores(self.core, self.evals, self.labels, self.meta, cfg, self.device)
-        value = scores[cfg.selection_metric]
+        value = scores[self.selection]
+        shown = ("accuracy", "macro_f1") if self.task == SEQUENCE else ("token_accuracy", "entity_micro_f1")
         st.history.append({"epoch": epoch, "train_loss": round(float(self.loss_sum.item()) / max(st.micro, 1), 5),
-                           "eval_accuracy": scores["accuracy"], "eval_macro_f1": scores["macro_f1"],
-                           f"eval_{cfg.selection_metric}": value})
-        log(STEP, f"epoch {epoch}: train loss {st.history[-1]['train_loss']:.4f}, eval accuracy {scores['accuracy']:.4f}, "
-                  f"eval macro-F1 {scores['macro_f1']:.4f}")
+                           **{f"eval_{k}": scores[k] for k in shown}, f"eval_{self.selection}": value})
+        log(STEP, f"epoch {epoch}: train loss {st.history[-1]['train_loss']:.4f}, " + ", ".join(f"eval {k} {scores[k]:.4f}" for k in shown))
+        if self.on_epoch is not None:
+            self.on_epoch(epoch, self.core)
         if st.best is None or value > st.best:
             # keep the best weights on the host: nothing is written twice
             st.best, st.best_epoch, st.stale, self.best_state = value, epoch, 0, trainable_state(self.core)
         else:
             st.stale += 1
             if st.stale >= cfg.early_stopping_patience:
-                log(STEP, f"early stop: no eval {cfg.selection_metric} gain for {st.stale} epoch(s)")
+                log(STEP, f"early stop: no eval {self.selection} gain for {st.stale} epoch(s)")
                 st.stopped = True
         st.epoch, st.step, st.micro = epoch + 1, 0, 0
         self.loss_sum = torch.zeros((), device=self.device)
@@ -418,7 +440,9 @@ class FinetuneRun:
 
 
 def finetune(tokens_dir: Path, model_dir: Path, out_dir: Path, cfg: FinetuneConfig, *,
-             checkpoints: Checkpoints | None = None, world: World | None = None) -> dict:
+             checkpoints: Checkpoints | None = None, world: World | None = None, on_epoch=None) -> dict:
+    """Train, keep the best epoch by eval `selection_metric`, save it. `on_epoch(epoch, model)`, when
+    given, runs after each epoch's eval (benchmarks use it to log more than the pipeline needs)."""
     import torch
 
     cfg.check()
@@ -429,6 +453,7 @@ def finetune(tokens_dir: Path, model_dir: Path, out_dir: Path, cfg: FinetuneConf
         torch.cuda.set_device(device)
     with process_group(world, device):
         run = FinetuneRun(tokens_dir, model_dir, cfg, device, world)
+        run.on_epoch = on_epoch
         trainable = sum(p.numel() for p in run.core.parameters() if p.requires_grad)
         total = sum(p.numel() for p in run.core.parameters())
         log(STEP, f"device {device}, {run.train_rows} train / {len(run.evals)} eval rows, {cfg.epochs} epoch(s) x "
@@ -447,7 +472,9 @@ def finetune(tokens_dir: Path, model_dir: Path, out_dir: Path, cfg: FinetuneConf
             "device": str(device),
             "processes": world.size,
             "best_epoch": st.best_epoch,
-            f"best_eval_{cfg.selection_metric}": st.best,
+            "task": run.task,
+            "selection_metric": run.selection,
+            f"best_eval_{run.selection}": st.best,
             "epochs_run": len(st.history),
             "history": st.history,
             "resumed_from": resumed,
@@ -463,7 +490,7 @@ def finetune(tokens_dir: Path, model_dir: Path, out_dir: Path, cfg: FinetuneConf
             run.save_model(tokens_dir, out_dir)
             (out_dir / "training.json").write_text(json.dumps(result, indent=2))
         barrier(world)
-    log(STEP, f"best epoch {st.best_epoch}: eval {cfg.selection_metric} {st.best:.4f}; {result['train_samples_per_s']} samples/s")
+    log(STEP, f"best epoch {st.best_epoch}: eval {run.selection} {st.best:.4f}; {result['train_samples_per_s']} samples/s")
     return result
 
 

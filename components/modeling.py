@@ -9,7 +9,8 @@ import numpy as np
 
 from components import assets
 from components.errors import ConfigError, InputError
-from components.shards import TokenizedSplit, pad_batch, sorted_batches
+from components.metrics import TOKEN, entity_metrics
+from components.shards import IGNORE, TokenizedSplit, pad_batch, sorted_batches
 from components.store import S3Settings, fetch
 
 
@@ -19,6 +20,13 @@ def resolve_model_dir(uri: str, settings: S3Settings | None, workdir: Path) -> P
     if not (path / "config.json").is_file():
         raise InputError(f"model {uri}: {path} is not a transformers model folder (no config.json)")
     return path
+
+
+def auto_model_class(task: str):
+    """The transformers Auto class of a task: a head per sequence or a head per token."""
+    import transformers
+
+    return transformers.AutoModelForTokenClassification if task == TOKEN else transformers.AutoModelForSequenceClassification
 
 
 def pick_device(requested: str):
@@ -79,7 +87,12 @@ class DeviceSplit:
         pin = home.type == "cpu" and device.type == "cuda"
         self.ids = self._put(torch.from_numpy(ids), home, pin)
         self.row_lengths = self._put(torch.from_numpy(lengths.astype(np.int64)), home, pin)
-        self.labels = self._put(torch.from_numpy(split.labels), home, pin)
+        labels = split.labels
+        if split.token_labels is not None:  # token classification: a label per token, IGNORE on padding
+            labels = np.full((len(split), width), IGNORE, dtype=np.int64)
+            labels[np.arange(width) < lengths[:, None]] = split.token_labels
+        self.token_level = split.token_labels is not None
+        self.labels = self._put(torch.from_numpy(labels), home, pin)
         self.home = home
 
     @staticmethod
@@ -100,8 +113,39 @@ class DeviceSplit:
         inputs = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in input_names:
             inputs["token_type_ids"] = torch.zeros_like(ids)
-        out = {"inputs": inputs, "labels": self.labels[index]}
+        out = {"inputs": inputs, "labels": self.labels[index, :width] if self.token_level else self.labels[index]}
         if self.home != self.device:
             out = {"inputs": {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()},
                    "labels": out["labels"].to(self.device, non_blocking=True)}
         return out
+
+
+def predict_token_logits(model, split: TokenizedSplit, *, batch_size: int, pad_id: int, input_names: list[str], device) -> list[np.ndarray]:
+    """Token classification: per row, its [row length, num_labels] float32 logits, in row order."""
+    import torch
+
+    model.eval()
+    out: list[np.ndarray] = [np.zeros(0)] * len(split)
+    with torch.inference_mode():
+        for index in sorted_batches(split.lengths, batch_size):
+            logits = model(**batch_inputs(split, index, pad_id, input_names, device)).logits.float().cpu().numpy()
+            for j, i in enumerate(index):
+                out[i] = logits[j, : split.lengths[i]]
+    return out
+
+
+def word_level_tags(split: TokenizedSplit, pred_rows: list[np.ndarray], labels: list[str]) -> tuple[list[list[str]], list[list[str]]]:
+    """(gold, predicted) tag sequences per sentence, one tag per word kept after truncation: the
+    labelled positions are each word's first sub-token. `pred_rows` hold tag ids per token."""
+    gold, pred = [], []
+    for i, p in enumerate(pred_rows):
+        y = split.row_labels(i)
+        keep = y != IGNORE
+        gold.append([labels[k] for k in y[keep]])
+        pred.append([labels[k] for k in np.asarray(p)[keep]])
+    return gold, pred
+
+
+def token_metrics(split: TokenizedSplit, logit_rows: list[np.ndarray], labels: list[str]) -> dict:
+    """Entity-level scores of token logits against the split's own (truncated) word labels."""
+    return entity_metrics(*word_level_tags(split, [r.argmax(-1) for r in logit_rows], labels))

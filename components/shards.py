@@ -1,7 +1,10 @@
 """Token shards: variable-length token ids stored without padding, and the batches made from them.
 
 A split is a list of `<split>-NNNNN.npz` files, each holding `ids` (all rows' token ids end to end,
-int32), `offsets` (row i is ids[offsets[i]:offsets[i+1]]) and `labels` (int64). Padding happens per
+int32), `offsets` (row i is ids[offsets[i]:offsets[i+1]]) and `labels` (int64). Token-classification
+shards also hold `token_labels` (int32, aligned with `ids` through the same offsets: the word's tag
+id on its first sub-token, IGNORE (-100) on the others and on special tokens); their `labels` are
+IGNORE (a sentence has no single label). Padding happens per
 batch, at collate time, to the longest row of the batch: rows of similar length are batched together,
 so little compute goes to pad tokens.
 """
@@ -13,12 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+IGNORE = -100  # torch cross_entropy's ignore_index: positions that carry no label
 
 @dataclass
 class TokenizedSplit:
     ids: np.ndarray
     offsets: np.ndarray
     labels: np.ndarray
+    token_labels: np.ndarray | None = None  # token classification only, aligned with ids
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -30,24 +35,38 @@ class TokenizedSplit:
     def row(self, i: int) -> np.ndarray:
         return self.ids[self.offsets[i]:self.offsets[i + 1]]
 
+    def row_labels(self, i: int) -> np.ndarray:
+        return self.token_labels[self.offsets[i]:self.offsets[i + 1]]
+
     def take(self, index: np.ndarray) -> "TokenizedSplit":
         rows = [self.row(i) for i in index]
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum([len(r) for r in rows], out=offsets[1:])
         ids = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int32)
-        return TokenizedSplit(ids, offsets, self.labels[index])
+        token_labels = None
+        if self.token_labels is not None:
+            token_labels = np.concatenate([self.row_labels(i) for i in index]) if rows else np.zeros(0, dtype=np.int32)
+        return TokenizedSplit(ids, offsets, self.labels[index], token_labels)
 
 
-def save_split(out_dir: Path, split: str, rows: list[list[int]], labels: np.ndarray, shard_rows: int) -> list[str]:
+def _concat(rows: list[list[int]], total: int) -> np.ndarray:
+    return np.fromiter((t for r in rows for t in r), dtype=np.int32, count=total)
+
+
+def save_split(out_dir: Path, split: str, rows: list[list[int]], labels: np.ndarray, shard_rows: int,
+               token_labels: list[list[int]] | None = None) -> list[str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     names = []
     for n, start in enumerate(range(0, max(len(rows), 1), shard_rows)):
         chunk = rows[start:start + shard_rows]
         offsets = np.zeros(len(chunk) + 1, dtype=np.int64)
         np.cumsum([len(r) for r in chunk], out=offsets[1:])
-        ids = np.fromiter((t for r in chunk for t in r), dtype=np.int32, count=int(offsets[-1]))
+        arrays = {"ids": _concat(chunk, int(offsets[-1])), "offsets": offsets,
+                  "labels": np.asarray(labels[start:start + shard_rows], dtype=np.int64)}
+        if token_labels is not None:
+            arrays["token_labels"] = _concat(token_labels[start:start + shard_rows], int(offsets[-1]))
         name = f"{split}-{n:05d}.npz"
-        np.savez(out_dir / name, ids=ids, offsets=offsets, labels=np.asarray(labels[start:start + shard_rows], dtype=np.int64))
+        np.savez(out_dir / name, **arrays)
         names.append(name)
     return names
 
@@ -56,14 +75,17 @@ def load_split(tokens_dir: Path, split: str) -> TokenizedSplit:
     files = sorted(tokens_dir.glob(f"{split}-*.npz"))
     if not files:
         raise FileNotFoundError(f"no {split} shards in {tokens_dir}")
-    ids, offsets, labels, base = [], [np.zeros(1, dtype=np.int64)], [], 0
+    ids, offsets, labels, token_labels, base = [], [np.zeros(1, dtype=np.int64)], [], [], 0
     for f in files:
         with np.load(f) as z:
             ids.append(z["ids"])
             offsets.append(z["offsets"][1:] + base)
             labels.append(z["labels"])
+            if "token_labels" in z:
+                token_labels.append(z["token_labels"])
             base += int(z["offsets"][-1])
-    return TokenizedSplit(np.concatenate(ids), np.concatenate(offsets), np.concatenate(labels))
+    return TokenizedSplit(np.concatenate(ids), np.concatenate(offsets), np.concatenate(labels),
+                          np.concatenate(token_labels) if token_labels else None)
 
 
 def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, group: int = 50) -> list[np.ndarray]:
@@ -85,11 +107,15 @@ def sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def batch_width(lengths: np.ndarray, multiple: int = 8) -> int:
+    return int(-(-lengths.max() // multiple) * multiple)
+
+
 def pad_batch(split: TokenizedSplit, index: np.ndarray, pad_id: int, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids, attention_mask) int64 arrays for rows `index`, padded on the right to the batch's
     longest row rounded up to `multiple` (fewer distinct shapes, friendlier to GPU kernels)."""
     lengths = split.lengths[index]
-    width = int(-(-lengths.max() // multiple) * multiple)
+    width = batch_width(lengths, multiple)
     input_ids = np.full((len(index), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(index), width), dtype=np.int64)
     for j, i in enumerate(index):

@@ -21,6 +21,11 @@ from pathlib import Path
 from components.entry import run_main, step_parser
 from components.records import STEPS, RunRecord, open_run
 
+SUMMARY_METRICS = {
+    "sequence-classification": ("accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix"),
+    "token-classification": ("entity_micro_f1", "entity_macro_f1", "entity_micro_precision", "entity_micro_recall",
+                             "token_accuracy", "per_type", "confusion_matrix"),
+}
 OUTCOMES = {"deployed": 0, "failed": 1, "input_rejected": 2, "gate_rejected": 3, "skipped": 0}
 TRAINING = ("tokenize", "finetune", "evaluate", "export", "deploy")  # what freshness skips
 
@@ -62,10 +67,12 @@ def build_summary(record: RunRecord, pipeline_state: str = "") -> dict:
     metrics = None
     if evaluation:
         m = evaluation["metrics"]
-        metrics = {k: m[k] for k in ("accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix")}
+        keys = SUMMARY_METRICS[evaluation.get("task", "sequence-classification")]
+        metrics = {k: m[k] for k in keys}
     return {
         "run_id": record.run_id,
         "store": record.store.uri,
+        "task": evaluation.get("task", "sequence-classification") if evaluation else None,
         "outcome": outcome,
         "exit_code": OUTCOMES[outcome],
         "error": failed and {"step": failed["name"], **failed["error"]},

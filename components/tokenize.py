@@ -25,15 +25,16 @@ import numpy as np
 
 from components.entry import add_config_args, config_from_args, run_main, step_parser
 from components.errors import ConfigError, InputError
+from components.metrics import SEQUENCE, TOKEN
 from components.modeling import resolve_model_dir
 from components.progress import Progress, log
 from components.records import open_run, scratch
-from components.shards import save_split
+from components.shards import IGNORE, save_split
 from components.store import S3Settings, Store, join
 
 STEP = "tokenize"
 SPLITS = ("train", "eval", "test")
-FORMAT = 1  # bump when the shard layout changes: old cache entries stop matching
+FORMAT = 2  # bump when the shard layout changes: old cache entries stop matching
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ def load_tokenizer(model_dir: Path):
 def cache_key(meta: dict, tokenizer, cfg: TokenizeConfig) -> str:
     spec = {
         "format": FORMAT,
+        "task": meta.get("task", SEQUENCE),
         "data": {s: meta["splits"][s]["fingerprint"] for s in SPLITS},
         "labels": meta["labels"],
         "tokenizer": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
@@ -92,6 +94,46 @@ def tokenize_texts(tokenizer, texts: list[str], cfg: TokenizeConfig, progress: P
     return rows, truncated, lost
 
 
+def align_labels(word_ids: list[int | None], tag_ids: list[int]) -> list[int]:
+    """Per sub-token label: the word's tag on its first sub-token, IGNORE on the word's other
+    sub-tokens and on special tokens (they are neither trained on nor scored)."""
+    out, prev = [], None
+    for w in word_ids:
+        out.append(IGNORE if w is None or w == prev else tag_ids[w])
+        prev = w
+    return out
+
+
+def tokenize_words(tokenizer, sentences: list[list[str]], tags: list[list[int]], cfg: TokenizeConfig,
+                   progress: Progress) -> tuple[list[list[int]], list[list[int]], dict]:
+    """Token ids and aligned token labels per pre-split sentence, truncated to max_length; also the
+    counts of what truncation cost (sentences, sub-tokens, words) and of words the tokenizer turned
+    into nothing (replaced by its unknown token, so every word keeps a position and a label)."""
+    rows, labels = [], []
+    stats = {"truncated_rows": 0, "truncated_tokens": 0, "truncated_words": 0, "empty_words": 0}
+    for start in range(0, len(sentences), cfg.batch_size):
+        words = [list(s) for s in sentences[start:start + cfg.batch_size]]
+        full = tokenizer(words, is_split_into_words=True, add_special_tokens=True, truncation=False, verbose=False)
+        for j in range(len(words)):
+            seen = {w for w in full.word_ids(j) if w is not None}
+            if len(seen) < len(words[j]):  # e.g. a lone control or zero-width character
+                stats["empty_words"] += len(words[j]) - len(seen)
+                words[j] = [w if i in seen else tokenizer.unk_token for i, w in enumerate(words[j])]
+                full["input_ids"][j] = tokenizer(words[j], is_split_into_words=True, add_special_tokens=True)["input_ids"]
+        # the untruncated pass counts what truncation drops; the truncated one is what is kept
+        cut = tokenizer(words, is_split_into_words=True, add_special_tokens=True, truncation=True, max_length=cfg.max_length)
+        for j in range(len(words)):
+            ids, word_ids = cut["input_ids"][j], cut.word_ids(j)
+            if len(full["input_ids"][j]) > len(ids):
+                stats["truncated_rows"] += 1
+                stats["truncated_tokens"] += len(full["input_ids"][j]) - len(ids)
+                stats["truncated_words"] += len(words[j]) - len({w for w in word_ids if w is not None})
+            rows.append(ids)
+            labels.append(align_labels(word_ids, tags[start + j]))
+        progress.update(len(words))
+    return rows, labels, stats
+
+
 def tokenize(dataset_dir: Path, model_dir: Path, out_dir: Path, cfg: TokenizeConfig, store: Store | None) -> dict:
     """Write the tokens folder for a validated dataset (from the cache when possible)."""
     import pandas as pd
@@ -115,21 +157,33 @@ def tokenize(dataset_dir: Path, model_dir: Path, out_dir: Path, cfg: TokenizeCon
     info = {"format": FORMAT, "cache_key": key, "labels": meta["labels"], "max_length": cfg.max_length,
             "pad_token_id": tokenizer.pad_token_id, "model_input_names": list(tokenizer.model_input_names),
             "data_fingerprints": {s: meta["splits"][s]["fingerprint"] for s in SPLITS}, "splits": {}}
+    task = meta.get("task", SEQUENCE)
+    info["task"] = task
     for split, frame in frames.items():
-        rows, truncated, lost = tokenize_texts(tokenizer, frame["text"].tolist(), cfg, progress)
-        labels = frame["label"].map(label_ids).to_numpy(dtype=np.int64)
+        token_labels = None
+        if task == TOKEN:
+            tag_ids = [[label_ids[t] for t in tags] for tags in frame["tags"]]
+            rows, token_labels, stats = tokenize_words(tokenizer, frame["tokens"].tolist(), tag_ids, cfg, progress)
+            labels = np.full(len(rows), IGNORE, dtype=np.int64)
+        else:
+            rows, truncated, lost = tokenize_texts(tokenizer, frame["text"].tolist(), cfg, progress)
+            labels = frame["label"].map(label_ids).to_numpy(dtype=np.int64)
+            stats = {"truncated_rows": truncated, "truncated_tokens": lost}
         lengths = np.array([len(r) for r in rows])
         info["splits"][split] = {
             "rows": len(rows),
-            "shards": save_split(out_dir, split, rows, labels, cfg.shard_rows),
+            "shards": save_split(out_dir, split, rows, labels, cfg.shard_rows, token_labels),
             "tokens": int(lengths.sum()),
             "length": {"mean": round(float(lengths.mean()), 2), "p50": int(np.percentile(lengths, 50)),
                        "p95": int(np.percentile(lengths, 95)), "max": int(lengths.max())},
-            "truncated_rows": truncated,
-            "truncated_tokens": lost,
+            **stats,
         }
-        if truncated:
-            log(STEP, f"{split}: {truncated} of {len(rows)} texts truncated to {cfg.max_length} tokens ({lost} tokens dropped)")
+        if stats["truncated_rows"]:
+            words = f", {stats['truncated_words']} words lost" if task == TOKEN else ""
+            log(STEP, f"{split}: {stats['truncated_rows']} of {len(rows)} {'sentences' if task == TOKEN else 'texts'} truncated to "
+                      f"{cfg.max_length} tokens ({stats['truncated_tokens']} tokens dropped{words})")
+        if stats.get("empty_words"):
+            log(STEP, f"{split}: {stats['empty_words']} words have no sub-token in this tokenizer; they were given its unknown token")
     tokenizer.save_pretrained(out_dir / "tokenizer")
     (out_dir / "meta.json").write_text(json.dumps(info, indent=2))
     if store is not None and store.publish_dir(out_dir, cache_prefix):

@@ -11,6 +11,10 @@ Checks, per input file (critical ones stop the run with exit code 2, warnings go
   warning   duplicate texts, identical texts with different labels, class imbalance,
             eval/test texts that also occur in train (leakage)
 
+With --task token-classification (NER: CoNLL or JSONL files of tagged words) the checks are those of
+components.validate_tokens (IOB2 tags, token/tag counts, unseen tags) and the dataset folder holds
+word lists and tag lists instead of texts and labels.
+
 Outputs: a dataset folder (train/eval/test.parquet with columns text, label, source_row;
 labels.json; meta.json with counts and content fingerprints), the expectation results as JSON and a
 Markdown report. Without eval/test files the splits are made here: stratified by label, seeded, and
@@ -28,9 +32,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components import data
+from components import assets, data, validate_tokens
 from components.entry import add_config_args, config_from_args, run_main, step_parser
 from components.errors import ConfigError, InputError, KubetuneError
+from components.metrics import SEQUENCE, TOKEN, check_task
 from components.progress import log
 from components.records import open_run, scratch
 from components.store import S3Settings
@@ -42,6 +47,7 @@ EXAMPLES = 5  # example rows quoted per failed check
 
 @dataclass(frozen=True)
 class ValidateConfig:
+    task: str = SEQUENCE  # sequence-classification | token-classification
     text_column: str = "text"
     label_column: str = "label"
     header: bool = True  # CSV/TSV files start with a header row
@@ -53,8 +59,16 @@ class ValidateConfig:
     max_text_chars: int = 100_000
     min_examples_per_class: int = 5
     imbalance_warning_ratio: float = 0.2  # warn when smallest/largest class count is below this
+    # token classification (see components.validate_tokens)
+    token_column: int = 0  # CoNLL: column of the token
+    tag_column: int = -1  # CoNLL: column of the tag (-1: the last)
+    tokens_field: str = "tokens"  # JSONL fields
+    tags_field: str = "tags"
+    repair_tags: bool = False  # turn an I-X that continues nothing into B-X instead of rejecting it
+    max_sentence_words: int = 128  # longer sentences are reported
 
     def check(self) -> None:
+        check_task(self.task)
         problems = []
         if not 0 < self.eval_fraction < 1 or not 0 < self.test_fraction < 1:
             problems.append(f"eval_fraction={self.eval_fraction}, test_fraction={self.test_fraction}: each must be in (0, 1) "
@@ -62,6 +76,8 @@ class ValidateConfig:
         if self.eval_fraction + self.test_fraction >= 0.9:
             held_out = self.eval_fraction + self.test_fraction
             problems.append(f"eval_fraction + test_fraction = {held_out:.2f} leaves too little to train on; keep it below 0.9")
+        if self.task == TOKEN and self.token_column == self.tag_column:
+            problems.append(f"token_column and tag_column are both {self.tag_column}: the tag needs its own column")
         if self.limit < 0:
             problems.append(f"limit={self.limit}: use 0 (all rows) or a positive row count")
         if not 0 <= self.min_text_chars <= self.max_text_chars:
@@ -81,6 +97,7 @@ class Check:
     unexpected_count: int = 0
     element_count: int = 0
     examples: list = field(default_factory=list)  # [(row, value)]
+    unit: str = "rows"  # what element_count counts
 
 
 @dataclass
@@ -99,7 +116,7 @@ class Report:
 
     def describe(self, c: Check, examples: int = EXAMPLES) -> str:
         where = data.unit(self.formats.get(c.split, "csv"))
-        count = f"{c.unexpected_count} of {c.element_count} rows " if c.element_count else ""
+        count = f"{c.unexpected_count} of {c.element_count} {c.unit} " if c.element_count else ""
         examples = ", ".join(f"{where} {row}: {_short(v)}" for row, v in c.examples[:examples])
         return f"{self.sources[c.split]}: column {c.column!r}: {count}{c.description}" + (f"; e.g. {examples}" if examples else "")
 
@@ -346,7 +363,7 @@ def prepare(frames: dict[str, pd.DataFrame], sources: dict[str, str], cfg: Valid
         frames = {**frames, **made}
     labels = sorted(frames["train"]["label"].unique().tolist())
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"labels": labels, "sources": sources, "split_made_here": sorted(missing), "config": asdict(cfg), "splits": {}}
+    meta = {"task": SEQUENCE, "labels": labels, "sources": sources, "split_made_here": sorted(missing), "config": asdict(cfg), "splits": {}}
     for split in SPLITS:
         frame = frames[split]
         if frame.empty:
@@ -380,6 +397,12 @@ def validate(
     the dataset meta (None when a critical check failed: nothing is written then)."""
     cfg.check()
     workdir = workdir or scratch(STEP)
+    for uri in (train_uri, eval_uri, test_uri):
+        if assets.is_builtin(uri) and assets.resolve(uri)[1].task != cfg.task:
+            ours = assets.DEFAULT_DATA[cfg.task]
+            raise InputError(f"{uri} is {assets.resolve(uri)[1].task} data, not {cfg.task} data; use {ours} or your own files")
+    if cfg.task == TOKEN:
+        return _validate_tokens(train_uri, eval_uri, test_uri, cfg, out_dir, settings, workdir)
     sources = {s: u for s, u in zip(SPLITS, (train_uri, eval_uri, test_uri)) if u}
     frames, formats = {}, {}
     for split, uri in sources.items():
@@ -395,6 +418,20 @@ def validate(
         return report, None
     meta = prepare(frames, sources, cfg, out_dir)
     log(STEP, "splits: " + ", ".join(f"{s} {meta['splits'][s]['rows']}" for s in SPLITS) + f"; labels {meta['labels']}")
+    return report, meta
+
+
+def _validate_tokens(train_uri, eval_uri, test_uri, cfg, out_dir, settings, workdir) -> tuple[Report, dict | None]:
+    sources = validate_tokens.sources_for(train_uri, eval_uri, test_uri)
+    sentences = {s: validate_tokens.load_sentences(s, u, cfg, settings, workdir) for s, u in sources.items()}
+    report, usable = validate_tokens.check(sentences, sources, cfg)
+    for c in report.failures("warning"):
+        log(STEP, f"warning: {report.describe(c, examples=2)}")
+    if not report.passed:
+        return report, None
+    meta = validate_tokens.prepare(usable, sources, cfg, out_dir)
+    log(STEP, "splits: " + ", ".join(f"{s} {meta['splits'][s]['rows']} sentences" for s in SPLITS)
+        + f"; entities in train {meta['splits']['train']['entities']}")
     return report, meta
 
 

@@ -1,6 +1,7 @@
 """The `kubetune` command line.
 
     kubetune run                         # train on the SMS Spam Collection with all-MiniLM-L6-v2, locally
+    kubetune run --task token-classification          # NER on CoNLL-2003 English (official splits)
     kubetune run --train s3://data/reviews.csv --text-column review --label-column stars --epochs 3
     kubetune compile --output kubetune-training.yaml [--image REGISTRY/kubetune:TAG]
     kubetune upload|submit|schedule --host KFP_API ...      # Kubeflow Pipelines server (pipelines/cluster.py)
@@ -24,14 +25,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from components import registry
+from components import assets, registry
 from components.deploy import release, roll_back
 from components.entry import add_config_args, config_from_args
 from components.errors import ConfigError, InputError, KubetuneError
 from components.evaluate import GateConfig
 from components.finetune import FinetuneConfig
 from components.manifests import ServingConfig
-from components.metrics import GATE_METRICS
+from components.metrics import TASK_METRICS, TASKS, TOKEN, resolve_metric
 from components.progress import fmt_seconds
 from components.records import RunRecord
 from components.rollout import TARGETS, DeployConfig, GitAuth
@@ -54,12 +55,18 @@ def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="run the training pipeline locally (kfp.local)", description=__doc__, formatter_class=_Help)
     p.set_defaults(func=cmd_run)
     d = p.add_argument_group("data")
-    d.add_argument("--train", default="builtin:sms-spam", help="CSV/TSV/JSONL/Parquet file: local path, s3://bucket/key or builtin:sms-spam")
+    d.add_argument("--task", default=v.task, choices=TASKS,
+                   help="sequence-classification: a label per text; token-classification: an IOB2 tag per word (NER)")
+    d.add_argument("--train", default="", help="CSV/TSV/JSONL/Parquet file (token-classification: CoNLL or JSONL): local path, "
+                   "s3://bucket/key or builtin:; empty: builtin:sms-spam, or builtin:conll2003 for token-classification")
     d.add_argument("--eval", default="", help="eval file; empty: a stratified split of --train")
     d.add_argument("--test", default="", help="test file; empty: a stratified split of --train")
     d.add_argument("--text-column", default=v.text_column, help="column (JSONL: field) holding the text")
     d.add_argument("--label-column", default=v.label_column, help="column (JSONL: field) holding the label")
     d.add_argument("--no-header", action="store_true", help="CSV/TSV without a header row: columns are then named 0, 1, ...")
+    d.add_argument("--tag-column", type=int, default=v.tag_column, help="token-classification, CoNLL: the tag's column (0-based; -1: last)")
+    d.add_argument("--repair-tags", action="store_true",
+                   help="token-classification: turn an I-X that continues nothing into B-X (IOB1 data) instead of rejecting it")
     d.add_argument("--limit", type=int, default=v.limit, help="use at most N rows per file (seeded stratified sample); 0: all")
     d.add_argument("--eval-fraction", type=float, default=v.eval_fraction, help="share held out for eval when there is no --eval")
     d.add_argument("--test-fraction", type=float, default=v.test_fraction, help="share held out for test when there is no --test")
@@ -72,7 +79,8 @@ def _run_parser(sub) -> None:
     m.add_argument("--learning-rate", type=float, default=f.learning_rate, help="peak AdamW learning rate")
     m.add_argument("--seed", type=int, default=v.seed, help="seed for sampling, splitting and training")
     q = p.add_argument_group("quality gate")
-    q.add_argument("--gate-metric", default=g.metric, choices=GATE_METRICS, help="test metric the gate checks")
+    q.add_argument("--gate-metric", default=g.metric, choices=["", *(m for names in TASK_METRICS.values() for m in names)],
+                   help="test metric the gate checks; empty: macro_f1, or entity_micro_f1 for token-classification")
     q.add_argument("--gate-threshold", type=float, default=g.threshold, help="minimum value of the gate metric")
     q.add_argument("--gate-tolerance", type=float, default=g.tolerance, help="how much worse than production a new model may be")
     o = p.add_argument_group("output")
@@ -149,15 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def pipeline_arguments(a: argparse.Namespace, store_uri: str, run_id: str, name: str) -> dict:
     """CLI options -> pipeline parameters, checked before anything runs."""
-    ValidateConfig(limit=a.limit, eval_fraction=a.eval_fraction, test_fraction=a.test_fraction).check()
+    ValidateConfig(task=a.task, limit=a.limit, eval_fraction=a.eval_fraction, test_fraction=a.test_fraction).check()
     TokenizeConfig(max_length=a.max_length).check()
     FinetuneConfig(epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.learning_rate).check()
     GateConfig(metric=a.gate_metric, tolerance=a.gate_tolerance).check()
     DeployConfig(target=a.deploy_target, canary_traffic_percent=a.canary_traffic_percent, gitops_repo=a.gitops_repo,
                  gitops_branch=a.gitops_branch, gitops_path=a.gitops_path).check()
+    resolve_metric(a.task, a.gate_metric, "--gate-metric")  # e.g. macro_f1 for NER: rejected before anything runs
     return {
-        "train_uri": a.train, "eval_uri": a.eval, "test_uri": a.test, "text_column": a.text_column,
-        "label_column": a.label_column, "header": not a.no_header, "model_uri": a.model, "model_name": name,
+        "task": a.task, "train_uri": a.train, "eval_uri": a.eval, "test_uri": a.test, "text_column": a.text_column,
+        "label_column": a.label_column, "header": not a.no_header, "tag_column": a.tag_column, "repair_tags": a.repair_tags,
+        "model_uri": a.model, "model_name": name,
         "store": store_uri, "run_id": run_id, "limit": a.limit, "seed": a.seed, "eval_fraction": a.eval_fraction,
         "test_fraction": a.test_fraction, "max_length": a.max_length, "epochs": a.epochs, "batch_size": a.batch_size,
         "learning_rate": a.learning_rate, "gate_metric": a.gate_metric, "gate_threshold": a.gate_threshold,
@@ -174,7 +184,12 @@ def print_summary(s: dict, wall: float) -> None:
         secs = f"{row['seconds']:8.1f}" if row["seconds"] is not None else "       -"
         w(f"{row['name']:<10} {row['status']:<12} {secs}\n")
     w(f"{'total':<10} {'wall time':<12} {wall:8.1f}  ({fmt_seconds(wall)})\n\n")
-    if s["metrics"]:
+    if s["metrics"] and s.get("task") == TOKEN:
+        m = s["metrics"]
+        per = ", ".join(f"{k} F1 {v['f1']:.4f}" for k, v in m["per_type"].items())
+        w(f"test: entity micro-F1 {m['entity_micro_f1']:.4f}, macro-F1 {m['entity_macro_f1']:.4f}, token accuracy "
+          f"{m['token_accuracy']:.4f} ({per})\n")
+    elif s["metrics"]:
         m = s["metrics"]
         per = ", ".join(f"{k} F1 {v['f1']:.4f}" for k, v in m["per_class"].items())
         w(f"test: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} ({per})\n")
@@ -198,6 +213,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from pipelines.local import run_locally
     from pipelines.training import build_training_pipeline
 
+    a.train = a.train or assets.DEFAULT_DATA[a.task]
     store = open_store(a.store, S3Settings.from_env())
     store_uri = store.uri
     name = registry.check_name(a.name) if a.name else registry.name_from_uri(a.train)

@@ -27,9 +27,9 @@ from pipelines.config import ClusterConfig
 
 
 def validate(
-    store: str, run_id: str, job_id: str, train_uri: str, eval_uri: str, test_uri: str, text_column: str,
-    label_column: str, header: bool, limit: int, seed: int, eval_fraction: float, test_fraction: float,
-    dataset: Output[Dataset], report: Output[Markdown], expectations: Output[Artifact],
+    store: str, run_id: str, job_id: str, task: str, train_uri: str, eval_uri: str, test_uri: str, text_column: str,
+    label_column: str, header: bool, tag_column: int, repair_tags: bool, limit: int, seed: int, eval_fraction: float,
+    test_fraction: float, dataset: Output[Dataset], report: Output[Markdown], expectations: Output[Artifact],
 ):
     from pathlib import Path
 
@@ -37,8 +37,8 @@ def validate(
 
     run_step(
         store_uri=store, run_id=run_id or job_id, train_uri=train_uri, eval_uri=eval_uri, test_uri=test_uri,
-        cfg=ValidateConfig(text_column=text_column, label_column=label_column, header=header, limit=limit, seed=seed,
-                           eval_fraction=eval_fraction, test_fraction=test_fraction),
+        cfg=ValidateConfig(task=task, text_column=text_column, label_column=label_column, header=header, tag_column=tag_column,
+                           repair_tags=repair_tags, limit=limit, seed=seed, eval_fraction=eval_fraction, test_fraction=test_fraction),
         dataset_dir=Path(dataset.path), report_path=Path(report.path), expectations_path=Path(expectations.path),
     )
 

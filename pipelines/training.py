@@ -50,15 +50,18 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
     cluster = cluster or ClusterConfig()
     ops = make_components(cluster)
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune a Hugging Face text classifier, gate it, export it to ONNX and publish it.",
+    @dsl.pipeline(name=PIPELINE_NAME, description="Fine-tune a Hugging Face text or NER classifier, gate it, export it to ONNX and publish it.",
                   pipeline_root=cluster.pipeline_root or None)
     def training(
+        task: str = ValidateConfig.task,
         train_uri: str = "builtin:sms-spam",
         eval_uri: str = "",
         test_uri: str = "",
         text_column: str = ValidateConfig.text_column,
         label_column: str = ValidateConfig.label_column,
         header: bool = ValidateConfig.header,
+        tag_column: int = ValidateConfig.tag_column,
+        repair_tags: bool = ValidateConfig.repair_tags,
         model_uri: str = "builtin:all-minilm-l6-v2",
         model_name: str = "sms-spam",
         store: str = default_store,
@@ -89,12 +92,15 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
         """Fine-tune, gate, export and publish a text classifier.
 
         Args:
-            train_uri: Training data: CSV, TSV, JSONL or Parquet at s3://bucket/key, or builtin:sms-spam.
+            task: sequence-classification (a label per text) or token-classification (NER: an IOB2 tag per word).
+            train_uri: Training data at s3://bucket/key: CSV, TSV, JSONL, Parquet or builtin:sms-spam; NER: CoNLL, JSONL or builtin:conll2003.
             eval_uri: Optional eval file; empty = split eval_fraction off the training data.
             test_uri: Optional test file; empty = split test_fraction off the training data.
             text_column: Column (field) holding the text.
             label_column: Column (field) holding the label.
             header: Whether CSV/TSV files start with a header row (else columns are named 0, 1, ...).
+            tag_column: token-classification, CoNLL files: the column holding the tag (0-based; -1 = the last).
+            repair_tags: token-classification: an I-<type> that continues nothing becomes B-<type> instead of an error.
             model_uri: Pretrained transformers model folder (s3:// prefix) or builtin:all-minilm-l6-v2.
             model_name: Registry name; also the InferenceService name (lowercase, digits, '-').
             store: Artifact store for run records, the tokenization cache and the model registry (s3://bucket/prefix).
@@ -111,7 +117,7 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
                 trainjob = a Kubeflow Trainer TrainJob, each with finetune_workers x finetune_gpus_per_worker (DDP).
             finetune_workers: Worker pods of the distributed job (pytorchjob/trainjob only).
             finetune_gpus_per_worker: GPUs (one torchrun process each) per worker pod; 0 = CPU workers (pytorchjob/trainjob only).
-            gate_metric: Test metric the gate checks: accuracy, macro_f1, weighted_f1, macro_precision or macro_recall.
+            gate_metric: Test metric the gate checks; empty = macro_f1, or entity_micro_f1 for NER (see the README for all).
             gate_threshold: Minimum gate_metric on the test split.
             gate_tolerance: How much worse than the current production model the new one may be.
             namespace: Namespace of the rendered KServe InferenceService.
@@ -128,8 +134,8 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
         configure(summary, "summarize", cluster)
         with dsl.ExitHandler(summary, name="train-and-publish"):
             validate = ops.validate(
-                **common, train_uri=train_uri, eval_uri=eval_uri, test_uri=test_uri, text_column=text_column,
-                label_column=label_column, header=header, limit=limit, seed=seed,
+                **common, task=task, train_uri=train_uri, eval_uri=eval_uri, test_uri=test_uri, text_column=text_column,
+                label_column=label_column, header=header, tag_column=tag_column, repair_tags=repair_tags, limit=limit, seed=seed,
                 eval_fraction=eval_fraction, test_fraction=test_fraction,
             )
             freshness = ops.freshness(**common, model_name=model_name, force=force, dataset=validate.outputs["dataset"])
