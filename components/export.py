@@ -50,7 +50,7 @@ class ExportConfig:
     parity_atol: float = 1e-3  # max |torch logit - onnx logit|, fp32 vs fp32
     min_agreement: float = 0.995  # share of rows whose argmax agrees
     device: str = "cpu"  # ONNX Runtime provider for the parity and variant checks: cpu | cuda
-    variants: str = "fp32,optimized,int8"  # comma-separated subset of fp32, optimized, fp16 (needs cuda), int8
+    variants: str = "fp32,optimized,int8"  # comma-separated subset of fp32, optimized, fp16 (for CUDA), int8
     max_accuracy_drop: float = 0.005  # a variant's eval accuracy may be at most 0.5 points below torch's
     check_rows: int = 2000  # eval rows for the variant check (all when fewer)
 
@@ -61,7 +61,7 @@ class ExportConfig:
             raise ConfigError(f"min_agreement={self.min_agreement}: must be in (0, 1]")
         if not 0 <= self.max_accuracy_drop < 1:
             raise ConfigError(f"max_accuracy_drop={self.max_accuracy_drop}: must be in [0, 1) (0.005 = half a point)")
-        parse_variants(self.variants, self.device)
+        parse_variants(self.variants)
 
 
 def export_onnx(model, input_names: list[str], path: Path, opset: int) -> None:
@@ -113,7 +113,7 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig) 
     from transformers.utils import logging as hf_logging
 
     cfg.check()
-    wanted = parse_variants(cfg.variants, cfg.device)
+    wanted = parse_variants(cfg.variants)
     hf_logging.disable_progress_bar()
     meta = json.loads((tokens_dir / "meta.json").read_text())
     names, pad_id = meta["model_input_names"], meta["pad_token_id"]
