@@ -65,7 +65,7 @@ def champion_score(store: Store, name: str, labels: list[str], texts: list[str],
     if champion_labels != labels:
         return {"version": version, "value": recorded["metrics"][metric],
                 "source": f"recorded metric (its labels {champion_labels} differ from {labels}, so it cannot be re-scored)"}
-    clf = OnnxClassifier(local, device="cpu")
+    clf = OnnxClassifier(local, device="cpu", variant="fp32")  # fp32: the same numbers as the torch side it is compared with
     pred = clf.logits_for_texts(texts).argmax(-1)
     return {"version": version, "value": classification_metrics(y_true, pred, labels)[metric],
             "source": "re-scored on this run's test split"}
