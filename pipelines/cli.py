@@ -29,6 +29,7 @@ from components.deploy import release, roll_back
 from components.entry import add_config_args, config_from_args
 from components.errors import ConfigError, InputError, KubetuneError
 from components.evaluate import GateConfig
+from components.export import ExportConfig
 from components.finetune import FinetuneConfig
 from components.manifests import ServingConfig
 from components.metrics import GATE_METRICS
@@ -75,6 +76,9 @@ def _run_parser(sub) -> None:
     q.add_argument("--gate-metric", default=g.metric, choices=GATE_METRICS, help="test metric the gate checks")
     q.add_argument("--gate-threshold", type=float, default=g.threshold, help="minimum value of the gate metric")
     q.add_argument("--gate-tolerance", type=float, default=g.tolerance, help="how much worse than production a new model may be")
+    x = p.add_argument_group("ONNX export")
+    x.add_argument("--onnx-variants", default=ExportConfig.variants,
+                   help="comma-separated: fp32 (required), optimized, int8 (CPU), fp16 (GPU); each is checked on the eval split")
     o = p.add_argument_group("output")
     o.add_argument("--store", default=DEFAULT_STORE, help="local folder or s3://bucket/prefix (S3 settings from AWS_* variables)")
     o.add_argument("--summary", type=Path, help="write the run summary JSON here")
@@ -155,13 +159,14 @@ def pipeline_arguments(a: argparse.Namespace, store_uri: str, run_id: str, name:
     GateConfig(metric=a.gate_metric, tolerance=a.gate_tolerance).check()
     DeployConfig(target=a.deploy_target, canary_traffic_percent=a.canary_traffic_percent, gitops_repo=a.gitops_repo,
                  gitops_branch=a.gitops_branch, gitops_path=a.gitops_path).check()
+    ExportConfig(variants=a.onnx_variants).check()
     return {
         "train_uri": a.train, "eval_uri": a.eval, "test_uri": a.test, "text_column": a.text_column,
         "label_column": a.label_column, "header": not a.no_header, "model_uri": a.model, "model_name": name,
         "store": store_uri, "run_id": run_id, "limit": a.limit, "seed": a.seed, "eval_fraction": a.eval_fraction,
         "test_fraction": a.test_fraction, "max_length": a.max_length, "epochs": a.epochs, "batch_size": a.batch_size,
         "learning_rate": a.learning_rate, "gate_metric": a.gate_metric, "gate_threshold": a.gate_threshold,
-        "gate_tolerance": a.gate_tolerance, "namespace": a.namespace, "serving_image": a.serving_image,
+        "gate_tolerance": a.gate_tolerance, "onnx_variants": a.onnx_variants, "namespace": a.namespace, "serving_image": a.serving_image,
         "force": a.force, "deploy_target": a.deploy_target, "canary_traffic_percent": a.canary_traffic_percent,
         "gitops_repo": a.gitops_repo, "gitops_branch": a.gitops_branch, "gitops_path": a.gitops_path,
     }

@@ -9,6 +9,7 @@ with a summary written by an exit handler whatever happens. Pure wiring plus clu
 from kfp import dsl, kubernetes
 
 from components.evaluate import GateConfig
+from components.export import ExportConfig
 from components.finetune import FinetuneConfig
 from components.manifests import ServingConfig
 from components.rollout import DeployConfig
@@ -70,6 +71,7 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
         gate_metric: str = GateConfig.metric,
         gate_threshold: float = GateConfig.threshold,
         gate_tolerance: float = GateConfig.tolerance,
+        onnx_variants: str = ExportConfig.variants,
         namespace: str = ServingConfig.namespace,
         serving_image: str = cluster.image,
         force: bool = False,
@@ -103,6 +105,7 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
             gate_metric: Test metric the gate checks: accuracy, macro_f1, weighted_f1, macro_precision or macro_recall.
             gate_threshold: Minimum gate_metric on the test split.
             gate_tolerance: How much worse than the current production model the new one may be.
+            onnx_variants: ONNX variants to export, comma-separated: fp32 (required), optimized, int8 (CPU), fp16 (GPU); each must pass a held-out check.
             namespace: Namespace of the rendered KServe InferenceService.
             serving_image: Image of the predictor container in the rendered InferenceService.
             force: Train even when the data equals that of the current production model (else the run is skipped).
@@ -130,7 +133,8 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
                                         gate_tolerance=gate_tolerance, model=finetune.outputs["model"],
                                         tokens=tokenize.outputs["tokens"], dataset=validate.outputs["dataset"])
                 with dsl.If(evaluate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (KFP condition)
-                    export = ops.export(**common, model=finetune.outputs["model"], tokens=tokenize.outputs["tokens"])
+                    export = ops.export(**common, onnx_variants=onnx_variants, model=finetune.outputs["model"],
+                                        tokens=tokenize.outputs["tokens"])
                     deploy = ops.deploy(**common, model_name=model_name, namespace=namespace, serving_image=serving_image,
                                         deploy_target=deploy_target, canary_traffic_percent=canary_traffic_percent,
                                         gitops_repo=gitops_repo, gitops_branch=gitops_branch, gitops_path=gitops_path,
