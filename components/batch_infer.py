@@ -250,6 +250,28 @@ def run_batch(store_uri: str, model_ref: str, input_uri: str, output_uri: str, c
     return manifest
 
 
+# ---- the pipeline's steps (one task each; S3 settings from the pod's environment) ------------------
+
+
+def plan_step(*, store_uri: str, model_ref: str, input_uri: str, output_uri: str, cfg: BatchConfig) -> list[str]:
+    settings = S3Settings.from_env()
+    plan = make_plan(open_store(store_uri, settings), model_ref, input_uri, open_store(output_uri, settings), cfg, settings)
+    return [s["id"] for s in plan["shards"]]
+
+
+def score_step(*, output_uri: str, shard_id: str) -> str:
+    settings = S3Settings.from_env()
+    output = open_store(output_uri, settings)
+    ShardScorer(output.read_json(PLAN), output, settings).score(shard_id)
+    return shard_id
+
+
+def collect_step(*, output_uri: str) -> str:
+    output = open_store(output_uri, S3Settings.from_env())
+    collect(output.read_json(PLAN), output)
+    return output.url(MANIFEST)
+
+
 def add_batch_args(p) -> None:
     p.add_argument("--store", default="./kubetune-store", help="store holding the model registry (local folder or s3://bucket/prefix)")
     p.add_argument("--model", required=True, help="models/<name>/<alias or version>, or <name> for its production alias")

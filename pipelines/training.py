@@ -22,7 +22,7 @@ PIPELINE_NAME = "kubetune-training"
 # Retried on failure: their work is mostly store I/O (cache, champion download, registry publish).
 # Not validate: its failures are input errors that a retry only delays (boto3 already retries
 # transient S3 errors within a call); not finetune/export: GPU time, deterministic failures.
-NETWORK_STEPS = ("freshness", "tokenize", "evaluate", "deploy", "summarize")
+NETWORK_STEPS = ("freshness", "tokenize", "evaluate", "deploy", "summarize", "batch-plan", "batch-score", "batch-collect")
 
 
 def configure(task, step: str, cluster: ClusterConfig) -> None:
