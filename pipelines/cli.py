@@ -8,6 +8,8 @@
     kubetune rollback NAME [--to V]      # production back to the previous version
     kubetune models NAME                 # versions and aliases in the registry
     kubetune serve --model sms-spam --port 8080   # serve the production model of ./kubetune-store over HTTP
+    kubetune compile --pipeline batch-inference --output kubetune-batch-inference.yaml
+    kubetune infer --model models/sms-spam/production --input s3://data/in/ --output s3://data/scored/
 
 `run` exit codes: 0 model deployed (or training skipped: data unchanged); 2 input rejected (bad data or options): nothing trained or
 published; 3 the quality gate rejected the model: nothing published; 1 anything else.
@@ -44,6 +46,7 @@ from pipelines import cluster
 from pipelines.config import DEFAULT_IMAGE, ClusterConfig
 
 DEFAULT_STORE = "./kubetune-store"
+PIPELINES = ("training", "batch-inference")
 
 
 class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -96,7 +99,8 @@ def _run_parser(sub) -> None:
 
 
 def _compile_parser(sub) -> None:
-    p = sub.add_parser("compile", help="compile the training pipeline to KFP v2 IR YAML", formatter_class=_Help)
+    p = sub.add_parser("compile", help="compile a pipeline (training or batch-inference) to KFP v2 IR YAML", formatter_class=_Help)
+    p.add_argument("--pipeline", choices=PIPELINES, default="training", help="which pipeline")
     p.add_argument("--output", required=True, type=Path)
     cluster.add_compile_args(p)
     p.set_defaults(func=cmd_compile)
@@ -136,6 +140,17 @@ def _serve_parser(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def _infer_parser(sub) -> None:
+    from components.batch_infer import add_batch_args
+
+    p = sub.add_parser("infer", help="batch ONNX inference over files with a registry model, in this process", formatter_class=_Help,
+                       description="Score every CSV/TSV/JSONL/Parquet file under --input; Parquet predictions under --output. "
+                                   "Re-run with the same --output to resume after a crash (committed shards are skipped).")
+    add_batch_args(p)
+    p.add_argument("--summary", type=Path, help="write the batch manifest JSON here too")
+    p.set_defaults(func=cmd_infer)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubetune", description="Fine-tune, gate, export and publish transformer text classifiers on Kubeflow.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -144,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_parsers(sub, _Help)
     _registry_parsers(sub)
     _serve_parser(sub)
+    _infer_parser(sub)
     return p
 
 
@@ -294,6 +310,25 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from components.serve import serve
 
     return serve(a)
+
+
+# ---------------------------------------------------------------------------------------------
+# infer
+
+
+def cmd_infer(a: argparse.Namespace) -> int:
+    from components.batch_infer import BatchConfig, run_batch
+    from components.entry import config_from_args
+
+    manifest = run_batch(a.store, a.model, a.input, a.output, config_from_args(BatchConfig, a), S3Settings.from_env())
+    t = manifest["totals"]
+    print(f"\n{t['rows']} rows in {len(manifest['shards'])} shards: {t['predicted']} predicted, {t['rejected']} rejected, "
+          f"{t['truncated']} truncated; model {manifest['model']['name']} {manifest['model']['version']} ({manifest['variant']})\n"
+          f"manifest {a.output.rstrip('/')}/manifest.json")
+    if a.summary:
+        a.summary.parent.mkdir(parents=True, exist_ok=True)
+        a.summary.write_text(json.dumps(manifest, indent=2) + "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
