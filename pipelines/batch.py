@@ -41,7 +41,7 @@ def build_batch_pipeline(cluster: ClusterConfig | None = None, default_store: st
 
         Args:
             input_uri: A file or s3:// prefix; every .csv, .tsv, .jsonl and .parquet file under it is scored.
-            output_uri: s3:// prefix for predictions (shards/<id>/predictions.parquet), rejects, plan.json and manifest.json; reuse it to resume a run.
+            output_uri: s3:// prefix for shards/<id>/predictions.parquet, rejects, plan.json, manifest.json; reuse it to resume.
             model: Registry model: models/<name>/<alias or version>, or <name> for its production alias.
             store: The store holding the model registry (s3://bucket/prefix).
             text_column: Column (JSONL: field) holding the text.
@@ -49,7 +49,7 @@ def build_batch_pipeline(cluster: ClusterConfig | None = None, default_store: st
             variant: ONNX variant: auto (int8 > optimized > fp32 on CPU), fp32, optimized or int8.
             shard_rows: Rows per shard; each shard is one pod and one atomic commit.
             batch_size: Rows per ONNX Runtime batch (rows are sorted by length first).
-            max_chars: Texts longer than this many characters go to the rejects file; texts over the model's max_length tokens are truncated and flagged.
+            max_chars: Longer texts (characters) are rejected; texts over the model's max_length tokens are truncated and flagged.
         """
         plan = ops.batch_plan(store=store, model=model, input_uri=input_uri, output_uri=output_uri, text_column=text_column,
                               id_column=id_column, variant=variant, shard_rows=shard_rows, batch_size=batch_size, max_chars=max_chars)

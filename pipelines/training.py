@@ -105,7 +105,7 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
             gate_metric: Test metric the gate checks: accuracy, macro_f1, weighted_f1, macro_precision or macro_recall.
             gate_threshold: Minimum gate_metric on the test split.
             gate_tolerance: How much worse than the current production model the new one may be.
-            onnx_variants: ONNX variants to export, comma-separated: fp32 (required), optimized, int8 (CPU), fp16 (GPU); each must pass a held-out check.
+            onnx_variants: Comma-separated ONNX variants: fp32 (required), optimized, int8 (CPU), fp16 (GPU); each passes a held-out check.
             namespace: Namespace of the rendered KServe InferenceService.
             serving_image: Image of the predictor container in the rendered InferenceService.
             force: Train even when the data equals that of the current production model (else the run is skipped).
