@@ -44,7 +44,7 @@ from components.errors import ConfigError, InputError
 from components.onnx_model import VARIANTS, OnnxClassifier
 from components.progress import Progress, log
 from components.records import scratch
-from components.store import S3Settings, Store, fetch, join, open_store
+from components.store import NotFound, S3Settings, Store, fetch, join, open_store
 
 STEP = "infer"
 PLAN, MANIFEST = "plan.json", "manifest.json"
@@ -95,7 +95,7 @@ def make_plan(store: Store, model_ref: str, input_uri: str, output: Store, cfg: 
     plan["model"] = {"name": name, "version": version, "uri": store.url(registry.version_prefix(name, version))}
     try:
         existing = output.read_json(PLAN)
-    except Exception:  # noqa: BLE001 - absent (NotFound) or unreadable: write ours
+    except NotFound:
         existing = None
     if existing is not None:
         if existing.get("fingerprint") != plan["fingerprint"]:
