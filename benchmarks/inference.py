@@ -67,13 +67,13 @@ def test_texts(rows: int) -> tuple[list[str], list[str]]:
     return texts, labels
 
 
-def run_baseline(model_dir: Path, texts: list[str], batch_size: int) -> tuple[list[str], list[float], float]:
+def run_baseline(model_dir: Path, texts: list[str], batch_size: int, max_length: int) -> tuple[list[str], list[float], float]:
     import torch
     from transformers import pipeline
 
     torch.set_num_threads(cores())
     pipe = pipeline("text-classification", model=str(model_dir), device=-1)
-    kw = {"batch_size": batch_size, "truncation": True, "max_length": 128}
+    kw = {"batch_size": batch_size, "truncation": True, "max_length": max_length}
     pipe(texts[:batch_size], **kw)  # warm-up
     labels, latencies = [], []
     t0 = time.perf_counter()
@@ -105,9 +105,10 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir, onnx_dir, _ = build_model(a.workdir, a.train_rows)
     texts, truth = test_texts(a.rows)
-    print(f"\n{len(texts)} texts, batch size {a.batch_size}, {cores()} cores", flush=True)
+    max_length = json.loads((onnx_dir / "kubetune.json").read_text())["max_length"]  # the same truncation everywhere
+    print(f"\n{len(texts)} texts, batch size {a.batch_size}, max_length {max_length}, {cores()} cores", flush=True)
 
-    runs = [("baseline (transformers pipeline, torch eager)", "baseline", lambda: run_baseline(model_dir, texts, a.batch_size))]
+    runs = [("baseline (transformers pipeline, torch eager)", "baseline", lambda: run_baseline(model_dir, texts, a.batch_size, max_length))]
     runs += [(f"onnx-{v}", f"onnx-{v}", lambda v=v: run_onnx(onnx_dir, v, texts, a.batch_size)) for v in ("fp32", "optimized", "int8")]
     rows, reference = [], None
     for title, name, fn in runs:
