@@ -53,7 +53,7 @@ def test_formats_bad_rows_and_the_shared_contract(tmp_path, store_dir, sms_rows,
     inp.mkdir()
     texts = [t for _, t in sms_rows[:260]]
     write_csv(inp / "a.csv", [(t, l) for l, t in sms_rows[:120]])
-    long_text = "Free entry to win a prize! " * 200  # ~1,000 tokens: truncated to max_length, not rejected
+    long_text = "Free entry to win a prize! " * 50  # 1,350 characters, ~350 tokens: truncated to max_length, not rejected
     write_jsonl(inp / "b.jsonl", [(t, f"m{i}") for i, t in enumerate(texts[120:200])] + [(long_text, "long")], keys=("text", "msg_id"))
     with open(inp / "b.jsonl", "ab") as f:
         f.write(b'{"text": null, "msg_id": "null"}\n{"text": 42, "msg_id": "num"}\n{"text": "  ", "msg_id": "blank"}\n'
@@ -85,13 +85,15 @@ def test_formats_bad_rows_and_the_shared_contract(tmp_path, store_dir, sms_rows,
     assert preds.set_index("id").loc["long", "truncated"] and preds["truncated"].sum() == 1
     assert list(preds.columns) == ["id", "source_file", "source_row", "label", "score", "prob_ham", "prob_spam", "truncated"]
 
-    # the same answers as OnnxClassifier.predict, the contract the online server uses
+    # the same answers as OnnxClassifier.predict, the contract the online server uses (not to the
+    # last digit: int8 quantizes activations with a scale per batch, and the batches differ)
     clf = OnnxClassifier(exported_model)
     p = preds[preds["source_file"].str.endswith("c.parquet")].sort_values("source_row")
     want = clf.predict(texts[200:259])
     assert list(p["label"]) == [w["label"] for w in want]
-    assert max(abs(a - w["score"]) for a, w in zip(p["score"], want)) < 1e-6
-    assert max(abs(a - w["probabilities"]["spam"]) for a, w in zip(p["prob_spam"], want)) < 1e-6
+    assert max(abs(a - w["score"]) for a, w in zip(p["score"], want)) < 0.01
+    assert max(abs(a - w["probabilities"]["spam"]) for a, w in zip(p["prob_spam"], want)) < 0.01
+    assert (p["prob_ham"] + p["prob_spam"] - 1).abs().max() < 1e-9
 
     # a finished batch re-runs as a no-op; another input under the same output is refused
     again = run_batch(str(store_dir), "sms-spam", str(inp), str(out), BatchConfig(id_column="msg_id", shard_rows=50, max_chars=2000), None)
