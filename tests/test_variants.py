@@ -14,7 +14,7 @@ import pytest
 from components.errors import ConfigError, InputError
 from components.export import ExportConfig
 from components.onnx_model import OnnxClassifier, accepted_variants
-from components.shards import load_split
+from components.shards import TokenizedSplit, load_split
 from components.variants import VariantRejected, accept_variants, check_variant, parse_variants
 
 
@@ -71,13 +71,17 @@ def test_a_failing_variant_fails_the_step_with_its_numbers(exported_model, small
     good = clf.logits_for_tokens(split)
     ok = check_variant("int8", clf, split, good, 0.995, 0.005)
     assert ok["passed"] and ok["agreement"] == 1.0 and ok["accuracy_drop"] == 0.0
-    # a reference that disagrees on every row where it can: agreement and accuracy both fail
-    flipped = good[:, ::-1].copy()
+    # a torch reference that is right on every row (labels = its argmax) and differs from the graph
+    # on one row: agreement and accuracy both fail, and the message names the variant and the numbers
+    reference = good.copy()
+    reference[0] = reference[0, ::-1]
+    truth = TokenizedSplit(split.ids, split.offsets, reference.argmax(-1))
     with pytest.raises(VariantRejected) as err:
-        accept_variants(None, [], folder, ["fp32"], split, flipped, device="cpu", min_agreement=0.995, max_accuracy_drop=0.005, work=tmp_path)
-    message = str(err.value)
-    assert message.startswith("ONNX variant check failed on the eval split: fp32: argmax agreement 0.0000 < 0.995")
-    assert "points > 0.50" in message and f"({len(split)} rows)" in message and "nothing is published" in message
+        accept_variants(None, [], folder, ["fp32"], truth, reference, device="cpu", min_agreement=0.995, max_accuracy_drop=0.005, work=tmp_path)
+    n = len(split)
+    assert str(err.value) == (
+        f"ONNX variant check failed on the eval split: fp32: argmax agreement {(n - 1) / n:.4f} < 0.995, accuracy {(n - 1) / n:.4f} "
+        f"vs torch 1.0000 drops {100 / n:.2f} points > 0.50 ({n} rows); nothing is published")
 
 
 @pytest.mark.slow
