@@ -39,7 +39,7 @@ import numpy as np
 
 from components import registry
 from components.batch_input import Row, list_inputs, read_rows
-from components.entry import add_config_args, config_from_args, run_main
+from components.entry import config_from_args, run_main
 from components.errors import ConfigError, InputError
 from components.onnx_model import VARIANTS, OnnxClassifier
 from components.progress import Progress, log
@@ -277,7 +277,15 @@ def add_batch_args(p) -> None:
     p.add_argument("--model", required=True, help="models/<name>/<alias or version>, or <name> for its production alias")
     p.add_argument("--input", required=True, help="a file, folder or s3:// prefix of CSV/TSV/JSONL/Parquet files")
     p.add_argument("--output", required=True, help="folder or s3:// prefix for the predictions (re-use it to resume)")
-    add_config_args(p, BatchConfig)
+    d = BatchConfig
+    p.add_argument("--text-column", default=d.text_column, help="column (JSONL: field) holding the text")
+    p.add_argument("--id-column", default=d.id_column, help="column copied to the predictions' id; empty: <file>:<row>")
+    p.add_argument("--variant", default=d.variant, help="ONNX variant: auto (CPU: int8 > optimized > fp32; CUDA: fp16 > ...), or a name")
+    p.add_argument("--shard-rows", type=int, default=d.shard_rows, help="rows per shard (one commit, one pod in the pipeline)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per ONNX Runtime batch (sorted by length first)")
+    p.add_argument("--max-chars", type=int, default=d.max_chars, help="longer texts are rejected; over max_length tokens they are truncated")
+    p.add_argument("--device", default=d.device, choices=("cpu", "cuda"), help="ONNX Runtime provider (cuda never falls back silently)")
+    p.add_argument("--threads", type=int, default=d.threads, help="ONNX Runtime threads; 0: every core this process may use")
 
 
 def main(argv: list[str] | None = None) -> int:
