@@ -203,6 +203,9 @@ def print_summary(s: dict, wall: float) -> None:
         w(f"gate: {'passed' if s['gate']['passed'] else 'REJECTED'} - {s['gate']['reason']}\n")
     if s["onnx"]:
         w(f"onnx: max |logit diff| {s['onnx']['max_abs_diff']:.2e}, argmax agreement {s['onnx']['argmax_agreement']:.4f}\n")
+        for name, v in (s["onnx"].get("variants") or {}).items():
+            w(f"  {name:<9} agreement {v['agreement']:.4f}, accuracy {v['accuracy']:.4f} (drop {100 * v['accuracy_drop']:.2f} points), "
+              f"{v['size_bytes'] / 2**20:.1f} MiB\n")
     if s["deployment"]:
         d = s["deployment"]
         w(f"deployed: {d['version']} at {d['model_uri']}\n          manifest {d['manifest_uri']}\n")
