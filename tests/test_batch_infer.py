@@ -87,14 +87,20 @@ def test_formats_bad_rows_and_the_shared_contract(tmp_path, store_dir, sms_rows,
     assert preds.set_index("id").loc["long", "truncated"] and preds["truncated"].sum() == over
     assert list(preds.columns) == ["id", "source_file", "source_row", "label", "score", "prob_ham", "prob_spam", "truncated"]
 
-    # the same answers as OnnxClassifier.predict, the contract the online server uses (not to the
-    # last digit: int8 quantizes activations with a scale per batch, and the batches differ)
+    # the same labels as OnnxClassifier.predict, the contract the online server uses; the scores of
+    # int8 differ a little (up to a few 0.01) because dynamic quantization scales activations per batch
     p = preds[preds["source_file"].str.endswith("c.parquet")].sort_values("source_row")
     want = clf.predict(texts[200:259])
     assert list(p["label"]) == [w["label"] for w in want]
-    assert max(abs(a - w["score"]) for a, w in zip(p["score"], want)) < 0.01
-    assert max(abs(a - w["probabilities"]["spam"]) for a, w in zip(p["prob_spam"], want)) < 0.01
+    assert max(abs(a - w["score"]) for a, w in zip(p["score"], want)) < 0.1
     assert (p["prob_ham"] + p["prob_spam"] - 1).abs().max() < 1e-9
+    # with the fp32 variant, batch scores equal predict()'s to float precision
+    fp32 = run_batch(str(store_dir), "sms-spam", str(inp / "c.parquet"), str(tmp_path / "fp32"), BatchConfig(variant="fp32", id_column="msg_id"), None)
+    assert fp32["variant"] == "fp32"
+    p32 = pd.read_parquet(tmp_path / "fp32/shards/00000/predictions.parquet").sort_values("source_row")
+    want = OnnxClassifier(exported_model, variant="fp32").predict(texts[200:259])
+    assert list(p32["label"]) == [w["label"] for w in want]
+    assert max(abs(a - w["probabilities"]["spam"]) for a, w in zip(p32["prob_spam"], want)) < 1e-5
 
     # a finished batch re-runs as a no-op; another input under the same output is refused
     again = run_batch(str(store_dir), "sms-spam", str(inp), str(out), BatchConfig(id_column="msg_id", shard_rows=50, max_chars=2000), None)
