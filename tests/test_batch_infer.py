@@ -38,7 +38,8 @@ def publish(store, model_dir: Path, version: str = "v20261123-000000-test") -> s
 def all_rows(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     preds = [pd.read_parquet(p) for p in sorted(out.glob("shards/*/predictions.parquet"))]
     rejects = [pd.read_parquet(p) for p in sorted(out.glob("shards/*/rejects.parquet"))]
-    return pd.concat(preds, ignore_index=True), (pd.concat(rejects, ignore_index=True) if rejects else pd.DataFrame(columns=["id", "source_file", "source_row"]))
+    none = pd.DataFrame(columns=["id", "source_file", "source_row"])
+    return pd.concat(preds, ignore_index=True), (pd.concat(rejects, ignore_index=True) if rejects else none)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,8 @@ def test_formats_bad_rows_and_the_shared_contract(tmp_path, store_dir, sms_rows,
     assert max(abs(a - w["score"]) for a, w in zip(p["score"], want)) < 0.1
     assert (p["prob_ham"] + p["prob_spam"] - 1).abs().max() < 1e-9
     # with the fp32 variant, batch scores equal predict()'s to float precision
-    fp32 = run_batch(str(store_dir), "sms-spam", str(inp / "c.parquet"), str(tmp_path / "fp32"), BatchConfig(variant="fp32", id_column="msg_id"), None)
+    fp32 = run_batch(str(store_dir), "sms-spam", str(inp / "c.parquet"), str(tmp_path / "fp32"),
+                     BatchConfig(variant="fp32", id_column="msg_id"), None)
     assert fp32["variant"] == "fp32"
     p32 = pd.read_parquet(tmp_path / "fp32/shards/00000/predictions.parquet").sort_values("source_row")
     want = OnnxClassifier(exported_model, variant="fp32").predict(texts[200:259])
