@@ -105,7 +105,8 @@ def test_formats_bad_rows_and_the_shared_contract(tmp_path, store_dir, sms_rows,
     assert max(abs(a - w["probabilities"]["spam"]) for a, w in zip(p32["prob_spam"], want)) < 1e-5
 
     # a finished batch re-runs as a no-op; another input under the same output is refused
-    again = run_batch(str(store_dir), "sms-spam", str(inp), str(out), BatchConfig(id_column="msg_id", shard_rows=50, max_chars=2000), None)
+    again = run_batch(str(store_dir), "models/sms-spam/production", str(inp), str(out),
+                      BatchConfig(id_column="msg_id", shard_rows=50, max_chars=2000), None)
     assert again["totals"] == manifest["totals"]
     with pytest.raises(InputError, match="belongs to another batch"):
         run_batch(str(store_dir), "sms-spam", str(inp / "c.parquet"), str(out), BatchConfig(), None)
