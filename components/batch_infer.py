@@ -54,7 +54,7 @@ PLAN, MANIFEST = "plan.json", "manifest.json"
 class BatchConfig:
     text_column: str = "text"
     id_column: str = ""  # empty: ids are <file>:<row>
-    variant: str = "auto"  # auto: the best accepted variant for the device (CPU: int8, optimized, fp32)
+    variant: str = "auto"  # auto: the best accepted variant for the device (CPU: optimized, fp32); int8 on request
     shard_rows: int = 50_000
     batch_size: int = 64
     max_chars: int = 100_000  # longer texts are rejected; texts over max_length tokens are truncated
@@ -280,7 +280,7 @@ def add_batch_args(p) -> None:
     d = BatchConfig
     p.add_argument("--text-column", default=d.text_column, help="column (JSONL: field) holding the text")
     p.add_argument("--id-column", default=d.id_column, help="column copied to the predictions' id; empty: <file>:<row>")
-    p.add_argument("--variant", default=d.variant, help="ONNX variant: auto (CPU: int8 > optimized > fp32; CUDA: fp16 > ...), or a name")
+    p.add_argument("--variant", default=d.variant, help="ONNX variant: auto (CPU: optimized > fp32), or int8 (fastest on CPU), fp32, ...")
     p.add_argument("--shard-rows", type=int, default=d.shard_rows, help="rows per shard (one commit, one pod in the pipeline)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per ONNX Runtime batch (sorted by length first)")
     p.add_argument("--max-chars", type=int, default=d.max_chars, help="longer texts are rejected; over max_length tokens they are truncated")

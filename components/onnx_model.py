@@ -15,8 +15,9 @@ a check on held-out rows (argmax agreement with torch, accuracy drop; see compon
   model.int8.onnx       int8        the optimized graph with int8 dynamic quantization of its weights, for CPU
 `kubetune.json` lists the accepted ones: {"variants": {"<name>": {"file", "agreement", "accuracy",
 "accuracy_drop", ...}}}; a folder written before variants existed has fp32 only.
-`OnnxClassifier(dir, variant="auto")` loads the best accepted variant for the device (CPU: int8,
-optimized, fp32; CUDA: fp16, optimized, fp32); name one to pin it.
+`OnnxClassifier(dir, variant="auto")` loads the best accepted variant for the device (CPU: optimized,
+fp32; CUDA: fp16, optimized, fp32); name one to pin it. int8 is opt-in (`variant="int8"`): fastest on
+CPU, but its scores vary slightly with the batch a text is scored in.
 
 Execution providers are explicit: asking for CUDA on a machine where ONNX Runtime cannot load it
 (no GPU, missing CUDA/cuDNN libraries) is an error naming the providers it has, never a silent
@@ -34,7 +35,9 @@ from components.errors import ConfigError, InputError
 from components.shards import TokenizedSplit, pad_batch, sorted_batches
 
 VARIANTS = ("fp32", "optimized", "fp16", "int8")
-PREFERENCE = {"cpu": ("int8", "optimized", "fp32"), "cuda": ("fp16", "optimized", "fp32")}
+# int8 is never picked automatically: dynamic quantization scales activations per batch, so its
+# scores depend on which texts share a batch (batch inference vs a server's micro-batches)
+PREFERENCE = {"cpu": ("optimized", "fp32"), "cuda": ("fp16", "optimized", "fp32")}
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
