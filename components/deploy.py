@@ -28,6 +28,7 @@ from components.errors import ConfigError, InputError
 from components.freshness import data_fingerprint
 from components.manifests import ServingConfig, inference_service, to_yaml
 from components.metrics import TOKEN, per_type_table
+from components.onnx_model import accepted_variants
 from components.progress import log
 from components.records import RunRecord, open_run, scratch
 from components.rollout import DeployConfig, GitAuth, commit_message, rollout_gitops, rollout_kserve
@@ -35,6 +36,16 @@ from components.store import Store
 
 STEP = "deploy"
 MANIFEST_FILE = "inferenceservice.yaml"
+
+
+def variant_table(variants: dict) -> str:
+    """The accepted ONNX variants with their held-out check, for the model card."""
+    if not variants:
+        return "Variants: fp32 only (model.onnx)."
+    rows = "\n".join(f"| {k} | `{v['file']}` | {v['agreement']:.4f} | {v['accuracy']:.4f} | {100 * v['accuracy_drop']:.2f} | "
+                     f"{v['size_bytes'] / 2**20:.1f} |" for k, v in variants.items())
+    return ("Accepted variants (checked against torch on the eval split):\n\n"
+            "| variant | file | argmax agreement | accuracy | drop (points) | MiB |\n|---|---|---|---|---|---|\n" + rows)
 
 
 def model_card(name: str, version: str, evaluation: dict, run: dict, training: dict, export: dict) -> str:
@@ -72,6 +83,8 @@ Gate: {'passed' if g['passed'] else 'rejected'} - {g['reason']}
 Parity with torch on {export.get('rows')} held-out rows: max |logit diff| {export.get('max_abs_diff')},
 argmax agreement {export.get('argmax_agreement')}.
 
+{variant_table(export.get('variants') or {})}
+
 ## Intended use and limits
 
 Classifies short texts like those it was trained on. Texts longer than the training max_length are
@@ -99,9 +112,10 @@ def publish(record: RunRecord, name: str, onnx_dir: Path, evaluation: dict, cfg:
          "data_fingerprint": data_fingerprint(run["fingerprints"]) if run["fingerprints"] else None}, indent=2))
     (staging / "MODEL_CARD.md").write_text(model_card(name, version, evaluation, run, training, export))
     (staging / MANIFEST_FILE).write_text(to_yaml(inference_service(name, version, storage_uri, record.run_id, cfg)))
+    variants = sorted(accepted_variants(staging))
     store.publish_dir(staging, prefix)
-    log(STEP, f"published {storage_uri}")
-    return {"version": version, "model_uri": storage_uri, "manifest_uri": store.url(f"{prefix}/{MANIFEST_FILE}")}
+    log(STEP, f"published {storage_uri} (ONNX variants: {', '.join(variants)})")
+    return {"version": version, "model_uri": storage_uri, "manifest_uri": store.url(f"{prefix}/{MANIFEST_FILE}"), "variants": variants}
 
 
 def release(store: Store, name: str, version: str, serving: ServingConfig, target: DeployConfig, run_id: str,
@@ -159,7 +173,7 @@ def deploy(record: RunRecord, name: str, onnx_dir: Path, evaluation: dict, cfg: 
     target = target or DeployConfig()
     target.check()  # before publishing: a bad target setting should not leave an orphan version
     published = publish(record, name, onnx_dir, evaluation, cfg)
-    return release(record.store, name, published["version"], cfg, target, record.run_id, auth)
+    return {**release(record.store, name, published["version"], cfg, target, record.run_id, auth), "variants": published["variants"]}
 
 
 def run_step(*, store_uri: str, run_id: str, model_name: str, onnx_dir: Path, evaluation_path: Path,
@@ -172,7 +186,7 @@ def run_step(*, store_uri: str, run_id: str, model_name: str, onnx_dir: Path, ev
         manifest_path.parent.mkdir(parents=True, exist_ok=True)
         manifest_path.write_text(to_yaml(result["manifest"]))
         record.write_json("deployment.json", {k: v for k, v in result.items() if k != "manifest"})
-        rec["outputs"] = {k: result[k] for k in ("version", "model_uri", "manifest_uri")} | {"target": target.target}
+        rec["outputs"] = {k: result[k] for k in ("version", "model_uri", "manifest_uri", "variants")} | {"target": target.target}
     return result
 
 

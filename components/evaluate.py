@@ -82,7 +82,7 @@ def champion_score(store: Store, name: str, labels: list[str], rows: list, y_tru
     if champion_labels != labels:
         return {"version": version, "value": recorded["metrics"][metric],
                 "source": f"recorded metric (its labels {champion_labels} differ from {labels}, so it cannot be re-scored)"}
-    clf = OnnxClassifier(local, device="cpu")
+    clf = OnnxClassifier(local, device="cpu", variant="fp32")  # fp32: the same numbers as the torch side it is compared with
     if clf.task == TOKEN:
         value = entity_metrics(y_true, clf.tags_for_words(rows))[metric]
     else:

@@ -1,7 +1,7 @@
 """Step 5 - export: the fine-tuned model to ONNX, checked against torch before anything uses it.
 
     python -m components.export --model /tmp/kt/model --tokens /tmp/kt/tokens --out /tmp/kt/onnx \
-        --store ./kubetune-store --run-id dev
+        --variants fp32,optimized,int8 --store ./kubetune-store --run-id dev
 
 The graph comes from torch's exporter (torch.export + onnxscript, `dynamo=True`) with dynamic batch
 and sequence axes. Parity: up to `parity_rows` held-out (test) rows go through torch and through
@@ -9,6 +9,11 @@ ONNX Runtime at several batch shapes; the step fails when the largest logit diff
 `parity_atol` or the argmax agreement falls below `min_agreement` (token classification: over every
 real token of those rows, per-token argmax). The output folder carries
 everything inference needs (see components.onnx_model): model.onnx, tokenizer, labels, settings.
+
+Variants (`variants`, default fp32,optimized,int8; see components.variants): each requested one is
+built and checked on up to `check_rows` eval rows against torch (argmax agreement >= min_agreement,
+accuracy drop <= max_accuracy_drop); one failure fails the step with every failing variant's numbers.
+kubetune.json lists the accepted variants, which the registry version then carries.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from components.metrics import SEQUENCE, TOKEN
 from components.modeling import auto_model_class, predict_logits, predict_token_logits
 from components.onnx_model import OnnxClassifier
 from components.progress import log
-from components.records import open_run
+from components.records import open_run, scratch
 from components.shards import load_split
+from components.variants import accept_variants, parse_variants
 
 STEP = "export"
 
@@ -45,13 +51,19 @@ class ExportConfig:
     parity_rows: int = 256
     parity_atol: float = 1e-3  # max |torch logit - onnx logit|, fp32 vs fp32
     min_agreement: float = 0.995  # share of rows whose argmax agrees
-    device: str = "cpu"  # ONNX Runtime provider for the parity check: cpu | cuda
+    device: str = "cpu"  # ONNX Runtime provider for the parity and variant checks: cpu | cuda
+    variants: str = "fp32,optimized,int8"  # comma-separated subset of fp32, optimized, fp16 (for CUDA), int8
+    max_accuracy_drop: float = 0.005  # a variant's eval accuracy may be at most 0.5 points below torch's
+    check_rows: int = 2000  # eval rows for the variant check (all when fewer)
 
     def check(self) -> None:
-        if self.parity_rows < 1:
-            raise ConfigError("parity_rows must be >= 1: an export is never published unchecked")
+        if self.parity_rows < 1 or self.check_rows < 1:
+            raise ConfigError("parity_rows and check_rows must be >= 1: an export is never published unchecked")
         if not 0 < self.min_agreement <= 1:
             raise ConfigError(f"min_agreement={self.min_agreement}: must be in (0, 1]")
+        if not 0 <= self.max_accuracy_drop < 1:
+            raise ConfigError(f"max_accuracy_drop={self.max_accuracy_drop}: must be in [0, 1) (0.005 = half a point)")
+        parse_variants(self.variants)
 
 
 def export_onnx(model, input_names: list[str], path: Path, opset: int) -> None:
@@ -107,6 +119,7 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig) 
     from transformers.utils import logging as hf_logging
 
     cfg.check()
+    wanted = parse_variants(cfg.variants)
     hf_logging.disable_progress_bar()
     meta = json.loads((tokens_dir / "meta.json").read_text())
     names, pad_id, task = meta["model_input_names"], meta["pad_token_id"], meta.get("task", SEQUENCE)
@@ -130,7 +143,7 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig) 
     (out_dir / "kubetune.json").write_text(json.dumps(info, indent=2))
 
     # ---- parity on held-out rows -------------------------------------------------------------
-    clf = OnnxClassifier(out_dir, device=cfg.device)
+    clf = OnnxClassifier(out_dir, device=cfg.device, variant="fp32")
     parity = check_parity(model, clf, load_split(tokens_dir, "test"), cfg, pad_id, names)
     (out_dir / "parity.json").write_text(json.dumps(parity, indent=2))
     log(STEP, f"parity on {parity['rows']} test rows: max |logit diff| {parity['max_abs_diff']:.2e}, "
@@ -140,6 +153,20 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig) 
             f"ONNX parity failed: max |logit diff| {parity['max_abs_diff']:.3e} (limit {cfg.parity_atol}), argmax agreement "
             f"{parity['argmax_agreement']:.4f} (minimum {cfg.min_agreement}); the export is not published"
         )
+
+    # ---- variants, each checked on the eval split --------------------------------------------
+    held_out = load_split(tokens_dir, "eval")
+    held_out = held_out.take(np.arange(min(cfg.check_rows, len(held_out))))
+    predict = {"batch_size": 32, "pad_id": pad_id, "input_names": names, "device": torch.device("cpu")}
+    reference = (np.concatenate(predict_token_logits(model, held_out, **predict)) if task == TOKEN
+                 else predict_logits(model, held_out, **predict))
+    variants = accept_variants(model, names, out_dir, wanted, held_out, reference, device=cfg.device, min_agreement=cfg.min_agreement,
+                               max_accuracy_drop=cfg.max_accuracy_drop, work=scratch(STEP))
+    info["variants"] = {k: {f: v[f] for f in ("file", "rows", "agreement", "accuracy", "torch_accuracy", "accuracy_drop", "size_bytes")}
+                        for k, v in variants.items()}
+    (out_dir / "kubetune.json").write_text(json.dumps(info, indent=2))
+    parity["variants"] = variants
+    (out_dir / "parity.json").write_text(json.dumps(parity, indent=2))
     return {**parity, "size_bytes": onnx_path.stat().st_size, "opset": cfg.opset}
 
 
@@ -149,7 +176,8 @@ def run_step(*, store_uri: str, run_id: str, model_dir: Path, tokens_dir: Path, 
         result = export(model_dir, tokens_dir, out_dir, cfg)
         result["uri"] = out_uri or str(out_dir)
         record.write_json("export.json", result)
-        rec["outputs"] = {"uri": result["uri"], "max_abs_diff": result["max_abs_diff"], "argmax_agreement": result["argmax_agreement"]}
+        rec["outputs"] = {"uri": result["uri"], "max_abs_diff": result["max_abs_diff"], "argmax_agreement": result["argmax_agreement"],
+                          "variants": sorted(result["variants"])}
     return result
 
 

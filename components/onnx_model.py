@@ -6,7 +6,19 @@ Folder layout (written by components.export, published by components.deploy):
                     [batch, sequence, num_labels])
   tokenizer.json, tokenizer_config.json, ...   the fast tokenizer
   labels.json       {"labels": [...]} in logit order
-  kubetune.json     task, max_length, input names, base model, opset
+  kubetune.json     task, max_length, input names, base model, opset, and `variants`
+
+Variants: one folder can hold several graphs of the same model, each accepted by export only after
+a check on held-out rows (argmax agreement with torch, accuracy drop; see components.export):
+  model.onnx            fp32        the reference graph, always present
+  model.optimized.onnx  optimized   fp32 with ONNX Runtime's transformer fusions (attention, LayerNorm, GELU)
+  model.fp16.onnx       fp16        the optimized graph in float16 (inputs/outputs stay int64/float32), for CUDA
+  model.int8.onnx       int8        the optimized graph with int8 dynamic quantization of its weights, for CPU
+`kubetune.json` lists the accepted ones: {"variants": {"<name>": {"file", "agreement", "accuracy",
+"accuracy_drop", ...}}}; a folder written before variants existed has fp32 only.
+`OnnxClassifier(dir, variant="auto")` loads the best accepted variant for the device (CPU: optimized,
+fp32; CUDA: fp16, optimized, fp32); name one to pin it. int8 is opt-in (`variant="int8"`): fastest on
+CPU, but its scores vary slightly with the batch a text is scored in.
 
 Execution providers are explicit: asking for CUDA on a machine where ONNX Runtime cannot load it
 (no GPU, missing CUDA/cuDNN libraries) is an error naming the providers it has, never a silent
@@ -40,6 +52,10 @@ from components.shards import TokenizedSplit, pad_batch, sorted_batches
 # apostrophe (U.S, AT&T, 1996-08-22, O'Neill); a possessive 's on its own; any other non-space
 # character alone (punctuation)
 WORD = re.compile(r"\w+(?:[.&-]\w+|['’](?!s\b)\w+)*|['’]s\b|[^\w\s]")
+VARIANTS = ("fp32", "optimized", "fp16", "int8")
+# int8 is never picked automatically: dynamic quantization scales activations per batch, so its
+# scores depend on which texts share a batch (batch inference vs a server's micro-batches)
+PREFERENCE = {"cpu": ("optimized", "fp32"), "cuda": ("fp16", "optimized", "fp32")}
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
@@ -60,6 +76,32 @@ def create_session(model_path: Path, device: str = "cpu", threads: int = 0):
             "check the GPU, the CUDA/cuDNN libraries and that onnxruntime-gpu (not onnxruntime) is installed"
         )
     return session
+
+
+def variant_file(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise ConfigError(f"ONNX variant {variant!r}: use one of {', '.join(VARIANTS)}")
+    return "model.onnx" if variant == "fp32" else f"model.{variant}.onnx"
+
+
+def accepted_variants(model_dir: Path) -> dict[str, dict]:
+    """The variants export accepted for this folder, by name (fp32 alone for older folders)."""
+    info = json.loads((model_dir / "kubetune.json").read_text())
+    return info.get("variants") or {"fp32": {"file": "model.onnx"}}
+
+
+def pick_variant(model_dir: Path, variant: str, device: str, unchecked: bool = False) -> str:
+    """`auto`: the best accepted variant for `device`; a name: that one, or an error listing what
+    exists. `unchecked`: any variant whose file exists (only export uses it, to check candidates)."""
+    accepted = accepted_variants(model_dir)
+    if variant == "auto":
+        return next(v for v in PREFERENCE.get(device, ("fp32",)) + ("fp32",) if v in accepted)
+    if unchecked and (model_dir / variant_file(variant)).is_file():  # variant_file also rejects unknown names
+        return variant
+    if variant not in accepted:
+        variant_file(variant)
+        raise InputError(f"{model_dir}: has no accepted {variant} variant; it has {', '.join(accepted)}")
+    return variant
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -107,7 +149,7 @@ def group_entities(text: str, spans: list[tuple[int, int]], word_ids: list[int |
 
 
 class OnnxClassifier:
-    def __init__(self, model_dir: Path, device: str = "cpu", threads: int = 0):
+    def __init__(self, model_dir: Path, device: str = "cpu", threads: int = 0, variant: str = "auto", unchecked: bool = False):
         from transformers import AutoTokenizer
 
         if not (model_dir / "model.onnx").is_file():
@@ -115,7 +157,8 @@ class OnnxClassifier:
         self.dir = model_dir
         self.info = json.loads((model_dir / "kubetune.json").read_text())
         self.labels = json.loads((model_dir / "labels.json").read_text())["labels"]
-        self.session = create_session(model_dir / "model.onnx", device, threads)
+        self.variant = pick_variant(model_dir, variant, device, unchecked)
+        self.session = create_session(model_dir / variant_file(self.variant), device, threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.max_length = int(self.info["max_length"])
@@ -176,10 +219,24 @@ class OnnxClassifier:
             out[todo[j]] = group_entities(texts[todo[j]], spans[todo[j]], enc.word_ids(j), enc["offset_mapping"][j], tags, scores)
         return out
 
+    def encode(self, texts: list[str]) -> tuple[TokenizedSplit, np.ndarray]:
+        """Token ids with the model's own tokenizer and max_length, and which texts were truncated."""
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+        rows = enc["input_ids"]
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum([len(r) for r in rows], out=offsets[1:])
+        ids = np.concatenate([np.asarray(r, dtype=np.int32) for r in rows]) if rows else np.zeros(0, dtype=np.int32)
+        # a fast tokenizer keeps what truncation cut off in `overflowing`
+        truncated = np.array([bool(e.overflowing) for e in enc.encodings], dtype=bool) if enc.encodings else np.zeros(len(rows), bool)
+        return TokenizedSplit(ids, offsets, np.zeros(len(rows), dtype=np.int64)), truncated
+
     def logits_for_texts(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """Tokenize with the model's own tokenizer and max_length, batch similar lengths."""
-        rows = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-        return self.logits_for_tokens(_as_split(rows), batch_size)
+        return self.logits_for_tokens(self.encode(texts)[0], batch_size)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Class probabilities (float64, the model's label order) from logits of any variant."""
+        return softmax(logits.astype(np.float64))
 
     def predict(self, texts: list[str], batch_size: int = 64) -> list[dict]:
         """The prediction contract shared by batch inference and serving: per text, the top label,
@@ -188,7 +245,7 @@ class OnnxClassifier:
             return []
         if self.task == TOKEN:
             return [{"entities": e} for e in self.entities(texts, batch_size)]
-        probs = softmax(self.logits_for_texts(texts, batch_size).astype(np.float64))
+        probs = self.probabilities(self.logits_for_texts(texts, batch_size))
         top = probs.argmax(-1)
         return [{"label": self.labels[k], "score": float(p[k]), "probabilities": dict(zip(self.labels, map(float, p)))}
                 for k, p in zip(top, probs)]

@@ -2,7 +2,9 @@
 
   models/<name>/<version>/            a published model (sealed by _MANIFEST.json, written last):
                                       model.onnx, tokenizer files, labels.json, kubetune.json,
-                                      metrics.json, MODEL_CARD.md, inferenceservice.yaml
+                                      metrics.json, MODEL_CARD.md, inferenceservice.yaml, and the
+                                      accepted ONNX variants (model.<variant>.onnx, listed with their
+                                      held-out check in kubetune.json "variants"; components.onnx_model)
   models/<name>/aliases/<alias>.json  {"version", "uri", "updated_at", "run_id", "previous",
                                        "history", "data_fingerprint", "target", ...}
 

@@ -81,7 +81,9 @@ def build_summary(record: RunRecord, pipeline_state: str = "") -> dict:
         "metrics": metrics,
         "gate": gate and {k: gate.get(k) for k in ("passed", "metric", "value", "threshold", "tolerance",
                                                    "champion_value", "champion_version", "reason")},
-        "onnx": export and {k: export.get(k) for k in ("uri", "max_abs_diff", "argmax_agreement")},
+        "onnx": export and {**{k: export.get(k) for k in ("uri", "max_abs_diff", "argmax_agreement")},
+                            "variants": {name: {k: v.get(k) for k in ("agreement", "accuracy", "accuracy_drop", "size_bytes")}
+                                         for name, v in (export.get("variants") or {}).items()}},
         "deployment": deployment and {k: deployment.get(k) for k in ("model_uri", "version", "manifest_uri", "rollout")},
         "skip": skip and {k: skip.get(k) for k in ("reason", "fingerprint", "production_version")},
     }

@@ -9,6 +9,8 @@
     kubetune rollback NAME [--to V]      # production back to the previous version
     kubetune models NAME                 # versions and aliases in the registry
     kubetune serve --model sms-spam --port 8080   # serve the production model of ./kubetune-store over HTTP
+    kubetune compile --pipeline batch-inference --output kubetune-batch-inference.yaml
+    kubetune infer --model models/sms-spam/production --input s3://data/in/ --output s3://data/scored/
 
 `run` exit codes: 0 model deployed (or training skipped: data unchanged); 2 input rejected (bad data or options): nothing trained or
 published; 3 the quality gate rejected the model: nothing published; 1 anything else.
@@ -30,6 +32,7 @@ from components.deploy import release, roll_back
 from components.entry import add_config_args, config_from_args
 from components.errors import ConfigError, InputError, KubetuneError
 from components.evaluate import GateConfig
+from components.export import ExportConfig
 from components.finetune import FinetuneConfig
 from components.manifests import ServingConfig
 from components.metrics import TASK_METRICS, TASKS, TOKEN, resolve_metric
@@ -44,6 +47,7 @@ from pipelines import cluster
 from pipelines.config import DEFAULT_IMAGE, ClusterConfig
 
 DEFAULT_STORE = "./kubetune-store"
+PIPELINES = ("training", "batch-inference")
 
 
 class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -83,6 +87,9 @@ def _run_parser(sub) -> None:
                    help="test metric the gate checks; empty: macro_f1, or entity_micro_f1 for token-classification")
     q.add_argument("--gate-threshold", type=float, default=g.threshold, help="minimum value of the gate metric")
     q.add_argument("--gate-tolerance", type=float, default=g.tolerance, help="how much worse than production a new model may be")
+    x = p.add_argument_group("ONNX export")
+    x.add_argument("--onnx-variants", default=ExportConfig.variants,
+                   help="comma-separated: fp32 (required), optimized, int8 (CPU), fp16 (GPU); each is checked on the eval split")
     o = p.add_argument_group("output")
     o.add_argument("--store", default=DEFAULT_STORE, help="local folder or s3://bucket/prefix (S3 settings from AWS_* variables)")
     o.add_argument("--summary", type=Path, help="write the run summary JSON here")
@@ -100,7 +107,8 @@ def _run_parser(sub) -> None:
 
 
 def _compile_parser(sub) -> None:
-    p = sub.add_parser("compile", help="compile the training pipeline to KFP v2 IR YAML", formatter_class=_Help)
+    p = sub.add_parser("compile", help="compile a pipeline (training or batch-inference) to KFP v2 IR YAML", formatter_class=_Help)
+    p.add_argument("--pipeline", choices=PIPELINES, default="training", help="which pipeline")
     p.add_argument("--output", required=True, type=Path)
     cluster.add_compile_args(p)
     p.set_defaults(func=cmd_compile)
@@ -140,6 +148,17 @@ def _serve_parser(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def _infer_parser(sub) -> None:
+    from components.batch_infer import add_batch_args
+
+    p = sub.add_parser("infer", help="batch ONNX inference over files with a registry model, in this process", formatter_class=_Help,
+                       description="Score every CSV/TSV/JSONL/Parquet file under --input; Parquet predictions under --output. "
+                                   "Re-run with the same --output to resume after a crash (committed shards are skipped).")
+    add_batch_args(p)
+    p.add_argument("--summary", type=Path, help="write the batch manifest JSON here too")
+    p.set_defaults(func=cmd_infer)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubetune", description="Fine-tune, gate, export and publish transformer text classifiers on Kubeflow.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -148,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_parsers(sub, _Help)
     _registry_parsers(sub)
     _serve_parser(sub)
+    _infer_parser(sub)
     return p
 
 
@@ -164,6 +184,7 @@ def pipeline_arguments(a: argparse.Namespace, store_uri: str, run_id: str, name:
     DeployConfig(target=a.deploy_target, canary_traffic_percent=a.canary_traffic_percent, gitops_repo=a.gitops_repo,
                  gitops_branch=a.gitops_branch, gitops_path=a.gitops_path).check()
     resolve_metric(a.task, a.gate_metric, "--gate-metric")  # e.g. macro_f1 for NER: rejected before anything runs
+    ExportConfig(variants=a.onnx_variants).check()
     return {
         "task": a.task, "train_uri": a.train, "eval_uri": a.eval, "test_uri": a.test, "text_column": a.text_column,
         "label_column": a.label_column, "header": not a.no_header, "tag_column": a.tag_column, "repair_tags": a.repair_tags,
@@ -171,7 +192,7 @@ def pipeline_arguments(a: argparse.Namespace, store_uri: str, run_id: str, name:
         "store": store_uri, "run_id": run_id, "limit": a.limit, "seed": a.seed, "eval_fraction": a.eval_fraction,
         "test_fraction": a.test_fraction, "max_length": a.max_length, "epochs": a.epochs, "batch_size": a.batch_size,
         "learning_rate": a.learning_rate, "gate_metric": a.gate_metric, "gate_threshold": a.gate_threshold,
-        "gate_tolerance": a.gate_tolerance, "namespace": a.namespace, "serving_image": a.serving_image,
+        "gate_tolerance": a.gate_tolerance, "onnx_variants": a.onnx_variants, "namespace": a.namespace, "serving_image": a.serving_image,
         "force": a.force, "deploy_target": a.deploy_target, "canary_traffic_percent": a.canary_traffic_percent,
         "gitops_repo": a.gitops_repo, "gitops_branch": a.gitops_branch, "gitops_path": a.gitops_path,
     }
@@ -197,6 +218,9 @@ def print_summary(s: dict, wall: float) -> None:
         w(f"gate: {'passed' if s['gate']['passed'] else 'REJECTED'} - {s['gate']['reason']}\n")
     if s["onnx"]:
         w(f"onnx: max |logit diff| {s['onnx']['max_abs_diff']:.2e}, argmax agreement {s['onnx']['argmax_agreement']:.4f}\n")
+        for name, v in (s["onnx"].get("variants") or {}).items():
+            w(f"  {name:<9} agreement {v['agreement']:.4f}, accuracy {v['accuracy']:.4f} (drop {100 * v['accuracy_drop']:.2f} points), "
+              f"{v['size_bytes'] / 2**20:.1f} MiB\n")
     if s["deployment"]:
         d = s["deployment"]
         w(f"deployed: {d['version']} at {d['model_uri']}\n          manifest {d['manifest_uri']}\n")
@@ -305,6 +329,25 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from components.serve import serve
 
     return serve(a)
+
+
+# ---------------------------------------------------------------------------------------------
+# infer
+
+
+def cmd_infer(a: argparse.Namespace) -> int:
+    from components.batch_infer import BatchConfig, run_batch
+    from components.entry import config_from_args
+
+    manifest = run_batch(a.store, a.model, a.input, a.output, config_from_args(BatchConfig, a), S3Settings.from_env())
+    t = manifest["totals"]
+    print(f"\n{t['rows']} rows in {len(manifest['shards'])} shards: {t['predicted']} predicted, {t['rejected']} rejected, "
+          f"{t['truncated']} truncated; model {manifest['model']['name']} {manifest['model']['version']} ({manifest['variant']})\n"
+          f"manifest {a.output.rstrip('/')}/manifest.json")
+    if a.summary:
+        a.summary.parent.mkdir(parents=True, exist_ok=True)
+        a.summary.write_text(json.dumps(manifest, indent=2) + "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,12 +43,15 @@ def add_compile_args(p: argparse.ArgumentParser) -> None:
 def compile_pipeline(a: argparse.Namespace, output: Path) -> ClusterConfig:
     from kfp import compiler
 
+    from pipelines.batch import build_batch_pipeline
     from pipelines.training import build_training_pipeline
 
     cluster = replace(ClusterConfig(), image=a.image, trainer_image=a.trainer_image, pipeline_root=a.pipeline_root,
                       s3_secret=a.s3_secret, s3_config_map=a.s3_config_map)
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_training_pipeline(cluster, default_store=a.store), str(output))
+    # `kubetune compile --pipeline batch-inference`; the server commands (upload/submit/schedule) run training
+    build = build_batch_pipeline if getattr(a, "pipeline", "training") == "batch-inference" else build_training_pipeline
+    compiler.Compiler().compile(build(cluster, default_store=a.store), str(output))
     return cluster
 
 

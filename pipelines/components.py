@@ -10,6 +10,7 @@ compile time, not import time).
 
 # no `from __future__ import annotations` here: KFP reads the annotations as real types
 from types import SimpleNamespace
+from typing import List
 
 from kfp import dsl
 from kfp.dsl import (
@@ -104,13 +105,14 @@ def evaluate(store: str, run_id: str, job_id: str, model_name: str, gate_metric:
     return log_evaluation(result, metrics, confusion)
 
 
-def export(store: str, run_id: str, job_id: str, model: Input[Model], tokens: Input[Dataset], onnx_model: Output[Model]):
+def export(store: str, run_id: str, job_id: str, onnx_variants: str, model: Input[Model], tokens: Input[Dataset],
+           onnx_model: Output[Model]):
     from pathlib import Path
 
     from components.export import ExportConfig, run_step
 
     run_step(store_uri=store, run_id=run_id or job_id, model_dir=Path(model.path), tokens_dir=Path(tokens.path),
-             out_dir=Path(onnx_model.path), out_uri=onnx_model.uri, cfg=ExportConfig())
+             out_dir=Path(onnx_model.path), out_uri=onnx_model.uri, cfg=ExportConfig(variants=onnx_variants))
 
 
 def deploy(store: str, run_id: str, job_id: str, model_name: str, namespace: str, serving_image: str, deploy_target: str,
@@ -136,6 +138,27 @@ def summarize(store: str, run_id: str, job_id: str, status: dsl.PipelineTaskFina
     run_step(store_uri=store, run_id=run_id or job_id, pipeline_state=status.state)
 
 
+def batch_plan(store: str, model: str, input_uri: str, output_uri: str, text_column: str, id_column: str, variant: str,
+               shard_rows: int, batch_size: int, max_chars: int) -> List[str]:
+    from components.batch_infer import BatchConfig, plan_step
+
+    return plan_step(store_uri=store, model_ref=model, input_uri=input_uri, output_uri=output_uri,
+                     cfg=BatchConfig(text_column=text_column, id_column=id_column, variant=variant, shard_rows=shard_rows,
+                                     batch_size=batch_size, max_chars=max_chars))
+
+
+def batch_score(output_uri: str, shard_id: str) -> str:
+    from components.batch_infer import score_step
+
+    return score_step(output_uri=output_uri, shard_id=shard_id)
+
+
+def batch_collect(output_uri: str, shard_ids: List[str]) -> str:
+    from components.batch_infer import collect_step
+
+    return collect_step(output_uri=output_uri)
+
+
 def make_components(cluster: ClusterConfig) -> SimpleNamespace:
     def cpu(fn):
         return dsl.component(fn, base_image=cluster.image, install_kfp_package=False)
@@ -145,4 +168,5 @@ def make_components(cluster: ClusterConfig) -> SimpleNamespace:
         finetune=dsl.component(finetune, base_image=cluster.gpu_image, install_kfp_package=False),
         finetune_distributed=cpu(finetune_distributed),
         evaluate=cpu(evaluate), export=cpu(export), deploy=cpu(deploy), summarize=cpu(summarize),
+        batch_plan=cpu(batch_plan), batch_score=cpu(batch_score), batch_collect=cpu(batch_collect),
     )

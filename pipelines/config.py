@@ -50,7 +50,11 @@ class ClusterConfig:
         "export": Resources("2", "4", "4Gi", "8Gi"),
         "deploy": Resources("500m", "1", "1Gi", "2Gi"),
         "summarize": Resources("250m", "500m", "512Mi", "1Gi"),
+        "batch-plan": Resources("1", "2", "2Gi", "4Gi"),
+        "batch-score": Resources("4", "4", "4Gi", "8Gi"),  # ONNX Runtime uses every core it is given
+        "batch-collect": Resources("250m", "500m", "512Mi", "1Gi"),
     })
+    batch_parallelism: int = 8  # shard pods at a time in the batch-inference pipeline
 
     @property
     def gpu_image(self) -> str:

@@ -10,6 +10,7 @@ from kfp import dsl, kubernetes
 
 from components.distributed import JobConfig
 from components.evaluate import GateConfig
+from components.export import ExportConfig
 from components.finetune import FinetuneConfig
 from components.manifests import ServingConfig
 from components.rollout import DeployConfig
@@ -22,7 +23,7 @@ PIPELINE_NAME = "kubetune-training"
 # Retried on failure: their work is mostly store I/O (cache, champion download, registry publish).
 # Not validate: its failures are input errors that a retry only delays (boto3 already retries
 # transient S3 errors within a call); not export: deterministic failures.
-NETWORK_STEPS = ("freshness", "tokenize", "evaluate", "deploy", "summarize")
+NETWORK_STEPS = ("freshness", "tokenize", "evaluate", "deploy", "summarize", "batch-plan", "batch-score", "batch-collect")
 # Retried because a retry resumes from the store checkpoint (a lost node costs minutes, not the run);
 # their deterministic failures (bad options, labels) fail within seconds, before any training.
 RESUMABLE_STEPS = ("finetune", "finetune_distributed")
@@ -80,6 +81,7 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
         gate_metric: str = GateConfig.metric,
         gate_threshold: float = GateConfig.threshold,
         gate_tolerance: float = GateConfig.tolerance,
+        onnx_variants: str = ExportConfig.variants,
         namespace: str = ServingConfig.namespace,
         serving_image: str = cluster.image,
         force: bool = False,
@@ -120,6 +122,7 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
             gate_metric: Test metric the gate checks; empty = macro_f1, or entity_micro_f1 for NER (see the README for all).
             gate_threshold: Minimum gate_metric on the test split.
             gate_tolerance: How much worse than the current production model the new one may be.
+            onnx_variants: Comma-separated ONNX variants: fp32 (required), optimized, int8 (CPU), fp16 (GPU); each passes a held-out check.
             namespace: Namespace of the rendered KServe InferenceService.
             serving_image: Image of the predictor container in the rendered InferenceService.
             force: Train even when the data equals that of the current production model (else the run is skipped).
@@ -153,7 +156,7 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
                                         gate_tolerance=gate_tolerance, model=model,
                                         tokens=tokenize.outputs["tokens"], dataset=validate.outputs["dataset"])
                 with dsl.If(evaluate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (KFP condition)
-                    export = ops.export(**common, model=model, tokens=tokenize.outputs["tokens"])
+                    export = ops.export(**common, onnx_variants=onnx_variants, model=model, tokens=tokenize.outputs["tokens"])
                     deploy = ops.deploy(**common, model_name=model_name, namespace=namespace, serving_image=serving_image,
                                         deploy_target=deploy_target, canary_traffic_percent=canary_traffic_percent,
                                         gitops_repo=gitops_repo, gitops_branch=gitops_branch, gitops_path=gitops_path,

@@ -74,7 +74,7 @@ def test_onnx_matches_torch_on_raw_texts(exported_model, trained_model, sms_rows
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     texts = [t for _, t in sms_rows[1000:1003]] + ["ok", "URGENT! You have won a 1 week FREE membership " * 3]
-    clf = OnnxClassifier(exported_model)
+    clf = OnnxClassifier(exported_model, variant="fp32")
     got = clf.logits_for_texts(texts, batch_size=2)
     model = AutoModelForSequenceClassification.from_pretrained(trained_model).eval()
     tok = AutoTokenizer.from_pretrained(trained_model)
@@ -89,11 +89,11 @@ def test_parity_check_catches_a_wrong_graph(exported_model, trained_model, small
     model = AutoModelForSequenceClassification.from_pretrained(trained_model).eval()
     meta = json.loads((small_tokens / "meta.json").read_text())
     split = load_split(small_tokens, "test")
-    ok = check_parity(model, OnnxClassifier(exported_model), split, ExportConfig(), meta["pad_token_id"], meta["model_input_names"])
+    ok = check_parity(model, OnnxClassifier(exported_model, variant="fp32"), split, ExportConfig(), meta["pad_token_id"], meta["model_input_names"])
     assert ok["passed"] and ok["batch_1"]["argmax_agreement"] == 1.0
     with torch.no_grad():
         model.classifier.bias += torch.tensor([5.0, -5.0])  # the torch side now disagrees with the graph
-    bad = check_parity(model, OnnxClassifier(exported_model), split, ExportConfig(), meta["pad_token_id"], meta["model_input_names"])
+    bad = check_parity(model, OnnxClassifier(exported_model, variant="fp32"), split, ExportConfig(), meta["pad_token_id"], meta["model_input_names"])
     assert not bad["passed"] and bad["max_abs_diff"] > 1.0
 
 

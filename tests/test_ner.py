@@ -352,3 +352,25 @@ def test_ner_pipeline_end_to_end(tmp_path, capsys, conll_test):
                            [list(t) for t in frame["tokens"]], [list(t) for t in frame["tags"]], "entity_micro_f1")
     assert champ["version"] == registry.read_alias(open_store(str(store)), "conll2003")["version"]
     assert champ["value"] == pytest.approx(m["entity_micro_f1"], abs=0.01)
+
+    # batch inference and serving answer with the same entities as OnnxClassifier.predict
+    pd.DataFrame({"text": texts}).to_csv(tmp_path / "raw.csv", index=False)
+    assert main(["infer", "--store", str(store), "--model", "conll2003", "--input", str(tmp_path / "raw.csv"),
+                 "--output", str(tmp_path / "scored"), "--shard-rows", "10"]) == 0
+    scored = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "scored").glob("shards/*/predictions.parquet"))])
+    by_row = {int(r.source_row) - 1: json.loads(r.entities) for r in scored.itertuples()}  # source_row is 1-based
+    assert set(by_row) >= {i for i, t in enumerate(texts) if t.strip()}
+    for i, found in by_row.items():
+        want = results[i]["entities"]
+        assert [(e["type"], e["start"], e["end"]) for e in found] == [(e["type"], e["start"], e["end"]) for e in want]
+        assert [e["score"] for e in found] == pytest.approx([e["score"] for e in want], abs=1e-5)
+
+    from tests.serve_helpers import running_server
+
+    with running_server(["--model", str(version_dir), "--name", "conll2003", "--threads", "1"]) as server:
+        answer = server.post("/v1/models/conll2003:predict", json={"instances": texts[:20] + texts[22:]})
+        assert answer.status_code == 200, answer.text
+        served = answer.json()["predictions"]
+    for got, want in zip(served, results[:20] + results[22:]):
+        assert [(e["type"], e["start"], e["end"], e["text"]) for e in got["entities"]] == \
+            [(e["type"], e["start"], e["end"], e["text"]) for e in want["entities"]]

@@ -137,3 +137,46 @@ def test_compile_overrides(tmp_path):
     assert images.pop("exec-finetune") == "reg.example/kt:2.0-cuda" and set(images.values()) == {"reg.example/kt:2.0"}
     secrets = {e["secretAsEnv"][0]["secretName"] for e in platform_doc["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values()}
     assert secrets == {"ml-s3"}
+
+
+# ---- the batch-inference pipeline ----------------------------------------------------------------
+
+BATCH_GOLDEN = Path(__file__).parent / "golden" / "kubetune-batch-inference.yaml"
+BATCH_STEPS = ("batch-plan", "batch-score", "batch-collect")
+
+
+@pytest.fixture(scope="module")
+def batch_compiled(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ir") / "kubetune-batch-inference.yaml"
+    assert main(["compile", "--pipeline", "batch-inference", "--output", str(out)]) == 0
+    return out
+
+
+def test_batch_pipeline_matches_golden_file(batch_compiled):
+    if os.environ.get("KUBETUNE_UPDATE_GOLDEN"):
+        BATCH_GOLDEN.write_text(batch_compiled.read_text())
+    assert batch_compiled.read_text() == BATCH_GOLDEN.read_text(), "compiled IR changed: review, then KUBETUNE_UPDATE_GOLDEN=1"
+
+
+def test_batch_pipeline_fans_out_over_shards(batch_compiled):
+    pipeline_doc, platform_doc = yaml.safe_load_all(batch_compiled.read_text())
+    pipeline = json_format.ParseDict(pipeline_doc, pipeline_spec_pb2.PipelineSpec())
+    tasks = all_tasks(pipeline)
+    assert set(BATCH_STEPS) <= set(tasks)
+    # one score task per shard id the plan returns, at most 8 pods at a time
+    loop_name, loop = next((n, t) for n, t in tasks.items() if t.WhichOneof("iterator") == "parameter_iterator")
+    assert loop.parameter_iterator.items.input_parameter == "pipelinechannel--batch-plan-Output"
+    assert loop.iterator_policy.parallelism_limit == 8
+    loop_dag = pipeline.components[loop.component_ref.name].dag
+    assert set(loop_dag.tasks) == {"batch-score"}
+    # the collect step gets every shard's output (dsl.Collected) and runs after all of them
+    collect = tasks["batch-collect"]
+    assert collect.inputs.parameters["shard_ids"].task_output_parameter.producer_task == loop_name
+    for step in BATCH_STEPS:
+        assert tasks[step].retry_policy.max_retry_count == 3 and not tasks[step].caching_options.enable_cache, step
+    params = pipeline.root.input_definitions.parameters
+    assert params["model"].default_value.string_value == "models/sms-spam/production"
+    assert not [name for name, p in params.items() if not p.description]
+    executors = platform_doc["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(executors) == {f"exec-{s}" for s in BATCH_STEPS}
+    assert all(e["secretAsEnv"][0]["secretName"] == "kubetune-s3" for e in executors.values())
