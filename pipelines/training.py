@@ -146,24 +146,30 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
                 tokenize = ops.tokenize(**common, model_uri=model_uri, max_length=max_length, dataset=validate.outputs["dataset"])
                 train_args = {"model_uri": model_uri, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
                               "seed": seed, "tokens": tokenize.outputs["tokens"]}
+
+                def gate_export_deploy(model) -> list:
+                    """evaluate -> gate -> export -> deploy on `model`. Wired inside each fine-tune
+                    branch: kfp.local cannot resolve a dsl.OneOf of the two branches' models."""
+                    evaluate = ops.evaluate(**common, model_name=model_name, gate_metric=gate_metric, gate_threshold=gate_threshold,
+                                            gate_tolerance=gate_tolerance, model=model,
+                                            tokens=tokenize.outputs["tokens"], dataset=validate.outputs["dataset"])
+                    with dsl.If(evaluate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (KFP condition)
+                        export = ops.export(**common, onnx_variants=onnx_variants, model=model, tokens=tokenize.outputs["tokens"])
+                        deploy = ops.deploy(**common, model_name=model_name, namespace=namespace, serving_image=serving_image,
+                                            deploy_target=deploy_target, canary_traffic_percent=canary_traffic_percent,
+                                            gitops_repo=gitops_repo, gitops_branch=gitops_branch, gitops_path=gitops_path,
+                                            onnx_model=export.outputs["onnx_model"], evaluation=evaluate.outputs["evaluation"])
+                    return [("evaluate", evaluate), ("export", export), ("deploy", deploy)]
+
                 with dsl.If(finetune_backend == "pod", name="finetune-in-pod"):
                     finetune = ops.finetune(**common, **train_args)
+                    downstream = gate_export_deploy(finetune.outputs["model"])
                 with dsl.Else(name="finetune-distributed"):
                     finetune_job = ops.finetune_distributed(**common, **train_args, backend=finetune_backend, workers=finetune_workers,
                                                             gpus_per_worker=finetune_gpus_per_worker, image=cluster.gpu_image)
-                model = dsl.OneOf(finetune.outputs["model"], finetune_job.outputs["model"])
-                evaluate = ops.evaluate(**common, model_name=model_name, gate_metric=gate_metric, gate_threshold=gate_threshold,
-                                        gate_tolerance=gate_tolerance, model=model,
-                                        tokens=tokenize.outputs["tokens"], dataset=validate.outputs["dataset"])
-                with dsl.If(evaluate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (KFP condition)
-                    export = ops.export(**common, onnx_variants=onnx_variants, model=model, tokens=tokenize.outputs["tokens"])
-                    deploy = ops.deploy(**common, model_name=model_name, namespace=namespace, serving_image=serving_image,
-                                        deploy_target=deploy_target, canary_traffic_percent=canary_traffic_percent,
-                                        gitops_repo=gitops_repo, gitops_branch=gitops_branch, gitops_path=gitops_path,
-                                        onnx_model=export.outputs["onnx_model"], evaluation=evaluate.outputs["evaluation"])
+                    downstream += gate_export_deploy(finetune_job.outputs["model"])
         for step, task in (("validate", validate), ("freshness", freshness), ("tokenize", tokenize), ("finetune", finetune),
-                           ("finetune_distributed", finetune_job),
-                           ("evaluate", evaluate), ("export", export), ("deploy", deploy)):
+                           ("finetune_distributed", finetune_job), *downstream):
             configure(task, step, cluster)
 
     return training

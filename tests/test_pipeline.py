@@ -81,28 +81,34 @@ def test_retries_caching_and_control_flow(specs):
     # the summary is the exit handler's task: it runs whatever happened inside
     assert tasks["summarize"].trigger_policy.strategy == pipeline_spec_pb2.PipelineTaskSpec.TriggerPolicy.ALL_UPSTREAM_TASKS_COMPLETED
     assert tasks["summarize"].inputs.parameters["status"].task_final_status.producer_task
-    # training sits under the freshness condition (unchanged data: skipped), export and deploy under the gate's;
-    # fine-tune runs in the pod (GPU) or as a distributed job (launcher); evaluate takes whichever ran (dsl.OneOf)
+    # training sits under the freshness condition (unchanged data: skipped); fine-tune runs in the pod (GPU)
+    # or as a distributed job (launcher), each branch followed by its own evaluate -> gate -> export -> deploy
+    # (kfp.local cannot resolve a dsl.OneOf of the branches' models)
     conditions = sorted(t.trigger_policy.condition for t in tasks.values() if t.trigger_policy.condition)
     pod = "inputs.parameter_values['pipelinechannel--finetune_backend'] == 'pod'"
-    assert conditions == sorted([f"!({pod})", "inputs.parameter_values['pipelinechannel--evaluate-Output'] == true",
-                                 "inputs.parameter_values['pipelinechannel--freshness-Output'] == true", pod])
+    gate = "inputs.parameter_values['pipelinechannel--{}-Output'] == true"
+    assert conditions == sorted([f"!({pod})", gate.format("evaluate"), gate.format("evaluate-2"), gate.format("freshness"), pod])
     condition_tasks = sorted(sorted(c.dag.tasks) for name, c in pipeline.components.items() if name.startswith("comp-condition"))
-    nested = [[t for t in ts if not t.startswith("condition-")] for ts in condition_tasks]
-    assert nested == [[], ["evaluate", "tokenize"], ["deploy", "export"], ["finetune"], ["finetune-distributed"]], nested
-    assert tasks["evaluate"].inputs.artifacts["model"].task_output_artifact.producer_task.startswith("condition-branches")
+    nested = sorted([t for t in ts if not t.startswith("condition-")] for ts in condition_tasks)
+    assert nested == [[], ["deploy", "export"], ["deploy-2", "export-2"], ["evaluate", "finetune"],
+                      ["evaluate-2", "finetune-distributed"], ["tokenize"]], nested
+    assert tasks["evaluate"].inputs.artifacts["model"].task_output_artifact.producer_task == "finetune"
+    assert tasks["evaluate-2"].inputs.artifacts["model"].task_output_artifact.producer_task == "finetune-distributed"
+    for twin in ("evaluate-2", "export-2", "deploy-2"):  # the distributed branch's copies get the same settings
+        assert tasks[twin].retry_policy.max_retry_count == tasks[twin[:-2]].retry_policy.max_retry_count
 
 
 def test_s3_settings_come_from_the_secret_and_configmap(specs):
     _, platform = specs
     executors = platform.platforms["kubernetes"].deployment_spec.executors
-    assert set(executors) == {f"exec-{s}" for s in STEPS} | {"exec-finetune-distributed"}
+    twins = {"exec-finetune-distributed", "exec-evaluate-2", "exec-export-2", "exec-deploy-2"}  # the distributed branch
+    assert set(executors) == {f"exec-{s}" for s in STEPS} | twins
     for name, struct in executors.items():
         config = json_format.ParseDict(json_format.MessageToDict(struct), k8s_pb2.KubernetesExecutorConfig())
         secret, *git = config.secret_as_env
         assert secret.secret_name == "kubetune-s3" and not secret.optional
         assert {(k.secret_key, k.env_var) for k in secret.key_to_env} == {(k, k) for k in S3_SECRET_KEYS}
-        if name == "exec-deploy":  # the gitops target's credentials, optional for the other targets
+        if name in ("exec-deploy", "exec-deploy-2"):  # the gitops target's credentials, optional for the other targets
             (git,) = git
             assert git.secret_name == "kubetune-git" and git.optional
             assert {k.env_var for k in git.key_to_env} == set(GIT_SECRET_KEYS)
