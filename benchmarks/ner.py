@@ -93,8 +93,7 @@ def main() -> int:
           f"test {meta['splits']['test']['rows']} sentences; {training['device']}, {a.epochs} epochs max, batch {a.batch_size}, "
           f"lr {a.learning_rate}, max_length {a.max_length}")
     for row in training["history"]:
-        print(f"  epoch {row['epoch']}: train loss {row['train_loss']:.4f}, validation entity micro-F1 {row['eval_entity_micro_f1']:.4f}, "
-              f"trained {row['train_seconds']:.0f}s so far")
+        print(f"  epoch {row['epoch']}: train loss {row['train_loss']:.4f}, validation entity micro-F1 {row['eval_entity_micro_f1']:.4f}")
     print(f"selected epoch {training['best_epoch']} by validation entity micro-F1 {training['best_eval_entity_micro_f1']:.4f}\n")
     print(per_type_table(metrics))
     print(f"\ntest entity micro-F1 {f1:.4f} (target >= {TARGET}: {'MET' if f1 >= TARGET else 'MISSED'}), macro-F1 "

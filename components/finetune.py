@@ -385,8 +385,7 @@ class FinetuneRun:
         value = scores[self.selection]
         shown = ("accuracy", "macro_f1") if self.task == SEQUENCE else ("token_accuracy", "entity_micro_f1")
         st.history.append({"epoch": epoch, "train_loss": round(float(self.loss_sum.item()) / max(st.micro, 1), 5),
-                           **{f"eval_{k}": scores[k] for k in shown}, f"eval_{self.selection}": value,
-                           "train_seconds": round(st.train_seconds, 1)})  # cumulative, up to this epoch's end
+                           **{f"eval_{k}": scores[k] for k in shown}, f"eval_{self.selection}": value})
         log(STEP, f"epoch {epoch}: train loss {st.history[-1]['train_loss']:.4f}, " + ", ".join(f"eval {k} {scores[k]:.4f}" for k in shown))
         if self.on_epoch is not None:
             self.on_epoch(epoch, self.core)
