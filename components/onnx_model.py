@@ -113,7 +113,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def _as_split(rows: list[list[int]]) -> TokenizedSplit:
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum([len(r) for r in rows], out=offsets[1:])
-    return TokenizedSplit(np.concatenate([np.asarray(r, dtype=np.int32) for r in rows]), offsets, np.zeros(len(rows), dtype=np.int64))
+    ids = np.concatenate([np.asarray(r, dtype=np.int32) for r in rows]) if rows else np.zeros(0, dtype=np.int32)
+    return TokenizedSplit(ids, offsets, np.zeros(len(rows), dtype=np.int64))
 
 
 def _first_subtokens(word_ids: list[int | None]) -> list[tuple[int, int]]:
@@ -222,13 +223,9 @@ class OnnxClassifier:
     def encode(self, texts: list[str]) -> tuple[TokenizedSplit, np.ndarray]:
         """Token ids with the model's own tokenizer and max_length, and which texts were truncated."""
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
-        rows = enc["input_ids"]
-        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum([len(r) for r in rows], out=offsets[1:])
-        ids = np.concatenate([np.asarray(r, dtype=np.int32) for r in rows]) if rows else np.zeros(0, dtype=np.int32)
         # a fast tokenizer keeps what truncation cut off in `overflowing`
-        truncated = np.array([bool(e.overflowing) for e in enc.encodings], dtype=bool) if enc.encodings else np.zeros(len(rows), bool)
-        return TokenizedSplit(ids, offsets, np.zeros(len(rows), dtype=np.int64)), truncated
+        truncated = np.array([bool(e.overflowing) for e in enc.encodings], dtype=bool) if enc.encodings else np.zeros(len(texts), bool)
+        return _as_split(enc["input_ids"]), truncated
 
     def logits_for_texts(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """Tokenize with the model's own tokenizer and max_length, batch similar lengths."""
