@@ -226,10 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--dry-run", action="store_true", help="print the job manifest and exit")
     add_config_args(p, FinetuneConfig)
-    for f in fields(JobConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, metavar=type(f.default).__name__.upper())
+    add_config_args(p, JobConfig)
     a = p.parse_args(argv)
-    job = JobConfig(**{f.name: getattr(a, f.name) for f in fields(JobConfig)})
+    job = config_from_args(JobConfig, a)
     return run_main(lambda: run_step(store_uri=a.store, run_id=a.run_id, tokens_dir=a.tokens, model_uri=a.model, out_dir=a.out,
                                      cfg=config_from_args(FinetuneConfig, a), job=job, dry_run=a.dry_run))
 
