@@ -10,7 +10,7 @@ Same data for every row: the SMS Spam Collection (builtin:sms-spam) split by the
 
   baseline   transformers.Trainer with the recipe every tutorial uses: every example padded to
              max_length=128, fp32, AdamW lr 2e-5, batch 32, linear decay.
-  kubetune   components.finetune.finetune with its defaults (batch 32, lr 1e-4, length-grouped
+  kubetune   kubetune.steps.finetune.finetune with its defaults (batch 32, lr 1e-4, length-grouped
              dynamic padding on the device, fused AdamW, bf16 autocast on CUDA).
   lora       the same step with --peft lora (rank 8, alpha 16, query/value, lr 5e-4).
 
@@ -43,9 +43,9 @@ BF16_PEAK = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "L4": 1
 
 
 def prepare(work: Path, limit: int, model_config: str) -> dict:
-    from components import assets
-    from components.tokenize import TokenizeConfig, tokenize
-    from components.validate import ValidateConfig, validate
+    from kubetune.storage import assets
+    from kubetune.steps.tokenize import TokenizeConfig, tokenize
+    from kubetune.steps.validate import ValidateConfig, validate
 
     model_dir = assets.resolve("builtin:all-minilm-l6-v2")[0]
     dataset, tokens = work / "dataset", work / "tokens"
@@ -75,7 +75,7 @@ def train_baseline(paths: dict, device: str, epochs: int, out: Path) -> float:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
-    from components.shards import load_split
+    from kubetune.storage.shards import load_split
 
     meta = json.loads((Path(paths["tokens"]) / "meta.json").read_text())
     labels = meta["labels"]
@@ -101,7 +101,7 @@ def train_baseline(paths: dict, device: str, epochs: int, out: Path) -> float:
 
 
 def train_ours(paths: dict, device: str, epochs: int, out: Path, lora: bool) -> tuple[float, dict]:
-    from components.finetune import FinetuneConfig, finetune
+    from kubetune.steps.finetune import FinetuneConfig, finetune
 
     extra = {"peft": "lora", "learning_rate": 5e-4, "lora_target_modules": "query,value"} if lora else {}
     cfg = FinetuneConfig(epochs=epochs, device=device, checkpoint_steps=0, early_stopping_patience=epochs, **extra)
@@ -126,9 +126,9 @@ def model_flops(model_dir: Path, lengths, epochs: int) -> float:
 def one_row(name: str, paths: dict, device: str, epochs: int, speed_only: bool, out_json: Path) -> None:
     import torch
 
-    from components.metrics import classification_metrics
-    from components.modeling import predict_logits
-    from components.shards import load_split
+    from kubetune.tasks.metrics import classification_metrics
+    from kubetune.training.modeling import predict_logits
+    from kubetune.storage.shards import load_split
 
     tokens = Path(paths["tokens"])
     out = out_json.parent / name
@@ -229,7 +229,7 @@ def main() -> int:
                 sys.exit(f"row {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
             rows.append(json.loads(row_json.read_text()))
             print(json.dumps(rows[-1]), flush=True)
-        from components.shards import load_split
+        from kubetune.storage.shards import load_split
 
         train_rows = len(load_split(Path(paths["tokens"]), "train"))
     base, ours = rows[0], rows[1]

@@ -1,5 +1,5 @@
 """Inference speed: the transformers `pipeline("text-classification")` on torch eager (what a user
-would write) against kubetune's ONNX batch path (components.batch_infer.score_texts: length-sorted
+would write) against kubetune's ONNX batch path (kubetune.steps.batch_infer.score_texts: length-sorted
 batches, tokenization overlapped with ONNX Runtime, all cores) with the fp32, optimized and int8
 variants, on the same texts, in the same run.
 
@@ -26,9 +26,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh clone without installing
 
-from components import assets  # noqa: E402
-from components.batch_infer import cores, score_texts  # noqa: E402
-from components.onnx_model import OnnxClassifier  # noqa: E402
+from kubetune.storage import assets  # noqa: E402
+from kubetune.steps.batch_infer import cores, score_texts  # noqa: E402
+from kubetune.onnx.model import OnnxClassifier  # noqa: E402
 
 TARGETS = {"onnx-fp32": 2.0, "onnx-optimized": 2.0, "onnx-int8": 3.0}
 MAX_ACCURACY_DROP = 0.005
@@ -36,10 +36,10 @@ MAX_ACCURACY_DROP = 0.005
 
 def build_model(workdir: Path, train_rows: int) -> tuple[Path, Path, Path]:
     """(torch model folder, ONNX folder with variants, dataset folder), built once per workdir."""
-    from components.export import ExportConfig, export
-    from components.finetune import FinetuneConfig, finetune
-    from components.tokenize import TokenizeConfig, tokenize
-    from components.validate import ValidateConfig, validate
+    from kubetune.steps.export import ExportConfig, export
+    from kubetune.steps.finetune import FinetuneConfig, finetune
+    from kubetune.steps.tokenize import TokenizeConfig, tokenize
+    from kubetune.steps.validate import ValidateConfig, validate
 
     data, tokens, model, onnx_dir = (workdir / n for n in ("dataset", "tokens", "model", "onnx"))
     if not (onnx_dir / "kubetune.json").is_file() or "variants" not in json.loads((onnx_dir / "kubetune.json").read_text()):
@@ -57,7 +57,7 @@ def test_texts(rows: int) -> tuple[list[str], list[str]]:
 
     import pandas as pd
 
-    from components.validate import ValidateConfig, validate
+    from kubetune.steps.validate import ValidateConfig, validate
 
     with tempfile.TemporaryDirectory() as tmp:
         validate("builtin:sms-spam", "", "", ValidateConfig(), Path(tmp))

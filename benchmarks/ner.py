@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from components.evaluate import GateConfig, score_test, token_test_metrics
-from components.finetune import FinetuneConfig, finetune
-from components.metrics import TOKEN, per_type_table
-from components.modeling import predict_token_logits, resolve_model_dir, word_level_tags
-from components.shards import load_split
-from components.tokenize import TokenizeConfig, tokenize
-from components.validate import ValidateConfig, validate
+from kubetune.steps.evaluate import GateConfig, score_test, token_test_metrics
+from kubetune.steps.finetune import FinetuneConfig, finetune
+from kubetune.tasks.metrics import TOKEN, per_type_table
+from kubetune.training.modeling import predict_token_logits, resolve_model_dir, word_level_tags
+from kubetune.storage.shards import load_split
+from kubetune.steps.tokenize import TokenizeConfig, tokenize
+from kubetune.steps.validate import ValidateConfig, validate
 
 TARGET = 0.86
 

@@ -1,5 +1,5 @@
 """The batch-inference pipeline: plan shards -> score each shard in its own pod (dsl.ParallelFor) ->
-collect one manifest. Pure wiring; the work is components.batch_infer.
+collect one manifest. Pure wiring; the work is kubetune.steps.batch_infer.
 
     kubetune compile --pipeline batch-inference --output kubetune-batch-inference.yaml   # upload in the Kubeflow UI
     kubetune infer --model models/sms-spam/production --input DIR --output DIR          # the same steps, in one process
@@ -11,10 +11,10 @@ store-heavy steps, and re-running the whole pipeline with the same output prefix
 # no `from __future__ import annotations`: KFP reads the pipeline's annotations as real types
 from kfp import dsl
 
-from components.batch_infer import BatchConfig
-from pipelines.components import make_components
-from pipelines.config import ClusterConfig
-from pipelines.training import configure
+from kubetune.steps.batch_infer import BatchConfig
+from kubetune.pipelines.components import make_components
+from kubetune.pipelines.config import ClusterConfig
+from kubetune.pipelines.training import configure
 
 PIPELINE_NAME = "kubetune-batch-inference"
 

@@ -27,24 +27,26 @@ import tempfile
 import time
 from pathlib import Path
 
-from components import assets, registry
-from components.deploy import release, roll_back
-from components.entry import add_config_args, config_from_args
-from components.errors import ConfigError, InputError, KubetuneError
-from components.evaluate import GateConfig
-from components.export import ExportConfig
-from components.finetune import FinetuneConfig
-from components.manifests import ServingConfig
-from components.metrics import TASK_METRICS, TASKS, TOKEN, resolve_metric
-from components.progress import fmt_seconds
-from components.records import RunRecord
-from components.rollout import TARGETS, DeployConfig, GitAuth
-from components.store import LocalStore, S3Settings, open_store
-from components.summary import build_summary
-from components.tokenize import TokenizeConfig
-from components.validate import ValidateConfig
-from pipelines import cluster
-from pipelines.config import DEFAULT_IMAGE, ClusterConfig
+from kubetune.storage import assets
+
+from kubetune.release import registry
+from kubetune.steps.deploy import release, roll_back
+from kubetune.core.entry import add_config_args, config_from_args
+from kubetune.errors import ConfigError, InputError, KubetuneError
+from kubetune.steps.evaluate import GateConfig
+from kubetune.steps.export import ExportConfig
+from kubetune.steps.finetune import FinetuneConfig
+from kubetune.release.manifests import ServingConfig
+from kubetune.tasks.metrics import TASK_METRICS, TASKS, TOKEN, resolve_metric
+from kubetune.core.progress import fmt_seconds
+from kubetune.storage.records import RunRecord
+from kubetune.release.rollout import TARGETS, DeployConfig, GitAuth
+from kubetune.storage.store import LocalStore, S3Settings, open_store
+from kubetune.steps.summary import build_summary
+from kubetune.steps.tokenize import TokenizeConfig
+from kubetune.steps.validate import ValidateConfig
+from kubetune.pipelines import cluster
+from kubetune.pipelines.config import DEFAULT_IMAGE, ClusterConfig
 
 DEFAULT_STORE = "./kubetune-store"
 PIPELINES = ("training", "batch-inference")
@@ -140,7 +142,7 @@ def _registry_parsers(sub) -> None:
 
 
 def _serve_parser(sub) -> None:
-    from components import serve
+    from kubetune.serving import serve
 
     p = sub.add_parser("serve", help="serve a registry model over HTTP (KServe v1 and v2 protocols)", description=serve.__doc__,
                        formatter_class=_Help)
@@ -149,7 +151,7 @@ def _serve_parser(sub) -> None:
 
 
 def _infer_parser(sub) -> None:
-    from components.batch_infer import add_batch_args
+    from kubetune.steps.batch_infer import add_batch_args
 
     p = sub.add_parser("infer", help="batch ONNX inference over files with a registry model, in this process", formatter_class=_Help,
                        description="Score every CSV/TSV/JSONL/Parquet file under --input; Parquet predictions under --output. "
@@ -234,8 +236,8 @@ def print_summary(s: dict, wall: float) -> None:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from pipelines.local import run_locally
-    from pipelines.training import build_training_pipeline
+    from kubetune.pipelines.local import run_locally
+    from kubetune.pipelines.training import build_training_pipeline
 
     a.train = a.train or assets.DEFAULT_DATA[a.task]
     store = open_store(a.store, S3Settings.from_env())
@@ -326,7 +328,7 @@ def cmd_models(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from components.serve import serve
+    from kubetune.serving.serve import serve
 
     return serve(a)
 
@@ -336,8 +338,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_infer(a: argparse.Namespace) -> int:
-    from components.batch_infer import BatchConfig, run_batch
-    from components.entry import config_from_args
+    from kubetune.steps.batch_infer import BatchConfig, run_batch
+    from kubetune.core.entry import config_from_args
 
     manifest = run_batch(a.store, a.model, a.input, a.output, config_from_args(BatchConfig, a), S3Settings.from_env())
     t = manifest["totals"]

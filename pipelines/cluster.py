@@ -25,8 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from components.errors import InputError
-from pipelines.config import DEFAULT_IMAGE, ClusterConfig
+from kubetune.errors import InputError
+from kubetune.pipelines.config import DEFAULT_IMAGE, ClusterConfig
 
 PIPELINE_DESCRIPTION = "Fine-tune a Hugging Face text classifier, gate it, export it to ONNX and publish it (kubetune)."
 
@@ -43,8 +43,8 @@ def add_compile_args(p: argparse.ArgumentParser) -> None:
 def compile_pipeline(a: argparse.Namespace, output: Path) -> ClusterConfig:
     from kfp import compiler
 
-    from pipelines.batch import build_batch_pipeline
-    from pipelines.training import build_training_pipeline
+    from kubetune.pipelines.batch import build_batch_pipeline
+    from kubetune.pipelines.training import build_training_pipeline
 
     cluster = replace(ClusterConfig(), image=a.image, trainer_image=a.trainer_image, pipeline_root=a.pipeline_root,
                       s3_secret=a.s3_secret, s3_config_map=a.s3_config_map)
@@ -113,7 +113,7 @@ def parse_params(pairs: list[str], package: Path) -> dict:
 
 def check_deploy_params(params: dict) -> None:
     """The deploy settings are used last, after hours of training: reject a bad combination now."""
-    from components.rollout import DeployConfig
+    from kubetune.release.rollout import DeployConfig
 
     DeployConfig(target=params.get("deploy_target", DeployConfig.target),
                  canary_traffic_percent=params.get("canary_traffic_percent", DeployConfig.canary_traffic_percent),
@@ -131,7 +131,7 @@ def check_cron(cron: str) -> str:
 
 
 def cmd_upload(a: argparse.Namespace) -> int:
-    from pipelines.training import PIPELINE_NAME
+    from kubetune.pipelines.training import PIPELINE_NAME
 
     client = kfp_client(a)
     name = a.pipeline_name or PIPELINE_NAME

@@ -24,7 +24,7 @@ from kfp.dsl import (
     Output,
 )
 
-from pipelines.config import ClusterConfig
+from kubetune.pipelines.config import ClusterConfig
 
 
 def validate(
@@ -34,7 +34,7 @@ def validate(
 ):
     from pathlib import Path
 
-    from components.validate import ValidateConfig, run_step
+    from kubetune.steps.validate import ValidateConfig, run_step
 
     run_step(
         store_uri=store, run_id=run_id or job_id, train_uri=train_uri, eval_uri=eval_uri, test_uri=test_uri,
@@ -47,7 +47,7 @@ def validate(
 def freshness(store: str, run_id: str, job_id: str, model_name: str, force: bool, dataset: Input[Dataset]) -> bool:
     from pathlib import Path
 
-    from components.freshness import run_step
+    from kubetune.steps.freshness import run_step
 
     return run_step(store_uri=store, run_id=run_id or job_id, model_name=model_name, dataset_dir=Path(dataset.path), force=force)
 
@@ -56,7 +56,7 @@ def tokenize(store: str, run_id: str, job_id: str, model_uri: str, max_length: i
              dataset: Input[Dataset], tokens: Output[Dataset]):
     from pathlib import Path
 
-    from components.tokenize import TokenizeConfig, run_step
+    from kubetune.steps.tokenize import TokenizeConfig, run_step
 
     run_step(store_uri=store, run_id=run_id or job_id, dataset_dir=Path(dataset.path), model_uri=model_uri,
              out_dir=Path(tokens.path), cfg=TokenizeConfig(max_length=max_length))
@@ -66,8 +66,8 @@ def finetune(store: str, run_id: str, job_id: str, model_uri: str, epochs: int, 
              seed: int, tokens: Input[Dataset], model: Output[Model], training_metrics: Output[Metrics]):
     from pathlib import Path
 
-    from components.finetune import FinetuneConfig, run_step
-    from pipelines.outputs import log_training
+    from kubetune.steps.finetune import FinetuneConfig, run_step
+    from kubetune.pipelines.outputs import log_training
 
     result = run_step(store_uri=store, run_id=run_id or job_id, tokens_dir=Path(tokens.path), model_uri=model_uri,
                       out_dir=Path(model.path),
@@ -80,9 +80,9 @@ def finetune_distributed(store: str, run_id: str, job_id: str, model_uri: str, e
                          tokens: Input[Dataset], model: Output[Model], training_metrics: Output[Metrics]):
     from pathlib import Path
 
-    from components.distributed import JobConfig, run_step
-    from components.finetune import FinetuneConfig
-    from pipelines.outputs import log_training
+    from kubetune.steps.distributed import JobConfig, run_step
+    from kubetune.steps.finetune import FinetuneConfig
+    from kubetune.pipelines.outputs import log_training
 
     result = run_step(store_uri=store, run_id=run_id or job_id, tokens_dir=Path(tokens.path), model_uri=model_uri,
                       out_dir=Path(model.path),
@@ -96,8 +96,8 @@ def evaluate(store: str, run_id: str, job_id: str, model_name: str, gate_metric:
              evaluation: Output[Artifact], metrics: Output[Metrics], confusion: Output[ClassificationMetrics]) -> bool:
     from pathlib import Path
 
-    from components.evaluate import GateConfig, run_step
-    from pipelines.outputs import log_evaluation
+    from kubetune.steps.evaluate import GateConfig, run_step
+    from kubetune.pipelines.outputs import log_evaluation
 
     result = run_step(store_uri=store, run_id=run_id or job_id, model_dir=Path(model.path), tokens_dir=Path(tokens.path),
                       dataset_dir=Path(dataset.path), model_name=model_name, out_path=Path(evaluation.path),
@@ -109,7 +109,7 @@ def export(store: str, run_id: str, job_id: str, onnx_variants: str, model: Inpu
            onnx_model: Output[Model]):
     from pathlib import Path
 
-    from components.export import ExportConfig, run_step
+    from kubetune.steps.export import ExportConfig, run_step
 
     run_step(store_uri=store, run_id=run_id or job_id, model_dir=Path(model.path), tokens_dir=Path(tokens.path),
              out_dir=Path(onnx_model.path), out_uri=onnx_model.uri, cfg=ExportConfig(variants=onnx_variants))
@@ -120,9 +120,9 @@ def deploy(store: str, run_id: str, job_id: str, model_name: str, namespace: str
            onnx_model: Input[Model], evaluation: Input[Artifact], manifest: Output[Artifact]) -> str:
     from pathlib import Path
 
-    from components.deploy import run_step
-    from components.manifests import ServingConfig
-    from components.rollout import DeployConfig
+    from kubetune.steps.deploy import run_step
+    from kubetune.release.manifests import ServingConfig
+    from kubetune.release.rollout import DeployConfig
 
     result = run_step(store_uri=store, run_id=run_id or job_id, model_name=model_name, onnx_dir=Path(onnx_model.path),
                       evaluation_path=Path(evaluation.path), manifest_path=Path(manifest.path),
@@ -133,14 +133,14 @@ def deploy(store: str, run_id: str, job_id: str, model_name: str, namespace: str
 
 
 def summarize(store: str, run_id: str, job_id: str, status: dsl.PipelineTaskFinalStatus):
-    from components.summary import run_step
+    from kubetune.steps.summary import run_step
 
     run_step(store_uri=store, run_id=run_id or job_id, pipeline_state=status.state)
 
 
 def batch_plan(store: str, model: str, input_uri: str, output_uri: str, text_column: str, id_column: str, variant: str,
                shard_rows: int, batch_size: int, max_chars: int) -> List[str]:
-    from components.batch_infer import BatchConfig, plan_step
+    from kubetune.steps.batch_infer import BatchConfig, plan_step
 
     return plan_step(store_uri=store, model_ref=model, input_uri=input_uri, output_uri=output_uri,
                      cfg=BatchConfig(text_column=text_column, id_column=id_column, variant=variant, shard_rows=shard_rows,
@@ -148,13 +148,13 @@ def batch_plan(store: str, model: str, input_uri: str, output_uri: str, text_col
 
 
 def batch_score(output_uri: str, shard_id: str) -> str:
-    from components.batch_infer import score_step
+    from kubetune.steps.batch_infer import score_step
 
     return score_step(output_uri=output_uri, shard_id=shard_id)
 
 
 def batch_collect(output_uri: str, shard_ids: List[str]) -> str:
-    from components.batch_infer import collect_step
+    from kubetune.steps.batch_infer import collect_step
 
     return collect_step(output_uri=output_uri)
 

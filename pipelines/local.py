@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable, TextIO
 
-from components.progress import MARK
+from kubetune.core.progress import MARK
 
 
 class _Filter(io.TextIOBase):

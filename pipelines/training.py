@@ -8,16 +8,16 @@ with a summary written by an exit handler whatever happens. Pure wiring plus clu
 # no `from __future__ import annotations`: KFP reads the pipeline's annotations as real types
 from kfp import dsl, kubernetes
 
-from components.distributed import JobConfig
-from components.evaluate import GateConfig
-from components.export import ExportConfig
-from components.finetune import FinetuneConfig
-from components.manifests import ServingConfig
-from components.rollout import DeployConfig
-from components.tokenize import TokenizeConfig
-from components.validate import ValidateConfig
-from pipelines.components import make_components
-from pipelines.config import GIT_SECRET_KEYS, S3_CONFIG_KEYS, S3_SECRET_KEYS, ClusterConfig
+from kubetune.steps.distributed import JobConfig
+from kubetune.steps.evaluate import GateConfig
+from kubetune.steps.export import ExportConfig
+from kubetune.steps.finetune import FinetuneConfig
+from kubetune.release.manifests import ServingConfig
+from kubetune.release.rollout import DeployConfig
+from kubetune.steps.tokenize import TokenizeConfig
+from kubetune.steps.validate import ValidateConfig
+from kubetune.pipelines.components import make_components
+from kubetune.pipelines.config import GIT_SECRET_KEYS, S3_CONFIG_KEYS, S3_SECRET_KEYS, ClusterConfig
 
 PIPELINE_NAME = "kubetune-training"
 # Retried on failure: their work is mostly store I/O (cache, champion download, registry publish).

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from components import assets
-from components.store import S3Settings
+from kubetune.storage import assets
+from kubetune.storage.store import S3Settings
 
 SMALL = 300  # rows of the real data used by fast tests
 # training settings that learn the 240-row train split in ~15 s on 2 CPU cores (the defaults are
@@ -64,7 +64,7 @@ def sms_csv(tmp_path_factory, sms_rows) -> Path:
 
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory):
-    from components.validate import ValidateConfig, validate
+    from kubetune.steps.validate import ValidateConfig, validate
 
     out = tmp_path_factory.mktemp("dataset")
     report, meta = validate("builtin:sms-spam", "", "", ValidateConfig(limit=SMALL), out)
@@ -74,7 +74,7 @@ def small_dataset(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def small_tokens(tmp_path_factory, small_dataset, model_dir):
-    from components.tokenize import TokenizeConfig, tokenize
+    from kubetune.steps.tokenize import TokenizeConfig, tokenize
 
     out = tmp_path_factory.mktemp("tokens")
     tokenize(small_dataset, model_dir, out, TokenizeConfig(max_length=64), store=None)
@@ -83,7 +83,7 @@ def small_tokens(tmp_path_factory, small_dataset, model_dir):
 
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory, small_tokens, model_dir):
-    from components.finetune import FinetuneConfig, finetune
+    from kubetune.steps.finetune import FinetuneConfig, finetune
 
     out = tmp_path_factory.mktemp("model")
     finetune(small_tokens, model_dir, out, FinetuneConfig(**QUICK))
@@ -92,7 +92,7 @@ def trained_model(tmp_path_factory, small_tokens, model_dir):
 
 @pytest.fixture(scope="session")
 def exported_model(tmp_path_factory, trained_model, small_tokens):
-    from components.export import ExportConfig, export
+    from kubetune.steps.export import ExportConfig, export
 
     out = tmp_path_factory.mktemp("onnx")
     export(trained_model, small_tokens, out, ExportConfig(parity_rows=64))

@@ -1,0 +1,180 @@
+"""ONNX variants of an exported model, built from the fp32 graph and each accepted only after a
+check on held-out rows. Used by the export step (kubetune.steps.export):
+
+    python -m kubetune.steps.export --model /tmp/kt/model --tokens /tmp/kt/tokens --out /tmp/kt/onnx \
+        --variants fp32,optimized,int8 --store ./kubetune-store --run-id dev
+
+  optimized  ONNX Runtime's transformer optimizer (onnxruntime.transformers.optimizer): attention,
+             SkipLayerNormalization, GELU and embedding fusions, still fp32. Any device. Built from
+             the TorchScript exporter's graph, whose patterns the optimizer fuses fully.
+  fp16       the optimized graph converted to float16, inputs and outputs kept int64/float32. For
+             CUDA (OnnxClassifier picks it only there). Its check runs on the export's device: on a
+             GPU node (`device=cuda`) with the CUDA kernels it will serve with; on CPU, ONNX Runtime
+             runs it through inserted fp32 casts (slower than fp32, but a real check of the fp16
+             weights and activations between ops), and the record names the provider it ran on.
+  int8       the optimized graph with int8 dynamic quantization (weights int8 per channel,
+             activations quantized at run time). For CPU.
+
+The check (per variant, fp32 included): on the eval split, the variant's argmax must agree with the
+torch model on at least `min_agreement` of the rows and its accuracy must not be more than
+`max_accuracy_drop` below torch's. Every requested variant is checked; if any fails, the step fails
+naming each failing variant and its numbers. Nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from kubetune.errors import ConfigError, KubetuneError
+from kubetune.onnx.model import VARIANTS, OnnxClassifier, variant_file
+from kubetune.core.progress import log
+from kubetune.tasks.metrics import TOKEN
+from kubetune.storage.shards import IGNORE, TokenizedSplit
+
+STEP = "export"
+
+
+class VariantRejected(KubetuneError):
+    kind = "variant"
+
+
+def parse_variants(spec: str) -> list[str]:
+    """'fp32,optimized,int8' -> ['fp32', 'optimized', 'int8'], checked: known names, fp32 present
+    (the reference graph, the one parity is measured on)."""
+    names = [v.strip() for v in spec.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"variants {spec!r}: unknown {', '.join(unknown)}; use a comma-separated subset of {', '.join(VARIANTS)}")
+    if "fp32" not in names:
+        raise ConfigError(f"variants {spec!r}: must include fp32, the reference graph every other variant is built from")
+    return list(dict.fromkeys(names))
+
+
+def _legacy_export(model, input_names: list[str], path: Path) -> None:
+    """The TorchScript exporter's graph: ONNX Runtime's optimizer recognises its attention and
+    embedding patterns (6 Attention + EmbedLayerNormalization on MiniLM), which it does not in the
+    torch.export graph (SkipLayerNormalization and BiasGelu only). The result is checked against
+    torch like every variant, so which exporter produced it does not change what is accepted."""
+    import torch
+
+    example = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 3, 0, 0, 0]], dtype=torch.long)
+    feeds = {"input_ids": example, "attention_mask": torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]]), "token_type_ids": torch.zeros_like(example)}
+    feeds = {k: v for k, v in feeds.items() if k in input_names}
+    # eager attention: SDPA traces to a graph the attention fusion does not match
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    with warnings.catch_warnings(), contextlib.ExitStack() as restore:
+        restore.callback(model.set_attn_implementation, previous)
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        with torch.inference_mode():
+            per_token = model(**feeds).logits.ndim == 3  # token classification: [batch, sequence, labels]
+        axes = {k: {0: "batch", 1: "sequence"} for k in feeds}
+        axes["logits"] = {0: "batch", 1: "sequence"} if per_token else {0: "batch"}
+        torch.onnx.export(model, (), str(path), kwargs=feeds, input_names=list(feeds), output_names=["logits"],
+                          dynamic_axes=axes, opset_version=17, dynamo=False)
+
+
+def _optimize(model, input_names: list[str], fp32: Path, work: Path) -> tuple:
+    """(optimizer model, source, fused op counts): ONNX Runtime's transformer fusions over the
+    TorchScript graph, or over the fp32 graph if this torch has no TorchScript exporter."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    source = work / "legacy.onnx"
+    try:
+        _legacy_export(model, input_names, source)
+        origin = "torchscript exporter"
+    except Exception as e:  # noqa: BLE001 - any exporter failure: fall back, and say so in the record
+        log(STEP, f"optimized: the TorchScript exporter failed ({type(e).__name__}: {str(e)[:200]}); fusing the fp32 graph instead")
+        source, origin = fp32, "torch.export graph"
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)  # per-fusion chatter
+    cfg = model.config
+    # opt_level 0: only the transformer fusions go into the file; ONNX Runtime applies its own
+    # device-specific graph optimizations when a session loads it
+    opt = optimize_model(str(source), model_type="bert", num_heads=cfg.num_attention_heads, hidden_size=cfg.hidden_size, opt_level=0)
+    # stale shape annotations from the exporter break the quantizer's shape inference
+    del opt.model.graph.value_info[:]
+    fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    return opt, origin, fused
+
+
+def build_variants(model, input_names: list[str], out_dir: Path, wanted: list[str], work: Path) -> dict[str, dict]:
+    """Write every wanted variant next to model.onnx in `out_dir`; returns {name: build facts}.
+    The optimized graph is built whenever a variant derives from it, but only kept when asked for."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    facts: dict[str, dict] = {"fp32": {"source": "torch.export graph"}}
+    if wanted == ["fp32"]:
+        return facts
+    work.mkdir(parents=True, exist_ok=True)
+    opt, origin, fused = _optimize(model, input_names, out_dir / "model.onnx", work)
+    log(STEP, f"optimized ({origin}): fused {', '.join(f'{v} {k}' for k, v in fused.items()) or 'nothing'}")
+    optimized = work / variant_file("optimized")
+    opt.save_model_to_file(str(optimized))
+    built = {"source": origin, "fused": fused}
+    if "optimized" in wanted:
+        shutil.copy2(optimized, out_dir / optimized.name)
+        facts["optimized"] = built
+    if "int8" in wanted:
+        # per-channel int8 weights keep the accuracy of the small classifier/attention matrices;
+        # DefaultTensorType: the fused contrib ops carry no type the quantizer's inference knows
+        quantize_dynamic(str(optimized), str(out_dir / variant_file("int8")), weight_type=QuantType.QInt8, per_channel=True,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        facts["int8"] = {**built, "quantization": "dynamic, int8 weights per channel"}
+    if "fp16" in wanted:
+        opt.convert_float_to_float16(keep_io_types=True)
+        opt.save_model_to_file(str(out_dir / variant_file("fp16")))
+        facts["fp16"] = built
+    return facts
+
+
+def check_variant(name: str, clf: OnnxClassifier, split: TokenizedSplit, reference: np.ndarray, min_agreement: float,
+                  max_accuracy_drop: float) -> dict:
+    """Agreement with torch and accuracy against the labels on `split`; `passed` and why not. For
+    token classification `reference` holds every real token's logits end to end (the split's order):
+    agreement is per token, accuracy per labelled token (each word's first sub-token)."""
+    if clf.task == TOKEN:
+        got, targets = np.concatenate(clf.token_logits_for_tokens(split, batch_size=32)), split.token_labels
+    else:
+        got, targets = clf.logits_for_tokens(split, batch_size=32), split.labels
+    keep = targets != IGNORE
+    agreement = float((got.argmax(-1) == reference.argmax(-1)).mean())
+    accuracy = float((got.argmax(-1) == targets)[keep].mean())
+    torch_accuracy = float((reference.argmax(-1) == targets)[keep].mean())
+    drop = torch_accuracy - accuracy
+    problems = []
+    if agreement < min_agreement:
+        problems.append(f"argmax agreement {agreement:.4f} < {min_agreement}")
+    if drop > max_accuracy_drop + 1e-12:
+        problems.append(f"accuracy {accuracy:.4f} vs torch {torch_accuracy:.4f} drops {100 * drop:.2f} points > {100 * max_accuracy_drop:.2f}")
+    size = (clf.dir / variant_file(name)).stat().st_size
+    return {"file": variant_file(name), "rows": len(split), "agreement": agreement, "accuracy": accuracy,
+            "torch_accuracy": torch_accuracy, "accuracy_drop": drop, "max_abs_diff": float(np.abs(got - reference).max()),
+            "size_bytes": size, "provider": clf.session.get_providers()[0], "passed": not problems, "problems": problems}
+
+
+def accept_variants(model, input_names: list[str], out_dir: Path, wanted: list[str], split: TokenizedSplit, reference: np.ndarray, *,
+                    device: str, min_agreement: float, max_accuracy_drop: float, work: Path) -> dict[str, dict]:
+    """Build, check and record the variants; raises VariantRejected naming every failing one."""
+    if "fp16" in wanted and device != "cuda":
+        log(STEP, "fp16 is a GPU variant: its check runs on the CPU provider here (through casts), not on the CUDA kernels it serves with")
+    facts = build_variants(model, input_names, out_dir, wanted, work)
+    results = {}
+    for name in wanted:
+        clf = OnnxClassifier(out_dir, device=device, variant=name, unchecked=True)
+        results[name] = {**check_variant(name, clf, split, reference, min_agreement, max_accuracy_drop), **facts[name]}
+        r = results[name]
+        log(STEP, f"variant {name:<9} {'accepted' if r['passed'] else 'REJECTED'}: agreement {r['agreement']:.4f}, "
+                  f"accuracy {r['accuracy']:.4f} (torch {r['torch_accuracy']:.4f}) on {r['rows']} eval rows, "
+                  f"{r['size_bytes'] / 2**20:.1f} MiB")
+    failed = {k: v for k, v in results.items() if not v["passed"]}
+    if failed:
+        raise VariantRejected("ONNX variant check failed on the eval split: " + "; ".join(
+            f"{k}: {', '.join(v['problems'])} ({v['rows']} rows)" for k, v in failed.items()) + "; nothing is published")
+    return results

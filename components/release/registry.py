@@ -1,0 +1,177 @@
+"""The model registry, kept in the store:
+
+  models/<name>/<version>/            a published model (sealed by _MANIFEST.json, written last):
+                                      model.onnx, tokenizer files, labels.json, kubetune.json,
+                                      metrics.json, MODEL_CARD.md, inferenceservice.yaml, and the
+                                      accepted ONNX variants (model.<variant>.onnx, listed with their
+                                      held-out check in kubetune.json "variants"; kubetune.onnx.model)
+  models/<name>/aliases/<alias>.json  {"version", "uri", "updated_at", "run_id", "previous",
+                                       "history", "data_fingerprint", "target", ...}
+
+Versions are `v<UTC yyyymmdd-HHMMSS>-<run id>`: unique per run, sortable by time. An alias moves
+with one atomic write, so a reader sees the old or the new version, never a mix; the version it
+points to is always complete because it is published before the alias moves.
+
+Aliases move by compare-and-swap (`Store.write_if`: S3 conditional writes, a lock file locally):
+read the alias and its token, write the new document only if the token is unchanged, else re-read
+and retry. Two pipelines deploying at once therefore both land, one after the other: production
+ends on one version and `previous` on the other - never a lost update. `previous` is not a second
+object (two objects cannot move together atomically) but the production document's `previous`
+field; `history` keeps the earlier production versions, newest first, for repeated rollbacks.
+
+A model reference is `models/<name>/<alias or version>`, or `<name>` for its production alias.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+from kubetune.errors import InputError
+from kubetune.storage.store import Conflict, NotFound, Store, StoreError, join
+
+NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$")
+PRODUCTION = "production"
+PREVIOUS = "previous"  # derived: production's `previous` field
+HISTORY = 20  # earlier production versions kept in the alias document
+CAS_ATTEMPTS = 20
+
+
+def check_name(name: str) -> str:
+    """Registry names double as KServe InferenceService names: DNS-1035 labels, short enough
+    for the suffixes KServe appends."""
+    if not NAME_RE.match(name or ""):
+        raise InputError(
+            f"model name {name!r}: use 1-40 lowercase letters, digits and '-', starting with a letter "
+            "(it becomes the InferenceService name)"
+        )
+    return name
+
+
+def name_from_uri(uri: str) -> str:
+    """A default registry name from a data URI: builtin:sms-spam -> sms-spam, s3://b/x/Reviews_2024.csv -> reviews-2024."""
+    stem = uri.split(":", 1)[1] if uri.startswith("builtin:") else Path(uri.rstrip("/")).name.split(".")[0]
+    name = re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-")[:40].rstrip("-")
+    if not name or not name[0].isalpha():
+        name = ("m-" + name)[:40].rstrip("-")
+    return check_name(name)
+
+
+def version_prefix(name: str, version: str) -> str:
+    return join("models", name, version)
+
+
+def alias_key(name: str, alias: str) -> str:
+    return join("models", name, "aliases", f"{alias}.json")
+
+
+def new_version(run_id: str) -> str:
+    run = re.sub(r"[^a-z0-9]+", "", run_id.lower().rsplit("-", 1)[-1])[:12] or "run"  # random tail of the id
+    return f"v{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{run}"
+
+
+def read_alias(store: Store, name: str, alias: str = PRODUCTION) -> dict | None:
+    if alias == PREVIOUS:
+        prod = read_alias(store, name, PRODUCTION)
+        if not prod or not prod.get("previous"):
+            return None
+        return {"version": prod["previous"], "uri": store.url(version_prefix(name, prod["previous"])), "derived_from": PRODUCTION}
+    try:
+        return store.read_json(alias_key(name, alias))
+    except NotFound:
+        return None
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def update_alias(store: Store, name: str, alias: str, change: Callable[[dict | None], dict]) -> dict:
+    """Compare-and-swap loop: `change(current document or None)` returns the new document, which
+    is written only if the alias did not move meanwhile; on a lost race re-read and re-apply."""
+    if alias == PREVIOUS:
+        raise InputError(f"{name}/{PREVIOUS} is derived from {PRODUCTION}; move {PRODUCTION} instead (e.g. kubetune rollback)")
+    key = alias_key(name, alias)
+    for attempt in range(CAS_ATTEMPTS):
+        data, token = store.read_versioned(key)
+        entry = change(json.loads(data) if data is not None else None)
+        try:
+            store.write_if(key, (json.dumps(entry, indent=2) + "\n").encode(), token)
+            return entry
+        except Conflict:
+            time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))  # another deploy won this round
+    raise StoreError(f"could not move {name}/{alias}: it kept changing under {CAS_ATTEMPTS} attempts (too many concurrent deploys?)")
+
+
+def set_alias(store: Store, name: str, alias: str, version: str, run_id: str, extra: dict | None = None) -> dict:
+    """Point `alias` at a published `version`; the version it pointed at becomes `previous`."""
+    if not store.is_published(version_prefix(name, version)):
+        raise InputError(f"cannot point {name}/{alias} at {version}: that version is not published")
+
+    def change(current: dict | None) -> dict:
+        history = ([current["version"], *current.get("history", [])] if current else [])
+        history = [v for v in history if v != version][:HISTORY]
+        return {"version": version, "uri": store.url(version_prefix(name, version)), "updated_at": _now(), "run_id": run_id,
+                "previous": history[0] if history else None, "history": history, **(extra or {})}
+
+    return update_alias(store, name, alias, change)
+
+
+def rollback(store: Store, name: str, run_id: str = "rollback", to: str = "") -> dict:
+    """Move production back: to `to`, or to its `previous` version. The version rolled back from
+    leaves the history, so a second rollback goes one further back."""
+
+    def change(current: dict | None) -> dict:
+        if current is None:
+            raise InputError(f"{name} has no {PRODUCTION} alias in {store.uri}: nothing to roll back")
+        history = current.get("history") or ([current["previous"]] if current.get("previous") else [])
+        target = to or (history[0] if history else "")
+        if not target:
+            raise InputError(f"{name}/{PRODUCTION} is {current['version']} and has no previous version to roll back to")
+        if not store.is_published(version_prefix(name, target)):
+            raise InputError(f"cannot roll {name} back to {target}: that version is not published (see kubetune models {name})")
+        rest = [v for v in history if v != target]
+        return {"version": target, "uri": store.url(version_prefix(name, target)), "updated_at": _now(), "run_id": run_id,
+                "previous": rest[0] if rest else None, "history": rest, "rolled_back_from": current["version"],
+                "data_fingerprint": _fingerprint_of(store, name, target)}
+
+    return update_alias(store, name, PRODUCTION, change)
+
+
+def _fingerprint_of(store: Store, name: str, version: str) -> str | None:
+    try:
+        return store.read_json(join(version_prefix(name, version), "metrics.json")).get("data_fingerprint")
+    except NotFound:
+        return None
+
+
+def versions(store: Store, name: str) -> list[str]:
+    """Published versions of `name`, oldest first."""
+    found = {k.split("/")[2] for k in store.list(join("models", name)) if k.endswith("/_MANIFEST.json")}
+    return sorted(found)
+
+
+def resolve(store: Store, ref: str) -> tuple[str, str]:
+    """(name, version) for `models/<name>/<alias|version>` or `<name>` (its production alias)."""
+    parts = ref.strip("/").split("/")
+    if parts[0] == "models":
+        parts = parts[1:]
+    if len(parts) == 1:
+        parts.append(PRODUCTION)
+    if len(parts) != 2:
+        raise InputError(f"model reference {ref!r}: use models/<name>/<alias or version>")
+    name, which = parts
+    if store.is_published(version_prefix(name, which)):
+        return name, which
+    alias = read_alias(store, name, which)
+    if alias is None:
+        raise InputError(f"model reference {ref!r}: {name} has no version or alias {which!r} in {store.uri}")
+    return name, alias["version"]
+
+
+def download(store: Store, name: str, version: str, dest: Path) -> Path:
+    return store.download_dir(version_prefix(name, version), dest)

@@ -1,0 +1,242 @@
+"""Deploy targets: what "deploy" does after a version is published in the registry. One code path
+for the pipeline's deploy step and `kubetune deploy` (kubetune.steps.deploy.release calls these).
+
+  registry  move the `production` alias (nothing else; serving follows the alias or GitOps)
+  kserve    server-side apply the InferenceService through the Kubernetes API, optionally as a
+            canary (canaryTrafficPercent), wait for Ready; on failure or timeout re-apply the
+            spec that was live before, and leave the alias where it was
+  gitops    commit the rendered InferenceService (pinned to the version's URI) to a Git repository
+            path/branch that an Argo CD Application watches (k8s/argocd), and push
+
+    kubetune deploy sms-spam --target kserve --canary-traffic-percent 10
+    kubetune deploy sms-spam --target gitops --gitops-repo https://git.example.com/ml/deploy.git
+
+Git credentials come from the environment (a Secret on a cluster), never from the command line,
+and are never logged: KUBETUNE_GIT_USERNAME + KUBETUNE_GIT_TOKEN for https (given to git through
+GIT_ASKPASS, so the token is in no argv and no URL), or KUBETUNE_GIT_SSH_KEY (+ optional
+KUBETUNE_GIT_KNOWN_HOSTS) for ssh. The commit author is KUBETUNE_GIT_AUTHOR_NAME/EMAIL.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import stat
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+from kubetune.release import kube
+from kubetune.errors import ConfigError, KubetuneError
+from kubetune.release.manifests import to_yaml
+from kubetune.core.progress import log
+
+TARGETS = ("registry", "kserve", "gitops")
+STEP = "deploy"
+
+
+class RolloutFailed(KubetuneError):
+    """The new version did not become live; what was live before was restored (the message says)."""
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    target: str = "registry"
+    canary_traffic_percent: int = 0  # kserve: 1-99 sends that share to the new revision; 0 = all traffic
+    timeout_seconds: int = 600  # kserve: how long to wait for Ready before rolling back
+    poll_seconds: float = 5.0
+    kubeconfig: str = ""  # kserve outside a cluster; empty: in-cluster, else $KUBECONFIG / ~/.kube/config
+    context: str = ""
+    gitops_repo: str = ""  # gitops: clone URL (https://, ssh://, git@host:path or a local path)
+    gitops_branch: str = "main"
+    gitops_path: str = "deploy/inferenceservices"  # folder in the repo; the file is <name>.yaml
+
+    def check(self) -> None:
+        problems = []
+        if self.target not in TARGETS:
+            problems.append(f"deploy target {self.target!r}: use one of {', '.join(TARGETS)}")
+        if not 0 <= self.canary_traffic_percent <= 99:
+            problems.append(f"canary_traffic_percent={self.canary_traffic_percent}: use 0 (no canary) to 99")
+        if self.canary_traffic_percent and self.target != "kserve":
+            problems.append(f"canary_traffic_percent={self.canary_traffic_percent} needs deploy target kserve (got {self.target})")
+        if self.target == "kserve" and self.timeout_seconds <= 0:
+            problems.append(f"timeout_seconds={self.timeout_seconds}: must be positive")
+        if self.target == "gitops" and not self.gitops_repo:
+            problems.append("deploy target gitops needs gitops_repo (the Git URL the Argo CD Application watches)")
+        if self.target == "gitops" and (self.gitops_path.startswith("/") or ".." in Path(self.gitops_path).parts):
+            problems.append(f"gitops_path {self.gitops_path!r}: use a relative folder inside the repository")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def alias(self) -> str:
+        """A canary does not become production: it gets the `canary` alias until promoted."""
+        return "canary" if self.canary_traffic_percent else "production"
+
+
+# ---------------------------------------------------------------------------------------------
+# kserve
+
+
+def isvc_verdict(obj: dict, generation: int | None) -> bool | None:
+    """True when the InferenceService is Ready for our generation; None when KServe reports a
+    failure that waiting will not fix (the model failed to load, the spec is invalid)."""
+    if kube.is_ready(obj, generation):
+        return True
+    transition = ((obj.get("status") or {}).get("modelStatus") or {}).get("transitionStatus")
+    if transition in ("BlockedByFailedLoad", "InvalidSpec"):
+        return None
+    return False
+
+
+def rollout_kserve(manifest: dict, cfg: DeployConfig, commit: Callable[[], object] = lambda: None,
+                   client: kube.Kube | None = None) -> dict:
+    """Apply, wait for Ready, then `commit()` (the registry alias move). If any of it fails, the
+    previous spec is applied again, so the service and the alias both stay on the old version."""
+    client = client or kube.connect(cfg.kubeconfig, cfg.context)
+    ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+    what = kube.INFERENCE_SERVICE.describe(ns, name)
+    manifest = {**manifest, "spec": {**manifest["spec"], "predictor": dict(manifest["spec"]["predictor"])}}
+    if cfg.canary_traffic_percent:
+        manifest["spec"]["predictor"]["canaryTrafficPercent"] = cfg.canary_traffic_percent
+    before = client.get(kube.INFERENCE_SERVICE, ns, name)
+    if cfg.canary_traffic_percent and before is None:
+        raise ConfigError(f"{what} does not exist yet: a canary needs a live revision to split traffic with; deploy without a canary first")
+    applied = client.apply(manifest)
+    log(STEP, f"applied {what} (generation {applied['metadata'].get('generation')})"
+        + (f", canary {cfg.canary_traffic_percent}%" if cfg.canary_traffic_percent else ""))
+    try:
+        live = client.wait(kube.INFERENCE_SERVICE, ns, name, lambda o: isvc_verdict(o, applied["metadata"].get("generation")),
+                           timeout=cfg.timeout_seconds, interval=cfg.poll_seconds)
+        url = (live.get("status") or {}).get("url")
+        log(STEP, f"{what} is Ready" + (f" at {url}" if url else ""))
+        commit()
+    except KubetuneError as e:
+        raise RolloutFailed(f"{e}; {restore_kserve(client, before, what)}") from None
+    return {"target": "kserve", "namespace": ns, "name": name, "url": url, "canary_traffic_percent": cfg.canary_traffic_percent,
+            "generation": applied["metadata"].get("generation"), "replaced_existing": before is not None}
+
+
+def restore_kserve(client: kube.Kube, before: dict | None, what: str) -> str:
+    """Re-apply the spec that was live before; says what it did (for the error message)."""
+    if before is None:
+        # nothing served before, so nothing to go back to; deleting is left to a person (the
+        # deployer's RBAC has no delete), and the failed object shows why it failed
+        return f"there was no previous {what} to restore; inspect it with kubectl describe, or delete it"
+    try:
+        client.apply(kube.strip_server_fields(before))
+    except kube.KubeError as e:
+        return f"restoring the previous spec ALSO failed: {e}"
+    version = (before["metadata"].get("annotations") or {}).get("kubetune.io/model-version", "unknown version")
+    log(STEP, f"rolled {what} back to its previous spec ({version})")
+    return f"rolled back to the previous spec (model version {version})"
+
+
+# ---------------------------------------------------------------------------------------------
+# gitops
+
+
+_CRED_RE = re.compile(r"(\w+://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """Strip user:password@ from URLs in git's messages, in case a URL carried credentials."""
+    return _CRED_RE.sub(r"\1***@", text)
+
+
+@dataclass(frozen=True)
+class GitAuth:
+    username: str = ""
+    token: str = ""
+    ssh_key: str = ""  # path to a private key file (a mounted Secret)
+    known_hosts: str = ""  # path to a known_hosts file; empty: accept a new host key once
+    author_name: str = "kubetune"
+    author_email: str = "kubetune@localhost"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "GitAuth":
+        env = os.environ if environ is None else environ
+        return cls(username=env.get("KUBETUNE_GIT_USERNAME", ""), token=env.get("KUBETUNE_GIT_TOKEN", ""),
+                   ssh_key=env.get("KUBETUNE_GIT_SSH_KEY", ""), known_hosts=env.get("KUBETUNE_GIT_KNOWN_HOSTS", ""),
+                   author_name=env.get("KUBETUNE_GIT_AUTHOR_NAME", "kubetune"),
+                   author_email=env.get("KUBETUNE_GIT_AUTHOR_EMAIL", "kubetune@localhost"))
+
+    def __repr__(self) -> str:  # never print the token
+        return f"GitAuth(username={self.username!r}, token={'***' if self.token else ''!r}, ssh_key={self.ssh_key!r})"
+
+    def env(self, workdir: Path) -> dict[str, str]:
+        env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_AUTHOR_NAME": self.author_name, "GIT_AUTHOR_EMAIL": self.author_email,
+               "GIT_COMMITTER_NAME": self.author_name, "GIT_COMMITTER_EMAIL": self.author_email}
+        if self.token:
+            # git asks this script for the username and password; the token stays in the environment
+            askpass = workdir / "askpass.sh"
+            askpass.write_text('#!/bin/sh\ncase "$1" in Username*) printf %s "$KUBETUNE_GIT_USERNAME";; *) printf %s "$KUBETUNE_GIT_TOKEN";; esac\n')
+            askpass.chmod(stat.S_IRWXU)
+            env.update(GIT_ASKPASS=str(askpass), KUBETUNE_GIT_USERNAME=self.username or "kubetune", KUBETUNE_GIT_TOKEN=self.token)
+        if self.ssh_key:
+            hosts = f"-o UserKnownHostsFile={shlex.quote(self.known_hosts)} -o StrictHostKeyChecking=yes" if self.known_hosts \
+                else "-o StrictHostKeyChecking=accept-new"
+            env["GIT_SSH_COMMAND"] = f"ssh -i {shlex.quote(self.ssh_key)} -o IdentitiesOnly=yes {hosts}"
+        return env
+
+
+class Git:
+    def __init__(self, repo_dir: Path, env: dict[str, str]):
+        self.dir, self.env = repo_dir, env
+
+    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(["git", *args], cwd=self.dir, env=self.env, capture_output=True, text=True, timeout=300)
+        if check and proc.returncode != 0:
+            raise RolloutFailed(f"git {args[0]} failed: {redact(proc.stderr.strip() or proc.stdout.strip())}")
+        return proc
+
+
+def commit_message(name: str, version: str, metrics: dict, run_id: str, storage_uri: str) -> str:
+    shown = {k: metrics[k] for k in ("accuracy", "macro_f1", "weighted_f1") if isinstance(metrics.get(k), (int, float))}
+    figures = ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
+    return (f"Deploy {name} {version}\n\n"
+            f"Model: {storage_uri}\nRun: {run_id}\nTest metrics: {figures or 'n/a'}\n\nCommitted by kubetune (deploy target gitops).\n")
+
+
+def rollout_gitops(manifest: dict, cfg: DeployConfig, auth: GitAuth, message: str, attempts: int = 3) -> dict:
+    """Commit exactly one file, <gitops_path>/<name>.yaml, on top of the branch and push. A push
+    that loses a race with another commit is rebased and retried; an identical manifest makes no
+    commit (the desired state is already there)."""
+    name = manifest["metadata"]["name"]
+    rel = f"{cfg.gitops_path.strip('/')}/{name}.yaml" if cfg.gitops_path.strip("/") else f"{name}.yaml"
+    with tempfile.TemporaryDirectory(prefix="kubetune-gitops-") as tmp:
+        work = Path(tmp) / "repo"
+        work.mkdir()
+        git = Git(work, auth.env(Path(tmp)))
+        git("init", "-q")
+        git("remote", "add", "origin", cfg.gitops_repo)
+        for attempt in range(attempts):
+            fetched = git("fetch", "-q", "--depth", "1", "origin", cfg.gitops_branch, check=False)
+            if fetched.returncode == 0:
+                git("checkout", "-q", "-B", cfg.gitops_branch, "FETCH_HEAD")
+            elif "couldn't find remote ref" in fetched.stderr.lower() or "could not find remote ref" in fetched.stderr.lower():
+                git("checkout", "-q", "--orphan", cfg.gitops_branch)  # a new branch (or an empty repository)
+            else:
+                raise RolloutFailed(f"git fetch {redact(cfg.gitops_repo)} {cfg.gitops_branch} failed: {redact(fetched.stderr.strip())}")
+            target = work / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(to_yaml(manifest))
+            git("add", "--", rel)
+            if git("diff", "--cached", "--quiet", check=False).returncode == 0:
+                log(STEP, f"{rel} on {cfg.gitops_branch} already holds this manifest: nothing to commit")
+                return {"target": "gitops", "repo": redact(cfg.gitops_repo), "branch": cfg.gitops_branch, "path": rel,
+                        "commit": git("rev-parse", "HEAD").stdout.strip(), "changed": False}
+            git("commit", "-q", "-m", message)
+            pushed = git("push", "-q", "origin", f"HEAD:refs/heads/{cfg.gitops_branch}", check=False)
+            if pushed.returncode == 0:
+                commit = git("rev-parse", "HEAD").stdout.strip()
+                log(STEP, f"pushed {rel} to {redact(cfg.gitops_repo)} {cfg.gitops_branch} as {commit[:12]}")
+                return {"target": "gitops", "repo": redact(cfg.gitops_repo), "branch": cfg.gitops_branch, "path": rel,
+                        "commit": commit, "changed": True}
+            if "rejected" not in pushed.stderr and "non-fast-forward" not in pushed.stderr and "fetch first" not in pushed.stderr:
+                raise RolloutFailed(f"git push to {redact(cfg.gitops_repo)} failed: {redact(pushed.stderr.strip())}")
+            log(STEP, f"push lost a race (attempt {attempt + 1}/{attempts}): re-committing on the new branch head")
+        raise RolloutFailed(f"git push to {redact(cfg.gitops_repo)} {cfg.gitops_branch} kept being rejected after {attempts} attempts")

@@ -1,0 +1,208 @@
+"""Step 6 - deploy: publish the exported model as a registry version, roll it out to the deploy
+target (registry | kserve | gitops, see kubetune.release.rollout) and move `production` to it.
+
+    python -m kubetune.steps.deploy --onnx /tmp/kt/onnx --evaluation /tmp/kt/evaluation.json \
+        --name sms-spam --store ./kubetune-store --run-id dev [--target kserve --canary-traffic-percent 10]
+
+Order matters for readers: (1) the version folder is published atomically (see kubetune.storage.store),
+(2) the target takes it (KServe Ready, or the GitOps commit pushed), (3) then the alias moves by
+compare-and-swap. A failure before (3) leaves production untouched (and KServe on its old spec).
+The version folder holds the ONNX model folder plus metrics.json (with the data fingerprint that
+lets a scheduled run skip retraining on unchanged data), MODEL_CARD.md and the KServe
+InferenceService manifest that points at it. `kubetune deploy` runs steps (2)-(3) for a version
+that is already published (`release`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from kubetune.release import registry
+from kubetune.core.entry import add_config_args, config_from_args, run_main, step_parser
+from kubetune.errors import ConfigError, InputError
+from kubetune.steps.freshness import data_fingerprint
+from kubetune.release.manifests import ServingConfig, inference_service, to_yaml
+from kubetune.tasks.metrics import TOKEN, per_type_table
+from kubetune.onnx.model import accepted_variants
+from kubetune.core.progress import log
+from kubetune.storage.records import RunRecord, open_run, scratch
+from kubetune.release.rollout import DeployConfig, GitAuth, commit_message, rollout_gitops, rollout_kserve
+from kubetune.storage.store import Store
+
+STEP = "deploy"
+MANIFEST_FILE = "inferenceservice.yaml"
+
+
+def variant_table(variants: dict) -> str:
+    """The accepted ONNX variants with their held-out check, for the model card."""
+    if not variants:
+        return "Variants: fp32 only (model.onnx)."
+    rows = "\n".join(f"| {k} | `{v['file']}` | {v['agreement']:.4f} | {v['accuracy']:.4f} | {100 * v['accuracy_drop']:.2f} | "
+                     f"{v['size_bytes'] / 2**20:.1f} |" for k, v in variants.items())
+    return ("Accepted variants (checked against torch on the eval split):\n\n"
+            "| variant | file | argmax agreement | accuracy | drop (points) | MiB |\n|---|---|---|---|---|---|\n" + rows)
+
+
+def model_card(name: str, version: str, evaluation: dict, run: dict, training: dict, export: dict) -> str:
+    m, g = evaluation["metrics"], evaluation["gate"]
+    settings = {k: training.get("config", {}).get(k) for k in ("epochs", "batch_size", "learning_rate", "seed")}
+    if evaluation.get("task") == TOKEN:
+        kind = f"Token classifier (NER; entity types {', '.join(m['per_type'])}, IOB2 tags)"
+        headline = (f"entity micro-F1 {m['entity_micro_f1']:.4f}, entity macro-F1 {m['entity_macro_f1']:.4f}, "
+                    f"token accuracy {m['token_accuracy']:.4f} ({m['entities']} entities)")
+        table = per_type_table(m)
+    else:
+        kind = f"Sequence classifier ({', '.join(evaluation['labels'])})"
+        headline = f"accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, weighted F1 {m['weighted_f1']:.4f}"
+        table = "| class | precision | recall | F1 | support |\n|---|---|---|---|---|\n" + "\n".join(
+            f"| {k} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |" for k, v in m["per_class"].items())
+    return f"""# {name} {version}
+
+{kind} fine-tuned by kubetune, run `{run.get('run_id')}`.
+
+- Base model: `{training.get('config', {}).get('model', 'unknown')}`
+- Training data: `{run.get('train')}`; eval: `{run.get('eval') or 'split from train'}`; test: `{run.get('test') or 'split from train'}`
+- Data fingerprints (sha256 of the text/label rows): {json.dumps(run.get('fingerprints', {}))}
+- Training: {json.dumps(settings)}, best epoch {training.get('outputs', {}).get('best_epoch')}
+
+## Test results ({evaluation['test_rows']} rows)
+
+{headline}
+
+{table}
+
+Gate: {'passed' if g['passed'] else 'rejected'} - {g['reason']}
+
+## ONNX
+
+Parity with torch on {export.get('rows')} held-out rows: max |logit diff| {export.get('max_abs_diff')},
+argmax agreement {export.get('argmax_agreement')}.
+
+{variant_table(export.get('variants') or {})}
+
+## Intended use and limits
+
+Classifies short texts like those it was trained on. Texts longer than the training max_length are
+truncated. Quality on other domains, languages or label definitions is unknown: evaluate before use.
+"""
+
+
+def publish(record: RunRecord, name: str, onnx_dir: Path, evaluation: dict, cfg: ServingConfig) -> dict:
+    """Publish the version folder (atomically; see kubetune.storage.store). Moves no alias."""
+    if not evaluation["gate"]["passed"]:
+        raise ConfigError(f"refusing to deploy {name}: the gate rejected it ({evaluation['gate']['reason']})")
+    store = record.store
+    version = registry.new_version(record.run_id)
+    prefix = registry.version_prefix(name, version)
+    storage_uri = store.url(prefix)
+
+    staging = scratch(STEP) / version
+    shutil.copytree(onnx_dir, staging)
+    run = record.read_json("run.json", {})
+    run["fingerprints"] = record.read_json("steps/validate.json", {}).get("outputs", {}).get("fingerprints", {})
+    training = record.read_json("steps/finetune.json", {})
+    export = json.loads((onnx_dir / "parity.json").read_text()) if (onnx_dir / "parity.json").exists() else {}
+    (staging / "metrics.json").write_text(json.dumps(
+        {**evaluation, "version": version, "run_id": record.run_id, "data_fingerprints": run["fingerprints"],
+         "data_fingerprint": data_fingerprint(run["fingerprints"]) if run["fingerprints"] else None}, indent=2))
+    (staging / "MODEL_CARD.md").write_text(model_card(name, version, evaluation, run, training, export))
+    (staging / MANIFEST_FILE).write_text(to_yaml(inference_service(name, version, storage_uri, record.run_id, cfg)))
+    variants = sorted(accepted_variants(staging))
+    store.publish_dir(staging, prefix)
+    log(STEP, f"published {storage_uri} (ONNX variants: {', '.join(variants)})")
+    return {"version": version, "model_uri": storage_uri, "manifest_uri": store.url(f"{prefix}/{MANIFEST_FILE}"), "variants": variants}
+
+
+def release(store: Store, name: str, version: str, serving: ServingConfig, target: DeployConfig, run_id: str,
+            auth: GitAuth | None = None, move: Callable[[], dict] | None = None) -> dict:
+    """Roll a published version out to `target` and move its alias (production; `canary` for a
+    KServe canary). Shared by the deploy step, `kubetune deploy` and `kubetune rollback` (which
+    passes its own alias `move`). The alias moves only once the target took the version: after
+    Ready (kserve), after the push (gitops)."""
+    target.check()
+    prefix = registry.version_prefix(name, version)
+    if not store.is_published(prefix):
+        raise InputError(f"{name} {version} is not published in {store.uri} (see kubetune models {name})")
+    metrics = store.read_json(f"{prefix}/metrics.json")
+    storage_uri = store.url(prefix)
+    manifest = inference_service(name, version, storage_uri, metrics.get("run_id", run_id), serving)
+    extra = {"target": target.target, "data_fingerprint": metrics.get("data_fingerprint")}
+    move = move or (lambda: registry.set_alias(store, name, target.alias, version, run_id, extra))
+    moved: dict = {}
+
+    def move_alias() -> None:
+        moved.update(move())
+        log(STEP, f"{name}/{target.alias} -> {moved['version']}" + (f" (was {moved['previous']})" if moved.get("previous") else ""))
+
+    if target.target == "kserve":
+        rollout = rollout_kserve(manifest, target, commit=move_alias)
+    elif target.target == "gitops":
+        message = commit_message(name, version, metrics.get("metrics", {}), metrics.get("run_id", run_id), storage_uri)
+        rollout = rollout_gitops(manifest, target, auth or GitAuth(), message)
+        move_alias()
+    else:
+        rollout = {"target": "registry"}
+        move_alias()
+    return {"model_name": name, "version": version, "model_uri": storage_uri, "manifest_uri": store.url(f"{prefix}/{MANIFEST_FILE}"),
+            "alias": moved, "rollout": rollout, "manifest": manifest}
+
+
+def roll_back(store: Store, name: str, serving: ServingConfig, target: DeployConfig, run_id: str,
+              auth: GitAuth | None = None, to: str = "") -> dict:
+    """Move production back to its previous version (or `to`), rolling that version out to the
+    target first (re-apply on KServe, a revert commit for GitOps), like a deploy."""
+    current = registry.read_alias(store, name)
+    if current is None:
+        raise InputError(f"{name} has no {registry.PRODUCTION} alias in {store.uri}: nothing to roll back")
+    version = to or current.get("previous")
+    if not version:
+        raise InputError(f"{name}/{registry.PRODUCTION} is {current['version']} and has no previous version to roll back to")
+    if target.canary_traffic_percent:
+        raise ConfigError("a rollback sends all traffic to the previous version: drop --canary-traffic-percent")
+    return release(store, name, version, serving, target, run_id, auth,
+                   move=lambda: registry.rollback(store, name, run_id, to=version))
+
+
+def deploy(record: RunRecord, name: str, onnx_dir: Path, evaluation: dict, cfg: ServingConfig,
+           target: DeployConfig | None = None, auth: GitAuth | None = None) -> dict:
+    target = target or DeployConfig()
+    target.check()  # before publishing: a bad target setting should not leave an orphan version
+    published = publish(record, name, onnx_dir, evaluation, cfg)
+    return {**release(record.store, name, published["version"], cfg, target, record.run_id, auth), "variants": published["variants"]}
+
+
+def run_step(*, store_uri: str, run_id: str, model_name: str, onnx_dir: Path, evaluation_path: Path,
+             manifest_path: Path, cfg: ServingConfig, target: DeployConfig | None = None) -> dict:
+    target = target or DeployConfig()
+    record = open_run(store_uri, run_id)
+    with record.step(STEP, config={"model_name": model_name, **asdict(cfg), **asdict(target)}) as rec:
+        evaluation = json.loads(evaluation_path.read_text())
+        result = deploy(record, registry.check_name(model_name), onnx_dir, evaluation, cfg, target, GitAuth.from_env())
+        manifest_path.parent.mkdir(parents=True, exist_ok=True)
+        manifest_path.write_text(to_yaml(result["manifest"]))
+        record.write_json("deployment.json", {k: v for k, v in result.items() if k != "manifest"})
+        rec["outputs"] = {k: result[k] for k in ("version", "model_uri", "manifest_uri", "variants")} | {"target": target.target}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = step_parser("kubetune.steps.deploy", __doc__)
+    p.add_argument("--onnx", required=True, type=Path, help="exported model folder (export's output)")
+    p.add_argument("--evaluation", required=True, type=Path, help="evaluation.json (evaluate's output)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--manifest-out", type=Path, default=Path(MANIFEST_FILE))
+    add_config_args(p, ServingConfig)
+    add_config_args(p, DeployConfig)
+    a = p.parse_args(argv)
+    return run_main(lambda: run_step(store_uri=a.store, run_id=a.run_id, model_name=a.name, onnx_dir=a.onnx,
+                                     evaluation_path=a.evaluation, manifest_path=a.manifest_out,
+                                     cfg=config_from_args(ServingConfig, a), target=config_from_args(DeployConfig, a)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Fine-tune as a distributed job on Kubernetes: N workers x M GPUs, torchrun in every worker.
+
+    python -m kubetune.steps.distributed --tokens /tmp/kt/tokens --model builtin:all-minilm-l6-v2 \
+        --out /tmp/kt/model --store s3://bucket/kubetune --run-id dev --backend pytorchjob \
+        --workers 2 --gpus-per-worker 4 --image ghcr.io/kubetune/kubetune:0.1.0-cuda --namespace team-ml
+    python -m kubetune.steps.distributed ... --dry-run     # print the manifest instead of creating it
+
+Backends: `pytorchjob` (Kubeflow Training Operator v1, kubeflow.org/v1 PyTorchJob: one Master and
+N-1 Workers) and `trainjob` (Kubeflow Trainer v2, trainer.kubeflow.org/v1alpha1 TrainJob on the
+`torch-distributed` ClusterTrainingRuntime). Both operators set the PET_* variables torchrun reads
+(nodes, processes per node, node rank, master address), so every worker runs the same command:
+`torchrun -m kubetune.steps.finetune ...` (kubetune.training.parallel: DDP, nccl on GPUs).
+
+The worker pods cannot see KFP's artifact paths, so this launcher, running in the pipeline's pod,
+publishes the tokens to <store>/runs/<run_id>/finetune/tokens, starts the job (which reads them
+from there, checkpoints to the store and publishes the model to <store>/runs/<run_id>/finetune/model),
+waits for it to succeed or fail, and downloads the model into the step's output folder. A re-run of
+the launcher with the same run id finds the job (or its published model) and does not start a
+second one; a restarted worker resumes from the store checkpoint.
+
+k8s/training/ holds the same job as kustomize templates for `kubectl apply -k`, and the Role the
+pipeline's ServiceAccount needs to create jobs (see docs/distributed-finetune.md).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from kubetune.core.entry import add_config_args, config_from_args, run_main, step_parser
+from kubetune.errors import ConfigError, KubetuneError
+from kubetune.steps.finetune import STEP, FinetuneConfig
+from kubetune.release.kube import Kind, Kube, KubeError, WaitTimeout, connect
+from kubetune.core.progress import log
+from kubetune.storage.records import open_run
+
+BACKENDS = ("pytorchjob", "trainjob")
+KINDS = {
+    "pytorchjob": Kind("kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"),
+    "trainjob": Kind("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"),
+}
+# settings forwarded to the workers' fine-tune (device is the workers' business: cuda when they have GPUs)
+FORWARDED = [f.name for f in fields(FinetuneConfig) if f.name not in ("device", "cpu_threads")]
+
+
+class JobFailed(KubetuneError):
+    """The distributed job ended in Failed, or did not finish in time."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    backend: str = "pytorchjob"  # pytorchjob | trainjob
+    workers: int = 1  # pods (nodes)
+    gpus_per_worker: int = 1  # GPUs and torchrun processes per pod; 0 = CPU workers (1 process each)
+    image: str = "ghcr.io/kubetune/kubetune:0.1.0-cuda"
+    namespace: str = ""  # "" = the launcher pod's own namespace
+    cpu_per_worker: str = "8"
+    memory_per_worker: str = "32Gi"
+    accelerator: str = "nvidia.com/gpu"
+    runtime: str = "torch-distributed"  # TrainJob: the ClusterTrainingRuntime to use
+    s3_secret: str = "kubetune-s3"
+    s3_config_map: str = "kubetune-s3-config"
+    service_account: str = ""  # worker pods' ServiceAccount ("" = namespace default)
+    timeout_s: int = 24 * 3600
+    poll_s: float = 15.0
+
+    def check(self) -> None:
+        problems = []
+        if self.backend not in BACKENDS:
+            problems.append(f"backend={self.backend!r}: use one of {', '.join(BACKENDS)}")
+        if self.workers < 1 or self.gpus_per_worker < 0:
+            problems.append(f"workers={self.workers}, gpus_per_worker={self.gpus_per_worker}: need >= 1 worker and >= 0 GPUs")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def processes_per_worker(self) -> int:
+        return max(self.gpus_per_worker, 1)
+
+
+def job_name(run_id: str) -> str:
+    """A DNS-1035 name for the run's job (stable: a retried launcher finds its own job)."""
+    name = re.sub(r"[^a-z0-9-]+", "-", f"kubetune-ft-{run_id}".lower()).strip("-")[:52].rstrip("-")
+    return name
+
+
+def worker_command(*, store: str, run_id: str, model_uri: str, tokens_uri: str, publish: str, cfg: FinetuneConfig) -> list[str]:
+    """What every worker runs: torchrun (sizes from the operator's PET_* variables) over the step."""
+    args = ["torchrun", "-m", "kubetune.steps.finetune", "--store", store, "--run-id", run_id, "--tokens", tokens_uri,
+            "--model", model_uri, "--out", "/tmp/kubetune-model", "--publish", publish]
+    for name in FORWARDED:
+        args += ["--" + name.replace("_", "-"), str(getattr(cfg, name))]
+    return args
+
+
+def container(job: JobConfig, command: list[str], name: str) -> dict:
+    resources = {"cpu": job.cpu_per_worker, "memory": job.memory_per_worker}
+    if job.gpus_per_worker:
+        resources[job.accelerator] = str(job.gpus_per_worker)
+    return {
+        "name": name, "image": job.image, "command": command[:1], "args": command[1:],
+        "envFrom": [{"secretRef": {"name": job.s3_secret}}, {"configMapRef": {"name": job.s3_config_map}}],
+        "resources": {"requests": resources, "limits": resources},
+        # torch's DDP shares tensors between local processes through /dev/shm
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+
+
+def pod_template(job: JobConfig, command: list[str], name: str) -> dict:
+    spec = {"containers": [container(job, command, name)], "restartPolicy": "OnFailure",
+            "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]}
+    if job.gpus_per_worker:
+        spec["tolerations"] = [{"key": job.accelerator, "operator": "Exists", "effect": "NoSchedule"}]
+    if job.service_account:
+        spec["serviceAccountName"] = job.service_account
+    return {"metadata": {"labels": {"app.kubernetes.io/part-of": "kubetune", "app.kubernetes.io/component": "finetune"}},
+            "spec": spec}
+
+
+def render(job: JobConfig, name: str, namespace: str, command: list[str]) -> dict:
+    """The PyTorchJob or TrainJob manifest."""
+    group, version, kind = KINDS[job.backend].group, KINDS[job.backend].version, KINDS[job.backend].kind
+    meta = {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "kubetune",
+                                                              "app.kubernetes.io/component": "finetune"}}
+    if job.backend == "pytorchjob":
+        replicas = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": pod_template(job, command, "pytorch")}}
+        if job.workers > 1:
+            replicas["Worker"] = {"replicas": job.workers - 1, "restartPolicy": "OnFailure",
+                                  "template": pod_template(job, command, "pytorch")}
+        spec = {"nprocPerNode": str(job.processes_per_worker), "pytorchReplicaSpecs": replicas,
+                "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": 3, "ttlSecondsAfterFinished": 7 * 86400}}
+    else:
+        c = container(job, command, "node")
+        spec = {"runtimeRef": {"name": job.runtime, "kind": "ClusterTrainingRuntime", "apiGroup": "trainer.kubeflow.org"},
+                "trainer": {"image": job.image, "command": c["command"], "args": c["args"], "numNodes": job.workers,
+                            "numProcPerNode": job.processes_per_worker, "env": [],
+                            "resourcesPerNode": c["resources"]},
+                "podTemplateOverrides": [{"targetJobs": [{"name": "node"}], "spec": {"containers": [
+                    {"name": "node", "envFrom": c["envFrom"], "volumeMounts": c["volumeMounts"]}],
+                    "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+                    **({"tolerations": [{"key": job.accelerator, "operator": "Exists", "effect": "NoSchedule"}]}
+                       if job.gpus_per_worker else {})}}]}
+    return {"apiVersion": f"{group}/{version}", "kind": kind, "metadata": meta, "spec": spec}
+
+
+def job_state(obj: dict) -> tuple[str, str]:
+    """("succeeded" | "failed" | "running", message) from a PyTorchJob's or TrainJob's conditions."""
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("status") != "True":
+            continue
+        if cond.get("type") in ("Succeeded", "Complete"):
+            return "succeeded", cond.get("message", "")
+        if cond.get("type") == "Failed":
+            return "failed", cond.get("message") or cond.get("reason", "")
+    return "running", ""
+
+
+def current_namespace() -> str:
+    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    return path.read_text().strip() if path.is_file() else "default"
+
+
+def run_job(manifest: dict, backend: str, job: JobConfig, kube: Kube | None = None) -> None:
+    """Applies the job (server-side apply: a retried launcher re-applies the same spec instead of
+    starting a second job) and waits until it ends (kubetune.release.kube)."""
+    kube = kube or connect()
+    kind = KINDS[backend]
+    name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
+    try:
+        kube.apply(manifest, kind=kind)
+    except KubeError as e:
+        if "HTTP 404" in str(e):
+            raise ConfigError(f"{kind.kind} is not installed in the cluster ({kind.group}/{kind.version}): install the Kubeflow "
+                              f"{'Training Operator' if backend == 'pytorchjob' else 'Trainer'}, or use finetune_backend=pod") from None
+        if "HTTP 403" in str(e):
+            raise ConfigError(f"not allowed to create {kind.plural} in namespace {namespace}: apply k8s/training/rbac "
+                              "(kubectl apply -k k8s/training) for the pipeline's ServiceAccount") from None
+        raise
+    log(STEP, f"applied {kind.describe(namespace, name)}: {job.workers} worker(s) x {job.processes_per_worker} process(es)")
+
+    def done(obj: dict) -> bool | None:
+        state, _ = job_state(obj)
+        return True if state == "succeeded" else None if state == "failed" else False
+
+    try:
+        kube.wait(kind, namespace, name, done, timeout=job.timeout_s, interval=job.poll_s)
+    except WaitTimeout as e:
+        message = job_state(e.last)[1] if e.last else ""
+        raise JobFailed(f"{e}{': ' + message if message else ''} (kubectl -n {namespace} logs -l "
+                        f"training.kubeflow.org/job-name={name})") from None
+    log(STEP, f"{kind.describe(namespace, name)} succeeded")
+
+
+def run_step(*, store_uri: str, run_id: str, tokens_dir: Path, model_uri: str, out_dir: Path, cfg: FinetuneConfig,
+             job: JobConfig, dry_run: bool = False, kube: Kube | None = None) -> dict:
+    """The pipeline's distributed fine-tune: publish tokens, run the job, fetch the model."""
+    cfg.check()
+    job.check()
+    record = open_run(store_uri, run_id)
+    store = record.store
+    tokens_key, model_key = record.key(STEP, "tokens"), record.key(STEP, "model")
+    command = worker_command(store=store_uri, run_id=record.run_id, model_uri=model_uri, tokens_uri=store.url(tokens_key),
+                             publish=model_key, cfg=cfg)
+    manifest = render(job, job_name(record.run_id), job.namespace or current_namespace(), command)
+    if dry_run:
+        print(json.dumps(manifest, indent=2))
+        return {"manifest": manifest}
+    with record.step(f"{STEP}-launcher", config={"model": model_uri, "job": manifest["metadata"], **vars(job)}) as rec:
+        if not store.is_published(model_key):  # a retried launcher whose job already finished skips the job
+            store.publish_dir(tokens_dir, tokens_key)
+            run_job(manifest, job.backend, job, kube)
+        store.download_dir(model_key, out_dir)
+        result = json.loads((out_dir / "training.json").read_text())
+        rec["outputs"] = {"job": manifest["metadata"]["name"], "kind": manifest["kind"], "processes": result["processes"],
+                          "best_epoch": result["best_epoch"], "train_samples_per_s": result["train_samples_per_s"]}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = step_parser("kubetune.steps.distributed", __doc__)
+    p.add_argument("--tokens", required=True, type=Path)
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--dry-run", action="store_true", help="print the job manifest and exit")
+    add_config_args(p, FinetuneConfig)
+    add_config_args(p, JobConfig)
+    a = p.parse_args(argv)
+    job = config_from_args(JobConfig, a)
+    return run_main(lambda: run_step(store_uri=a.store, run_id=a.run_id, tokens_dir=a.tokens, model_uri=a.model, out_dir=a.out,
+                                     cfg=config_from_args(FinetuneConfig, a), job=job, dry_run=a.dry_run))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

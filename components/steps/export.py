@@ -1,0 +1,196 @@
+"""Step 5 - export: the fine-tuned model to ONNX, checked against torch before anything uses it.
+
+    python -m kubetune.steps.export --model /tmp/kt/model --tokens /tmp/kt/tokens --out /tmp/kt/onnx \
+        --variants fp32,optimized,int8 --store ./kubetune-store --run-id dev
+
+The graph comes from torch's exporter (torch.export + onnxscript, `dynamo=True`) with dynamic batch
+and sequence axes. Parity: up to `parity_rows` held-out (test) rows go through torch and through
+ONNX Runtime at several batch shapes; the step fails when the largest logit difference exceeds
+`parity_atol` or the argmax agreement falls below `min_agreement` (token classification: over every
+real token of those rows, per-token argmax). The output folder carries
+everything inference needs (see kubetune.onnx.model): model.onnx, tokenizer, labels, settings.
+
+Variants (`variants`, default fp32,optimized,int8; see kubetune.onnx.variants): each requested one is
+built and checked on up to `check_rows` eval rows against torch (argmax agreement >= min_agreement,
+accuracy drop <= max_accuracy_drop); one failure fails the step with every failing variant's numbers.
+kubetune.json lists the accepted variants, which the registry version then carries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kubetune.core.entry import add_config_args, config_from_args, run_main, step_parser
+from kubetune.errors import ConfigError, KubetuneError
+from kubetune.tasks.metrics import SEQUENCE, TOKEN
+from kubetune.training.modeling import auto_model_class, predict_logits, predict_token_logits
+from kubetune.onnx.model import OnnxClassifier
+from kubetune.core.progress import log
+from kubetune.storage.records import open_run, scratch
+from kubetune.storage.shards import load_split
+from kubetune.onnx.variants import accept_variants, parse_variants
+
+STEP = "export"
+
+
+class ParityError(KubetuneError):
+    kind = "parity"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 18
+    parity_rows: int = 256
+    parity_atol: float = 1e-3  # max |torch logit - onnx logit|, fp32 vs fp32
+    min_agreement: float = 0.995  # share of rows whose argmax agrees
+    device: str = "cpu"  # ONNX Runtime provider for the parity and variant checks: cpu | cuda
+    variants: str = "fp32,optimized,int8"  # comma-separated subset of fp32, optimized, fp16 (for CUDA), int8
+    max_accuracy_drop: float = 0.005  # a variant's eval accuracy may be at most 0.5 points below torch's
+    check_rows: int = 2000  # eval rows for the variant check (all when fewer)
+
+    def check(self) -> None:
+        if self.parity_rows < 1 or self.check_rows < 1:
+            raise ConfigError("parity_rows and check_rows must be >= 1: an export is never published unchecked")
+        if not 0 < self.min_agreement <= 1:
+            raise ConfigError(f"min_agreement={self.min_agreement}: must be in (0, 1]")
+        if not 0 <= self.max_accuracy_drop < 1:
+            raise ConfigError(f"max_accuracy_drop={self.max_accuracy_drop}: must be in [0, 1) (0.005 = half a point)")
+        parse_variants(self.variants)
+
+
+def export_onnx(model, input_names: list[str], path: Path, opset: int) -> None:
+    import torch
+
+    # two rows of different lengths: the exporter must not specialise on batch 1 or on one length
+    # (small ids exist in every vocabulary; the values do not shape the graph)
+    example = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 3, 0, 0, 0]], dtype=torch.long)
+    kwargs = {"input_ids": example, "attention_mask": torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]])}
+    if "token_type_ids" in input_names:
+        kwargs["token_type_ids"] = torch.zeros_like(example)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" x4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter deprecation chatter; failures still raise
+        program = torch.onnx.export(
+            model.eval(), (), kwargs=kwargs, input_names=list(kwargs), output_names=["logits"],
+            dynamic_shapes={k: {0: batch, 1: seq} for k in kwargs}, opset_version=opset, dynamo=True,
+            external_data=False, verbose=False,
+        )
+    program.save(str(path))
+
+
+def check_parity(model, clf: OnnxClassifier, split, cfg: ExportConfig, pad_id: int, input_names: list[str]) -> dict:
+    """torch vs ONNX Runtime logits on the same rows, at two batch sizes (1 and 32) so both the
+    unpadded and the padded paths are covered."""
+    import torch
+
+    rows = split.take(np.arange(min(cfg.parity_rows, len(split))))
+    predict = {"batch_size": 32, "pad_id": pad_id, "input_names": input_names, "device": torch.device("cpu")}
+    if clf.task == TOKEN:  # every real token of every row, end to end
+        reference = np.concatenate(predict_token_logits(model, rows, **predict))
+    else:
+        reference = predict_logits(model, rows, **predict)
+    report = {"rows": len(rows), "tokens": int(rows.lengths.sum())} if clf.task == TOKEN else {"rows": len(rows)}
+    worst, agree = 0.0, 1.0
+    for batch in (1, 32):
+        got = (np.concatenate(clf.token_logits_for_tokens(rows, batch_size=batch)) if clf.task == TOKEN
+               else clf.logits_for_tokens(rows, batch_size=batch))
+        diff = float(np.abs(got - reference).max())
+        share = float((got.argmax(-1) == reference.argmax(-1)).mean())
+        report[f"batch_{batch}"] = {"max_abs_diff": diff, "argmax_agreement": share}
+        worst, agree = max(worst, diff), min(agree, share)
+    report.update(max_abs_diff=worst, argmax_agreement=agree,
+                  passed=worst <= cfg.parity_atol and agree >= cfg.min_agreement,
+                  parity_atol=cfg.parity_atol, min_agreement=cfg.min_agreement)
+    return report
+
+
+def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig) -> dict:
+    import onnx
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    cfg.check()
+    wanted = parse_variants(cfg.variants)
+    hf_logging.disable_progress_bar()
+    meta = json.loads((tokens_dir / "meta.json").read_text())
+    names, pad_id, task = meta["model_input_names"], meta["pad_token_id"], meta.get("task", SEQUENCE)
+    model = auto_model_class(task).from_pretrained(model_dir).float().to("cpu").eval()
+
+    # ---- graph -------------------------------------------------------------------------------
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / "model.onnx"
+    export_onnx(model, names, onnx_path, cfg.opset)
+    onnx.checker.check_model(str(onnx_path))
+    log(STEP, f"exported {onnx_path.stat().st_size / 2**20:.1f} MiB, opset {cfg.opset}, dynamic batch and sequence axes")
+
+    # ---- what travels with the graph ---------------------------------------------------------
+    for f in model_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "vocab.txt", "config.json"):
+            shutil.copy2(f, out_dir / f.name)
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    (out_dir / "labels.json").write_text(json.dumps({"labels": labels}, indent=2))
+    info = {"task": task, "max_length": meta["max_length"], "input_names": names,
+            "output": "logits", "opset": cfg.opset, "torch": torch.__version__}
+    (out_dir / "kubetune.json").write_text(json.dumps(info, indent=2))
+
+    # ---- parity on held-out rows -------------------------------------------------------------
+    clf = OnnxClassifier(out_dir, device=cfg.device, variant="fp32")
+    parity = check_parity(model, clf, load_split(tokens_dir, "test"), cfg, pad_id, names)
+    (out_dir / "parity.json").write_text(json.dumps(parity, indent=2))
+    log(STEP, f"parity on {parity['rows']} test rows: max |logit diff| {parity['max_abs_diff']:.2e}, "
+              f"argmax agreement {parity['argmax_agreement']:.4f}")
+    if not parity["passed"]:
+        raise ParityError(
+            f"ONNX parity failed: max |logit diff| {parity['max_abs_diff']:.3e} (limit {cfg.parity_atol}), argmax agreement "
+            f"{parity['argmax_agreement']:.4f} (minimum {cfg.min_agreement}); the export is not published"
+        )
+
+    # ---- variants, each checked on the eval split --------------------------------------------
+    held_out = load_split(tokens_dir, "eval")
+    held_out = held_out.take(np.arange(min(cfg.check_rows, len(held_out))))
+    predict = {"batch_size": 32, "pad_id": pad_id, "input_names": names, "device": torch.device("cpu")}
+    reference = (np.concatenate(predict_token_logits(model, held_out, **predict)) if task == TOKEN
+                 else predict_logits(model, held_out, **predict))
+    variants = accept_variants(model, names, out_dir, wanted, held_out, reference, device=cfg.device, min_agreement=cfg.min_agreement,
+                               max_accuracy_drop=cfg.max_accuracy_drop, work=scratch(STEP))
+    info["variants"] = {k: {f: v[f] for f in ("file", "rows", "agreement", "accuracy", "torch_accuracy", "accuracy_drop", "size_bytes")}
+                        for k, v in variants.items()}
+    (out_dir / "kubetune.json").write_text(json.dumps(info, indent=2))
+    parity["variants"] = variants
+    (out_dir / "parity.json").write_text(json.dumps(parity, indent=2))
+    return {**parity, "size_bytes": onnx_path.stat().st_size, "opset": cfg.opset}
+
+
+def run_step(*, store_uri: str, run_id: str, model_dir: Path, tokens_dir: Path, out_dir: Path, out_uri: str, cfg: ExportConfig) -> dict:
+    record = open_run(store_uri, run_id)
+    with record.step(STEP, config=asdict(cfg)) as rec:
+        result = export(model_dir, tokens_dir, out_dir, cfg)
+        result["uri"] = out_uri or str(out_dir)
+        record.write_json("export.json", result)
+        rec["outputs"] = {"uri": result["uri"], "max_abs_diff": result["max_abs_diff"], "argmax_agreement": result["argmax_agreement"],
+                          "variants": sorted(result["variants"])}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = step_parser("kubetune.steps.export", __doc__)
+    p.add_argument("--model", required=True, type=Path, help="fine-tuned model folder (finetune's output)")
+    p.add_argument("--tokens", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    add_config_args(p, ExportConfig)
+    a = p.parse_args(argv)
+    return run_main(lambda: run_step(store_uri=a.store, run_id=a.run_id, model_dir=a.model, tokens_dir=a.tokens,
+                                     out_dir=a.out, out_uri="", cfg=config_from_args(ExportConfig, a)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

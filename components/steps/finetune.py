@@ -1,0 +1,536 @@
+"""Step 3 - finetune: a sequence classifier from a pretrained transformer, on CPU or CUDA, resumable.
+
+    python -m kubetune.steps.finetune --tokens /tmp/kt/tokens --model builtin:all-minilm-l6-v2 \
+        --out /tmp/kt/model --store ./kubetune-store --run-id dev --epochs 1
+    python -m kubetune.steps.finetune ... --peft lora --learning-rate 5e-4      # LoRA adapters only
+    torchrun --nproc-per-node 2 -m kubetune.steps.finetune ...                 # DDP (gloo on CPU, nccl on CUDA)
+
+The recipe: AdamW (no weight decay on biases and LayerNorm; fused), linear warm-up then linear
+decay, gradient accumulation and clipping, length-grouped dynamic-padding batches. The training
+split is padded once and kept on the device (kubetune.training.modeling.DeviceSplit): a step is a gather
+plus forward/backward, with no host collate, no host-to-device copy and no host sync (the loss is
+read only when a progress line is due). bf16 autocast on CUDA with fp32 master weights, fp32 on
+CPU with every usable core. Optional `torch.compile`. After each epoch the eval split is scored;
+the best epoch by `selection_metric` is kept and training stops early after `patience` epochs
+without improvement. Everything random is seeded; a batch order depends only on (seed, epoch).
+
+Checkpoints (kubetune.training.checkpoint) go to <store>/runs/<run_id>/checkpoints/finetune/ every
+`checkpoint_steps` optimizer steps and after every epoch; the same command re-run after a crash
+resumes from the last one and ends with the same weights as an uninterrupted run.
+
+`--peft lora` trains LoRA adapters (and the new classification head) only; they are merged into
+the base model before saving, so evaluate and export see a plain transformers model.
+
+Output: a transformers model folder (config.json with id2label/label2id, model.safetensors, the
+tokenizer files) and training.json (per-epoch history, best epoch, throughput). `--publish KEY`
+also publishes that folder to <store>/KEY (used by the distributed job on Kubernetes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kubetune.training.checkpoint import Checkpoints, check_compatible
+from kubetune.core.entry import add_config_args, config_from_args, run_main, step_parser
+from kubetune.errors import ConfigError, InputError
+from kubetune.tasks.metrics import SEQUENCE, TASK_METRICS, TOKEN, classification_metrics, resolve_metric
+from kubetune.training.modeling import (
+    DeviceSplit,
+    auto_model_class,
+    pick_device,
+    predict_logits,
+    predict_token_logits,
+    resolve_model_dir,
+    token_metrics,
+)
+from kubetune.training.parallel import World, barrier, gather, process_group, shard_batches
+from kubetune.core.progress import Progress, log
+from kubetune.storage.records import open_run, scratch
+from kubetune.storage.shards import IGNORE, length_grouped_batches, load_split
+from kubetune.storage.store import S3Settings, fetch, join
+
+STEP = "finetune"
+PEFT_METHODS = ("none", "lora")
+# settings that do not change the trained weights: a checkpoint may be resumed with other values
+RUN_ONLY = ("device", "cpu_threads", "eval_batch_size", "checkpoint_steps", "resume", "compile")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: int = 1
+    batch_size: int = 32  # per process; the effective batch is batch_size x grad_accum_steps x processes
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (a big effective batch in little memory)
+    early_stopping_patience: int = 2  # epochs without eval improvement before stopping
+    selection_metric: str = ""  # eval metric that picks the best epoch; empty: the task's (macro_f1, entity_micro_f1)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    eval_batch_size: int = 128
+    cpu_threads: int = 0  # 0: every core this process may use (split between local DDP processes)
+    pad_multiple: int = 8  # batch widths are rounded up to this: fewer distinct shapes, little pad compute
+    compile: bool = False  # torch.compile the model (pays off on long runs of a big model only)
+    checkpoint_steps: int = 200  # also checkpoint every N optimizer steps (0: only after each epoch)
+    resume: bool = True  # resume from this run's checkpoint when one exists
+    peft: str = "none"  # none | lora
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    lora_target_modules: str = ""  # comma-separated module names; "" = peft's default for the architecture
+
+    def check(self) -> None:
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"epochs={self.epochs}: train at least 1 epoch")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            problems.append("batch sizes must be >= 1")
+        if self.grad_accum_steps < 1:
+            problems.append(f"grad_accum_steps={self.grad_accum_steps}: must be >= 1")
+        if not 0 < self.learning_rate < 1:
+            problems.append(f"learning_rate={self.learning_rate}: expected something like 2e-5 .. 2e-4")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+        known = [m for names in TASK_METRICS.values() for m in names]
+        if self.selection_metric and self.selection_metric not in known:
+            problems.append(f"selection_metric={self.selection_metric!r}: use one of {', '.join(known)} (empty: the task's default)")
+        if self.pad_multiple < 1 or self.checkpoint_steps < 0:
+            problems.append("pad_multiple must be >= 1 and checkpoint_steps >= 0")
+        if self.peft not in PEFT_METHODS:
+            problems.append(f"peft={self.peft!r}: use one of {', '.join(PEFT_METHODS)}")
+        elif self.peft == "lora" and (self.lora_rank < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1):
+            problems.append(f"lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}: "
+                            "need rank >= 1, alpha > 0, dropout in [0, 1)")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (a pod's limit)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
+def load_classifier(model_dir: Path, labels: list[str], task: str = SEQUENCE):
+    """The pretrained encoder with a classification head for `labels` (a new head when the
+    checkpoint has none or one of another size)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its load report is replaced by the one line below
+    hf_logging.disable_progress_bar()  # tqdm bars with carriage returns garble pod logs
+    try:
+        model, info = auto_model_class(task).from_pretrained(
+            model_dir,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, KeyError) as e:
+        what = "tag tokens" if task == TOKEN else "classify sequences"
+        raise InputError(f"model {model_dir}: not a transformers model that can {what} ({e})") from None
+    fresh = sorted(set(info.get("missing_keys", [])) | {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])})
+    if fresh:
+        log(STEP, f"new classification head for {len(labels)} labels ({len(fresh)} tensors initialised)")
+    return model
+
+
+def add_lora(model, cfg: FinetuneConfig):
+    """Wraps `model` so that only LoRA adapters and the classification head train."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()] or None
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout, target_modules=targets)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
+        raise ConfigError(f"lora_target_modules={cfg.lora_target_modules!r}: {e}; this model's linear layers are named "
+                          f"{', '.join(names)}") from None
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def trainable_state(model) -> dict:
+    """Host copies of the trainable parameters: all of them for a full fine-tune, the adapters and
+    head for LoRA. This is what checkpoints and the best epoch keep (frozen weights never change)."""
+    return {k: p.detach().to("cpu", copy=True) for k, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model, state: dict) -> None:
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ConfigError(f"saved weights do not fit this model (unexpected {result.unexpected_keys[:5]}); "
+                          "use a new run id or --resume false")
+
+
+def task_loss(logits, target):
+    """Cross-entropy per row, or (token classification: [batch, tokens, labels] logits) per labelled
+    token, IGNORE on padding, continuation sub-tokens and special tokens."""
+    import torch.nn.functional as F
+
+    if logits.ndim == 3:
+        return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE)
+    return F.cross_entropy(logits.float(), target)
+
+
+def forward_loss(model, batch: dict, autocast):
+    """Loss of one batch: the only task-specific part of the training loop."""
+    with autocast:
+        logits = model(**batch["inputs"]).logits
+    return task_loss(logits, batch["labels"])
+
+
+def eval_scores(model, split, labels: list[str], meta: dict, cfg: FinetuneConfig, device) -> dict:
+    """Metrics of `model` on the eval split for the task (every metric the selection may use)."""
+    predict = {"batch_size": cfg.eval_batch_size, "pad_id": meta["pad_token_id"], "input_names": meta["model_input_names"], "device": device}
+    if meta.get("task", SEQUENCE) == TOKEN:
+        return token_metrics(split, predict_token_logits(model, split, **predict), labels)
+    return classification_metrics(split.labels, predict_logits(model, split, **predict).argmax(-1), labels)
+
+
+def out_of_memory(e: BaseException, cfg: FinetuneConfig, device) -> ConfigError | None:
+    import torch
+
+    cpu_oom = isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+    if not (isinstance(e, torch.OutOfMemoryError) or cpu_oom):
+        return None
+    half = max(cfg.batch_size // 2, 1)
+    return ConfigError(f"out of {'GPU' if device.type == 'cuda' else 'host'} memory at batch_size={cfg.batch_size}: use "
+                       f"--batch-size {half} --grad-accum-steps {cfg.grad_accum_steps * 2} (same effective batch), "
+                       "a shorter max_length, or --peft lora")
+
+
+@dataclass
+class TrainProgress:
+    """Where training is: what a checkpoint stores besides tensors (plain numbers and lists)."""
+
+    epoch: int = 1  # the epoch being trained (epochs + 1 when all are done)
+    step: int = 0  # optimizer steps done in that epoch (the sampler position)
+    loss_sum: float = 0.0  # train loss summed over the epoch's micro-batches so far
+    micro: int = 0
+    stopped: bool = False  # early stopping ended the run
+    train_seconds: float = 0.0
+    real_tokens: int = 0
+    rows: int = 0
+    best: float | None = None
+    best_epoch: int = 0
+    stale: int = 0
+    history: list = field(default_factory=list)
+
+
+class FinetuneRun:
+    """One training run: model, optimizer, data on the device, and the loop over epochs."""
+
+    def __init__(self, tokens_dir: Path, model_dir: Path, cfg: FinetuneConfig, device, world: World):
+        import torch
+        from transformers import get_linear_schedule_with_warmup, set_seed
+
+        self.cfg, self.device, self.world = cfg, device, world
+        if device.type == "cpu":
+            torch.set_num_threads(cfg.cpu_threads or max(usable_cpus() // world.local_size, 1))
+        set_seed(cfg.seed)  # python, numpy and torch: the head's init repeats
+
+        self.meta = json.loads((tokens_dir / "meta.json").read_text())
+        self.labels, self.names = self.meta["labels"], self.meta["model_input_names"]
+        self.task = self.meta.get("task", SEQUENCE)
+        self.selection = resolve_metric(self.task, cfg.selection_metric, "selection_metric")
+        train = load_split(tokens_dir, "train")
+        self.evals = load_split(tokens_dir, "eval")
+        self.train_rows = len(train)
+        self.train = DeviceSplit(train, self.meta["pad_token_id"], device, cfg.pad_multiple)
+        batches = len(shard_batches(length_grouped_batches(train.lengths, cfg.batch_size, np.random.default_rng(0)), world))
+        self.steps_per_epoch = -(-batches // cfg.grad_accum_steps)
+        total_steps = self.steps_per_epoch * cfg.epochs
+
+        self.core = load_classifier(model_dir, self.labels, self.task)
+        if cfg.peft == "lora":
+            self.core = add_lora(self.core, cfg)
+        self.core.to(device)
+        self.model = self.core
+        if world.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.core, device_ids=[device.index] if device.type == "cuda" else None)
+            torch.manual_seed(cfg.seed * 1000 + world.rank)  # different dropout on every rank
+        if cfg.compile:
+            self.model = torch.compile(self.model, dynamic=True)
+        # one kernel for the whole update (CUDA; also CPU in torch >= 2.4)
+        self.optimizer = torch.optim.AdamW(param_groups(self.core, cfg.weight_decay), lr=cfg.learning_rate, fused=True)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        self.state = TrainProgress()
+        self.on_epoch = None  # (epoch, model) -> None after each epoch's eval
+        self.best_state: dict | None = None
+        self.loss_sum = torch.zeros((), device=device)
+        config_hash = hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()[:16]
+        self.fingerprint = {"labels": self.labels, "world_size": world.size, "train_rows": self.train_rows,
+                            "train_tokens": int(train.lengths.sum()), "model_config": config_hash,
+                            **{k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}}
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        import torch
+
+        self.state.loss_sum = float(self.loss_sum.item())  # the one host sync, only when checkpointing
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"fingerprint": self.fingerprint, "progress": asdict(self.state), "weights": trainable_state(self.core),
+                "best_weights": self.best_state, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": gather(self.world, rng)}
+
+    def restore(self, saved: dict, url: str) -> None:
+        import torch
+
+        check_compatible(saved, self.fingerprint, url)
+        load_trainable(self.core, saved["weights"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.state = TrainProgress(**saved["progress"])
+        self.best_state = saved["best_weights"]
+        self.loss_sum = torch.tensor(self.state.loss_sum, device=self.device)
+        rng = saved["rng"][self.world.rank]
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    # ---- training ------------------------------------------------------------------------------
+    def plan(self, epoch: int) -> list[tuple]:
+        """This rank's micro-batches of `epoch`: (row index on the data's device, padded width, real tokens).
+        The order depends only on (seed, epoch), so a resumed run replays it exactly."""
+        import torch
+
+        rng = np.random.default_rng([self.cfg.seed, epoch])
+        batches = shard_batches(length_grouped_batches(self.train.lengths, self.cfg.batch_size, rng), self.world)
+        flat = torch.from_numpy(np.concatenate(batches)).to(self.train.home)  # one copy for the whole epoch
+        out, start = [], 0
+        for b in batches:
+            out.append((flat[start:start + len(b)], self.train.width(b), int(self.train.lengths[b].sum())))
+            start += len(b)
+        return out
+
+    def train_epoch(self, epoch: int, save) -> None:
+        import torch
+
+        cfg, st = self.cfg, self.state
+        self.model.train()
+        plan = self.plan(epoch)
+        progress = Progress(STEP, self.steps_per_epoch, "steps", label=f"epoch {epoch}/{cfg.epochs}")
+        progress.done = st.step
+        t0 = time.perf_counter()
+        for step in range(st.step, self.steps_per_epoch):
+            micro = plan[step * cfg.grad_accum_steps:(step + 1) * cfg.grad_accum_steps]
+            for j, (index, width, tokens) in enumerate(micro):
+                # DDP: all-reduce gradients on the last micro-batch of a step only
+                sync = j == len(micro) - 1 or not self.world.distributed
+                with contextlib.nullcontext() if sync else self.model.no_sync():
+                    loss = forward_loss(self.model, self.train.batch(index, width, self.names), self.autocast)
+                    (loss / len(micro)).backward()
+                self.loss_sum += loss.detach()
+                st.micro += 1
+                st.real_tokens += tokens
+                st.rows += len(index)
+            torch.nn.utils.clip_grad_norm_(self.core.parameters(), cfg.max_grad_norm, foreach=True)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            st.step = step + 1
+            # .item() waits for the GPU: only when a progress line is due
+            progress.update(1, **({"loss": self.loss_sum.item() / st.micro} if progress.due() else {}))
+            if cfg.checkpoint_steps and self.scheduler.last_epoch % cfg.checkpoint_steps == 0 and st.step < self.steps_per_epoch:
+                st.train_seconds += self._elapsed(t0)
+                save(f"epoch {epoch} step {st.step}/{self.steps_per_epoch}")
+                t0 = time.perf_counter()
+        st.train_seconds += self._elapsed(t0)
+
+    def _elapsed(self, t0: float) -> float:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+    def end_epoch(self, epoch: int) -> None:
+        """Scores the eval split, keeps the best weights, decides early stopping, moves to the next epoch."""
+        import torch
+
+        cfg, st = self.cfg, self.state
+        scores = eval_scores(self.core, self.evals, self.labels, self.meta, cfg, self.device)
+        value = scores[self.selection]
+        shown = ("accuracy", "macro_f1") if self.task == SEQUENCE else ("token_accuracy", "entity_micro_f1")
+        st.history.append({"epoch": epoch, "train_loss": round(float(self.loss_sum.item()) / max(st.micro, 1), 5),
+                           **{f"eval_{k}": scores[k] for k in shown}, f"eval_{self.selection}": value})
+        log(STEP, f"epoch {epoch}: train loss {st.history[-1]['train_loss']:.4f}, " + ", ".join(f"eval {k} {scores[k]:.4f}" for k in shown))
+        if self.on_epoch is not None:
+            self.on_epoch(epoch, self.core)
+        if st.best is None or value > st.best:
+            # keep the best weights on the host: nothing is written twice
+            st.best, st.best_epoch, st.stale, self.best_state = value, epoch, 0, trainable_state(self.core)
+        else:
+            st.stale += 1
+            if st.stale >= cfg.early_stopping_patience:
+                log(STEP, f"early stop: no eval {self.selection} gain for {st.stale} epoch(s)")
+                st.stopped = True
+        st.epoch, st.step, st.micro = epoch + 1, 0, 0
+        self.loss_sum = torch.zeros((), device=self.device)
+
+    def fit(self, checkpoints: Checkpoints | None) -> dict | None:
+        """Trains the remaining epochs; returns where it resumed from (None for a fresh start)."""
+        cfg, world = self.cfg, self.world
+        resumed = None
+        if checkpoints is not None and cfg.resume:
+            saved = checkpoints.load()
+            if saved is not None:
+                self.restore(saved, checkpoints.url)  # replaces self.state: read it only after this
+                st = self.state
+                resumed = {"epoch": st.epoch, "step": st.step, "checkpoint": checkpoints.url}
+                log(STEP, f"resumed from checkpoint {checkpoints.url}: epoch {st.epoch}, step {st.step}/{self.steps_per_epoch}"
+                          + (" (training had finished)" if st.stopped or st.epoch > cfg.epochs else ""))
+        st = self.state
+
+        def save(where: str) -> None:
+            if checkpoints is None:
+                return
+            state = self.checkpoint_state()  # every rank: the RNG states are gathered
+            if world.main:
+                checkpoints.save(state)
+                log(STEP, f"checkpoint saved ({where}) to {checkpoints.url}")
+            barrier(world)
+
+        while st.epoch <= cfg.epochs and not st.stopped:
+            epoch = st.epoch
+            self.train_epoch(epoch, save)
+            self.end_epoch(epoch)
+            save(f"end of epoch {epoch}")
+        return resumed
+
+    def save_model(self, tokens_dir: Path, out_dir: Path) -> None:
+        """The best epoch's weights as a plain transformers model (LoRA merged into the base)."""
+        load_trainable(self.core, self.best_state)
+        model = self.core.merge_and_unload() if self.cfg.peft == "lora" else self.core
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir)  # safetensors
+        shutil.copytree(tokens_dir / "tokenizer", out_dir, dirs_exist_ok=True)
+
+
+def finetune(tokens_dir: Path, model_dir: Path, out_dir: Path, cfg: FinetuneConfig, *,
+             checkpoints: Checkpoints | None = None, world: World | None = None, on_epoch=None) -> dict:
+    """Train, keep the best epoch by eval `selection_metric`, save it. `on_epoch(epoch, model)`, when
+    given, runs after each epoch's eval (benchmarks use it to log more than the pipeline needs)."""
+    import torch
+
+    cfg.check()
+    world = world or World()
+    device = pick_device(cfg.device)
+    if device.type == "cuda" and world.distributed:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    with process_group(world, device):
+        run = FinetuneRun(tokens_dir, model_dir, cfg, device, world)
+        run.on_epoch = on_epoch
+        trainable = sum(p.numel() for p in run.core.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in run.core.parameters())
+        log(STEP, f"device {device}, {run.train_rows} train / {len(run.evals)} eval rows, {cfg.epochs} epoch(s) x "
+                  f"{run.steps_per_epoch} steps, batch {cfg.batch_size}" + (f" x {world.size} processes" if world.distributed else "")
+                  + f", lr {cfg.learning_rate}, trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
+                  + (f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""))
+        try:
+            resumed = run.fit(checkpoints)
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            oom = out_of_memory(e, cfg, device)
+            if oom is None:
+                raise
+            raise oom from None
+        st = run.state
+        result = {
+            "device": str(device),
+            "processes": world.size,
+            "best_epoch": st.best_epoch,
+            "task": run.task,
+            "selection_metric": run.selection,
+            f"best_eval_{run.selection}": st.best,
+            "epochs_run": len(st.history),
+            "history": st.history,
+            "resumed_from": resumed,
+            "train_seconds": round(st.train_seconds, 2),
+            "train_samples_per_s": round(st.rows * world.size / max(st.train_seconds, 1e-9), 1),
+            "train_tokens_per_s": round(st.real_tokens * world.size / max(st.train_seconds, 1e-9), 1),
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "labels": run.labels,
+            "config": asdict(cfg),
+        }
+        if world.main:
+            run.save_model(tokens_dir, out_dir)
+            (out_dir / "training.json").write_text(json.dumps(result, indent=2))
+        barrier(world)
+    log(STEP, f"best epoch {st.best_epoch}: eval {run.selection} {st.best:.4f}; {result['train_samples_per_s']} samples/s")
+    return result
+
+
+def run_step(*, store_uri: str, run_id: str, tokens_dir: Path | str, model_uri: str, out_dir: Path, cfg: FinetuneConfig,
+             world: World | None = None, publish: str = "") -> dict:
+    """The step as the pipeline runs it: records (main process only), checkpoints in the store,
+    inputs fetched from the store when they are s3:// URIs, the output optionally published."""
+    world = world or World()
+    settings = S3Settings.from_env()
+    record = open_run(store_uri, run_id)
+    checkpoints = Checkpoints(record.store, record.key("checkpoints", STEP))
+    steps = record.step(STEP, config={"model": model_uri, **asdict(cfg)}) if world.main else contextlib.nullcontext({})
+    with steps as rec:
+        tokens_dir = fetch(str(tokens_dir), settings, scratch(STEP))
+        model_dir = resolve_model_dir(model_uri, settings, scratch(STEP))
+        result = finetune(tokens_dir, model_dir, out_dir, cfg, checkpoints=checkpoints, world=world)
+        if world.main and publish:
+            record.store.publish_dir(out_dir, join(publish))
+            log(STEP, f"published the model to {record.store.url(join(publish))}")
+        rec["outputs"] = {k: result[k] for k in ("device", "processes", "best_epoch", "epochs_run", "train_seconds",
+                                                 "train_samples_per_s", "history", "resumed_from")}
+    return result
+
+
+def build_parser():
+    p = step_parser("kubetune.steps.finetune", __doc__)
+    p.add_argument("--tokens", required=True, help="tokenize's output folder (local, or an s3:// published prefix)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--publish", default="", help="also publish the model folder to this key of the store")
+    add_config_args(p, FinetuneConfig)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    return run_main(lambda: run_step(store_uri=a.store, run_id=a.run_id, tokens_dir=a.tokens, model_uri=a.model,
+                                     out_dir=a.out, cfg=config_from_args(FinetuneConfig, a), world=World.from_env(),
+                                     publish=a.publish))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Step between validate and tokenize - freshness: skip retraining when the data did not change.
+
+    python -m kubetune.steps.freshness --store ./kubetune-store --run-id dev --dataset /tmp/kt/dataset \
+        --name sms-spam [--force true]
+
+A scheduled run (kubetune schedule, or the CronJob in k8s/) retrains on whatever the data URIs hold
+at that time. When the validated splits are exactly those the current `production` model was
+trained on (same data fingerprint, recorded in the registry at deploy), training again would only
+burn GPU time for the same model: the run ends here with outcome `skipped` (exit 0) and the
+summary says why. `force` (kubetune run --force, pipeline parameter `force`) trains anyway, e.g.
+after changing hyperparameters or the base model, which the data fingerprint does not cover.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from kubetune.release import registry
+from kubetune.core.entry import _bool, run_main, step_parser
+from kubetune.core.progress import log
+from kubetune.storage.records import open_run
+
+STEP = "freshness"
+
+
+def data_fingerprint(fingerprints: dict[str, str]) -> str:
+    """One fingerprint for the train/eval/test splits (each a sha256 of its text/label rows, from
+    validate): equal iff every split has the same rows in the same order."""
+    return hashlib.sha256(json.dumps(dict(sorted(fingerprints.items()))).encode()).hexdigest()
+
+
+def decide(store, name: str, meta: dict, force: bool) -> dict:
+    fingerprint = data_fingerprint({s: v["fingerprint"] for s, v in meta["splits"].items()})
+    production = registry.read_alias(store, name)
+    recorded = (production or {}).get("data_fingerprint")
+    decision = {"train": True, "fingerprint": fingerprint, "production_version": (production or {}).get("version"),
+                "production_fingerprint": recorded, "forced": force}
+    if production is None:
+        decision["reason"] = f"{name} has no production model yet"
+    elif recorded != fingerprint:
+        decision["reason"] = "the data changed since the production model" if recorded else \
+            f"production {production['version']} has no recorded data fingerprint"
+    elif force:
+        decision["reason"] = f"the data equals production {production['version']}'s, but training was forced"
+    else:
+        decision.update(train=False, reason=f"the data is unchanged since production {production['version']} (fingerprint "
+                                              f"{fingerprint[:12]}); nothing to retrain (force to train anyway)")
+    return decision
+
+
+def run_step(*, store_uri: str, run_id: str, model_name: str, dataset_dir: Path, force: bool) -> bool:
+    record = open_run(store_uri, run_id)
+    with record.step(STEP, config={"model_name": model_name, "force": force}) as rec:
+        meta = json.loads((dataset_dir / "meta.json").read_text())
+        decision = decide(record.store, registry.check_name(model_name), meta, force)
+        log(STEP, ("training: " if decision["train"] else "SKIPPING training: ") + decision["reason"])
+        rec["outputs"] = decision
+    return decision["train"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = step_parser("kubetune.steps.freshness", __doc__)
+    p.add_argument("--dataset", required=True, type=Path, help="validated dataset folder (validate's output)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--force", type=_bool, default=False, metavar="BOOL")
+    a = p.parse_args(argv)
+    return run_main(lambda: run_step(store_uri=a.store, run_id=a.run_id, model_name=a.name, dataset_dir=a.dataset, force=a.force))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

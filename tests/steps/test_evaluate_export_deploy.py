@@ -1,0 +1,180 @@
+"""Evaluate (metrics and gate), export (ONNX parity) and deploy (registry, alias, manifest) on the
+real model fine-tuned on real rows."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from kubetune.release import registry
+from kubetune.steps.deploy import deploy
+from kubetune.errors import ConfigError, InputError
+from kubetune.steps.evaluate import GateConfig, decide, evaluate
+from kubetune.steps.export import ExportConfig, ParityError, check_parity
+from kubetune.release.manifests import ServingConfig
+from kubetune.onnx.model import OnnxClassifier
+from kubetune.storage.records import RunRecord
+from kubetune.storage.shards import load_split
+from kubetune.storage.store import StoreError, open_store
+
+# ---- gate decisions -----------------------------------------------------------------------------
+
+
+def test_gate_decisions():
+    cfg = GateConfig(metric="macro_f1", threshold=0.8, tolerance=0.01)
+    assert decide(0.85, None, cfg)["passed"] and "no production model yet" in decide(0.85, None, cfg)["reason"]
+    low = decide(0.79, None, cfg)
+    assert not low["passed"] and low["reason"] == "macro_f1 0.7900 is below the threshold 0.8"
+    champ = {"version": "v1", "value": 0.90, "source": "re-scored"}
+    worse = decide(0.88, champ, cfg)
+    assert not worse["passed"] and "worse than production v1 (0.9000) by more than the tolerance 0.01" in worse["reason"]
+    within = decide(0.895, champ, cfg)
+    assert within["passed"] and within["champion_value"] == 0.90 and within["champion_version"] == "v1"
+    with pytest.raises(ConfigError, match="gate metric 'f1'"):
+        GateConfig(metric="f1").check()
+
+
+# ---- evaluate -----------------------------------------------------------------------------------
+
+
+def test_evaluate_scores_the_test_split(tmp_path, trained_model, small_tokens, small_dataset):
+    store = open_store(str(tmp_path / "store"))
+    result = evaluate(trained_model, small_tokens, small_dataset, store, "sms-spam", GateConfig(threshold=0.5))
+    test = pd.read_parquet(small_dataset / "test.parquet")
+    m = result["metrics"]
+    assert result["test_rows"] == m["rows"] == len(test)
+    assert sum(v["support"] for v in m["per_class"].values()) == len(test)
+    assert m["per_class"]["spam"]["support"] == int((test["label"] == "spam").sum())
+    assert np.array(m["confusion_matrix"]["matrix"]).sum() == len(test)
+    assert result["gate"]["champion_value"] is None and result["gate"]["passed"] == (m["macro_f1"] >= 0.5)
+
+
+# ---- export -------------------------------------------------------------------------------------
+
+
+def test_export_folder_and_dynamic_axes(exported_model):
+    names = {p.name for p in exported_model.iterdir()}
+    assert {"model.onnx", "tokenizer.json", "labels.json", "kubetune.json", "parity.json", "config.json"} <= names
+    graph = onnx.load(str(exported_model / "model.onnx"), load_external_data=False).graph
+    for inp in graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        assert [d.dim_param != "" for d in dims] == [True, True], inp.name  # batch and sequence are symbolic
+    parity = json.loads((exported_model / "parity.json").read_text())
+    assert parity["passed"] and parity["max_abs_diff"] < 1e-3 and parity["argmax_agreement"] == 1.0
+    assert json.loads((exported_model / "labels.json").read_text()) == {"labels": ["ham", "spam"]}
+
+
+def test_onnx_matches_torch_on_raw_texts(exported_model, trained_model, sms_rows):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    texts = [t for _, t in sms_rows[1000:1003]] + ["ok", "URGENT! You have won a 1 week FREE membership " * 3]
+    clf = OnnxClassifier(exported_model, variant="fp32")
+    got = clf.logits_for_texts(texts, batch_size=2)
+    model = AutoModelForSequenceClassification.from_pretrained(trained_model).eval()
+    tok = AutoTokenizer.from_pretrained(trained_model)
+    with torch.no_grad():
+        want = model(**tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")).logits.numpy()
+    assert np.abs(got - want).max() < 1e-3
+
+
+def test_parity_check_catches_a_wrong_graph(exported_model, trained_model, small_tokens):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(trained_model).eval()
+    meta = json.loads((small_tokens / "meta.json").read_text())
+    split = load_split(small_tokens, "test")
+    ok = check_parity(model, OnnxClassifier(exported_model, variant="fp32"), split, ExportConfig(), meta["pad_token_id"], meta["model_input_names"])
+    assert ok["passed"] and ok["batch_1"]["argmax_agreement"] == 1.0
+    with torch.no_grad():
+        model.classifier.bias += torch.tensor([5.0, -5.0])  # the torch side now disagrees with the graph
+    bad = check_parity(model, OnnxClassifier(exported_model, variant="fp32"), split, ExportConfig(), meta["pad_token_id"], meta["model_input_names"])
+    assert not bad["passed"] and bad["max_abs_diff"] > 1.0
+
+
+def test_export_fails_loudly_on_parity(tmp_path, trained_model, small_tokens, monkeypatch):
+    import kubetune.steps.export as ex
+
+    monkeypatch.setattr(ex, "check_parity", lambda *a, **k: {"rows": 3, "max_abs_diff": 0.5, "argmax_agreement": 0.9, "passed": False})
+    with pytest.raises(ParityError, match=r"ONNX parity failed: max \|logit diff\| 5.000e-01 .* argmax agreement 0.9000"):
+        ex.export(trained_model, small_tokens, tmp_path / "onnx", ExportConfig(parity_rows=8))
+
+
+def test_cuda_provider_is_never_a_silent_fallback(exported_model):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="CUDA was requested but ONNX Runtime runs \\['CPUExecutionProvider'\\]"):
+        OnnxClassifier(exported_model, device="cuda")
+
+
+# ---- deploy, registry and the champion -----------------------------------------------------------
+
+
+@pytest.fixture
+def evaluation(tmp_path, trained_model, small_tokens, small_dataset):
+    return evaluate(trained_model, small_tokens, small_dataset, open_store(str(tmp_path / "scratch")), "sms-spam",
+                    GateConfig(threshold=0.5))
+
+
+def test_deploy_publishes_then_moves_the_alias(tmp_path, exported_model, evaluation, trained_model, small_tokens, small_dataset):
+    store = open_store(str(tmp_path / "store"))
+    first = deploy(RunRecord(store, "20261123-000000-aaaaaa"), "sms-spam", exported_model, evaluation, ServingConfig(namespace="ml"))
+    prefix = registry.version_prefix("sms-spam", first["version"])
+    files = set(store.manifest(prefix)["files"])
+    assert {"model.onnx", "tokenizer.json", "labels.json", "metrics.json", "MODEL_CARD.md", "inferenceservice.yaml"} <= files
+    alias = registry.read_alias(store, "sms-spam")
+    assert alias["version"] == first["version"] and alias["previous"] is None
+    isvc = yaml.safe_load(store.read_bytes(f"{prefix}/inferenceservice.yaml"))
+    container = isvc["spec"]["predictor"]["containers"][0]
+    assert isvc["kind"] == "InferenceService" and isvc["metadata"] == {**isvc["metadata"], "name": "sms-spam", "namespace": "ml"}
+    assert {"name": "STORAGE_URI", "value": store.url(prefix)} in container["env"]
+    assert container["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
+    card = store.read_bytes(f"{prefix}/MODEL_CARD.md").decode()
+    assert f"macro-F1 {evaluation['metrics']['macro_f1']:.4f}" in card
+
+    # the next model is gated against this one, re-scored on the same test rows: same model, same score
+    again = evaluate(trained_model, small_tokens, small_dataset, store, "sms-spam", GateConfig(threshold=0.5))
+    assert again["gate"]["champion_version"] == first["version"]
+    assert again["gate"]["champion_value"] == pytest.approx(again["gate"]["value"], abs=1e-9)
+    assert again["gate"]["passed"]
+
+    second = deploy(RunRecord(store, "20261123-000100-bbbbbb"), "sms-spam", exported_model, again, ServingConfig())
+    alias = registry.read_alias(store, "sms-spam")
+    assert alias["version"] == second["version"] and alias["previous"] == first["version"]
+    assert registry.versions(store, "sms-spam") == sorted([first["version"], second["version"]])
+    assert registry.resolve(store, "models/sms-spam/production") == ("sms-spam", second["version"])
+    assert registry.resolve(store, f"sms-spam/{first['version']}") == ("sms-spam", first["version"])
+    with pytest.raises(InputError, match="has no version or alias 'staging'"):
+        registry.resolve(store, "models/sms-spam/staging")
+
+
+def test_failed_publish_keeps_production(tmp_path, exported_model, evaluation, monkeypatch):
+    store = open_store(str(tmp_path / "store"))
+    first = deploy(RunRecord(store, "r1"), "sms-spam", exported_model, evaluation, ServingConfig())
+
+    def broken(*a, **k):
+        raise StoreError("endpoint went away")
+
+    monkeypatch.setattr(store, "publish_dir", broken)
+    with pytest.raises(StoreError):
+        deploy(RunRecord(store, "r2"), "sms-spam", exported_model, evaluation, ServingConfig())
+    assert registry.read_alias(store, "sms-spam")["version"] == first["version"]
+
+
+def test_deploy_refuses_a_rejected_model_and_bad_names(tmp_path, exported_model, evaluation):
+    store = open_store(str(tmp_path / "store"))
+    rejected = {**evaluation, "gate": {**evaluation["gate"], "passed": False, "reason": "below threshold"}}
+    with pytest.raises(ConfigError, match="the gate rejected it"):
+        deploy(RunRecord(store, "r1"), "sms-spam", exported_model, rejected, ServingConfig())
+    assert store.list("models") == []
+    for bad in ("SMS", "1spam", "a_b", "x" * 41, ""):
+        with pytest.raises(InputError, match="lowercase letters"):
+            registry.check_name(bad)
+    assert registry.name_from_uri("s3://b/x/Reviews_2024.csv") == "reviews-2024"
+    assert registry.name_from_uri("builtin:sms-spam") == "sms-spam"
+    assert registry.name_from_uri("/data/2024.jsonl") == "m-2024"

@@ -1,0 +1,67 @@
+"""Every step through its `python -m kubetune.steps.<step>` entry, as a container or a GPU box without
+kfp would run it: kfp is made unimportable in each process, so a stray kfp import fails the test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import QUICK
+
+pytestmark = pytest.mark.slow
+
+NO_KFP = (
+    "import runpy, sys; sys.modules['kfp'] = None; "  # `import kfp` now raises ImportError
+    "sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)"
+)
+
+
+def step(name: str, *args, store: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", NO_KFP, f"kubetune.steps.{name}", *map(str, args), "--store", str(store), "--run-id", "manual"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def test_steps_chain_without_kfp(tmp_path):
+    store, d = tmp_path / "store", tmp_path
+    r = step("validate", "--train", "builtin:sms-spam", "--limit", 300, "--out", d / "ds", "--report", d / "report.md",
+             "--expectations", d / "exp.json", store=store)
+    assert r.returncode == 0, r.stderr
+    assert "[kubetune validate] done in" in r.stdout and (d / "ds" / "train.parquet").exists()
+
+    r = step("tokenize", "--dataset", d / "ds", "--model", "builtin:all-minilm-l6-v2", "--out", d / "tok", "--max-length", 64, store=store)
+    assert r.returncode == 0, r.stderr
+
+    r = step("finetune", "--tokens", d / "tok", "--model", "builtin:all-minilm-l6-v2", "--out", d / "model",
+             "--epochs", QUICK["epochs"], "--batch-size", QUICK["batch_size"], "--learning-rate", QUICK["learning_rate"], store=store)
+    assert r.returncode == 0, r.stderr
+    assert "[kubetune finetune] epoch 2/2 [" in r.stdout  # the progress bar
+
+    common = ["--model", d / "model", "--tokens", d / "tok", "--dataset", d / "ds", "--out", d / "evaluation.json", "--name", "sms-spam"]
+    r = step("evaluate", *common, "--threshold", 1.01, store=store)
+    assert r.returncode == 3 and "gate REJECTED" in r.stdout  # a shell pipeline can stop on the gate
+    r = step("evaluate", *common, "--threshold", 0.5, store=store)
+    assert r.returncode == 0, r.stderr
+
+    r = step("export", "--model", d / "model", "--tokens", d / "tok", "--out", d / "onnx", "--parity-rows", 32, store=store)
+    assert r.returncode == 0, r.stderr
+
+    r = step("deploy", "--onnx", d / "onnx", "--evaluation", d / "evaluation.json", "--name", "sms-spam",
+             "--manifest-out", d / "isvc.yaml", store=store)
+    assert r.returncode == 0, r.stderr
+    assert "kind: InferenceService" in (d / "isvc.yaml").read_text()
+
+    r = step("summary", "--out", d / "summary.json", store=store)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["outcome"] == "deployed" and [s["status"] for s in summary["steps"]] == ["succeeded"] * 6
+
+
+def test_input_error_exit_code(tmp_path):
+    r = step("validate", "--train", tmp_path / "missing.csv", "--out", tmp_path / "ds", "--report", tmp_path / "r.md",
+             "--expectations", tmp_path / "e.json", store=tmp_path / "store")
+    assert r.returncode == 2 and "missing.csv: no such file" in r.stderr
+    assert "Traceback" not in r.stderr  # a message, not a stack trace

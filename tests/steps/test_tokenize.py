@@ -1,0 +1,74 @@
+"""Tokenization: real tokenizer on real rows, truncation accounting, shards, and the store cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import kubetune.steps.tokenize as tok
+from kubetune.errors import ConfigError
+from kubetune.storage.shards import length_grouped_batches, load_split, pad_batch
+from kubetune.storage.store import open_store
+from kubetune.steps.tokenize import TokenizeConfig, load_tokenizer, tokenize
+
+
+def test_shards_hold_the_tokenizer_output(small_dataset, small_tokens, model_dir):
+    tokenizer = load_tokenizer(model_dir)
+    meta = json.loads((small_tokens / "meta.json").read_text())
+    test = pd.read_parquet(small_dataset / "test.parquet")
+    split = load_split(small_tokens, "test")
+    assert len(split) == len(test) == meta["splits"]["test"]["rows"]
+    for i in (0, len(split) - 1):
+        expected = tokenizer(test["text"].iloc[i], truncation=True, max_length=64)["input_ids"]
+        assert split.row(i).tolist() == expected
+    assert split.labels.tolist() == [meta["labels"].index(x) for x in test["label"]]
+    assert (tokenizer_dir := small_tokens / "tokenizer").is_dir() and (tokenizer_dir / "tokenizer.json").exists()
+
+
+def test_truncation_is_counted(tmp_path, small_dataset, model_dir):
+    out = tmp_path / "t"
+    info = tokenize(small_dataset, model_dir, out, TokenizeConfig(max_length=16), store=None)
+    tokenizer = load_tokenizer(model_dir)
+    train = pd.read_parquet(small_dataset / "train.parquet")
+    full = [len(x) for x in tokenizer(train["text"].tolist())["input_ids"]]
+    expected_rows = sum(n > 16 for n in full)
+    assert expected_rows > 0
+    assert info["splits"]["train"]["truncated_rows"] == expected_rows
+    assert info["splits"]["train"]["truncated_tokens"] == sum(n - 16 for n in full if n > 16)
+    assert load_split(out, "train").lengths.max() == 16
+
+
+def test_cache_hit_skips_tokenizing(tmp_path, small_dataset, model_dir, monkeypatch):
+    store = open_store(str(tmp_path / "store"))
+    first = tokenize(small_dataset, model_dir, tmp_path / "a", TokenizeConfig(max_length=64), store)
+    assert first["cache"] == "miss" and store.is_published(f"cache/tokenize/{first['cache_key']}")
+
+    def boom(*a, **k):
+        raise AssertionError("tokenized again despite the cache")
+
+    monkeypatch.setattr(tok, "tokenize_texts", boom)
+    second = tokenize(small_dataset, model_dir, tmp_path / "b", TokenizeConfig(max_length=64), store)
+    assert second["cache"] == "hit" and second["cache_key"] == first["cache_key"]
+    a, b = load_split(tmp_path / "a", "train"), load_split(tmp_path / "b", "train")
+    assert np.array_equal(a.ids, b.ids) and np.array_equal(a.offsets, b.offsets)
+    with pytest.raises(AssertionError, match="tokenized again"):  # another max_length is another key
+        tokenize(small_dataset, model_dir, tmp_path / "c", TokenizeConfig(max_length=32), store)
+
+
+def test_batches_group_lengths_and_pad(small_tokens):
+    split = load_split(small_tokens, "train")
+    batches = length_grouped_batches(split.lengths, 8, np.random.default_rng(0))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(split)))  # every row once
+    spread = np.mean([np.ptp(split.lengths[b]) for b in batches])
+    random_spread = np.mean([np.ptp(split.lengths[b]) for b in np.array_split(np.random.default_rng(0).permutation(len(split)), len(batches))])
+    assert spread < random_spread / 2  # length grouping cuts the padding
+    ids, mask = pad_batch(split, batches[0], pad_id=0)
+    assert ids.shape[1] % 8 == 0 and mask.sum() == split.lengths[batches[0]].sum()
+
+
+def test_config_bounds():
+    with pytest.raises(ConfigError, match="max_length=4"):
+        TokenizeConfig(max_length=4).check()

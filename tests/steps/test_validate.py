@@ -1,0 +1,129 @@
+"""Validation on the real SMS data: expectations, warnings, splits; and rejected inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from kubetune.errors import ConfigError
+from kubetune.steps.validate import (
+    ValidateConfig,
+    load_dataset,
+    split_frame,
+    subsample,
+    validate,
+)
+from tests.conftest import write_csv
+
+
+def test_sms_passes_with_warnings_and_splits(tmp_path, sms_rows):
+    report, meta = validate("builtin:sms-spam", "", "", ValidateConfig(), tmp_path / "ds")
+    assert report.passed
+    warned = {c.name for c in report.failures("warning")}
+    assert warned == {"expect_column_values_to_be_unique", "class_balance"}  # 403 repeated texts; spam is 13%
+    frames, meta2 = load_dataset(tmp_path / "ds")
+    assert meta2 == meta and meta["labels"] == ["ham", "spam"]
+    assert sum(len(f) for f in frames.values()) == len(sms_rows)
+    # stratified: each split keeps the overall spam share (13.4%) within 1.5 points
+    for split, frame in frames.items():
+        assert abs((frame["label"] == "spam").mean() - 747 / 5574) < 0.015, split
+    # grouped by text: no duplicate straddles two splits, so the test split is unseen text
+    texts = {s: set(f["text"]) for s, f in frames.items()}
+    assert not texts["train"] & texts["test"] and not texts["train"] & texts["eval"] and not texts["eval"] & texts["test"]
+    assert 0.08 < len(frames["test"]) / len(sms_rows) < 0.12
+    report_md = report.markdown(meta)
+    assert "# Data validation: PASSED" in report_md
+    assert f"| test | {len(frames['test'])} | " in report_md and "684 of 5574 rows repeat another row's text" in report_md
+
+
+def test_split_and_subsample_are_seeded(tmp_path):
+    frame = pd.DataFrame({"text": [f"t{i}" for i in range(200)], "label": ["a"] * 150 + ["b"] * 50})
+    frame["source_row"] = range(1, 201)
+    one, two = split_frame(frame, {"eval": 0.1, "test": 0.1}, seed=1), split_frame(frame, {"eval": 0.1, "test": 0.1}, seed=1)
+    other = split_frame(frame, {"eval": 0.1, "test": 0.1}, seed=2)
+    assert all(one[s]["text"].tolist() == two[s]["text"].tolist() for s in one)
+    assert one["test"]["text"].tolist() != other["test"]["text"].tolist()
+    assert {s: (f["label"] == "b").sum() for s, f in one.items()} == {"train": 40, "eval": 5, "test": 5}
+    small = subsample(frame, 40, seed=0)
+    assert len(small) == 40 and (small["label"] == "b").sum() == 10
+    assert small["source_row"].is_monotonic_increasing
+
+
+def test_limit_and_explicit_eval_test_files(tmp_path, sms_rows):
+    rows = [(t, l) for l, t in sms_rows]
+    train = write_csv(tmp_path / "train.csv", rows[:3000])
+    test = write_csv(tmp_path / "test.csv", rows[3000:3600])
+    report, meta = validate(str(train), "", str(test), ValidateConfig(limit=500), tmp_path / "ds")
+    assert report.passed and meta["split_made_here"] == ["eval"]
+    assert meta["splits"]["test"]["rows"] == 500  # --limit caps every file
+    assert meta["splits"]["train"]["rows"] + meta["splits"]["eval"]["rows"] == 500
+
+
+def rejected(tmp_path, train_rows, eval_rows=None, **cfg):
+    train = write_csv(tmp_path / "train.csv", train_rows)
+    ev = str(write_csv(tmp_path / "eval.csv", eval_rows)) if eval_rows is not None else ""
+    report, meta = validate(str(train), ev, "", ValidateConfig(**cfg), tmp_path / "ds")
+    assert not report.passed and meta is None
+    assert not (tmp_path / "ds").exists()  # nothing written for a rejected input
+    return report, report.error_message()
+
+
+def test_empty_and_null_texts_are_rejected_with_rows(tmp_path, sms_rows):
+    rows = [(t, l) for l, t in sms_rows[:60]]
+    rows[4] = ("", "ham")
+    rows[9] = ("   ", "spam")
+    report, msg = rejected(tmp_path, rows)
+    assert "train.csv: column 'text': 2 of 60 rows are empty or whitespace-only; e.g. line 6: '', line 11: '   '" in msg
+
+
+def test_missing_labels(tmp_path, sms_rows):
+    rows = [(t, l) for l, t in sms_rows[:60]]
+    rows[2] = (rows[2][0], "")
+    report, msg = rejected(tmp_path, rows)
+    assert "column 'label': 1 of 60 rows have no label; e.g. line 4: None" in msg
+
+
+def test_eval_label_not_in_train(tmp_path, sms_rows):
+    rows = [(t, l) for l, t in sms_rows[:80]]
+    ev = [(t, l) for l, t in sms_rows[80:100]]
+    ev[3] = (ev[3][0], "spma")
+    report, msg = rejected(tmp_path, rows, ev)
+    assert "eval.csv: column 'label': 1 of 20 rows have labels that are not in the train labels ['ham', 'spam']; e.g. line 5: 'spma'" in msg
+
+
+def test_single_class(tmp_path, sms_rows):
+    rows = [(t, l) for l, t in sms_rows if l == "ham"][:50]
+    report, msg = rejected(tmp_path, rows)
+    assert "has 1 distinct label(s) ['ham']: a classifier needs at least two classes" in msg
+
+
+def test_too_few_rows_per_class_and_long_texts(tmp_path, sms_rows):
+    rows = [(t, l) for l, t in sms_rows if l == "ham"][:40] + [("win a prize now", "spam")] * 2
+    report, msg = rejected(tmp_path, rows, max_text_chars=100)
+    assert "has classes with fewer than 5 rows: 'spam': 2" in msg
+    assert "rows are longer than 100 characters" in msg
+
+
+def test_report_files_for_a_rejected_run(tmp_path, sms_rows):
+    from kubetune.steps.validate import run_step
+
+    rows = [(t, l) for l, t in sms_rows[:60]]
+    rows[0] = ("", "ham")
+    train = write_csv(tmp_path / "train.csv", rows)
+    with pytest.raises(Exception, match="input rejected by validation"):
+        run_step(store_uri=str(tmp_path / "store"), run_id="r1", train_uri=str(train), eval_uri="", test_uri="",
+                 cfg=ValidateConfig(), dataset_dir=tmp_path / "ds", report_path=tmp_path / "report.md",
+                 expectations_path=tmp_path / "exp.json")
+    assert "# Data validation: FAILED" in (tmp_path / "report.md").read_text()
+    results = json.loads((tmp_path / "exp.json").read_text())
+    assert results["passed"] is False and set(results["great_expectations"]) == {"train"}
+    step = json.loads((tmp_path / "store/runs/r1/steps/validate.json").read_text())
+    assert step["status"] == "failed" and step["error"]["exit_code"] == 2
+    assert (tmp_path / "store/runs/r1/validation/report.md").exists()
+
+
+def test_bad_config_is_rejected_early():
+    with pytest.raises(ConfigError, match="leaves too little to train on"):
+        ValidateConfig(eval_fraction=0.5, test_fraction=0.5).check()

@@ -1,0 +1,146 @@
+"""Reading CSV/TSV/JSONL/Parquet from disk and S3, and the errors a user gets for broken files."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import pytest
+
+from kubetune.storage.formats import load_table
+from kubetune.errors import InputError
+from kubetune.storage.store import S3Settings, open_store
+from tests.conftest import write_csv, write_jsonl
+
+
+def load(uri, tmp_path, **kw):
+    kw.setdefault("text_column", "text")
+    kw.setdefault("label_column", "label")
+    return load_table(str(uri), workdir=tmp_path, **kw)
+
+
+def test_builtin_sms_reads_every_line(tmp_path, sms_rows):
+    frame, fmt = load("builtin:sms-spam", tmp_path)
+    assert fmt == "tsv" and len(frame) == 5574 == len(sms_rows)  # default CSV quoting would give 5,572
+    assert frame["label"].value_counts().to_dict() == {"ham": 4827, "spam": 747}
+    assert frame["text"].iloc[-1] == sms_rows[-1][1] and frame["source_row"].iloc[-1] == 5574
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet"])
+def test_every_format_gives_the_same_frame(fmt, tmp_path, sms_rows):
+    rows = [(t, l) for l, t in sms_rows[:50]]
+    path = tmp_path / f"sms.{fmt}"
+    if fmt == "csv":
+        write_csv(path, rows)
+    elif fmt == "tsv":
+        path.write_text("text\tlabel\n" + "".join(f"{t}\t{l}\n" for t, l in rows), encoding="utf-8")
+    elif fmt == "jsonl":
+        write_jsonl(path, rows)
+    else:
+        pd.DataFrame(rows, columns=["text", "label"]).to_parquet(path)
+    frame, got = load(path, tmp_path)
+    assert got == fmt
+    assert list(zip(frame["text"], frame["label"])) == rows
+
+
+def test_custom_columns_and_no_header(tmp_path, sms_rows):
+    path = write_csv(tmp_path / "x.csv", [(l, t) for l, t in sms_rows[:5]], header=None)
+    frame, _ = load(path, tmp_path, text_column="1", label_column="0", header=False)
+    assert frame["label"].tolist() == [l for l, _ in sms_rows[:5]]
+    assert frame["source_row"].tolist() == [1, 2, 3, 4, 5]
+
+
+def test_csv_quoted_multiline_text_keeps_line_numbers(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text('text,label\n"line one\nline two",ham\nsecond,spam\n', encoding="utf-8")
+    frame, _ = load(path, tmp_path)
+    assert frame["text"].tolist() == ["line one\nline two", "second"]
+    assert frame["source_row"].tolist() == [2, 4]
+
+
+def test_integer_labels_become_strings(tmp_path):
+    path = tmp_path / "n.parquet"
+    pd.DataFrame({"text": ["a", "b"], "label": [0.0, 1.0]}).to_parquet(path)
+    frame, _ = load(path, tmp_path)
+    assert frame["label"].tolist() == ["0", "1"]
+
+
+def test_reads_from_s3(s3_bucket, tmp_path, sms_rows):
+    settings = S3Settings.from_env(os.environ)
+    src = write_csv(tmp_path / "sms.csv", [(t, l) for l, t in sms_rows[:20]])
+    open_store(f"s3://{s3_bucket}", settings).upload(src, "in/sms.csv")
+    frame, _ = load(f"s3://{s3_bucket}/in/sms.csv", tmp_path, settings=settings)
+    assert len(frame) == 20 and frame["text"].iloc[0] == sms_rows[0][1]
+
+
+# ---- broken input: the message names the file, the line and the fix ---------------------------
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match=r"nope\.csv: no such file"):
+        load(tmp_path / "nope.csv", tmp_path)
+
+
+def test_wrong_column_lists_the_columns(tmp_path):
+    path = write_csv(tmp_path / "c.csv", [("hi", "ham")], header=("message", "category"))
+    with pytest.raises(InputError, match=r"column 'text' not found; columns are: message, category\. Pick one with --text-column"):
+        load(path, tmp_path)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "text,label\n"])
+def test_empty_file(tmp_path, content):
+    path = tmp_path / "e.csv"
+    path.write_text(content)
+    with pytest.raises(InputError, match=r"e\.csv: file is empty"):
+        load(path, tmp_path)
+
+
+def test_non_utf8_names_the_line(tmp_path):
+    path = tmp_path / "latin.csv"
+    path.write_bytes("text,label\nfine,ham\ncaf\xe9 au lait,ham\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin\.csv: line 3: bytes are not valid UTF-8 \(0xe9.*iconv"):
+        load(path, tmp_path)
+
+
+def test_malformed_csv_line(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("text,label\nok,ham\nsee you, then,ham\n")
+    with pytest.raises(InputError, match=r"bad\.csv: line 3: expected 2 fields \(text, label\), found 3; .*must be quoted"):
+        load(path, tmp_path)
+
+
+def test_unterminated_quote(tmp_path):
+    path = tmp_path / "q.csv"
+    path.write_text('text,label\nok,ham\n"never closed,spam\n')
+    with pytest.raises(InputError, match=r"q\.csv: line 3: malformed CSV"):
+        load(path, tmp_path)
+
+
+def test_malformed_jsonl_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok", "label": "ham"}\n{"text": "oops", "label": }\n')
+    with pytest.raises(InputError, match=r"bad\.jsonl: line 2: invalid JSON"):
+        load(path, tmp_path)
+
+
+def test_jsonl_missing_field_and_wrong_type(tmp_path):
+    path = write_jsonl(tmp_path / "f.jsonl", [("a", "ham")], keys=("body", "label"))
+    with pytest.raises(InputError, match=r"line 1: field 'text' is missing; fields are: body, label"):
+        load(path, tmp_path)
+    path.write_text('{"text": 5, "label": "ham"}\n')
+    with pytest.raises(InputError, match=r"line 1: column 'text' must hold text, got int 5"):
+        load(path, tmp_path)
+
+
+def test_not_parquet(tmp_path):
+    path = tmp_path / "x.parquet"
+    path.write_text("not parquet")
+    with pytest.raises(InputError, match=r"x\.parquet: not a readable Parquet file"):
+        load(path, tmp_path)
+
+
+def test_unknown_extension_and_builtin(tmp_path):
+    with pytest.raises(InputError, match=r"unknown file type; name it \.csv, \.tsv, \.jsonl or \.parquet"):
+        load(tmp_path / "data.xlsx", tmp_path)
+    with pytest.raises(InputError, match=r"'builtin:nope' is not a built-in; known: builtin:all-minilm-l6-v2, builtin:conll2003, builtin:sms-spam"):
+        load("builtin:nope", tmp_path)
