@@ -34,8 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # subprocesses run from the repository root (kubetune itself is installed)
 
 MAX_LENGTH = 128
 # dense bf16 peak TFLOP/s by GPU name (vendor data sheets, SXM parts)
@@ -43,9 +42,9 @@ BF16_PEAK = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "L4": 1
 
 
 def prepare(work: Path, limit: int, model_config: str) -> dict:
-    from kubetune.storage import assets
     from kubetune.steps.tokenize import TokenizeConfig, tokenize
     from kubetune.steps.validate import ValidateConfig, validate
+    from kubetune.storage import assets
 
     model_dir = assets.resolve("builtin:all-minilm-l6-v2")[0]
     dataset, tokens = work / "dataset", work / "tokens"
@@ -126,9 +125,9 @@ def model_flops(model_dir: Path, lengths, epochs: int) -> float:
 def one_row(name: str, paths: dict, device: str, epochs: int, speed_only: bool, out_json: Path) -> None:
     import torch
 
+    from kubetune.storage.shards import load_split
     from kubetune.tasks.metrics import classification_metrics
     from kubetune.training.modeling import predict_logits
-    from kubetune.storage.shards import load_split
 
     tokens = Path(paths["tokens"])
     out = out_json.parent / name

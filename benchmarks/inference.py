@@ -1,5 +1,5 @@
 """Inference speed: the transformers `pipeline("text-classification")` on torch eager (what a user
-would write) against kubetune's ONNX batch path (kubetune.steps.batch_infer.score_texts: length-sorted
+would write) against kubetune's ONNX batch path (kubetune.tasks.base.score_texts: length-sorted
 batches, tokenization overlapped with ONNX Runtime, all cores) with the fp32, optimized and int8
 variants, on the same texts, in the same run.
 
@@ -24,11 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh clone without installing
-
-from kubetune.storage import assets  # noqa: E402
-from kubetune.steps.batch_infer import cores, score_texts  # noqa: E402
-from kubetune.onnx.model import OnnxClassifier  # noqa: E402
+from kubetune.core.system import usable_cpus
+from kubetune.onnx.model import OnnxClassifier
+from kubetune.storage import assets
+from kubetune.tasks.base import score_texts
 
 TARGETS = {"onnx-fp32": 2.0, "onnx-optimized": 2.0, "onnx-int8": 3.0}
 MAX_ACCURACY_DROP = 0.005
@@ -47,7 +46,7 @@ def build_model(workdir: Path, train_rows: int) -> tuple[Path, Path, Path]:
         validate("builtin:sms-spam", "", "", ValidateConfig(limit=train_rows), data)
         tokenize(data, base, tokens, TokenizeConfig(max_length=128), store=None)
         finetune(tokens, base, model, FinetuneConfig(epochs=2, batch_size=16, learning_rate=2e-4))
-        export(model, tokens, onnx_dir, ExportConfig(variants="fp32,optimized,int8"))
+        export(model, tokens, onnx_dir, ExportConfig(variants="fp32,optimized,int8"), workdir / "export-work")
     return model, onnx_dir, data
 
 
@@ -71,7 +70,7 @@ def run_baseline(model_dir: Path, texts: list[str], batch_size: int, max_length:
     import torch
     from transformers import pipeline
 
-    torch.set_num_threads(cores())
+    torch.set_num_threads(usable_cpus())
     pipe = pipeline("text-classification", model=str(model_dir), device=-1)
     kw = {"batch_size": batch_size, "truncation": True, "max_length": max_length}
     pipe(texts[:batch_size], **kw)  # warm-up
@@ -85,7 +84,7 @@ def run_baseline(model_dir: Path, texts: list[str], batch_size: int, max_length:
 
 
 def run_onnx(onnx_dir: Path, variant: str, texts: list[str], batch_size: int) -> tuple[list[str], list[float], float]:
-    clf = OnnxClassifier(onnx_dir, variant=variant, threads=cores())
+    clf = OnnxClassifier(onnx_dir, variant=variant, threads=usable_cpus())
     score_texts(clf, texts[:batch_size], batch_size)  # warm-up
     latencies: list[float] = []
     t0 = time.perf_counter()
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir, onnx_dir, _ = build_model(a.workdir, a.train_rows)
     texts, truth = test_texts(a.rows)
     max_length = json.loads((onnx_dir / "kubetune.json").read_text())["max_length"]  # the same truncation everywhere
-    print(f"\n{len(texts)} texts, batch size {a.batch_size}, max_length {max_length}, {cores()} cores", flush=True)
+    print(f"\n{len(texts)} texts, batch size {a.batch_size}, max_length {max_length}, {usable_cpus()} cores", flush=True)
 
     runs = [("baseline (transformers pipeline, torch eager)", "baseline", lambda: run_baseline(model_dir, texts, a.batch_size, max_length))]
     runs += [(f"onnx-{v}", f"onnx-{v}", lambda v=v: run_onnx(onnx_dir, v, texts, a.batch_size)) for v in ("fp32", "optimized", "int8")]

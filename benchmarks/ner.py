@@ -20,13 +20,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from kubetune.steps.evaluate import GateConfig, score_test, token_test_metrics
+from kubetune.steps.evaluate import GateConfig, score_test
 from kubetune.steps.finetune import FinetuneConfig, finetune
-from kubetune.tasks.metrics import TOKEN, per_type_table
-from kubetune.training.modeling import predict_token_logits, resolve_model_dir, word_level_tags
-from kubetune.storage.shards import load_split
 from kubetune.steps.tokenize import TokenizeConfig, tokenize
 from kubetune.steps.validate import ValidateConfig, validate
+from kubetune.storage.shards import load_split
+from kubetune.tasks.metrics import per_type_table
+from kubetune.tasks.token import TASK, test_metrics, word_level_tags
+from kubetune.training.modeling import predict_logits, resolve_model_dir
 
 TARGET = 0.86
 
@@ -51,7 +52,7 @@ def main() -> int:
     timings, t_all = {}, time.perf_counter()
 
     t0 = time.perf_counter()
-    report, meta = validate(a.train, "", "", ValidateConfig(task=TOKEN, limit=a.limit), work / "dataset")
+    report, meta = validate(a.train, "", "", ValidateConfig(task=TASK.name, limit=a.limit), work / "dataset")
     if not report.passed:
         print(report.error_message())
         return 2
@@ -68,10 +69,10 @@ def main() -> int:
 
     def on_epoch(epoch, model):
         test = load_split(work / "tokens", "test")
-        rows = predict_token_logits(model, test, batch_size=128, pad_id=tokens["pad_token_id"],
-                                    input_names=tokens["model_input_names"], device=next(model.parameters()).device)
+        logits = predict_logits(model, test, per_token=True, batch_size=128, pad_id=tokens["pad_token_id"],
+                                input_names=tokens["model_input_names"], device=next(model.parameters()).device)
         gold = [list(t) for t in pd.read_parquet(work / "dataset" / "test.parquet")["tags"]]
-        m = token_test_metrics(gold, word_level_tags(test, [r.argmax(-1) for r in rows], tokens["labels"])[1])
+        m = test_metrics(gold, word_level_tags(test, logits.argmax(-1), tokens["labels"])[1])
         test_by_epoch[epoch] = m["entity_micro_f1"]
         print(f"[benchmark] epoch {epoch}: test entity micro-F1 {m['entity_micro_f1']:.4f} (logged; selection is by validation)\n"
               + per_type_table(m), flush=True)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.helpers (kubetune itself is installed)
 from kubetune.storage import assets  # noqa: E402
-from tests.serve_helpers import running_server  # noqa: E402
+from tests.helpers.serve import running_server  # noqa: E402
 
 SETTINGS = {"batching off": ["--max-batch-texts", "1", "--batch-wait-ms", "0"], "batching on": []}
 

@@ -1,43 +1,54 @@
-"""Error types shared by every step, each mapped to the exit code the CLI promises.
+"""Error types shared by every step, and the one exit-code table of kubetune.
 
-Exit codes (the `kubetune run` contract):
-  0  model deployed
-  1  anything else went wrong (a bug, the store unreachable, parity failed, ...)
-  2  input rejected by validation: nothing was trained or published
-  3  the quality gate rejected the model: nothing was published
+  0  model deployed, or training skipped because the data is unchanged
+  1  anything else went wrong (a bug, the store unreachable, ONNX parity failed, ...)
+  2  input or options rejected: nothing was trained or published
+  3  the quality gate rejected the model (or a variant the user required failed its check): nothing published
 
-A step raises one of these; `python -m components.<step>` turns it into the exit code, and the
-run record in the store keeps its class and message so the CLI can report it after a pipeline run.
+A step raises one of these; wherever it is caught (`kubetune ...`, `python -m kubetune.steps.<step>`,
+or inside a pipeline task, whose run record keeps the error's kind and exit code) it means the same
+exit code, and the run summary's `exit_code` is the process exit code of `kubetune run`.
 """
 
 from __future__ import annotations
+
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_GATE = 0, 1, 2, 3
+# run outcome -> exit code (the run summary and `kubetune run`)
+OUTCOMES = {"deployed": EXIT_OK, "skipped": EXIT_OK, "failed": EXIT_FAILED, "input_rejected": EXIT_INPUT, "gate_rejected": EXIT_GATE}
 
 
 class KubetuneError(Exception):
     """A failure with a message meant for the user (no traceback needed to understand it)."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILED
     kind = "error"
 
 
 class InputError(KubetuneError):
     """Bad input data or arguments: names the file, column/field, row and what to change."""
 
-    exit_code = 2
+    exit_code = EXIT_INPUT
     kind = "input"
 
 
-class ConfigError(KubetuneError):
-    """Options that cannot work together, rejected before any work is done."""
+class ConfigError(InputError):
+    """Options that cannot work together, rejected before any work is done (exit 2, like bad input)."""
 
-    exit_code = 1
     kind = "config"
 
 
 class GateRejected(KubetuneError):
-    """The quality gate refused the model. Raised only by the CLI, never inside the pipeline:
-    in the pipeline a rejection is a normal outcome that skips export and deploy."""
+    """The quality gate refused the model (`python -m kubetune.steps.evaluate` raises it). Inside the
+    pipeline a rejection is a normal outcome that skips export and deploy; the run exits 3."""
 
-    exit_code = 3
+    exit_code = EXIT_GATE
     kind = "gate"
 
+
+def exit_code_of(error: BaseException) -> int:
+    return getattr(error, "exit_code", EXIT_FAILED)
+
+
+def outcome_of(exit_code: int) -> str:
+    """The run outcome a failed step's exit code stands for."""
+    return {EXIT_INPUT: "input_rejected", EXIT_GATE: "gate_rejected"}.get(exit_code, "failed")

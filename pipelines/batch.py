@@ -11,10 +11,10 @@ store-heavy steps, and re-running the whole pipeline with the same output prefix
 # no `from __future__ import annotations`: KFP reads the pipeline's annotations as real types
 from kfp import dsl
 
-from kubetune.steps.batch_infer import BatchConfig
 from kubetune.pipelines.components import make_components
 from kubetune.pipelines.config import ClusterConfig
 from kubetune.pipelines.training import configure
+from kubetune.steps.batch_infer import BatchConfig
 
 PIPELINE_NAME = "kubetune-batch-inference"
 

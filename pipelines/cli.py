@@ -27,28 +27,22 @@ import tempfile
 import time
 from pathlib import Path
 
-from kubetune.storage import assets
-
-from kubetune.release import registry
-from kubetune.steps.deploy import release, roll_back
-from kubetune.core.entry import add_config_args, config_from_args
-from kubetune.errors import ConfigError, InputError, KubetuneError
-from kubetune.steps.evaluate import GateConfig
-from kubetune.steps.export import ExportConfig
-from kubetune.steps.finetune import FinetuneConfig
-from kubetune.release.manifests import ServingConfig
-from kubetune.tasks.metrics import TASK_METRICS, TASKS, TOKEN, resolve_metric
+from kubetune import tasks
+from kubetune.core.config import add_config_args, config_from_args
 from kubetune.core.progress import fmt_seconds
-from kubetune.storage.records import RunRecord
-from kubetune.release.rollout import TARGETS, DeployConfig, GitAuth
-from kubetune.storage.store import LocalStore, S3Settings, open_store
+from kubetune.errors import InputError, KubetuneError
+from kubetune.pipelines import cluster, parameters
+from kubetune.pipelines.config import ClusterConfig
+from kubetune.release import registry
+from kubetune.release.manifests import ServingConfig
+from kubetune.release.rollout import DeployConfig, GitAuth
+from kubetune.steps.deploy import release, roll_back
 from kubetune.steps.summary import build_summary
-from kubetune.steps.tokenize import TokenizeConfig
-from kubetune.steps.validate import ValidateConfig
-from kubetune.pipelines import cluster
-from kubetune.pipelines.config import DEFAULT_IMAGE, ClusterConfig
+from kubetune.steps.validate import resolve_inputs
+from kubetune.storage.records import RunRecord
+from kubetune.storage.store import LocalStore, S3Settings, open_store
 
-DEFAULT_STORE = "./kubetune-store"
+DEFAULT_STORE = parameters.DEFAULT_STORE
 PIPELINES = ("training", "batch-inference")
 
 
@@ -57,55 +51,12 @@ class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpF
 
 
 def _run_parser(sub) -> None:
-    v, t, f, g = ValidateConfig, TokenizeConfig, FinetuneConfig, GateConfig
     p = sub.add_parser("run", help="run the training pipeline locally (kfp.local)", description=__doc__, formatter_class=_Help)
     p.set_defaults(func=cmd_run)
-    d = p.add_argument_group("data")
-    d.add_argument("--task", default=v.task, choices=TASKS,
-                   help="sequence-classification: a label per text; token-classification: an IOB2 tag per word (NER)")
-    d.add_argument("--train", default="", help="CSV/TSV/JSONL/Parquet file (token-classification: CoNLL or JSONL): local path, "
-                   "s3://bucket/key or builtin:; empty: builtin:sms-spam, or builtin:conll2003 for token-classification")
-    d.add_argument("--eval", default="", help="eval file; empty: a stratified split of --train")
-    d.add_argument("--test", default="", help="test file; empty: a stratified split of --train")
-    d.add_argument("--text-column", default=v.text_column, help="column (JSONL: field) holding the text")
-    d.add_argument("--label-column", default=v.label_column, help="column (JSONL: field) holding the label")
-    d.add_argument("--no-header", action="store_true", help="CSV/TSV without a header row: columns are then named 0, 1, ...")
-    d.add_argument("--tag-column", type=int, default=v.tag_column, help="token-classification, CoNLL: the tag's column (0-based; -1: last)")
-    d.add_argument("--repair-tags", action="store_true",
-                   help="token-classification: turn an I-X that continues nothing into B-X (IOB1 data) instead of rejecting it")
-    d.add_argument("--limit", type=int, default=v.limit, help="use at most N rows per file (seeded stratified sample); 0: all")
-    d.add_argument("--eval-fraction", type=float, default=v.eval_fraction, help="share held out for eval when there is no --eval")
-    d.add_argument("--test-fraction", type=float, default=v.test_fraction, help="share held out for test when there is no --test")
-    m = p.add_argument_group("model and training")
-    m.add_argument("--model", default="builtin:all-minilm-l6-v2", help="pretrained transformers folder: local, s3:// prefix or builtin:")
-    m.add_argument("--name", default="", help="registry (and InferenceService) name; empty: derived from --train")
-    m.add_argument("--max-length", type=int, default=t.max_length, help="truncate texts to this many tokens")
-    m.add_argument("--epochs", type=int, default=f.epochs, help="epochs; the best one on eval is kept")
-    m.add_argument("--batch-size", type=int, default=f.batch_size, help="training batch size")
-    m.add_argument("--learning-rate", type=float, default=f.learning_rate, help="peak AdamW learning rate")
-    m.add_argument("--seed", type=int, default=v.seed, help="seed for sampling, splitting and training")
-    q = p.add_argument_group("quality gate")
-    q.add_argument("--gate-metric", default=g.metric, choices=["", *(m for names in TASK_METRICS.values() for m in names)],
-                   help="test metric the gate checks; empty: macro_f1, or entity_micro_f1 for token-classification")
-    q.add_argument("--gate-threshold", type=float, default=g.threshold, help="minimum value of the gate metric")
-    q.add_argument("--gate-tolerance", type=float, default=g.tolerance, help="how much worse than production a new model may be")
-    x = p.add_argument_group("ONNX export")
-    x.add_argument("--onnx-variants", default=ExportConfig.variants,
-                   help="comma-separated: fp32 (required), optimized, int8 (CPU), fp16 (GPU); each is checked on the eval split")
+    parameters.add_run_flags(p)  # one flag per pipeline parameter (kubetune.pipelines.parameters)
     o = p.add_argument_group("output")
-    o.add_argument("--store", default=DEFAULT_STORE, help="local folder or s3://bucket/prefix (S3 settings from AWS_* variables)")
     o.add_argument("--summary", type=Path, help="write the run summary JSON here")
-    o.add_argument("--run-id", default="", help="records go to <store>/runs/<run-id>; empty: <UTC time>-<random>")
-    o.add_argument("--namespace", default=ServingConfig.namespace, help="namespace of the rendered InferenceService")
-    o.add_argument("--serving-image", default=DEFAULT_IMAGE, help="predictor image of the rendered InferenceService")
     o.add_argument("--verbose", action="store_true", help="show kfp.local's full output, not only kubetune's lines")
-    o.add_argument("--force", action="store_true", help="train even when the data equals the production model's (else the run is skipped)")
-    t = p.add_argument_group("deploy target (see kubetune deploy --help)")
-    t.add_argument("--deploy-target", default=DeployConfig.target, choices=TARGETS, help="where deploy rolls the model out")
-    t.add_argument("--canary-traffic-percent", type=int, default=DeployConfig.canary_traffic_percent, help="kserve: canary share 1-99")
-    t.add_argument("--gitops-repo", default=DeployConfig.gitops_repo, help="gitops: Git URL (credentials from KUBETUNE_GIT_* env)")
-    t.add_argument("--gitops-branch", default=DeployConfig.gitops_branch, help="gitops: branch")
-    t.add_argument("--gitops-path", default=DeployConfig.gitops_path, help="gitops: folder in the repository")
 
 
 def _compile_parser(sub) -> None:
@@ -177,27 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
 # run
 
 
-def pipeline_arguments(a: argparse.Namespace, store_uri: str, run_id: str, name: str) -> dict:
-    """CLI options -> pipeline parameters, checked before anything runs."""
-    ValidateConfig(task=a.task, limit=a.limit, eval_fraction=a.eval_fraction, test_fraction=a.test_fraction).check()
-    TokenizeConfig(max_length=a.max_length).check()
-    FinetuneConfig(epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.learning_rate).check()
-    GateConfig(metric=a.gate_metric, tolerance=a.gate_tolerance).check()
-    DeployConfig(target=a.deploy_target, canary_traffic_percent=a.canary_traffic_percent, gitops_repo=a.gitops_repo,
-                 gitops_branch=a.gitops_branch, gitops_path=a.gitops_path).check()
-    resolve_metric(a.task, a.gate_metric, "--gate-metric")  # e.g. macro_f1 for NER: rejected before anything runs
-    ExportConfig(variants=a.onnx_variants).check()
-    return {
-        "task": a.task, "train_uri": a.train, "eval_uri": a.eval, "test_uri": a.test, "text_column": a.text_column,
-        "label_column": a.label_column, "header": not a.no_header, "tag_column": a.tag_column, "repair_tags": a.repair_tags,
-        "model_uri": a.model, "model_name": name,
-        "store": store_uri, "run_id": run_id, "limit": a.limit, "seed": a.seed, "eval_fraction": a.eval_fraction,
-        "test_fraction": a.test_fraction, "max_length": a.max_length, "epochs": a.epochs, "batch_size": a.batch_size,
-        "learning_rate": a.learning_rate, "gate_metric": a.gate_metric, "gate_threshold": a.gate_threshold,
-        "gate_tolerance": a.gate_tolerance, "onnx_variants": a.onnx_variants, "namespace": a.namespace, "serving_image": a.serving_image,
-        "force": a.force, "deploy_target": a.deploy_target, "canary_traffic_percent": a.canary_traffic_percent,
-        "gitops_repo": a.gitops_repo, "gitops_branch": a.gitops_branch, "gitops_path": a.gitops_path,
-    }
+def pipeline_arguments(a: argparse.Namespace, store_uri: str, run_id: str) -> dict:
+    """CLI options -> pipeline parameters, checked (parameters.check: the same check as submit and
+    schedule) before anything runs; the data and registry name resolved as the pipeline resolves them."""
+    values = {**parameters.from_args(a), "store": store_uri, "run_id": run_id}
+    parameters.check(values)
+    values["train_uri"], values["model_name"] = resolve_inputs(values["task"], values["train_uri"], values["model_name"])
+    return values
 
 
 def print_summary(s: dict, wall: float) -> None:
@@ -207,15 +144,8 @@ def print_summary(s: dict, wall: float) -> None:
         secs = f"{row['seconds']:8.1f}" if row["seconds"] is not None else "       -"
         w(f"{row['name']:<10} {row['status']:<12} {secs}\n")
     w(f"{'total':<10} {'wall time':<12} {wall:8.1f}  ({fmt_seconds(wall)})\n\n")
-    if s["metrics"] and s.get("task") == TOKEN:
-        m = s["metrics"]
-        per = ", ".join(f"{k} F1 {v['f1']:.4f}" for k, v in m["per_type"].items())
-        w(f"test: entity micro-F1 {m['entity_micro_f1']:.4f}, macro-F1 {m['entity_macro_f1']:.4f}, token accuracy "
-          f"{m['token_accuracy']:.4f} ({per})\n")
-    elif s["metrics"]:
-        m = s["metrics"]
-        per = ", ".join(f"{k} F1 {v['f1']:.4f}" for k, v in m["per_class"].items())
-        w(f"test: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} ({per})\n")
+    if s["metrics"]:
+        w(f"test: {tasks.get(s['task']).describe_test(s['metrics'])}\n")
     if s["gate"]:
         w(f"gate: {'passed' if s['gate']['passed'] else 'REJECTED'} - {s['gate']['reason']}\n")
     if s["onnx"]:
@@ -239,12 +169,11 @@ def cmd_run(a: argparse.Namespace) -> int:
     from kubetune.pipelines.local import run_locally
     from kubetune.pipelines.training import build_training_pipeline
 
-    a.train = a.train or assets.DEFAULT_DATA[a.task]
     store = open_store(a.store, S3Settings.from_env())
     store_uri = store.uri
-    name = registry.check_name(a.name) if a.name else registry.name_from_uri(a.train)
     run_id = a.run_id or f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
-    arguments = pipeline_arguments(a, store_uri, run_id, name)
+    arguments = pipeline_arguments(a, store_uri, run_id)
+    name = arguments["model_name"]
     record = RunRecord(store, run_id)
     if store.list(record.prefix):  # also the first store access: an unreachable S3 store fails here
         raise InputError(f"run id {run_id!r} already has records in {store.url(record.prefix)}; pick another --run-id")
@@ -253,7 +182,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     local = isinstance(store, LocalStore)
     pipeline_root = store.root / "kfp-local" if local else Path(tempfile.mkdtemp(prefix="kubetune-kfp-"))
     log_path = (store.root / record.prefix / "kfp-local.log") if local else pipeline_root / "kfp-local.log"
-    print(f"kubetune run {run_id}: {name} from {a.train} with {a.model}\n  store {store_uri}\n  full log {log_path}", flush=True)
+    print(f"kubetune run {run_id}: {name} from {arguments['train_uri']} with {arguments['model_uri']}\n  store {store_uri}\n"
+          f"  full log {log_path}", flush=True)
 
     t0 = time.perf_counter()
     try:
@@ -339,9 +269,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 def cmd_infer(a: argparse.Namespace) -> int:
     from kubetune.steps.batch_infer import BatchConfig, run_batch
-    from kubetune.core.entry import config_from_args
 
-    manifest = run_batch(a.store, a.model, a.input, a.output, config_from_args(BatchConfig, a), S3Settings.from_env())
+    manifest = run_batch(a.store, a.model, a.input, a.output, config_from_args(BatchConfig, a))
     t = manifest["totals"]
     print(f"\n{t['rows']} rows in {len(manifest['shards'])} shards: {t['predicted']} predicted, {t['rejected']} rejected, "
           f"{t['truncated']} truncated; model {manifest['model']['name']} {manifest['model']['version']} ({manifest['variant']})\n"
@@ -356,10 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return a.func(a)
-    except (InputError, ConfigError) as e:
-        print(f"kubetune: error: {e}", file=sys.stderr)
-        return InputError.exit_code
-    except KubetuneError as e:
+    except KubetuneError as e:  # its exit code is the one table's (kubetune.errors): 2 for input and options
         print(f"kubetune: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

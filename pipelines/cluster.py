@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from kubetune.errors import InputError
+from kubetune.pipelines import parameters
 from kubetune.pipelines.config import DEFAULT_IMAGE, ClusterConfig
 
 PIPELINE_DESCRIPTION = "Fine-tune a Hugging Face text classifier, gate it, export it to ONNX and publish it (kubetune)."
@@ -111,16 +112,6 @@ def parse_params(pairs: list[str], package: Path) -> dict:
     return out
 
 
-def check_deploy_params(params: dict) -> None:
-    """The deploy settings are used last, after hours of training: reject a bad combination now."""
-    from kubetune.release.rollout import DeployConfig
-
-    DeployConfig(target=params.get("deploy_target", DeployConfig.target),
-                 canary_traffic_percent=params.get("canary_traffic_percent", DeployConfig.canary_traffic_percent),
-                 gitops_repo=params.get("gitops_repo", DeployConfig.gitops_repo),
-                 gitops_path=params.get("gitops_path", DeployConfig.gitops_path)).check()
-
-
 def check_cron(cron: str) -> str:
     """KFP cron expressions have 6 fields, seconds first (robfig/cron)."""
     fields = cron.split()
@@ -166,7 +157,7 @@ def cmd_submit(a: argparse.Namespace) -> int:
         package = Path(tmp) / "kubetune-training.yaml"
         compile_pipeline(a, package)
         params = parse_params(a.param, package)
-        check_deploy_params(params)
+        parameters.check(params)  # the same check as kubetune run: a bad setting fails here, not hours into the run
         result = client.create_run_from_pipeline_package(
             str(package), arguments=params, run_name=a.run_name or None, experiment_name=a.experiment,
             namespace=a.namespace or None, service_account=a.service_account or None)
@@ -185,7 +176,7 @@ def cmd_schedule(a: argparse.Namespace) -> int:
         package = Path(tmp) / "kubetune-training.yaml"
         compile_pipeline(a, package)
         params = parse_params(a.param, package)
-        check_deploy_params(params)
+        parameters.check(params)  # the same check as kubetune run
         experiment = client.create_experiment(a.experiment, namespace=a.namespace or None)
         job = client.create_recurring_run(
             experiment_id=experiment.experiment_id, job_name=a.job_name, description=f"kubetune retraining, cron {cron}",

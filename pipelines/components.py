@@ -1,8 +1,11 @@
-"""KFP components: thin typed wrappers that import a step from components/ and call it.
+"""KFP components: thin typed wrappers that import a step from kubetune.steps and call it.
 
 KFP ships each wrapper's source into the container, so a wrapper holds nothing but imports and one
-call. `run_id or job_id`: a local run passes its own id; a run started from the Kubeflow UI leaves
-run_id empty and the records go under the KFP run's id.
+call, and its signature is written out. Its parameters are pipeline parameters of the same name
+(kubetune.pipelines.parameters: the pipeline passes every parameter a wrapper names) or wired
+inputs (artifacts, outputs of earlier steps); `from_params(Config, locals())` builds a step's config
+from them. `run_id or job_id`: a local run passes its own id; a run started from the Kubeflow UI
+leaves run_id empty and the records go under the KFP run's id.
 
 `make_components(cluster)` turns the wrappers into components with the project's images (decided at
 compile time, not import time).
@@ -28,20 +31,19 @@ from kubetune.pipelines.config import ClusterConfig
 
 
 def validate(
-    store: str, run_id: str, job_id: str, task: str, train_uri: str, eval_uri: str, test_uri: str, text_column: str,
+    store: str, run_id: str, job_id: str, task: str, train_uri: str, eval_uri: str, test_uri: str, model_name: str, text_column: str,
     label_column: str, header: bool, tag_column: int, repair_tags: bool, limit: int, seed: int, eval_fraction: float,
     test_fraction: float, dataset: Output[Dataset], report: Output[Markdown], expectations: Output[Artifact],
-):
+) -> str:
     from pathlib import Path
 
+    from kubetune.core.config import from_params
     from kubetune.steps.validate import ValidateConfig, run_step
 
-    run_step(
-        store_uri=store, run_id=run_id or job_id, train_uri=train_uri, eval_uri=eval_uri, test_uri=test_uri,
-        cfg=ValidateConfig(task=task, text_column=text_column, label_column=label_column, header=header, tag_column=tag_column,
-                           repair_tags=repair_tags, limit=limit, seed=seed, eval_fraction=eval_fraction, test_fraction=test_fraction),
-        dataset_dir=Path(dataset.path), report_path=Path(report.path), expectations_path=Path(expectations.path),
-    )
+    meta = run_step(store_uri=store, run_id=run_id or job_id, train_uri=train_uri, eval_uri=eval_uri, test_uri=test_uri,
+                    model_name=model_name, cfg=from_params(ValidateConfig, locals()), dataset_dir=Path(dataset.path),
+                    report_path=Path(report.path), expectations_path=Path(expectations.path))
+    return meta["model_name"]
 
 
 def freshness(store: str, run_id: str, job_id: str, model_name: str, force: bool, dataset: Input[Dataset]) -> bool:
@@ -52,42 +54,44 @@ def freshness(store: str, run_id: str, job_id: str, model_name: str, force: bool
     return run_step(store_uri=store, run_id=run_id or job_id, model_name=model_name, dataset_dir=Path(dataset.path), force=force)
 
 
-def tokenize(store: str, run_id: str, job_id: str, model_uri: str, max_length: int,
-             dataset: Input[Dataset], tokens: Output[Dataset]):
+def tokenize(store: str, run_id: str, job_id: str, model_uri: str, max_length: int, dataset: Input[Dataset], tokens: Output[Dataset]):
     from pathlib import Path
 
+    from kubetune.core.config import from_params
     from kubetune.steps.tokenize import TokenizeConfig, run_step
 
     run_step(store_uri=store, run_id=run_id or job_id, dataset_dir=Path(dataset.path), model_uri=model_uri,
-             out_dir=Path(tokens.path), cfg=TokenizeConfig(max_length=max_length))
+             out_dir=Path(tokens.path), cfg=from_params(TokenizeConfig, locals()))
 
 
 def finetune(store: str, run_id: str, job_id: str, model_uri: str, epochs: int, batch_size: int, learning_rate: float,
              seed: int, tokens: Input[Dataset], model: Output[Model], training_metrics: Output[Metrics]):
     from pathlib import Path
 
-    from kubetune.steps.finetune import FinetuneConfig, run_step
+    from kubetune.core.config import from_params
     from kubetune.pipelines.outputs import log_training
+    from kubetune.steps.finetune import FinetuneConfig, run_step
 
     result = run_step(store_uri=store, run_id=run_id or job_id, tokens_dir=Path(tokens.path), model_uri=model_uri,
-                      out_dir=Path(model.path),
-                      cfg=FinetuneConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed))
+                      out_dir=Path(model.path), cfg=from_params(FinetuneConfig, locals()))
     log_training(result, training_metrics)
 
 
 def finetune_distributed(store: str, run_id: str, job_id: str, model_uri: str, epochs: int, batch_size: int,
-                         learning_rate: float, seed: int, backend: str, workers: int, gpus_per_worker: int, image: str,
-                         tokens: Input[Dataset], model: Output[Model], training_metrics: Output[Metrics]):
+                         learning_rate: float, seed: int, finetune_backend: str, finetune_workers: int, finetune_gpus_per_worker: int,
+                         image: str, s3_secret: str, s3_config_map: str, tokens: Input[Dataset], model: Output[Model],
+                         training_metrics: Output[Metrics]):
     from pathlib import Path
 
+    from kubetune.core.config import from_params
+    from kubetune.pipelines.outputs import log_training
     from kubetune.steps.distributed import JobConfig, run_step
     from kubetune.steps.finetune import FinetuneConfig
-    from kubetune.pipelines.outputs import log_training
 
     result = run_step(store_uri=store, run_id=run_id or job_id, tokens_dir=Path(tokens.path), model_uri=model_uri,
-                      out_dir=Path(model.path),
-                      cfg=FinetuneConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed),
-                      job=JobConfig(backend=backend, workers=workers, gpus_per_worker=gpus_per_worker, image=image))
+                      out_dir=Path(model.path), cfg=from_params(FinetuneConfig, locals()),
+                      job=from_params(JobConfig, locals(), backend=finetune_backend, image=image, s3_secret=s3_secret,
+                                      s3_config_map=s3_config_map))
     log_training(result, training_metrics)
 
 
@@ -96,12 +100,13 @@ def evaluate(store: str, run_id: str, job_id: str, model_name: str, gate_metric:
              evaluation: Output[Artifact], metrics: Output[Metrics], confusion: Output[ClassificationMetrics]) -> bool:
     from pathlib import Path
 
-    from kubetune.steps.evaluate import GateConfig, run_step
+    from kubetune.core.config import from_params
     from kubetune.pipelines.outputs import log_evaluation
+    from kubetune.steps.evaluate import GateConfig, run_step
 
     result = run_step(store_uri=store, run_id=run_id or job_id, model_dir=Path(model.path), tokens_dir=Path(tokens.path),
                       dataset_dir=Path(dataset.path), model_name=model_name, out_path=Path(evaluation.path),
-                      cfg=GateConfig(metric=gate_metric, threshold=gate_threshold, tolerance=gate_tolerance))
+                      cfg=from_params(GateConfig, locals()))
     return log_evaluation(result, metrics, confusion)
 
 
@@ -109,10 +114,11 @@ def export(store: str, run_id: str, job_id: str, onnx_variants: str, model: Inpu
            onnx_model: Output[Model]):
     from pathlib import Path
 
+    from kubetune.core.config import from_params
     from kubetune.steps.export import ExportConfig, run_step
 
     run_step(store_uri=store, run_id=run_id or job_id, model_dir=Path(model.path), tokens_dir=Path(tokens.path),
-             out_dir=Path(onnx_model.path), out_uri=onnx_model.uri, cfg=ExportConfig(variants=onnx_variants))
+             out_dir=Path(onnx_model.path), out_uri=onnx_model.uri, cfg=from_params(ExportConfig, locals()))
 
 
 def deploy(store: str, run_id: str, job_id: str, model_name: str, namespace: str, serving_image: str, deploy_target: str,
@@ -120,15 +126,14 @@ def deploy(store: str, run_id: str, job_id: str, model_name: str, namespace: str
            onnx_model: Input[Model], evaluation: Input[Artifact], manifest: Output[Artifact]) -> str:
     from pathlib import Path
 
-    from kubetune.steps.deploy import run_step
+    from kubetune.core.config import from_params
     from kubetune.release.manifests import ServingConfig
     from kubetune.release.rollout import DeployConfig
+    from kubetune.steps.deploy import run_step
 
     result = run_step(store_uri=store, run_id=run_id or job_id, model_name=model_name, onnx_dir=Path(onnx_model.path),
                       evaluation_path=Path(evaluation.path), manifest_path=Path(manifest.path),
-                      cfg=ServingConfig(namespace=namespace, image=serving_image),
-                      target=DeployConfig(target=deploy_target, canary_traffic_percent=canary_traffic_percent,
-                                          gitops_repo=gitops_repo, gitops_branch=gitops_branch, gitops_path=gitops_path))
+                      cfg=from_params(ServingConfig, locals()), target=from_params(DeployConfig, locals()))
     return result["model_uri"]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-DEFAULT_IMAGE = "ghcr.io/kubetune/kubetune:0.1.0"
+from kubetune.release.manifests import DEFAULT_IMAGE
 
 
 def cuda_variant(image: str) -> str:

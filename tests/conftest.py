@@ -95,7 +95,7 @@ def exported_model(tmp_path_factory, trained_model, small_tokens):
     from kubetune.steps.export import ExportConfig, export
 
     out = tmp_path_factory.mktemp("onnx")
-    export(trained_model, small_tokens, out, ExportConfig(parity_rows=64))
+    export(trained_model, small_tokens, out, ExportConfig(parity_rows=64), tmp_path_factory.mktemp("export-work"))
     return out
 
 

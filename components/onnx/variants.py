@@ -31,10 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from kubetune.core.progress import log
 from kubetune.errors import ConfigError, KubetuneError
 from kubetune.onnx.model import VARIANTS, OnnxClassifier, variant_file
-from kubetune.core.progress import log
-from kubetune.tasks.metrics import TOKEN
 from kubetune.storage.shards import IGNORE, TokenizedSplit
 
 STEP = "export"
@@ -136,13 +135,10 @@ def build_variants(model, input_names: list[str], out_dir: Path, wanted: list[st
 
 def check_variant(name: str, clf: OnnxClassifier, split: TokenizedSplit, reference: np.ndarray, min_agreement: float,
                   max_accuracy_drop: float) -> dict:
-    """Agreement with torch and accuracy against the labels on `split`; `passed` and why not. For
-    token classification `reference` holds every real token's logits end to end (the split's order):
-    agreement is per token, accuracy per labelled token (each word's first sub-token)."""
-    if clf.task == TOKEN:
-        got, targets = np.concatenate(clf.token_logits_for_tokens(split, batch_size=32)), split.token_labels
-    else:
-        got, targets = clf.logits_for_tokens(split, batch_size=32), split.labels
+    """Agreement with torch and accuracy against the labels on `split`; `passed` and why not. The
+    logit rows are the task's (`clf.task`): one per text, or for token classification every real
+    token end to end, so agreement is per token and accuracy per labelled token."""
+    got, targets = clf.logits(split, batch_size=32, per_token=clf.task.per_token), clf.task.targets(split)
     keep = targets != IGNORE
     agreement = float((got.argmax(-1) == reference.argmax(-1)).mean())
     accuracy = float((got.argmax(-1) == targets)[keep].mean())

@@ -6,11 +6,17 @@ from dataclasses import dataclass
 
 import yaml
 
+from kubetune.core.config import param
+
+# the project's CPU image: every CPU step and the predictor of the rendered InferenceService
+DEFAULT_IMAGE = "ghcr.io/kubetune/kubetune:0.1.0"
+
 
 @dataclass(frozen=True)
 class ServingConfig:
-    namespace: str = "kubetune"
-    image: str = "ghcr.io/kubetune/kubetune:0.1.0"
+    namespace: str = param("kubetune", "Namespace of the rendered KServe InferenceService.")
+    image: str = param(DEFAULT_IMAGE, "Image of the predictor container in the rendered InferenceService.",
+                       name="serving_image")
     service_account: str = "kubetune-serving"  # carries the S3 credentials for the storage initializer
     cpu_request: str = "500m"
     cpu_limit: str = "2"

@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from kubetune.release import kube
-from kubetune.errors import ConfigError, KubetuneError
-from kubetune.release.manifests import to_yaml
+from kubetune.core.config import param
 from kubetune.core.progress import log
+from kubetune.errors import ConfigError, KubetuneError
+from kubetune.release import kube
+from kubetune.release.manifests import to_yaml
 
 TARGETS = ("registry", "kserve", "gitops")
 STEP = "deploy"
@@ -44,15 +45,17 @@ class RolloutFailed(KubetuneError):
 
 @dataclass(frozen=True)
 class DeployConfig:
-    target: str = "registry"
-    canary_traffic_percent: int = 0  # kserve: 1-99 sends that share to the new revision; 0 = all traffic
+    target: str = param("registry", "registry (move the production alias), kserve (apply, wait for Ready, else roll back) or "
+                        "gitops (commit for Argo CD).", name="deploy_target", choices=TARGETS)
+    canary_traffic_percent: int = param(0, "kserve only: share of traffic (1-99) for the new model as a canary; 0 = all traffic.")
     timeout_seconds: int = 600  # kserve: how long to wait for Ready before rolling back
     poll_seconds: float = 5.0
     kubeconfig: str = ""  # kserve outside a cluster; empty: in-cluster, else $KUBECONFIG / ~/.kube/config
     context: str = ""
-    gitops_repo: str = ""  # gitops: clone URL (https://, ssh://, git@host:path or a local path)
-    gitops_branch: str = "main"
-    gitops_path: str = "deploy/inferenceservices"  # folder in the repo; the file is <name>.yaml
+    # gitops: clone URL (https://, ssh://, git@host:path or a local path)
+    gitops_repo: str = param("", "gitops only: Git URL the Argo CD Application watches (credentials from the kubetune-git Secret).")
+    gitops_branch: str = param("main", "gitops only: branch to commit to.")
+    gitops_path: str = param("deploy/inferenceservices", "gitops only: folder in the repository; the manifest is <model_name>.yaml.")
 
     def check(self) -> None:
         problems = []
@@ -195,8 +198,8 @@ class Git:
 
 
 def commit_message(name: str, version: str, metrics: dict, run_id: str, storage_uri: str) -> str:
-    shown = {k: metrics[k] for k in ("accuracy", "macro_f1", "weighted_f1") if isinstance(metrics.get(k), (int, float))}
-    figures = ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
+    """The GitOps commit message; `metrics`: the test figures to show (the task's headline)."""
+    figures = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
     return (f"Deploy {name} {version}\n\n"
             f"Model: {storage_uri}\nRun: {run_id}\nTest metrics: {figures or 'n/a'}\n\nCommitted by kubetune (deploy target gitops).\n")
 

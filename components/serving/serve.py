@@ -31,9 +31,9 @@ from typing import Callable
 
 import yaml
 
-from kubetune.release import registry
-from kubetune.errors import ConfigError, InputError, KubetuneError
 from kubetune.core.progress import log
+from kubetune.errors import ConfigError, InputError, KubetuneError
+from kubetune.release import registry
 from kubetune.storage.store import LocalStore, S3Settings, fetch, is_s3, open_store
 
 STEP = "serve"
@@ -70,7 +70,7 @@ class ServeConfig:
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"--device {self.device!r}: use cpu or cuda")
         if self.threads < 0:
-            raise ConfigError(f"--threads {self.threads}: use 0 (ONNX Runtime's default) or a positive count")
+            raise ConfigError(f"--threads {self.threads}: use 0 (every CPU this process may use) or a positive count")
         return self
 
 
@@ -85,7 +85,7 @@ HELP = {
     "batch_wait_ms": "how long a model call waits for more requests when its batch is not full; 0: never",
     "max_queue_texts": "most texts waiting for a model call; more: 503 (retry later)",
     "device": "ONNX Runtime device: cpu or cuda (onnxruntime-gpu)",
-    "threads": "ONNX Runtime intra-op threads; 0: one per core",
+    "threads": "ONNX Runtime intra-op threads; 0: every CPU this process may use (its cgroup quota counts)",
 }
 
 

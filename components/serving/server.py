@@ -24,8 +24,9 @@ from types import SimpleNamespace
 import kserve
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-from kubetune.serving.microbatch import MicroBatcher, Overloaded
+from kubetune.core.system import usable_cpus
 from kubetune.onnx.model import OnnxClassifier
+from kubetune.serving.microbatch import MicroBatcher, Overloaded
 from kubetune.serving.protocol import RequestError, TextLimits, apply_limits, texts_from_v1, texts_from_v2, v2_outputs
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -75,7 +76,7 @@ class TextModel(kserve.Model):
         self.batcher: MicroBatcher | None = None
 
     def load(self) -> bool:
-        self.classifier = OnnxClassifier(self.model_dir, device=self.cfg.device, threads=self.cfg.threads)
+        self.classifier = OnnxClassifier(self.model_dir, device=self.cfg.device, threads=self.cfg.threads or usable_cpus())
         predict = functools.partial(self.classifier.predict, batch_size=self.cfg.onnx_batch_size)
         self.batcher = MicroBatcher(predict, max_batch=self.cfg.max_batch_texts,
                                     max_wait_s=self.cfg.batch_wait_ms / 1000, max_queue=self.cfg.max_queue_texts,
@@ -87,11 +88,9 @@ class TextModel(kserve.Model):
         return [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
 
     def get_output_types(self) -> list[dict]:
-        if self.classifier is None or self.classifier.info.get("task") != "sequence-classification":
-            return []  # other tasks: the outputs follow predict's keys (see kubetune.serving.protocol)
-        k = len(self.classifier.labels)
-        return [{"name": "label", "datatype": "BYTES", "shape": [-1]}, {"name": "score", "datatype": "FP64", "shape": [-1]},
-                {"name": "probabilities", "datatype": "FP64", "shape": [-1, k]}]
+        if self.classifier is None:
+            return []
+        return self.classifier.task.output_types(self.classifier.labels)  # [] : the outputs follow predict's keys
 
     def validate(self, payload):
         """All checks happen in predict (kubetune.serving.protocol), with kubetune's messages; KServe's

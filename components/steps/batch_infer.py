@@ -10,7 +10,7 @@ point and `kubetune infer` run them in one process):
            (`models/<name>/production` is resolved once, so every shard uses the same model even
            if the alias moves mid-run) and write <output>/plan.json. A re-run finds the same plan
            and continues it; a different input or setting under the same output is an error.
-  score    one shard: read its rows, reject bad ones with a reason (kubetune.storage.batch_input), sort
+  score    one shard: read its rows, reject bad ones with a reason (read leniently by kubetune.storage.formats), sort
            the rest by length, tokenize the next batch in a thread while ONNX Runtime runs this
            one (all cores), and commit <output>/shards/<id>/ atomically: predictions.parquet,
            rejects.parquet, shard.json (the shard's manifest entry), sealed by _MANIFEST.json.
@@ -18,10 +18,11 @@ point and `kubetune infer` run them in one process):
   collect  check every shard is committed and write <output>/manifest.json (files, totals, model).
 
 predictions.parquet: id, source_file, source_row, label, score, prob_<label> for every class,
-truncated (the text was longer than the model's max_length tokens). For a token-classification
-(NER) model: id, source_file, source_row, entities (a JSON list of {"text", "type", "start", "end",
-"score"}, character offsets into the input text), entity_count, truncated. Predictions come from
-OnnxClassifier, the same code the online server answers with.
+truncated (the text was longer than the model's max_length tokens). For a token classifier (NER):
+id, source_file, source_row, entities (a JSON list of {"text", "type", "start", "end", "score"},
+character offsets into the input text), entity_count, truncated. The columns are the task's
+(kubetune.tasks: batch_columns); predictions come from OnnxClassifier, the same code the online
+server answers with.
 rejects.parquet: id, source_file, source_row, reason, text_head (the first 200 characters).
 """
 
@@ -29,25 +30,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from kubetune.release import registry
-from kubetune.storage.batch_input import Row, list_inputs, read_rows
-from kubetune.core.entry import config_from_args, run_main
-from kubetune.errors import ConfigError, InputError
-from kubetune.tasks.metrics import TOKEN
-from kubetune.onnx.model import VARIANTS, OnnxClassifier
+from kubetune.core.config import config_from_args
+from kubetune.core.context import run_main, step_context
 from kubetune.core.progress import Progress, log
-from kubetune.storage.records import scratch
-from kubetune.storage.store import NotFound, S3Settings, Store, fetch, join, open_store
+from kubetune.core.system import usable_cpus
+from kubetune.errors import ConfigError, InputError
+from kubetune.onnx.model import VARIANTS, OnnxClassifier
+from kubetune.release import registry
+from kubetune.storage import formats
+from kubetune.storage.store import NotFound, S3Settings, Store, fetch, join, listing, open_store
 
 STEP = "infer"
 PLAN, MANIFEST = "plan.json", "manifest.json"
@@ -62,7 +60,7 @@ class BatchConfig:
     batch_size: int = 64
     max_chars: int = 100_000  # longer texts are rejected; texts over max_length tokens are truncated
     device: str = "cpu"
-    threads: int = 0  # ONNX Runtime intra-op threads; 0: every core this process may use
+    threads: int = 0  # ONNX Runtime intra-op threads; 0: every CPU this process may use (its cgroup quota counts)
 
     def check(self) -> None:
         if self.variant != "auto" and self.variant not in VARIANTS:
@@ -73,19 +71,50 @@ class BatchConfig:
             raise ConfigError("text_column must not be empty")
 
 
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+@dataclass(frozen=True)
+class Row:
+    source_row: int  # 1-based data row in its file (the header is not a row)
+    id: str
+    text: str | None  # None when rejected
+    reason: str = ""  # why it was rejected
+    head: str = ""  # a rejected row's first 200 characters, undecodable bytes as \xNN
+
+
+def list_inputs(uri: str, settings: S3Settings | None) -> list[str]:
+    """The data files under `uri` (a file, a folder or an s3:// prefix), sorted; hidden and `_`
+    files and unknown extensions are left out. Files of several formats may be mixed."""
+    files = [f for f in listing(uri, settings, hidden=False) if formats.format_of(f)]
+    if not files:
+        raise InputError(f"{uri}: no CSV, TSV, JSONL or Parquet files there (names must end in {formats.extensions(formats.TABLES)})")
+    return files
+
+
+def read_rows(path: Path, name: str, text_column: str, id_column: str, max_chars: int) -> list[Row]:
+    """Every data row of one file, read leniently (kubetune.storage.formats): a bad row is a reject
+    with a reason, never an error for the whole file; only a missing column or an unreadable
+    Parquet file raise. `name` (the file's URI) makes the default ids `<name>:<row>`."""
+    columns = (text_column, id_column) if id_column else (text_column,)
+    fmt = formats.format_of(name)
+    rows = []
+    flags = {text_column: "--text-column", id_column: "--id-column"}
+    for n, rec in enumerate(formats.read_records(path, name, fmt, columns=columns, flags=flags, strict=False), start=1):
+        rid = rec.fields.get(id_column) if id_column else None
+        rid = f"{name}:{n}" if rid is None or rid == "" else str(rid)
+        value = rec.fields.get(text_column)
+        text, problem = (None, rec.problem) if rec.problem else formats.text_problem(value, max_chars)
+        rows.append(Row(n, rid, text, problem, formats.head(value) if problem else ""))
+    return rows
 
 
 # ---- plan ----------------------------------------------------------------------------------------
 
 
-def make_plan(store: Store, model_ref: str, input_uri: str, output: Store, cfg: BatchConfig, settings: S3Settings | None) -> dict:
+def make_plan(store: Store, model_ref: str, input_uri: str, output: Store, cfg: BatchConfig, settings: S3Settings | None,
+              work: Path) -> dict:
     """Shards for every input file, the pinned model version; reused when the output already has
     the same plan (a re-run), refused when it has a different one."""
     cfg.check()
     name, version = registry.resolve(store, model_ref)
-    work = scratch(STEP)
     shards = []
     for uri in list_inputs(input_uri, settings):
         rows = len(read_rows(fetch(uri, settings, work), uri, cfg.text_column, cfg.id_column, cfg.max_chars))
@@ -115,46 +144,6 @@ def make_plan(store: Store, model_ref: str, input_uri: str, output: Store, cfg: 
 # ---- score ---------------------------------------------------------------------------------------
 
 
-def score_texts(clf: OnnxClassifier, texts: list[str], batch_size: int,
-                on_batch: Callable[[int, float], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities [n, classes], truncated [n]) for `texts`, in their order. Rows are batched by
-    length (little padding); the next batch is tokenized in a thread while ONNX Runtime runs the
-    current one (both release the GIL). `on_batch(rows, seconds)` after each batch."""
-    probs = np.zeros((len(texts), len(clf.labels)), dtype=np.float64)
-    truncated = np.zeros(len(texts), dtype=bool)
-    order = np.argsort(np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if not batches:
-        return probs, truncated
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as pool:
-        pending = pool.submit(clf.encode, [texts[i] for i in batches[0]])
-        for k, index in enumerate(batches):
-            t0 = time.perf_counter()
-            split, cut = pending.result()
-            if k + 1 < len(batches):
-                pending = pool.submit(clf.encode, [texts[i] for i in batches[k + 1]])
-            probs[index] = clf.probabilities(clf.logits_for_tokens(split, batch_size=len(index)))
-            truncated[index] = cut
-            if on_batch:
-                on_batch(len(index), time.perf_counter() - t0)
-    return probs, truncated
-
-
-def class_columns(clf: OnnxClassifier, probs: np.ndarray) -> dict:
-    """Sequence classification: label, score and prob_<label> for every class."""
-    top = probs.argmax(-1) if len(probs) else np.zeros(0, dtype=np.int64)
-    out = {"label": [clf.labels[k] for k in top], "score": probs[np.arange(len(probs)), top] if len(probs) else np.zeros(0)}
-    for j, label in enumerate(clf.labels):
-        out[f"prob_{label}"] = probs[:, j]
-    return out
-
-
-def entity_columns(clf: OnnxClassifier, texts: list[str], batch_size: int) -> dict:
-    """Token classification: the entities of each text (OnnxClassifier.entities, as serving returns)."""
-    found = clf.entities(texts, batch_size)
-    return {"entities": [json.dumps(e, ensure_ascii=False) for e in found], "entity_count": np.array([len(e) for e in found], dtype=np.int64)}
-
-
 def _frames(rows: list[Row], file: str, columns: dict, truncated: np.ndarray):
     import pandas as pd
 
@@ -172,10 +161,9 @@ class ShardScorer:
     """Scores the shards of one plan; loads the model once and keeps the last input file parsed
     (consecutive shards usually share a file)."""
 
-    def __init__(self, plan: dict, output: Store, settings: S3Settings | None):
-        self.plan, self.output, self.settings = plan, output, settings
+    def __init__(self, plan: dict, output: Store, settings: S3Settings | None, work: Path):
+        self.plan, self.output, self.settings, self.work = plan, output, settings, work
         self.cfg = BatchConfig(**plan["config"])
-        self.work = scratch(STEP)
         self._clf: OnnxClassifier | None = None
         self._file: tuple[str, list[Row]] | None = None
 
@@ -183,9 +171,10 @@ class ShardScorer:
     def clf(self) -> OnnxClassifier:
         if self._clf is None:
             model_dir = fetch(self.plan["model"]["uri"], self.settings, self.work)
-            self._clf = OnnxClassifier(model_dir, device=self.cfg.device, threads=self.cfg.threads or cores(), variant=self.cfg.variant)
+            threads = self.cfg.threads or usable_cpus()
+            self._clf = OnnxClassifier(model_dir, device=self.cfg.device, threads=threads, variant=self.cfg.variant)
             log(STEP, f"model {self.plan['model']['name']} {self.plan['model']['version']}, variant {self._clf.variant}, "
-                      f"{self._clf.session.get_providers()[0]}, {self.cfg.threads or cores()} threads")
+                      f"{self._clf.session.get_providers()[0]}, {threads} threads")
         return self._clf
 
     def rows(self, file: str) -> list[Row]:
@@ -207,12 +196,7 @@ class ShardScorer:
         texts = [r.text for r in rows if r.text is not None]
         progress = progress or Progress(STEP, len(rows), "rows", label=f"shard {shard_id}")
         progress.update(len(rows) - len(texts))  # rejects are done too
-        if self.clf.task == TOKEN:
-            columns, truncated = entity_columns(self.clf, texts, self.cfg.batch_size), self.clf.encode(texts)[1]
-            progress.update(len(texts))
-        else:
-            probs, truncated = score_texts(self.clf, texts, self.cfg.batch_size, lambda n, _s: progress.update(n))
-            columns = class_columns(self.clf, probs)
+        columns, truncated = self.clf.task.batch_columns(self.clf, texts, self.cfg.batch_size, lambda n, _s: progress.update(n))
         predictions, rejects = _frames(rows, shard["file"], columns, truncated)
         seconds = time.perf_counter() - t0
         entry = {**shard, "rows": len(rows), "predicted": len(predictions), "rejected": len(rejects), "truncated": int(truncated.sum()),
@@ -252,19 +236,20 @@ def collect(plan: dict, output: Store) -> dict:
     return manifest
 
 
-def run_batch(store_uri: str, model_ref: str, input_uri: str, output_uri: str, cfg: BatchConfig, settings: S3Settings | None) -> dict:
+def run_batch(store_uri: str, model_ref: str, input_uri: str, output_uri: str, cfg: BatchConfig) -> dict:
     """plan -> score every shard (committed ones skipped) -> collect, in this process."""
-    store, output = open_store(store_uri, settings), open_store(output_uri, settings)
-    plan = make_plan(store, model_ref, input_uri, output, cfg, settings)
-    scorer = ShardScorer(plan, output, settings)
-    todo = [s for s in plan["shards"] if not output.is_published(join("shards", s["id"]))]
-    if len(todo) < len(plan["shards"]):
-        log(STEP, f"{len(plan['shards']) - len(todo)} of {len(plan['shards'])} shards already committed: skipped")
-    progress = Progress(STEP, sum(s["stop"] - s["start"] for s in todo), "rows")
-    t0 = time.perf_counter()
-    for shard in todo:
-        scorer.score(shard["id"], progress)
-    manifest = collect(plan, output)
+    with step_context(STEP) as ctx:
+        store, output = open_store(store_uri, ctx.settings), open_store(output_uri, ctx.settings)
+        plan = make_plan(store, model_ref, input_uri, output, cfg, ctx.settings, ctx.tmp("plan"))
+        scorer = ShardScorer(plan, output, ctx.settings, ctx.tmp("score"))
+        todo = [s for s in plan["shards"] if not output.is_published(join("shards", s["id"]))]
+        if len(todo) < len(plan["shards"]):
+            log(STEP, f"{len(plan['shards']) - len(todo)} of {len(plan['shards'])} shards already committed: skipped")
+        progress = Progress(STEP, sum(s["stop"] - s["start"] for s in todo), "rows")
+        t0 = time.perf_counter()
+        for shard in todo:
+            scorer.score(shard["id"], progress)
+        manifest = collect(plan, output)
     manifest["seconds"] = round(time.perf_counter() - t0, 2)
     return manifest
 
@@ -273,21 +258,23 @@ def run_batch(store_uri: str, model_ref: str, input_uri: str, output_uri: str, c
 
 
 def plan_step(*, store_uri: str, model_ref: str, input_uri: str, output_uri: str, cfg: BatchConfig) -> list[str]:
-    settings = S3Settings.from_env()
-    plan = make_plan(open_store(store_uri, settings), model_ref, input_uri, open_store(output_uri, settings), cfg, settings)
+    with step_context("batch-plan") as ctx:
+        plan = make_plan(open_store(store_uri, ctx.settings), model_ref, input_uri, open_store(output_uri, ctx.settings), cfg,
+                         ctx.settings, ctx.scratch)
     return [s["id"] for s in plan["shards"]]
 
 
 def score_step(*, output_uri: str, shard_id: str) -> str:
-    settings = S3Settings.from_env()
-    output = open_store(output_uri, settings)
-    ShardScorer(output.read_json(PLAN), output, settings).score(shard_id)
+    with step_context("batch-score") as ctx:
+        output = open_store(output_uri, ctx.settings)
+        ShardScorer(output.read_json(PLAN), output, ctx.settings, ctx.scratch).score(shard_id)
     return shard_id
 
 
 def collect_step(*, output_uri: str) -> str:
-    output = open_store(output_uri, S3Settings.from_env())
-    collect(output.read_json(PLAN), output)
+    with step_context("batch-collect") as ctx:
+        output = open_store(output_uri, ctx.settings)
+        collect(output.read_json(PLAN), output)
     return output.url(MANIFEST)
 
 
@@ -313,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kubetune.steps.batch_infer", description=__doc__.strip().split("\n\n")[0])
     add_batch_args(p)
     a = p.parse_args(argv)
-    return run_main(lambda: run_batch(a.store, a.model, a.input, a.output, config_from_args(BatchConfig, a), S3Settings.from_env()))
+    return run_main(lambda: run_batch(a.store, a.model, a.input, a.output, config_from_args(BatchConfig, a)))
 
 
 if __name__ == "__main__":

@@ -22,16 +22,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from kubetune.release import registry
-from kubetune.core.entry import add_config_args, config_from_args, run_main, step_parser
-from kubetune.errors import ConfigError, InputError
-from kubetune.steps.freshness import data_fingerprint
-from kubetune.release.manifests import ServingConfig, inference_service, to_yaml
-from kubetune.tasks.metrics import TOKEN, per_type_table
-from kubetune.onnx.model import accepted_variants
+from kubetune import tasks
+from kubetune.core.config import add_config_args, config_from_args
+from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import log
-from kubetune.storage.records import RunRecord, open_run, scratch
+from kubetune.errors import ConfigError, InputError
+from kubetune.onnx.model import accepted_variants
+from kubetune.release import registry
+from kubetune.release.manifests import ServingConfig, inference_service, to_yaml
 from kubetune.release.rollout import DeployConfig, GitAuth, commit_message, rollout_gitops, rollout_kserve
+from kubetune.steps.freshness import data_fingerprint
+from kubetune.storage.records import RunRecord
 from kubetune.storage.store import Store
 
 STEP = "deploy"
@@ -49,18 +50,9 @@ def variant_table(variants: dict) -> str:
 
 
 def model_card(name: str, version: str, evaluation: dict, run: dict, training: dict, export: dict) -> str:
-    m, g = evaluation["metrics"], evaluation["gate"]
+    g = evaluation["gate"]
     settings = {k: training.get("config", {}).get(k) for k in ("epochs", "batch_size", "learning_rate", "seed")}
-    if evaluation.get("task") == TOKEN:
-        kind = f"Token classifier (NER; entity types {', '.join(m['per_type'])}, IOB2 tags)"
-        headline = (f"entity micro-F1 {m['entity_micro_f1']:.4f}, entity macro-F1 {m['entity_macro_f1']:.4f}, "
-                    f"token accuracy {m['token_accuracy']:.4f} ({m['entities']} entities)")
-        table = per_type_table(m)
-    else:
-        kind = f"Sequence classifier ({', '.join(evaluation['labels'])})"
-        headline = f"accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, weighted F1 {m['weighted_f1']:.4f}"
-        table = "| class | precision | recall | F1 | support |\n|---|---|---|---|---|\n" + "\n".join(
-            f"| {k} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |" for k, v in m["per_class"].items())
+    kind, headline, table = tasks.get(evaluation["task"]).card(evaluation)
     return f"""# {name} {version}
 
 {kind} fine-tuned by kubetune, run `{run.get('run_id')}`.
@@ -92,7 +84,7 @@ truncated. Quality on other domains, languages or label definitions is unknown: 
 """
 
 
-def publish(record: RunRecord, name: str, onnx_dir: Path, evaluation: dict, cfg: ServingConfig) -> dict:
+def publish(record: RunRecord, name: str, onnx_dir: Path, evaluation: dict, cfg: ServingConfig, work: Path) -> dict:
     """Publish the version folder (atomically; see kubetune.storage.store). Moves no alias."""
     if not evaluation["gate"]["passed"]:
         raise ConfigError(f"refusing to deploy {name}: the gate rejected it ({evaluation['gate']['reason']})")
@@ -101,7 +93,7 @@ def publish(record: RunRecord, name: str, onnx_dir: Path, evaluation: dict, cfg:
     prefix = registry.version_prefix(name, version)
     storage_uri = store.url(prefix)
 
-    staging = scratch(STEP) / version
+    staging = work / version
     shutil.copytree(onnx_dir, staging)
     run = record.read_json("run.json", {})
     run["fingerprints"] = record.read_json("steps/validate.json", {}).get("outputs", {}).get("fingerprints", {})
@@ -142,7 +134,9 @@ def release(store: Store, name: str, version: str, serving: ServingConfig, targe
     if target.target == "kserve":
         rollout = rollout_kserve(manifest, target, commit=move_alias)
     elif target.target == "gitops":
-        message = commit_message(name, version, metrics.get("metrics", {}), metrics.get("run_id", run_id), storage_uri)
+        # versions published before task families existed are sequence classifiers
+        shown = {k: metrics["metrics"][k] for k in tasks.get(metrics.get("task", tasks.DEFAULT)).headline}
+        message = commit_message(name, version, shown, metrics.get("run_id", run_id), storage_uri)
         rollout = rollout_gitops(manifest, target, auth or GitAuth(), message)
         move_alias()
     else:
@@ -168,25 +162,25 @@ def roll_back(store: Store, name: str, serving: ServingConfig, target: DeployCon
                    move=lambda: registry.rollback(store, name, run_id, to=version))
 
 
-def deploy(record: RunRecord, name: str, onnx_dir: Path, evaluation: dict, cfg: ServingConfig,
+def deploy(record: RunRecord, name: str, onnx_dir: Path, evaluation: dict, cfg: ServingConfig, work: Path,
            target: DeployConfig | None = None, auth: GitAuth | None = None) -> dict:
     target = target or DeployConfig()
     target.check()  # before publishing: a bad target setting should not leave an orphan version
-    published = publish(record, name, onnx_dir, evaluation, cfg)
+    published = publish(record, name, onnx_dir, evaluation, cfg, work)
     return {**release(record.store, name, published["version"], cfg, target, record.run_id, auth), "variants": published["variants"]}
 
 
 def run_step(*, store_uri: str, run_id: str, model_name: str, onnx_dir: Path, evaluation_path: Path,
              manifest_path: Path, cfg: ServingConfig, target: DeployConfig | None = None) -> dict:
     target = target or DeployConfig()
-    record = open_run(store_uri, run_id)
-    with record.step(STEP, config={"model_name": model_name, **asdict(cfg), **asdict(target)}) as rec:
+    config = {"model_name": model_name, **asdict(cfg), **asdict(target)}
+    with step_context(STEP, store_uri=store_uri, run_id=run_id, config=config) as ctx:
         evaluation = json.loads(evaluation_path.read_text())
-        result = deploy(record, registry.check_name(model_name), onnx_dir, evaluation, cfg, target, GitAuth.from_env())
+        result = deploy(ctx.record, registry.check_name(model_name), onnx_dir, evaluation, cfg, ctx.scratch, target, GitAuth.from_env())
         manifest_path.parent.mkdir(parents=True, exist_ok=True)
         manifest_path.write_text(to_yaml(result["manifest"]))
-        record.write_json("deployment.json", {k: v for k, v in result.items() if k != "manifest"})
-        rec["outputs"] = {k: result[k] for k in ("version", "model_uri", "manifest_uri", "variants")} | {"target": target.target}
+        ctx.record.write_json("deployment.json", {k: v for k, v in result.items() if k != "manifest"})
+        ctx.outputs.update({k: result[k] for k in ("version", "model_uri", "manifest_uri", "variants")}, target=target.target)
     return result
 
 

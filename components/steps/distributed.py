@@ -19,7 +19,7 @@ the launcher with the same run id finds the job (or its published model) and doe
 second one; a restarted worker resumes from the store checkpoint.
 
 k8s/training/ holds the same job as kustomize templates for `kubectl apply -k`, and the Role the
-pipeline's ServiceAccount needs to create jobs (see docs/distributed-finetune.md).
+pipeline's ServiceAccount needs to create jobs (see docs/finetune.md, "On Kubernetes").
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from kubetune.core.entry import add_config_args, config_from_args, run_main, step_parser
-from kubetune.errors import ConfigError, KubetuneError
-from kubetune.steps.finetune import STEP, FinetuneConfig
-from kubetune.release.kube import Kind, Kube, KubeError, WaitTimeout, connect
+from kubetune.core.config import add_config_args, config_from_args, param
+from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import log
-from kubetune.storage.records import open_run
+from kubetune.errors import ConfigError, KubetuneError
+from kubetune.release.kube import Kind, Kube, KubeError, WaitTimeout, connect
+from kubetune.steps.finetune import STEP, FinetuneConfig
 
 BACKENDS = ("pytorchjob", "trainjob")
 KINDS = {
@@ -53,15 +53,17 @@ class JobFailed(KubetuneError):
 @dataclass(frozen=True)
 class JobConfig:
     backend: str = "pytorchjob"  # pytorchjob | trainjob
-    workers: int = 1  # pods (nodes)
-    gpus_per_worker: int = 1  # GPUs and torchrun processes per pod; 0 = CPU workers (1 process each)
+    workers: int = param(1, "Worker pods of the distributed job (pytorchjob/trainjob only).", name="finetune_workers", flag="-")
+    # GPUs and torchrun processes per pod; 0 = CPU workers (1 process each)
+    gpus_per_worker: int = param(1, "GPUs (one torchrun process each) per worker pod; 0 = CPU workers (pytorchjob/trainjob only).",
+                                 name="finetune_gpus_per_worker", flag="-")
     image: str = "ghcr.io/kubetune/kubetune:0.1.0-cuda"
     namespace: str = ""  # "" = the launcher pod's own namespace
     cpu_per_worker: str = "8"
     memory_per_worker: str = "32Gi"
     accelerator: str = "nvidia.com/gpu"
     runtime: str = "torch-distributed"  # TrainJob: the ClusterTrainingRuntime to use
-    s3_secret: str = "kubetune-s3"
+    s3_secret: str = "kubetune-s3"  # the pipeline passes its own (ClusterConfig, kubetune compile --s3-secret)
     s3_config_map: str = "kubetune-s3-config"
     service_account: str = ""  # worker pods' ServiceAccount ("" = namespace default)
     timeout_s: int = 24 * 3600
@@ -199,23 +201,23 @@ def run_step(*, store_uri: str, run_id: str, tokens_dir: Path, model_uri: str, o
     """The pipeline's distributed fine-tune: publish tokens, run the job, fetch the model."""
     cfg.check()
     job.check()
-    record = open_run(store_uri, run_id)
-    store = record.store
-    tokens_key, model_key = record.key(STEP, "tokens"), record.key(STEP, "model")
-    command = worker_command(store=store_uri, run_id=record.run_id, model_uri=model_uri, tokens_uri=store.url(tokens_key),
-                             publish=model_key, cfg=cfg)
-    manifest = render(job, job_name(record.run_id), job.namespace or current_namespace(), command)
-    if dry_run:
-        print(json.dumps(manifest, indent=2))
-        return {"manifest": manifest}
-    with record.step(f"{STEP}-launcher", config={"model": model_uri, "job": manifest["metadata"], **vars(job)}) as rec:
+    with step_context(f"{STEP}-launcher", store_uri=store_uri, run_id=run_id, config={"model": model_uri, **vars(job)},
+                      record=not dry_run) as ctx:
+        store, record = ctx.store, ctx.record
+        tokens_key, model_key = record.key(STEP, "tokens"), record.key(STEP, "model")
+        command = worker_command(store=store_uri, run_id=record.run_id, model_uri=model_uri, tokens_uri=store.url(tokens_key),
+                                 publish=model_key, cfg=cfg)
+        manifest = render(job, job_name(record.run_id), job.namespace or current_namespace(), command)
+        if dry_run:
+            print(json.dumps(manifest, indent=2))
+            return {"manifest": manifest}
+        ctx.outputs.update(job=manifest["metadata"]["name"], kind=manifest["kind"])
         if not store.is_published(model_key):  # a retried launcher whose job already finished skips the job
             store.publish_dir(tokens_dir, tokens_key)
             run_job(manifest, job.backend, job, kube)
         store.download_dir(model_key, out_dir)
         result = json.loads((out_dir / "training.json").read_text())
-        rec["outputs"] = {"job": manifest["metadata"]["name"], "kind": manifest["kind"], "processes": result["processes"],
-                          "best_epoch": result["best_epoch"], "train_samples_per_s": result["train_samples_per_s"]}
+        ctx.outputs.update(processes=result["processes"], best_epoch=result["best_epoch"], train_samples_per_s=result["train_samples_per_s"])
     return result
 
 

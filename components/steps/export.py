@@ -28,15 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from kubetune.core.entry import add_config_args, config_from_args, run_main, step_parser
-from kubetune.errors import ConfigError, KubetuneError
-from kubetune.tasks.metrics import SEQUENCE, TOKEN
-from kubetune.training.modeling import auto_model_class, predict_logits, predict_token_logits
-from kubetune.onnx.model import OnnxClassifier
+from kubetune import tasks
+from kubetune.core.config import add_config_args, config_from_args, param
+from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import log
-from kubetune.storage.records import open_run, scratch
-from kubetune.storage.shards import load_split
+from kubetune.errors import ConfigError, KubetuneError
+from kubetune.onnx.model import OnnxClassifier
 from kubetune.onnx.variants import accept_variants, parse_variants
+from kubetune.storage.shards import load_split
+from kubetune.training.modeling import predict_logits
 
 STEP = "export"
 
@@ -52,7 +52,8 @@ class ExportConfig:
     parity_atol: float = 1e-3  # max |torch logit - onnx logit|, fp32 vs fp32
     min_agreement: float = 0.995  # share of rows whose argmax agrees
     device: str = "cpu"  # ONNX Runtime provider for the parity and variant checks: cpu | cuda
-    variants: str = "fp32,optimized,int8"  # comma-separated subset of fp32, optimized, fp16 (for CUDA), int8
+    variants: str = param("fp32,optimized,int8", "Comma-separated ONNX variants: fp32 (required), optimized, int8 (CPU), fp16 (GPU); "
+                          "each passes a held-out check.", name="onnx_variants")
     max_accuracy_drop: float = 0.005  # a variant's eval accuracy may be at most 0.5 points below torch's
     check_rows: int = 2000  # eval rows for the variant check (all when fewer)
 
@@ -93,16 +94,13 @@ def check_parity(model, clf: OnnxClassifier, split, cfg: ExportConfig, pad_id: i
     import torch
 
     rows = split.take(np.arange(min(cfg.parity_rows, len(split))))
-    predict = {"batch_size": 32, "pad_id": pad_id, "input_names": input_names, "device": torch.device("cpu")}
-    if clf.task == TOKEN:  # every real token of every row, end to end
-        reference = np.concatenate(predict_token_logits(model, rows, **predict))
-    else:
-        reference = predict_logits(model, rows, **predict)
-    report = {"rows": len(rows), "tokens": int(rows.lengths.sum())} if clf.task == TOKEN else {"rows": len(rows)}
+    per_token = clf.task.per_token  # token classification: every real token of every row, end to end
+    reference = predict_logits(model, rows, per_token=per_token, batch_size=32, pad_id=pad_id, input_names=input_names,
+                               device=torch.device("cpu"))
+    report = {"rows": len(rows), "tokens": int(rows.lengths.sum())}
     worst, agree = 0.0, 1.0
     for batch in (1, 32):
-        got = (np.concatenate(clf.token_logits_for_tokens(rows, batch_size=batch)) if clf.task == TOKEN
-               else clf.logits_for_tokens(rows, batch_size=batch))
+        got = clf.logits(rows, batch_size=batch, per_token=per_token)
         diff = float(np.abs(got - reference).max())
         share = float((got.argmax(-1) == reference.argmax(-1)).mean())
         report[f"batch_{batch}"] = {"max_abs_diff": diff, "argmax_agreement": share}
@@ -113,7 +111,8 @@ def check_parity(model, clf: OnnxClassifier, split, cfg: ExportConfig, pad_id: i
     return report
 
 
-def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig) -> dict:
+def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig, work: Path) -> dict:
+    """Export, check parity, build and check the variants; `work` is scratch space for the builds."""
     import onnx
     import torch
     from transformers.utils import logging as hf_logging
@@ -122,8 +121,8 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig) 
     wanted = parse_variants(cfg.variants)
     hf_logging.disable_progress_bar()
     meta = json.loads((tokens_dir / "meta.json").read_text())
-    names, pad_id, task = meta["model_input_names"], meta["pad_token_id"], meta.get("task", SEQUENCE)
-    model = auto_model_class(task).from_pretrained(model_dir).float().to("cpu").eval()
+    names, pad_id, task = meta["model_input_names"], meta["pad_token_id"], tasks.get(meta["task"])
+    model = task.model_class().from_pretrained(model_dir).float().to("cpu").eval()
 
     # ---- graph -------------------------------------------------------------------------------
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +137,7 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig) 
             shutil.copy2(f, out_dir / f.name)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     (out_dir / "labels.json").write_text(json.dumps({"labels": labels}, indent=2))
-    info = {"task": task, "max_length": meta["max_length"], "input_names": names,
+    info = {"task": task.name, "max_length": meta["max_length"], "input_names": names,
             "output": "logits", "opset": cfg.opset, "torch": torch.__version__}
     (out_dir / "kubetune.json").write_text(json.dumps(info, indent=2))
 
@@ -157,11 +156,10 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig) 
     # ---- variants, each checked on the eval split --------------------------------------------
     held_out = load_split(tokens_dir, "eval")
     held_out = held_out.take(np.arange(min(cfg.check_rows, len(held_out))))
-    predict = {"batch_size": 32, "pad_id": pad_id, "input_names": names, "device": torch.device("cpu")}
-    reference = (np.concatenate(predict_token_logits(model, held_out, **predict)) if task == TOKEN
-                 else predict_logits(model, held_out, **predict))
+    reference = predict_logits(model, held_out, per_token=task.per_token, batch_size=32, pad_id=pad_id, input_names=names,
+                               device=torch.device("cpu"))
     variants = accept_variants(model, names, out_dir, wanted, held_out, reference, device=cfg.device, min_agreement=cfg.min_agreement,
-                               max_accuracy_drop=cfg.max_accuracy_drop, work=scratch(STEP))
+                               max_accuracy_drop=cfg.max_accuracy_drop, work=work)
     info["variants"] = {k: {f: v[f] for f in ("file", "rows", "agreement", "accuracy", "torch_accuracy", "accuracy_drop", "size_bytes")}
                         for k, v in variants.items()}
     (out_dir / "kubetune.json").write_text(json.dumps(info, indent=2))
@@ -171,13 +169,12 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig) 
 
 
 def run_step(*, store_uri: str, run_id: str, model_dir: Path, tokens_dir: Path, out_dir: Path, out_uri: str, cfg: ExportConfig) -> dict:
-    record = open_run(store_uri, run_id)
-    with record.step(STEP, config=asdict(cfg)) as rec:
-        result = export(model_dir, tokens_dir, out_dir, cfg)
+    with step_context(STEP, store_uri=store_uri, run_id=run_id, config=asdict(cfg)) as ctx:
+        result = export(model_dir, tokens_dir, out_dir, cfg, ctx.scratch)
         result["uri"] = out_uri or str(out_dir)
-        record.write_json("export.json", result)
-        rec["outputs"] = {"uri": result["uri"], "max_abs_diff": result["max_abs_diff"], "argmax_agreement": result["argmax_agreement"],
-                          "variants": sorted(result["variants"])}
+        ctx.record.write_json("export.json", result)
+        ctx.outputs.update(uri=result["uri"], max_abs_diff=result["max_abs_diff"], argmax_agreement=result["argmax_agreement"],
+                           variants=sorted(result["variants"]))
     return result
 
 

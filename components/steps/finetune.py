@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -40,24 +39,17 @@ from pathlib import Path
 
 import numpy as np
 
-from kubetune.training.checkpoint import Checkpoints, check_compatible
-from kubetune.core.entry import add_config_args, config_from_args, run_main, step_parser
-from kubetune.errors import ConfigError, InputError
-from kubetune.tasks.metrics import SEQUENCE, TASK_METRICS, TOKEN, classification_metrics, resolve_metric
-from kubetune.training.modeling import (
-    DeviceSplit,
-    auto_model_class,
-    pick_device,
-    predict_logits,
-    predict_token_logits,
-    resolve_model_dir,
-    token_metrics,
-)
-from kubetune.training.parallel import World, barrier, gather, process_group, shard_batches
+from kubetune import tasks
+from kubetune.core.config import add_config_args, config_from_args, param, shared
+from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import Progress, log
-from kubetune.storage.records import open_run, scratch
-from kubetune.storage.shards import IGNORE, length_grouped_batches, load_split
-from kubetune.storage.store import S3Settings, fetch, join
+from kubetune.core.system import usable_cpus
+from kubetune.errors import ConfigError, InputError
+from kubetune.storage.shards import length_grouped_batches, load_split
+from kubetune.storage.store import fetch, join
+from kubetune.training.checkpoint import Checkpoints, check_compatible
+from kubetune.training.modeling import DeviceSplit, pick_device, predict_logits, resolve_model_dir
+from kubetune.training.parallel import World, barrier, gather, process_group, shard_batches
 
 STEP = "finetune"
 PEFT_METHODS = ("none", "lora")
@@ -67,16 +59,17 @@ RUN_ONLY = ("device", "cpu_threads", "eval_batch_size", "checkpoint_steps", "res
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    epochs: int = 1
-    batch_size: int = 32  # per process; the effective batch is batch_size x grad_accum_steps x processes
-    learning_rate: float = 1e-4
+    epochs: int = param(1, "Training epochs (the best epoch on eval is kept; early stopping after 2 without gain).")
+    # per process; the effective batch is batch_size x grad_accum_steps x processes
+    batch_size: int = param(32, "Training batch size.")
+    learning_rate: float = param(1e-4, "Peak AdamW learning rate (linear warm-up over 10% of steps, then linear decay).")
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     grad_accum_steps: int = 1  # micro-batches per optimizer step (a big effective batch in little memory)
     early_stopping_patience: int = 2  # epochs without eval improvement before stopping
-    selection_metric: str = ""  # eval metric that picks the best epoch; empty: the task's (macro_f1, entity_micro_f1)
-    seed: int = 0
+    selection_metric: str = ""  # eval metric that picks the best epoch; empty: the task's default
+    seed: int = shared("seed", 0)
     device: str = "auto"  # auto | cpu | cuda
     eval_batch_size: int = 128
     cpu_threads: int = 0  # 0: every core this process may use (split between local DDP processes)
@@ -102,7 +95,7 @@ class FinetuneConfig:
             problems.append(f"learning_rate={self.learning_rate}: expected something like 2e-5 .. 2e-4")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
-        known = [m for names in TASK_METRICS.values() for m in names]
+        known = tasks.all_metrics()
         if self.selection_metric and self.selection_metric not in known:
             problems.append(f"selection_metric={self.selection_metric!r}: use one of {', '.join(known)} (empty: the task's default)")
         if self.pad_multiple < 1 or self.checkpoint_steps < 0:
@@ -116,19 +109,7 @@ class FinetuneConfig:
             raise ConfigError("; ".join(problems))
 
 
-def usable_cpus() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (a pod's limit)."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            n = min(n, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return n
-
-
-def load_classifier(model_dir: Path, labels: list[str], task: str = SEQUENCE):
+def load_classifier(model_dir: Path, labels: list[str], task):
     """The pretrained encoder with a classification head for `labels` (a new head when the
     checkpoint has none or one of another size)."""
     from transformers.utils import logging as hf_logging
@@ -136,7 +117,7 @@ def load_classifier(model_dir: Path, labels: list[str], task: str = SEQUENCE):
     hf_logging.set_verbosity_error()  # its load report is replaced by the one line below
     hf_logging.disable_progress_bar()  # tqdm bars with carriage returns garble pod logs
     try:
-        model, info = auto_model_class(task).from_pretrained(
+        model, info = task.model_class().from_pretrained(
             model_dir,
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
@@ -145,20 +126,20 @@ def load_classifier(model_dir: Path, labels: list[str], task: str = SEQUENCE):
             output_loading_info=True,
         )
     except (OSError, ValueError, KeyError) as e:
-        what = "tag tokens" if task == TOKEN else "classify sequences"
-        raise InputError(f"model {model_dir}: not a transformers model that can {what} ({e})") from None
+        raise InputError(f"model {model_dir}: not a transformers model that can {task.model_purpose} ({e})") from None
     fresh = sorted(set(info.get("missing_keys", [])) | {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])})
     if fresh:
         log(STEP, f"new classification head for {len(labels)} labels ({len(fresh)} tensors initialised)")
     return model
 
 
-def add_lora(model, cfg: FinetuneConfig):
-    """Wraps `model` so that only LoRA adapters and the classification head train."""
+def add_lora(model, cfg: FinetuneConfig, task):
+    """Wraps `model` so that only LoRA adapters and the classification head train (peft's task type
+    of the task decides which head that is)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()] or None
-    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+    lora = LoraConfig(task_type=TaskType[task.peft_task_type], r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                       lora_dropout=cfg.lora_dropout, target_modules=targets)
     try:
         return get_peft_model(model, lora)
@@ -189,29 +170,18 @@ def load_trainable(model, state: dict) -> None:
                           "use a new run id or --resume false")
 
 
-def task_loss(logits, target):
-    """Cross-entropy per row, or (token classification: [batch, tokens, labels] logits) per labelled
-    token, IGNORE on padding, continuation sub-tokens and special tokens."""
-    import torch.nn.functional as F
-
-    if logits.ndim == 3:
-        return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE)
-    return F.cross_entropy(logits.float(), target)
-
-
-def forward_loss(model, batch: dict, autocast):
-    """Loss of one batch: the only task-specific part of the training loop."""
+def forward_loss(model, batch: dict, autocast, loss):
+    """Loss of one batch; `loss(logits, labels)` is the task's."""
     with autocast:
         logits = model(**batch["inputs"]).logits
-    return task_loss(logits, batch["labels"])
+    return loss(logits, batch["labels"])
 
 
-def eval_scores(model, split, labels: list[str], meta: dict, cfg: FinetuneConfig, device) -> dict:
-    """Metrics of `model` on the eval split for the task (every metric the selection may use)."""
-    predict = {"batch_size": cfg.eval_batch_size, "pad_id": meta["pad_token_id"], "input_names": meta["model_input_names"], "device": device}
-    if meta.get("task", SEQUENCE) == TOKEN:
-        return token_metrics(split, predict_token_logits(model, split, **predict), labels)
-    return classification_metrics(split.labels, predict_logits(model, split, **predict).argmax(-1), labels)
+def eval_scores(model, split, labels: list[str], meta: dict, cfg: FinetuneConfig, device, task) -> dict:
+    """The task's metrics of `model` on the eval split (every metric the selection may use)."""
+    logits = predict_logits(model, split, per_token=task.per_token, batch_size=cfg.eval_batch_size, pad_id=meta["pad_token_id"],
+                            input_names=meta["model_input_names"], device=device)
+    return task.scores(logits, split, labels)
 
 
 def out_of_memory(e: BaseException, cfg: FinetuneConfig, device) -> ConfigError | None:
@@ -258,8 +228,8 @@ class FinetuneRun:
 
         self.meta = json.loads((tokens_dir / "meta.json").read_text())
         self.labels, self.names = self.meta["labels"], self.meta["model_input_names"]
-        self.task = self.meta.get("task", SEQUENCE)
-        self.selection = resolve_metric(self.task, cfg.selection_metric, "selection_metric")
+        self.task = tasks.get(self.meta["task"])
+        self.selection = tasks.resolve_metric(self.task.name, cfg.selection_metric, "selection_metric")
         train = load_split(tokens_dir, "train")
         self.evals = load_split(tokens_dir, "eval")
         self.train_rows = len(train)
@@ -270,7 +240,7 @@ class FinetuneRun:
 
         self.core = load_classifier(model_dir, self.labels, self.task)
         if cfg.peft == "lora":
-            self.core = add_lora(self.core, cfg)
+            self.core = add_lora(self.core, cfg, self.task)
         self.core.to(device)
         self.model = self.core
         if world.distributed:
@@ -350,7 +320,7 @@ class FinetuneRun:
                 # DDP: all-reduce gradients on the last micro-batch of a step only
                 sync = j == len(micro) - 1 or not self.world.distributed
                 with contextlib.nullcontext() if sync else self.model.no_sync():
-                    loss = forward_loss(self.model, self.train.batch(index, width, self.names), self.autocast)
+                    loss = forward_loss(self.model, self.train.batch(index, width, self.names), self.autocast, self.task.loss)
                     (loss / len(micro)).backward()
                 self.loss_sum += loss.detach()
                 st.micro += 1
@@ -381,9 +351,9 @@ class FinetuneRun:
         import torch
 
         cfg, st = self.cfg, self.state
-        scores = eval_scores(self.core, self.evals, self.labels, self.meta, cfg, self.device)
+        scores = eval_scores(self.core, self.evals, self.labels, self.meta, cfg, self.device, self.task)
         value = scores[self.selection]
-        shown = ("accuracy", "macro_f1") if self.task == SEQUENCE else ("token_accuracy", "entity_micro_f1")
+        shown = self.task.headline
         st.history.append({"epoch": epoch, "train_loss": round(float(self.loss_sum.item()) / max(st.micro, 1), 5),
                            **{f"eval_{k}": scores[k] for k in shown}, f"eval_{self.selection}": value})
         log(STEP, f"epoch {epoch}: train loss {st.history[-1]['train_loss']:.4f}, " + ", ".join(f"eval {k} {scores[k]:.4f}" for k in shown))
@@ -472,7 +442,7 @@ def finetune(tokens_dir: Path, model_dir: Path, out_dir: Path, cfg: FinetuneConf
             "device": str(device),
             "processes": world.size,
             "best_epoch": st.best_epoch,
-            "task": run.task,
+            "task": run.task.name,
             "selection_metric": run.selection,
             f"best_eval_{run.selection}": st.best,
             "epochs_run": len(st.history),
@@ -499,19 +469,16 @@ def run_step(*, store_uri: str, run_id: str, tokens_dir: Path | str, model_uri: 
     """The step as the pipeline runs it: records (main process only), checkpoints in the store,
     inputs fetched from the store when they are s3:// URIs, the output optionally published."""
     world = world or World()
-    settings = S3Settings.from_env()
-    record = open_run(store_uri, run_id)
-    checkpoints = Checkpoints(record.store, record.key("checkpoints", STEP))
-    steps = record.step(STEP, config={"model": model_uri, **asdict(cfg)}) if world.main else contextlib.nullcontext({})
-    with steps as rec:
-        tokens_dir = fetch(str(tokens_dir), settings, scratch(STEP))
-        model_dir = resolve_model_dir(model_uri, settings, scratch(STEP))
+    with step_context(STEP, store_uri=store_uri, run_id=run_id, config={"model": model_uri, **asdict(cfg)}, record=world.main) as ctx:
+        checkpoints = Checkpoints(ctx.store, ctx.record.key("checkpoints", STEP))
+        tokens_dir = fetch(str(tokens_dir), ctx.settings, ctx.tmp("tokens"))
+        model_dir = resolve_model_dir(model_uri, ctx.settings, ctx.tmp("model"))
         result = finetune(tokens_dir, model_dir, out_dir, cfg, checkpoints=checkpoints, world=world)
         if world.main and publish:
-            record.store.publish_dir(out_dir, join(publish))
-            log(STEP, f"published the model to {record.store.url(join(publish))}")
-        rec["outputs"] = {k: result[k] for k in ("device", "processes", "best_epoch", "epochs_run", "train_seconds",
-                                                 "train_samples_per_s", "history", "resumed_from")}
+            ctx.store.publish_dir(out_dir, join(publish))
+            log(STEP, f"published the model to {ctx.store.url(join(publish))}")
+        ctx.outputs.update({k: result[k] for k in ("device", "processes", "best_epoch", "epochs_run", "train_seconds",
+                                                   "train_samples_per_s", "history", "resumed_from")})
     return result
 
 

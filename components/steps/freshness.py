@@ -18,10 +18,10 @@ import json
 import sys
 from pathlib import Path
 
-from kubetune.release import registry
-from kubetune.core.entry import _bool, run_main, step_parser
+from kubetune.core.config import parse_bool
+from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import log
-from kubetune.storage.records import open_run
+from kubetune.release import registry
 
 STEP = "freshness"
 
@@ -52,12 +52,11 @@ def decide(store, name: str, meta: dict, force: bool) -> dict:
 
 
 def run_step(*, store_uri: str, run_id: str, model_name: str, dataset_dir: Path, force: bool) -> bool:
-    record = open_run(store_uri, run_id)
-    with record.step(STEP, config={"model_name": model_name, "force": force}) as rec:
+    with step_context(STEP, store_uri=store_uri, run_id=run_id, config={"model_name": model_name, "force": force}) as ctx:
         meta = json.loads((dataset_dir / "meta.json").read_text())
-        decision = decide(record.store, registry.check_name(model_name), meta, force)
+        decision = decide(ctx.store, registry.check_name(model_name), meta, force)
         log(STEP, ("training: " if decision["train"] else "SKIPPING training: ") + decision["reason"])
-        rec["outputs"] = decision
+        ctx.outputs.update(decision)
     return decision["train"]
 
 
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p = step_parser("kubetune.steps.freshness", __doc__)
     p.add_argument("--dataset", required=True, type=Path, help="validated dataset folder (validate's output)")
     p.add_argument("--name", required=True)
-    p.add_argument("--force", type=_bool, default=False, metavar="BOOL")
+    p.add_argument("--force", type=parse_bool, default=False, metavar="BOOL")
     a = p.parse_args(argv)
     return run_main(lambda: run_step(store_uri=a.store, run_id=a.run_id, model_name=a.name, dataset_dir=a.dataset, force=a.force))
 

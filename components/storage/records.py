@@ -15,14 +15,12 @@ run and a cluster run, also for a step that failed (KFP uploads no outputs of a 
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
-from kubetune.errors import ConfigError
 from kubetune.core.progress import log
-from kubetune.storage.store import NotFound, S3Settings, Store, join, open_store
+from kubetune.errors import ConfigError, exit_code_of
+from kubetune.storage.store import NotFound, Store, join
 
 STEPS = ("validate", "tokenize", "finetune", "evaluate", "export", "deploy")
 
@@ -70,7 +68,7 @@ class RunRecord:
                 seconds=round(time.perf_counter() - t0, 3),
                 error={
                     "kind": getattr(e, "kind", "error"),
-                    "exit_code": getattr(e, "exit_code", 1),
+                    "exit_code": exit_code_of(e),
                     "type": type(e).__name__,
                     "message": str(e),
                 },
@@ -82,14 +80,3 @@ class RunRecord:
         record.update(status="succeeded", seconds=round(time.perf_counter() - t0, 3))
         self.write_json(f"steps/{name}.json", record)
         log(name, f"done in {record['seconds']:.1f}s")
-
-
-def open_run(store_uri: str, run_id: str, job_id: str = "") -> RunRecord:
-    """Entry-point helper: the store from its URI and the environment's S3 settings, and the run
-    record for `run_id` (or, when it is empty, the KFP job id of a run started from the UI)."""
-    return RunRecord(open_store(store_uri, S3Settings.from_env()), run_id or job_id)
-
-
-def scratch(name: str) -> Path:
-    """A scratch folder for downloads (under $TMPDIR); never part of a step's outputs."""
-    return Path(tempfile.mkdtemp(prefix=f"kubetune-{name}-"))

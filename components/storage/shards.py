@@ -18,6 +18,7 @@ import numpy as np
 
 IGNORE = -100  # torch cross_entropy's ignore_index: positions that carry no label
 
+
 @dataclass
 class TokenizedSplit:
     ids: np.ndarray
@@ -38,6 +39,14 @@ class TokenizedSplit:
     def row_labels(self, i: int) -> np.ndarray:
         return self.token_labels[self.offsets[i]:self.offsets[i + 1]]
 
+    @classmethod
+    def from_rows(cls, rows: list[list[int]], labels: np.ndarray | None = None) -> "TokenizedSplit":
+        """A split of `rows` (token id lists), e.g. texts tokenized for inference (labels: zeros)."""
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum([len(r) for r in rows], out=offsets[1:])
+        ids = np.concatenate([np.asarray(r, dtype=np.int32) for r in rows]) if rows else np.zeros(0, dtype=np.int32)
+        return cls(ids, offsets, np.zeros(len(rows), dtype=np.int64) if labels is None else labels)
+
     def take(self, index: np.ndarray) -> "TokenizedSplit":
         rows = [self.row(i) for i in index]
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
@@ -47,6 +56,21 @@ class TokenizedSplit:
         if self.token_labels is not None:
             token_labels = np.concatenate([self.row_labels(i) for i in index]) if rows else np.zeros(0, dtype=np.int32)
         return TokenizedSplit(ids, offsets, self.labels[index], token_labels)
+
+
+def logit_rows(split: TokenizedSplit, per_token: bool) -> int:
+    """How many logit rows a split has: one per row, or with `per_token` one per real token."""
+    return int(split.offsets[-1]) if per_token else len(split)
+
+
+def place_logits(out: np.ndarray, split: TokenizedSplit, index: np.ndarray, logits: np.ndarray, per_token: bool) -> None:
+    """Put a batch's logits (rows `index`, padded) into `out` in the split's order: a row each, or
+    with `per_token` each row's real tokens at split.offsets[i]:split.offsets[i + 1]."""
+    if not per_token:
+        out[index] = logits
+        return
+    for j, i in enumerate(index):
+        out[split.offsets[i]:split.offsets[i + 1]] = logits[j, : split.lengths[i]]
 
 
 def _concat(rows: list[list[int]], total: int) -> np.ndarray:

@@ -9,7 +9,7 @@ all-or-nothing for the reader:
     absent, and a failed upload deletes what it wrote.
 
 S3 settings are read from the environment in exactly one place, `S3Settings.from_env`, called by the
-entry points (CLI, `python -m components.<step>`, KFP wrappers); the same variables come from the
+entry points (the CLI and the step context, kubetune.core.context); the same variables come from the
 `kubetune-s3` Secret and ConfigMap on a cluster (see k8s/base):
 
   AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL   endpoint of MinIO / Ceph RGW / SeaweedFS (unset on AWS)
@@ -158,6 +158,11 @@ class Store:
     def write_text(self, key: str, text: str) -> None:
         self.write_bytes(key, text.encode("utf-8"))
 
+    @property
+    def where(self) -> str:
+        """Where the store lives, for messages: its folder, or the S3 endpoint."""
+        return self.uri
+
     def url(self, key: str) -> str:
         """Absolute URI of a key, for records and manifests."""
         return f"{self.uri.rstrip('/')}/{key}" if key else self.uri
@@ -300,12 +305,13 @@ class S3Store(Store):
             if code in ("404", "NoSuchKey", "NotFound"):
                 raise NotFound(f"{self.url(key)} does not exist") from None
             if code == "NoSuchBucket":
-                raise StoreError(f"bucket {self.bucket!r} does not exist at {self._endpoint()} (create it, or fix the store URI)") from None
-            raise StoreError(f"S3 {what} {self.url(key)} failed at {self._endpoint()}: {code} {e}") from None
+                raise StoreError(f"bucket {self.bucket!r} does not exist at {self.where} (create it, or fix the store URI)") from None
+            raise StoreError(f"S3 {what} {self.url(key)} failed at {self.where}: {code} {e}") from None
         except BotoCoreError as e:
-            raise StoreError(f"S3 {what} {self.url(key)} failed at {self._endpoint()}: {e}") from None
+            raise StoreError(f"S3 {what} {self.url(key)} failed at {self.where}: {e}") from None
 
-    def _endpoint(self) -> str:
+    @property
+    def where(self) -> str:
         return self.settings.endpoint_url or "AWS S3"
 
     def read_bytes(self, key: str) -> bytes:
@@ -337,9 +343,9 @@ class S3Store(Store):
             # 412: the ETag moved / the key exists; 409: a concurrent conditional write; 404: If-Match on a deleted key
             if status in (404, 409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
                 raise Conflict(f"{self.url(key)} changed since it was read (compare-and-swap lost: {code or status})") from None
-            raise StoreError(f"S3 conditional write {self.url(key)} failed at {self._endpoint()}: {code} {e}") from None
+            raise StoreError(f"S3 conditional write {self.url(key)} failed at {self.where}: {code} {e}") from None
         except BotoCoreError as e:
-            raise StoreError(f"S3 conditional write {self.url(key)} failed at {self._endpoint()}: {e}") from None
+            raise StoreError(f"S3 conditional write {self.url(key)} failed at {self.where}: {e}") from None
 
     def exists(self, key: str) -> bool:
         try:
@@ -402,16 +408,41 @@ def open_store(uri: str, settings: S3Settings | None = None) -> Store:
         return S3Store(uri, settings or S3Settings())
     if "://" in uri and not uri.startswith("file://"):
         raise InputError(f"store {uri!r}: only local folders and s3:// URIs are supported")
-    path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+    path = local_path(uri)
     path.mkdir(parents=True, exist_ok=True)
     return LocalStore(path)
+
+
+def listing(uri: str, settings: S3Settings | None = None, *, hidden: bool = True) -> list[str]:
+    """Every file under `uri`, as URIs, sorted: the file itself, or the files of a local folder or an
+    s3:// prefix. `hidden=False` leaves out paths with a part starting with '.' or '_' (temp files,
+    _MANIFEST.json, _SUCCESS markers). Empty when nothing is there. The one listing of kubetune."""
+    def keep(rel: str) -> bool:
+        return hidden or not any(part.startswith((".", "_")) for part in rel.split("/") if part)
+
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        store = S3Store(f"s3://{bucket}", settings or S3Settings())
+        if key and store.exists(key):
+            return [uri]
+        return [f"s3://{bucket}/{k}" for k in store.list(key) if keep(k[len(key):])]
+    path = local_path(uri)
+    if path.is_file():
+        return [str(path)]
+    if not path.is_dir():
+        return []
+    return sorted(str(p) for p in path.rglob("*") if p.is_file() and keep(p.relative_to(path).as_posix()))
+
+
+def local_path(uri: str) -> Path:
+    return Path(uri[len("file://"):] if uri.startswith("file://") else uri).expanduser()
 
 
 def fetch(uri: str, settings: S3Settings | None, workdir: Path) -> Path:
     """A local path for a file or folder URI: local paths as they are, s3:// objects or published
     prefixes downloaded under `workdir`."""
     if not is_s3(uri):
-        path = Path(uri[len("file://"):] if uri.startswith("file://") else uri).expanduser()
+        path = local_path(uri)
         if not path.exists():
             raise InputError(f"{uri}: no such file or folder")
         return path
@@ -424,12 +455,13 @@ def fetch(uri: str, settings: S3Settings | None, workdir: Path) -> Path:
         return dest
     if store.is_published(key):
         return store.download_dir(key, dest)
-    keys = store.list(key)
+    keys = listing(uri, settings)
     if not keys:
-        raise InputError(f"{uri}: no such object or prefix at {store._endpoint()}")
+        raise InputError(f"{uri}: no such object or prefix at {store.where}")
     dest.mkdir(parents=True)
+    base = f"s3://{bucket}/{key}".rstrip("/")
     for k in keys:  # a plain prefix (e.g. a model folder uploaded with `aws s3 cp --recursive`)
-        target = dest / k[len(key):].lstrip("/")
+        target = dest / k[len(base):].lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
-        store.download(k, target)
+        store.download(split_s3(k)[1], target)
     return dest

@@ -1,12 +1,13 @@
-"""Classification metrics, computed from a confusion matrix (no scikit-learn needed at run time;
-the tests check these numbers against scikit-learn)."""
+"""Metrics shared by the task families: classification scores from a confusion matrix, and
+entity-level scores of IOB2 tag sequences (no scikit-learn or seqeval needed at run time; the tests
+check these numbers against both)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-# metrics a gate or early stopping may use, all "higher is better"
-GATE_METRICS = ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall")
+# classification metrics a gate or early stopping may use, all "higher is better"
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall")
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
@@ -46,32 +47,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[
 # ---------------------------------------------------------------------------------------------
 # token classification (NER): entity-level scores with seqeval's default (conlleval) semantics
 
-SEQUENCE, TOKEN = "sequence-classification", "token-classification"
-TASKS = (SEQUENCE, TOKEN)
 NER_METRICS = ("entity_micro_f1", "entity_macro_f1", "entity_micro_precision", "entity_micro_recall", "token_accuracy")
-TASK_METRICS = {SEQUENCE: GATE_METRICS, TOKEN: NER_METRICS}
-DEFAULT_METRIC = {SEQUENCE: "macro_f1", TOKEN: "entity_micro_f1"}
-
-
-def check_task(task: str) -> None:
-    from kubetune.errors import ConfigError
-
-    if task not in TASKS:
-        raise ConfigError(f"task {task!r}: use {' or '.join(TASKS)}")
-
-
-def resolve_metric(task: str, metric: str, what: str) -> str:
-    """`metric`, or the task's default when empty; a ConfigError when it belongs to the other task."""
-    from kubetune.errors import ConfigError
-
-    check_task(task)
-    metric = metric or DEFAULT_METRIC[task]
-    if metric not in TASK_METRICS[task]:
-        other = next((t for t, names in TASK_METRICS.items() if metric in names), None)
-        why = f"it is a {other} metric" if other else "it is not a known metric"
-        raise ConfigError(f"{what}={metric!r} cannot score a {task} model: {why}; use one of {', '.join(TASK_METRICS[task])} "
-                          f"(empty: {DEFAULT_METRIC[task]})")
-    return metric
 
 
 def _split_tag(tag: str) -> tuple[str, str]:

@@ -1,5 +1,5 @@
 """Torch-side helpers shared by finetune, evaluate and export: where the model comes from, which
-device runs it, and batched prediction over token shards."""
+device runs it, device-resident training batches, and batched prediction over token shards."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kubetune.storage import assets
 from kubetune.errors import ConfigError, InputError
-from kubetune.tasks.metrics import TOKEN, entity_metrics
-from kubetune.storage.shards import IGNORE, TokenizedSplit, pad_batch, sorted_batches
+from kubetune.storage import assets
+from kubetune.storage.shards import IGNORE, TokenizedSplit, logit_rows, pad_batch, place_logits, sorted_batches
 from kubetune.storage.store import S3Settings, fetch
 
 
@@ -20,13 +19,6 @@ def resolve_model_dir(uri: str, settings: S3Settings | None, workdir: Path) -> P
     if not (path / "config.json").is_file():
         raise InputError(f"model {uri}: {path} is not a transformers model folder (no config.json)")
     return path
-
-
-def auto_model_class(task: str):
-    """The transformers Auto class of a task: a head per sequence or a head per token."""
-    import transformers
-
-    return transformers.AutoModelForTokenClassification if task == TOKEN else transformers.AutoModelForSequenceClassification
 
 
 def pick_device(requested: str):
@@ -55,16 +47,18 @@ def batch_inputs(split: TokenizedSplit, index: np.ndarray, pad_id: int, input_na
     return {k: v.to(device, non_blocking=True) for k, v in out.items()}
 
 
-def predict_logits(model, split: TokenizedSplit, *, batch_size: int, pad_id: int, input_names: list[str], device) -> np.ndarray:
-    """Logits for every row of `split`, in row order, float32."""
+def predict_logits(model, split: TokenizedSplit, *, per_token: bool = False, batch_size: int, pad_id: int, input_names: list[str],
+                   device) -> np.ndarray:
+    """float32 logits in row order: [rows, labels], or with `per_token` every real token's logits end
+    to end, [tokens, labels], row i at split.offsets[i]:split.offsets[i + 1] (token classification)."""
     import torch
 
     model.eval()
-    out = np.zeros((len(split), model.config.num_labels), dtype=np.float32)
+    out = np.zeros((logit_rows(split, per_token), model.config.num_labels), dtype=np.float32)
     with torch.inference_mode():
         for index in sorted_batches(split.lengths, batch_size):
-            logits = model(**batch_inputs(split, index, pad_id, input_names, device)).logits
-            out[index] = logits.float().cpu().numpy()
+            logits = model(**batch_inputs(split, index, pad_id, input_names, device)).logits.float().cpu().numpy()
+            place_logits(out, split, index, logits, per_token)
     return out
 
 
@@ -118,34 +112,3 @@ class DeviceSplit:
             out = {"inputs": {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()},
                    "labels": out["labels"].to(self.device, non_blocking=True)}
         return out
-
-
-def predict_token_logits(model, split: TokenizedSplit, *, batch_size: int, pad_id: int, input_names: list[str], device) -> list[np.ndarray]:
-    """Token classification: per row, its [row length, num_labels] float32 logits, in row order."""
-    import torch
-
-    model.eval()
-    out: list[np.ndarray] = [np.zeros(0)] * len(split)
-    with torch.inference_mode():
-        for index in sorted_batches(split.lengths, batch_size):
-            logits = model(**batch_inputs(split, index, pad_id, input_names, device)).logits.float().cpu().numpy()
-            for j, i in enumerate(index):
-                out[i] = logits[j, : split.lengths[i]]
-    return out
-
-
-def word_level_tags(split: TokenizedSplit, pred_rows: list[np.ndarray], labels: list[str]) -> tuple[list[list[str]], list[list[str]]]:
-    """(gold, predicted) tag sequences per sentence, one tag per word kept after truncation: the
-    labelled positions are each word's first sub-token. `pred_rows` hold tag ids per token."""
-    gold, pred = [], []
-    for i, p in enumerate(pred_rows):
-        y = split.row_labels(i)
-        keep = y != IGNORE
-        gold.append([labels[k] for k in y[keep]])
-        pred.append([labels[k] for k in np.asarray(p)[keep]])
-    return gold, pred
-
-
-def token_metrics(split: TokenizedSplit, logit_rows: list[np.ndarray], labels: list[str]) -> dict:
-    """Entity-level scores of token logits against the split's own (truncated) word labels."""
-    return entity_metrics(*word_level_tags(split, [r.argmax(-1) for r in logit_rows], labels))

@@ -1,7 +1,11 @@
-"""Validation of token-classification (NER) data: the `validate` step when task=token-classification.
+"""Token-tagged sentences (NER data): reading them (CoNLL columns or JSONL, through
+kubetune.storage.formats), checking them and writing the dataset folder, for the token
+classification task (kubetune.tasks.token; its module docstring has the commands).
 
-    python -m kubetune.steps.validate --task token-classification --train builtin:conll2003 --out /tmp/kt/dataset \
-        --report /tmp/kt/report.md --expectations /tmp/kt/expectations.json --store ./kubetune-store --run-id dev
+Files: CoNLL-style (.conll .txt .iob .bio ...), one token per line, whitespace-separated columns,
+the token in `token_column` (default 0) and its tag in `tag_column` (default -1: the last); a blank
+line ends a sentence; `-DOCSTART-` lines are skipped. Or JSONL: one sentence per line,
+{"tokens": [...], "tags": [...]} (field names configurable). A folder or prefix of such files is one split.
 
 Checks, per input file (critical ones stop the run with exit code 2, warnings go to the report):
   critical  every sentence has as many tags as tokens; no token is empty or whitespace
@@ -20,24 +24,68 @@ then B-/I- per type), meta.json (task, counts per tag, fingerprints).
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from kubetune.storage import assets
-
-from kubetune.storage import tagged
 from kubetune.errors import InputError
+from kubetune.storage import assets, formats
+from kubetune.storage.store import S3Settings
 from kubetune.tasks.metrics import entity_spans
-from kubetune.core.progress import log
-from kubetune.storage.tagged import Sentence
+from kubetune.validation.report import EXAMPLES, SPLITS, Check, Report
+from kubetune.validation.splits import fingerprint
 
-SPLITS = ("train", "eval", "test")
-EXAMPLES = 5
+FORMATS = ("conll", "jsonl")
+
+
+@dataclass
+class Sentence:
+    tokens: list[str]
+    tags: list[str]
+    line: int  # first line of the sentence in its file (offset by the files before it in a folder split)
+
+
+def _strings(value, uri: str, n: int, field: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InputError(f"{uri}: line {n}: field {field!r} must be a list of strings, got {json.dumps(value)[:80]}")
+    return value
+
+
+def read_sentences(uri: str, *, split: str = "train", token_column: int = 0, tag_column: int = -1, tokens_field: str = "tokens",
+                   tags_field: str = "tags", settings: S3Settings | None = None,
+                   workdir: Path | None = None) -> tuple[list[Sentence], str, list[tuple[str, int]]]:
+    """(sentences, format, files) of one split: a file, a folder/prefix of files, or a `builtin:`
+    dataset (its `split` file when it has official splits). Problems that make a file unreadable (a
+    line with too few columns, invalid JSON, a field that is not a list of strings) raise an InputError
+    naming the file, line and fix; problems of the content are `check_sentences`'."""
+    if assets.is_builtin(uri):
+        path, asset = assets.resolve(uri, split)
+        fmt, token_column, tag_column = "conll", asset.reader["token_column"], asset.reader["tag_column"]
+        files = [(uri, path)]
+    else:
+        uris, fmt = formats.split_files(uri, settings, FORMATS)
+        files = formats.local_files(uris, settings, workdir or Path("."))
+    sentences: list[Sentence] = []
+    located, offset = [], 0
+    for file_uri, path in files:
+        located.append((file_uri, offset))
+        if fmt == "jsonl":
+            rows = ((r.row, _strings(r.fields[tokens_field], file_uri, r.row, tokens_field),
+                     _strings(r.fields[tags_field], file_uri, r.row, tags_field))
+                    for r in formats.read_records(path, file_uri, "jsonl", columns=(tokens_field, tags_field)))
+        else:
+            rows = formats.read_conll(path, file_uri, token_column, tag_column)
+        last = 0
+        for line, tokens, tags in rows:
+            sentences.append(Sentence(tokens, tags, offset + line))
+            last = line
+        offset += last + 1
+    if not sentences:
+        raise InputError(f"{uri}: file is empty (no sentences)")
+    return sentences, fmt, located
 
 
 def tag_order(tags: set[str]) -> list[str]:
@@ -133,10 +181,9 @@ def _check_file(split: str, sentences: list[Sentence], train_tags: set[str] | No
     return kept
 
 
-def check(sentences: dict[str, list[Sentence]], sources: dict[str, str], cfg):
-    """Returns (Report, usable sentences per split). The report uses kubetune.steps.validate's Report."""
-    from kubetune.steps.validate import Check, Report
-
+def check_sentences(sentences: dict[str, list[Sentence]], sources: dict[str, str], cfg, formats_: dict[str, str],
+                    files: dict | None = None):
+    """Returns (Report, usable sentences per split)."""
     problems = Problems()
     usable = {"train": _check_file("train", sentences["train"], None, cfg, problems)}
     train_tags = {t for s in usable["train"] for t in s.tags}
@@ -153,16 +200,7 @@ def check(sentences: dict[str, list[Sentence]], sources: dict[str, str], cfg):
     for split in sentences:
         if not any(c.split == split for c in checks):
             checks.append(Check(split, "all_checks", "tokens/tags", "critical", True, "", 0, len(sentences[split]), unit="sentences"))
-    formats = {s: "conll" if assets.is_builtin(u) else tagged.detect_format(u) for s, u in sources.items()}
-    return Report(sources=sources, formats=formats, checks=checks, ge_results={}), usable
-
-
-def fingerprint(sentences: list[Sentence]) -> str:
-    h = hashlib.sha256()
-    for s in sentences:
-        h.update(json.dumps([s.tokens, s.tags], ensure_ascii=False).encode())
-        h.update(b"\n")
-    return h.hexdigest()
+    return Report(sources=sources, formats=formats_, checks=checks, files=files or {}), usable
 
 
 def _sample(sentences: list[Sentence], n: int, rng: np.random.Generator) -> list[Sentence]:
@@ -171,7 +209,7 @@ def _sample(sentences: list[Sentence], n: int, rng: np.random.Generator) -> list
     return [sentences[i] for i in np.sort(rng.choice(len(sentences), size=n, replace=False))]
 
 
-def prepare(usable: dict[str, list[Sentence]], sources: dict[str, str], cfg, out_dir: Path) -> dict:
+def prepare_sentences(usable: dict[str, list[Sentence]], sources: dict[str, str], cfg, out_dir: Path, task: str) -> dict:
     """Subsample, split (seeded, when no eval/test file) and write the dataset folder."""
     rng = np.random.default_rng(cfg.seed)
     splits = {s: _sample(v, cfg.limit, rng) for s, v in usable.items()}
@@ -186,7 +224,7 @@ def prepare(usable: dict[str, list[Sentence]], sources: dict[str, str], cfg, out
         splits["train"] = [rest[i] for i in sorted(order[start:])]
     labels = tag_order({t for s in splits["train"] for t in s.tags})
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"task": "token-classification", "labels": labels, "sources": sources, "split_made_here": sorted(missing),
+    meta = {"task": task, "labels": labels, "sources": sources, "split_made_here": sorted(missing),
             "config": asdict(cfg), "splits": {}}
     for split in SPLITS:
         rows = splits[split]
@@ -200,19 +238,11 @@ def prepare(usable: dict[str, list[Sentence]], sources: dict[str, str], cfg, out
             "words": int(sum(len(s.tokens) for s in rows)),
             "entities": {k: int(v) for k, v in pd.Series([e[0] for s in rows for e in entity_spans(s.tags)]).value_counts().sort_index().items()},
             "class_counts": {k: int(counts.get(k, 0)) for k in labels},
-            "fingerprint": fingerprint(rows),
+            "fingerprint": fingerprint(pd.DataFrame({"tokens": [r.tokens for r in rows], "tags": [r.tags for r in rows]}), ("tokens", "tags")),
         }
     (out_dir / "labels.json").write_text(json.dumps({"labels": labels}, indent=2))
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
-
-
-def load_sentences(split: str, uri: str, cfg, settings, workdir: Path) -> list[Sentence]:
-    """`uri`'s sentences; for a builtin dataset with official splits, eval/test come from it too."""
-    sentences = tagged.read_sentences(uri, split=split, token_column=cfg.token_column, tag_column=cfg.tag_column,
-                                      tokens_field=cfg.tokens_field, tags_field=cfg.tags_field, settings=settings, workdir=workdir)
-    log("validate", f"{split}: {len(sentences)} sentences from {uri}")
-    return sentences
 
 
 def sources_for(train_uri: str, eval_uri: str, test_uri: str) -> dict[str, str]:

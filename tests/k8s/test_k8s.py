@@ -13,10 +13,10 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from kubetune.pipelines.config import S3_CONFIG_KEYS, S3_SECRET_KEYS, ClusterConfig
 from kubetune.release.manifests import ServingConfig, inference_service
 from kubetune.release.rollout import DeployConfig
 from kubetune.storage.store import S3Settings
-from kubetune.pipelines.config import S3_CONFIG_KEYS, S3_SECRET_KEYS, ClusterConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"

@@ -12,10 +12,10 @@ import onnx
 import pytest
 
 from kubetune.errors import ConfigError, InputError
-from kubetune.steps.export import ExportConfig
 from kubetune.onnx.model import OnnxClassifier, accepted_variants
-from kubetune.storage.shards import TokenizedSplit, load_split
 from kubetune.onnx.variants import VariantRejected, accept_variants, check_variant, parse_variants
+from kubetune.steps.export import ExportConfig
+from kubetune.storage.shards import TokenizedSplit, load_split
 
 
 def ops(path) -> Counter:
@@ -68,7 +68,7 @@ def test_a_failing_variant_fails_the_step_with_its_numbers(exported_model, small
     shutil.copytree(exported_model, folder)
     split = load_split(small_tokens, "eval")
     clf = OnnxClassifier(folder, variant="int8")
-    good = clf.logits_for_tokens(split)
+    good = clf.logits(split)
     ok = check_variant("int8", clf, split, good, 0.995, 0.005)
     assert ok["passed"] and ok["agreement"] == 1.0 and ok["accuracy_drop"] == 0.0
     # a torch reference that is right on every row (labels = its argmax) and differs from the graph

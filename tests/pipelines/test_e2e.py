@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from kubetune.onnx.model import OnnxClassifier
-from kubetune.storage.store import S3Settings, open_store
 from kubetune.pipelines.cli import main
+from kubetune.storage.store import S3Settings, open_store
 from tests.conftest import QUICK, write_csv
 from tests.helpers.serve import assert_same_predictions, running_server
 

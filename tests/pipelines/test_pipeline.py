@@ -124,7 +124,9 @@ def test_s3_settings_come_from_the_secret_and_configmap(specs):
 def test_parameters_are_documented_for_the_ui(specs):
     pipeline, _ = specs
     params = pipeline.root.input_definitions.parameters
-    assert params["train_uri"].default_value.string_value == "builtin:sms-spam"
+    # empty = the task's built-in data, and a registry name derived from the data (validate resolves both)
+    assert params["train_uri"].default_value.string_value == "" and "builtin:sms-spam" in params["train_uri"].description
+    assert params["model_name"].default_value.string_value == ""
     assert params["gate_threshold"].default_value.number_value == 0.8
     assert params["deploy_target"].default_value.string_value == "registry"
     assert params["force"].default_value.bool_value is False
@@ -143,6 +145,24 @@ def test_compile_overrides(tmp_path):
     assert images.pop("exec-finetune") == "reg.example/kt:2.0-cuda" and set(images.values()) == {"reg.example/kt:2.0"}
     secrets = {e["secretAsEnv"][0]["secretName"] for e in platform_doc["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values()}
     assert secrets == {"ml-s3"}
+
+
+def test_distributed_workers_get_the_compiled_s3_settings(tmp_path):
+    """Regression: `--s3-secret X` reached every pod but the PyTorchJob/TrainJob workers, which kept
+    kubetune-s3. The launcher now passes the compiled Secret and ConfigMap on to the job it renders."""
+    out = tmp_path / "p.yaml"
+    assert main(["compile", "--output", str(out), "--s3-secret", "team-s3", "--s3-config-map", "team-s3-config"]) == 0
+    pipeline_doc, _ = yaml.safe_load_all(out.read_text())
+    dag = next(c for name, c in pipeline_doc["components"].items() if name.startswith("comp-condition")
+               and "finetune-distributed" in c["dag"]["tasks"])["dag"]["tasks"]["finetune-distributed"]
+    given = {k: v["runtimeValue"]["constant"] for k, v in dag["inputs"]["parameters"].items() if "runtimeValue" in v}
+    assert given["s3_secret"] == "team-s3" and given["s3_config_map"] == "team-s3-config"
+
+    from kubetune.steps.distributed import JobConfig, render
+
+    manifest = render(JobConfig(s3_secret=given["s3_secret"], s3_config_map=given["s3_config_map"]), "job", "ns", ["torchrun"])
+    env_from = manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["envFrom"]
+    assert env_from == [{"secretRef": {"name": "team-s3"}}, {"configMapRef": {"name": "team-s3-config"}}]
 
 
 # ---- the batch-inference pipeline ----------------------------------------------------------------

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kubetune.pipelines.cli import main
 from kubetune.release import registry
-from kubetune.steps.deploy import release, roll_back
 from kubetune.release.manifests import ServingConfig
 from kubetune.release.rollout import DeployConfig, GitAuth, RolloutFailed
+from kubetune.steps.deploy import release, roll_back
 from kubetune.storage.store import Conflict, S3Settings, open_store
-from kubetune.pipelines.cli import main
 from tests.helpers import fake_kube
 
 NAME = "sms-spam"

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import requests
 
-from kubetune.release import registry
 from kubetune.errors import ConfigError, InputError
+from kubetune.onnx.model import OnnxClassifier
+from kubetune.pipelines.cli import main as cli_main
+from kubetune.release import registry
 from kubetune.release.manifests import ServingConfig, inference_service, to_yaml
 from kubetune.serving.microbatch import MicroBatcher, Overloaded
-from kubetune.onnx.model import OnnxClassifier
-from kubetune.serving.serve import ServeConfig, locate_model, model_name
 from kubetune.serving.protocol import RequestError, TextLimits, apply_limits, texts_from_v1, texts_from_v2, v2_outputs
+from kubetune.serving.serve import ServeConfig, locate_model, model_name
 from kubetune.storage.store import LocalStore, S3Settings, open_store
-from kubetune.pipelines.cli import main as cli_main
 from tests.helpers.serve import assert_same_predictions, running_server
 
 NAME = "sms-spam"

@@ -18,12 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kubetune.release import registry
-from kubetune.steps.batch_infer import BatchConfig, run_batch
 from kubetune.errors import ConfigError, InputError
 from kubetune.onnx.model import OnnxClassifier
-from kubetune.storage.store import S3Settings, open_store
 from kubetune.pipelines.cli import main
+from kubetune.release import registry
+from kubetune.steps.batch_infer import BatchConfig, run_batch
+from kubetune.storage.store import S3Settings, open_store
 from tests.conftest import write_csv, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,10 +67,10 @@ def test_formats_bad_rows_and_the_shared_contract(tmp_path, store_dir, sms_rows,
     out = tmp_path / "out"
     # JSONL and Parquet carry msg_id; the CSV has no such column, which is an error for the whole file
     with pytest.raises(InputError, match="a.csv: column 'msg_id' not found; columns are: text, label"):
-        run_batch(str(store_dir), "sms-spam", str(inp), str(out), BatchConfig(id_column="msg_id"), None)
+        run_batch(str(store_dir), "sms-spam", str(inp), str(out), BatchConfig(id_column="msg_id"))
     (inp / "a.csv").unlink()
     manifest = run_batch(str(store_dir), "models/sms-spam/production", str(inp), str(out),
-                         BatchConfig(id_column="msg_id", shard_rows=50, max_chars=2000), None)
+                         BatchConfig(id_column="msg_id", shard_rows=50, max_chars=2000))
 
     total = 80 + 1 + 6 + 60
     clf = OnnxClassifier(exported_model)
@@ -98,7 +98,7 @@ def test_formats_bad_rows_and_the_shared_contract(tmp_path, store_dir, sms_rows,
     assert max(abs(a - w["probabilities"]["spam"]) for a, w in zip(p["prob_spam"], want)) < 1e-5
     # int8 on request: the same labels; scores differ a little (activations are quantized per batch)
     int8 = run_batch(str(store_dir), "sms-spam", str(inp / "c.parquet"), str(tmp_path / "int8"),
-                     BatchConfig(variant="int8", id_column="msg_id"), None)
+                     BatchConfig(variant="int8", id_column="msg_id"))
     assert int8["variant"] == "int8"
     p8 = pd.read_parquet(tmp_path / "int8/shards/00000/predictions.parquet").sort_values("source_row")
     assert (p8["prob_ham"] + p8["prob_spam"] - 1).abs().max() < 1e-9
@@ -110,10 +110,10 @@ def test_formats_bad_rows_and_the_shared_contract(tmp_path, store_dir, sms_rows,
 
     # a finished batch re-runs as a no-op; another input under the same output is refused
     again = run_batch(str(store_dir), "models/sms-spam/production", str(inp), str(out),
-                      BatchConfig(id_column="msg_id", shard_rows=50, max_chars=2000), None)
+                      BatchConfig(id_column="msg_id", shard_rows=50, max_chars=2000))
     assert again["totals"] == manifest["totals"]
     with pytest.raises(InputError, match="belongs to another batch"):
-        run_batch(str(store_dir), "sms-spam", str(inp / "c.parquet"), str(out), BatchConfig(), None)
+        run_batch(str(store_dir), "sms-spam", str(inp / "c.parquet"), str(out), BatchConfig())
 
 
 def test_bad_settings_and_references(tmp_path, store_dir, capsys):

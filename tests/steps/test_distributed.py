@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune.steps.distributed import JobConfig, JobFailed, job_name, render, run_job, worker_command
-from kubetune.core.entry import config_from_args
+from kubetune.core.config import config_from_args
 from kubetune.errors import ConfigError
+from kubetune.steps.distributed import JobConfig, JobFailed, job_name, render, run_job, worker_command
 from kubetune.steps.finetune import FinetuneConfig, build_parser
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,13 +12,13 @@ import pytest
 import torch
 import yaml
 
-from kubetune.release import registry
-from kubetune.steps.deploy import deploy
 from kubetune.errors import ConfigError, InputError
+from kubetune.onnx.model import OnnxClassifier
+from kubetune.release import registry
+from kubetune.release.manifests import ServingConfig
+from kubetune.steps.deploy import deploy
 from kubetune.steps.evaluate import GateConfig, decide, evaluate
 from kubetune.steps.export import ExportConfig, ParityError, check_parity
-from kubetune.release.manifests import ServingConfig
-from kubetune.onnx.model import OnnxClassifier
 from kubetune.storage.records import RunRecord
 from kubetune.storage.shards import load_split
 from kubetune.storage.store import StoreError, open_store
@@ -45,7 +45,7 @@ def test_gate_decisions():
 
 def test_evaluate_scores_the_test_split(tmp_path, trained_model, small_tokens, small_dataset):
     store = open_store(str(tmp_path / "store"))
-    result = evaluate(trained_model, small_tokens, small_dataset, store, "sms-spam", GateConfig(threshold=0.5))
+    result = evaluate(trained_model, small_tokens, small_dataset, store, "sms-spam", GateConfig(threshold=0.5), tmp_path / "work")
     test = pd.read_parquet(small_dataset / "test.parquet")
     m = result["metrics"]
     assert result["test_rows"] == m["rows"] == len(test)
@@ -75,7 +75,7 @@ def test_onnx_matches_torch_on_raw_texts(exported_model, trained_model, sms_rows
 
     texts = [t for _, t in sms_rows[1000:1003]] + ["ok", "URGENT! You have won a 1 week FREE membership " * 3]
     clf = OnnxClassifier(exported_model, variant="fp32")
-    got = clf.logits_for_texts(texts, batch_size=2)
+    got = clf.logits(clf.encode(texts)[0], batch_size=2)
     model = AutoModelForSequenceClassification.from_pretrained(trained_model).eval()
     tok = AutoTokenizer.from_pretrained(trained_model)
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_export_fails_loudly_on_parity(tmp_path, trained_model, small_tokens, mo
 
     monkeypatch.setattr(ex, "check_parity", lambda *a, **k: {"rows": 3, "max_abs_diff": 0.5, "argmax_agreement": 0.9, "passed": False})
     with pytest.raises(ParityError, match=r"ONNX parity failed: max \|logit diff\| 5.000e-01 .* argmax agreement 0.9000"):
-        ex.export(trained_model, small_tokens, tmp_path / "onnx", ExportConfig(parity_rows=8))
+        ex.export(trained_model, small_tokens, tmp_path / "onnx", ExportConfig(parity_rows=8), tmp_path / "work")
 
 
 def test_cuda_provider_is_never_a_silent_fallback(exported_model):
@@ -118,12 +118,13 @@ def test_cuda_provider_is_never_a_silent_fallback(exported_model):
 @pytest.fixture
 def evaluation(tmp_path, trained_model, small_tokens, small_dataset):
     return evaluate(trained_model, small_tokens, small_dataset, open_store(str(tmp_path / "scratch")), "sms-spam",
-                    GateConfig(threshold=0.5))
+                    GateConfig(threshold=0.5), tmp_path / "evaluate-work")
 
 
 def test_deploy_publishes_then_moves_the_alias(tmp_path, exported_model, evaluation, trained_model, small_tokens, small_dataset):
     store = open_store(str(tmp_path / "store"))
-    first = deploy(RunRecord(store, "20261123-000000-aaaaaa"), "sms-spam", exported_model, evaluation, ServingConfig(namespace="ml"))
+    first = deploy(RunRecord(store, "20261123-000000-aaaaaa"), "sms-spam", exported_model, evaluation, ServingConfig(namespace="ml"),
+                   tmp_path / "d1")
     prefix = registry.version_prefix("sms-spam", first["version"])
     files = set(store.manifest(prefix)["files"])
     assert {"model.onnx", "tokenizer.json", "labels.json", "metrics.json", "MODEL_CARD.md", "inferenceservice.yaml"} <= files
@@ -138,12 +139,12 @@ def test_deploy_publishes_then_moves_the_alias(tmp_path, exported_model, evaluat
     assert f"macro-F1 {evaluation['metrics']['macro_f1']:.4f}" in card
 
     # the next model is gated against this one, re-scored on the same test rows: same model, same score
-    again = evaluate(trained_model, small_tokens, small_dataset, store, "sms-spam", GateConfig(threshold=0.5))
+    again = evaluate(trained_model, small_tokens, small_dataset, store, "sms-spam", GateConfig(threshold=0.5), tmp_path / "work2")
     assert again["gate"]["champion_version"] == first["version"]
     assert again["gate"]["champion_value"] == pytest.approx(again["gate"]["value"], abs=1e-9)
     assert again["gate"]["passed"]
 
-    second = deploy(RunRecord(store, "20261123-000100-bbbbbb"), "sms-spam", exported_model, again, ServingConfig())
+    second = deploy(RunRecord(store, "20261123-000100-bbbbbb"), "sms-spam", exported_model, again, ServingConfig(), tmp_path / "d2")
     alias = registry.read_alias(store, "sms-spam")
     assert alias["version"] == second["version"] and alias["previous"] == first["version"]
     assert registry.versions(store, "sms-spam") == sorted([first["version"], second["version"]])
@@ -155,14 +156,14 @@ def test_deploy_publishes_then_moves_the_alias(tmp_path, exported_model, evaluat
 
 def test_failed_publish_keeps_production(tmp_path, exported_model, evaluation, monkeypatch):
     store = open_store(str(tmp_path / "store"))
-    first = deploy(RunRecord(store, "r1"), "sms-spam", exported_model, evaluation, ServingConfig())
+    first = deploy(RunRecord(store, "r1"), "sms-spam", exported_model, evaluation, ServingConfig(), tmp_path / "d1")
 
     def broken(*a, **k):
         raise StoreError("endpoint went away")
 
     monkeypatch.setattr(store, "publish_dir", broken)
     with pytest.raises(StoreError):
-        deploy(RunRecord(store, "r2"), "sms-spam", exported_model, evaluation, ServingConfig())
+        deploy(RunRecord(store, "r2"), "sms-spam", exported_model, evaluation, ServingConfig(), tmp_path / "d2")
     assert registry.read_alias(store, "sms-spam")["version"] == first["version"]
 
 
@@ -170,7 +171,7 @@ def test_deploy_refuses_a_rejected_model_and_bad_names(tmp_path, exported_model,
     store = open_store(str(tmp_path / "store"))
     rejected = {**evaluation, "gate": {**evaluation["gate"], "passed": False, "reason": "below threshold"}}
     with pytest.raises(ConfigError, match="the gate rejected it"):
-        deploy(RunRecord(store, "r1"), "sms-spam", exported_model, rejected, ServingConfig())
+        deploy(RunRecord(store, "r1"), "sms-spam", exported_model, rejected, ServingConfig(), tmp_path / "d3")
     assert store.list("models") == []
     for bad in ("SMS", "1spam", "a_b", "x" * 41, ""):
         with pytest.raises(InputError, match="lowercase letters"):

@@ -11,8 +11,8 @@ import torch
 
 from kubetune.errors import ConfigError, InputError
 from kubetune.steps.finetune import FinetuneConfig, finetune
-from kubetune.training.modeling import resolve_model_dir
 from kubetune.storage.shards import load_split, save_split
+from kubetune.training.modeling import resolve_model_dir
 
 
 def test_output_is_a_labelled_safetensors_model(trained_model, small_tokens):
@@ -62,11 +62,11 @@ def test_best_epoch_and_early_stopping(tiny_tokens, model_dir, tmp_path, monkeyp
 
     scores = iter([0.5, 0.9, 0.7, 0.6, 0.95])  # best at epoch 2, then two epochs without gain
 
-    def fake_metrics(y_true, y_pred, labels):
+    def fake_scores(*args, **kwargs):  # stands in for the eval split's real scores
         v = next(scores)
         return {"accuracy": v, "macro_f1": v}
 
-    monkeypatch.setattr(ft, "classification_metrics", fake_metrics)
+    monkeypatch.setattr(ft, "eval_scores", fake_scores)
     result = finetune(tiny_tokens, model_dir, tmp_path / "m", FinetuneConfig(epochs=5, batch_size=16, early_stopping_patience=2))
     assert result["epochs_run"] == 4 and result["best_epoch"] == 2 and result["best_eval_macro_f1"] == 0.9
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetune.training.checkpoint import Checkpoints
 from kubetune.errors import ConfigError
 from kubetune.steps.finetune import FinetuneConfig, finetune, out_of_memory
 from kubetune.storage.shards import load_split, save_split
 from kubetune.storage.store import LocalStore
+from kubetune.training.checkpoint import Checkpoints
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -134,6 +134,34 @@ def test_lora_trains_adapters_only_and_saves_a_merged_plain_model(tokens64, mode
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m")
     assert type(model).__name__ == "BertForSequenceClassification" and model.config.id2label == {0: "ham", 1: "spam"}
     # the adapters learn (a few steps on 160 rows are too few to judge eval quality; the benchmark does that)
+    first, second = (h["train_loss"] for h in result["history"])
+    assert second < first, result["history"]
+
+
+def test_lora_for_ner_uses_the_token_task_type(tmp_path, model_dir):
+    """LoRA takes the task's peft task type: a token classifier gets PEFT's token-classification
+    wrapper (and its token head trains), not the sequence one every task used to get."""
+    from transformers import AutoModelForTokenClassification
+
+    from kubetune import tasks
+    from kubetune.steps.finetune import add_lora, load_classifier
+    from kubetune.steps.tokenize import TokenizeConfig, tokenize
+    from kubetune.steps.validate import ValidateConfig, validate
+
+    ner = tasks.get("token-classification")
+    report, meta = validate("builtin:conll2003", "", "", ValidateConfig(task=ner.name, limit=60), tmp_path / "ds")
+    assert report.passed
+    tokenize(tmp_path / "ds", model_dir, tmp_path / "tok", TokenizeConfig(max_length=32), store=None)
+    cfg = FinetuneConfig(epochs=2, batch_size=8, learning_rate=3e-3, peft="lora", lora_target_modules="query,value", checkpoint_steps=0)
+    wrapped = add_lora(load_classifier(model_dir, meta["labels"], ner), cfg, ner)
+    assert type(wrapped).__name__ == "PeftModelForTokenClassification"
+    trainable = {k for k, p in wrapped.named_parameters() if p.requires_grad}
+    assert any("classifier" in k for k in trainable) and all("lora_" in k or "classifier" in k for k in trainable)
+
+    result = finetune(tmp_path / "tok", model_dir, tmp_path / "m", cfg)
+    assert result["task"] == ner.name and 0 < result["trainable_parameters"] / result["total_parameters"] < 0.02
+    model = AutoModelForTokenClassification.from_pretrained(tmp_path / "m")
+    assert type(model).__name__ == "BertForTokenClassification" and list(model.config.id2label.values()) == meta["labels"]
     first, second = (h["train_loss"] for h in result["history"])
     assert second < first, result["history"]
 

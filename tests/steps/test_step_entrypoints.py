@@ -65,3 +65,17 @@ def test_input_error_exit_code(tmp_path):
              "--expectations", tmp_path / "e.json", store=tmp_path / "store")
     assert r.returncode == 2 and "missing.csv: no such file" in r.stderr
     assert "Traceback" not in r.stderr  # a message, not a stack trace
+
+
+def test_one_exit_code_table(tmp_path):
+    """An option error inside a step is exit 2 wherever it is caught: the step process, its record,
+    and the run summary built from that record, whose exit_code equals the process's."""
+    store = tmp_path / "store"
+    r = step("tokenize", "--dataset", tmp_path / "ds", "--model", "builtin:all-minilm-l6-v2", "--out", tmp_path / "tok",
+             "--max-length", 4, store=store)
+    assert r.returncode == 2 and "max_length=4: use a value between 8 and 8192 tokens" in r.stderr
+    record = json.loads((store / "runs/manual/steps/tokenize.json").read_text())
+    assert record["status"] == "failed" and record["error"]["kind"] == "config" and record["error"]["exit_code"] == 2
+    r = step("summary", "--out", tmp_path / "summary.json", store=store)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["outcome"] == "input_rejected" and summary["exit_code"] == r.returncode == 2

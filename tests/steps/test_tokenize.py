@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import kubetune.steps.tokenize as tok
+from kubetune import tasks
 from kubetune.errors import ConfigError
+from kubetune.steps.tokenize import TokenizeConfig, load_tokenizer, tokenize
 from kubetune.storage.shards import length_grouped_batches, load_split, pad_batch
 from kubetune.storage.store import open_store
-from kubetune.steps.tokenize import TokenizeConfig, load_tokenizer, tokenize
 
 
 def test_shards_hold_the_tokenizer_output(small_dataset, small_tokens, model_dir):
@@ -49,7 +49,7 @@ def test_cache_hit_skips_tokenizing(tmp_path, small_dataset, model_dir, monkeypa
     def boom(*a, **k):
         raise AssertionError("tokenized again despite the cache")
 
-    monkeypatch.setattr(tok, "tokenize_texts", boom)
+    monkeypatch.setattr(type(tasks.get("sequence-classification")), "tokenize", boom)
     second = tokenize(small_dataset, model_dir, tmp_path / "b", TokenizeConfig(max_length=64), store)
     assert second["cache"] == "hit" and second["cache_key"] == first["cache_key"]
     a, b = load_split(tmp_path / "a", "train"), load_split(tmp_path / "b", "train")

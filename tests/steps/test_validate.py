@@ -8,13 +8,8 @@ import pandas as pd
 import pytest
 
 from kubetune.errors import ConfigError
-from kubetune.steps.validate import (
-    ValidateConfig,
-    load_dataset,
-    split_frame,
-    subsample,
-    validate,
-)
+from kubetune.steps.validate import ValidateConfig, load_dataset, validate
+from kubetune.validation.splits import split_frame, subsample
 from tests.conftest import write_csv
 
 

@@ -9,24 +9,26 @@ import json
 import numpy as np
 import pytest
 
+from kubetune import tasks
 from kubetune.errors import InputError
-from kubetune.tasks.metrics import entity_metrics, entity_spans, resolve_metric
-from kubetune.storage.shards import IGNORE, load_split
-from kubetune.storage.tagged import read_sentences
-from kubetune.steps.validate import ValidateConfig, validate
 from kubetune.pipelines.cli import main
+from kubetune.steps.validate import ValidateConfig, validate
+from kubetune.storage.shards import IGNORE, load_split
+from kubetune.tasks import resolve_metric
+from kubetune.tasks.metrics import entity_metrics, entity_spans
+from kubetune.validation.tagging import Sentence, read_sentences
 
 TOKEN = "token-classification"
 
 
 @pytest.fixture(scope="module")
 def conll_train():
-    return read_sentences("builtin:conll2003", split="train")
+    return read_sentences("builtin:conll2003", split="train")[0]
 
 
 @pytest.fixture(scope="module")
 def conll_test():
-    return read_sentences("builtin:conll2003", split="test")
+    return read_sentences("builtin:conll2003", split="test")[0]
 
 
 def write_conll(path, sentences, docstart=True):
@@ -46,7 +48,7 @@ def write_jsonl(path, sentences):
 
 
 def test_builtin_conll2003_official_splits(conll_train, conll_test):
-    valid = read_sentences("builtin:conll2003", split="eval")
+    valid = read_sentences("builtin:conll2003", split="eval")[0]
     assert (len(conll_train), len(valid), len(conll_test)) == (14041, 3250, 3453)
     first = conll_train[0]
     assert first.tokens == ["EU", "rejects", "German", "call", "to", "boycott", "British", "lamb", "."]
@@ -97,7 +99,7 @@ def test_cli_rejects_a_sequence_metric_for_ner(tmp_path, capsys):
     code = main(["run", "--task", TOKEN, "--gate-metric", "accuracy", "--store", str(tmp_path / "s")])
     assert code == 2
     err = capsys.readouterr().err
-    assert "--gate-metric='accuracy' cannot score a token-classification model" in err and "entity_micro_f1" in err
+    assert "gate_metric='accuracy' cannot score a token-classification model" in err and "entity_micro_f1" in err
 
 
 # ---- validation -----------------------------------------------------------------------------
@@ -168,14 +170,12 @@ def test_unseen_and_non_iob2_tags_are_rejected(tmp_path, conll_train, conll_test
 
 
 def test_empty_sentences_and_wrong_builtin(tmp_path, conll_train):
-    from kubetune.storage.tagged import Sentence
-
     sentences = list(conll_train[:40]) + [Sentence([], [], 0)]
     report, meta = validate(str(write_jsonl(tmp_path / "t.jsonl", sentences)), "", "", ner_cfg(), tmp_path / "ds")
     assert report.passed and "t.jsonl: column 'tokens': 1 of 41 sentences are empty (no tokens) and were dropped; e.g. line 41" in \
         report.describe(report.failures("warning")[0])
     assert sum(meta["splits"][s]["rows"] for s in meta["splits"]) == 40
-    with pytest.raises(InputError, match="builtin:sms-spam is sequence-classification data, not token-classification data; use builtin:conll2003"):
+    with pytest.raises(InputError, match="builtin:sms-spam is TSV data, which token-classification does not read; use builtin:conll2003"):
         validate("builtin:sms-spam", "", "", ner_cfg(), tmp_path / "x")
     with pytest.raises(InputError, match=r"bad.conll: line 3: expected at least 2 whitespace-separated columns"):
         (tmp_path / "bad.conll").write_text("EU B-ORG\nrejects O\nGerman\n")
@@ -237,8 +237,8 @@ def test_token_loss_averages_over_labelled_tokens_only():
     import torch
     import torch.nn.functional as F
 
-    from kubetune.steps.finetune import task_loss
-
+    task_loss = tasks.get(TOKEN).loss
+    sequence_loss = tasks.get("sequence-classification").loss
     torch.manual_seed(0)
     logits = torch.randn(2, 6, 9)
     target = torch.tensor([[IGNORE, 3, IGNORE, 0, IGNORE, IGNORE], [IGNORE, 7, 7, IGNORE, IGNORE, IGNORE]])
@@ -246,7 +246,7 @@ def test_token_loss_averages_over_labelled_tokens_only():
     manual = F.cross_entropy(logits[keep], target[keep])
     assert torch.allclose(task_loss(logits, target), manual)
     # the sequence path is unchanged: one label per row
-    assert torch.allclose(task_loss(logits[:, 0], torch.tensor([1, 2])), F.cross_entropy(logits[:, 0], torch.tensor([1, 2])))
+    assert torch.allclose(sequence_loss(logits[:, 0], torch.tensor([1, 2])), F.cross_entropy(logits[:, 0], torch.tensor([1, 2])))
 
 
 def test_truncation_reports_words_lost(tmp_path, ner_dataset, model_dir):
@@ -276,7 +276,7 @@ def test_truncation_reports_words_lost(tmp_path, ner_dataset, model_dir):
 def test_entity_offsets_on_real_sentences(model_dir, conll_test):
     from transformers import AutoTokenizer
 
-    from kubetune.onnx.model import group_entities, word_spans
+    from kubetune.tasks.token import group_entities, word_spans
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     checked = 0
@@ -311,9 +311,9 @@ def test_entity_offsets_on_real_sentences(model_dir, conll_test):
 
 @pytest.mark.slow
 def test_ner_pipeline_end_to_end(tmp_path, capsys, conll_test):
+    from kubetune.onnx.model import OnnxClassifier
     from kubetune.release import registry
     from kubetune.steps.evaluate import champion_score
-    from kubetune.onnx.model import OnnxClassifier
     from kubetune.storage.store import open_store
 
     store = tmp_path / "store"
@@ -348,8 +348,8 @@ def test_ner_pipeline_end_to_end(tmp_path, capsys, conll_test):
 
     dataset = next((store / "kfp-local").glob("*/validate/dataset"))
     frame = pd.read_parquet(dataset / "test.parquet")
-    champ = champion_score(open_store(str(store)), "conll2003", json.loads((version_dir / "labels.json").read_text())["labels"],
-                           [list(t) for t in frame["tokens"]], [list(t) for t in frame["tags"]], "entity_micro_f1")
+    champ = champion_score(open_store(str(store)), "conll2003", tasks.get(TOKEN), json.loads((version_dir / "labels.json").read_text())["labels"],
+                           [list(t) for t in frame["tokens"]], [list(t) for t in frame["tags"]], "entity_micro_f1", tmp_path / "champ")
     assert champ["version"] == registry.read_alias(open_store(str(store)), "conll2003")["version"]
     assert champ["value"] == pytest.approx(m["entity_micro_f1"], abs=0.01)
 

@@ -1,0 +1,172 @@
+"""Sequence classification: one label per text (spam/ham, sentiment, topic, intent, ...).
+
+Everything that is particular to the task lives here; the steps call it through the Task interface
+(kubetune.tasks.base). Data: CSV/TSV/JSONL/Parquet tables with a text and a label column, checked
+with great-expectations (kubetune.validation.tables). Model: AutoModelForSequenceClassification,
+cross-entropy per row. Metrics: accuracy, macro/weighted F1, macro precision/recall, per-class
+scores and the confusion matrix; the gate defaults to macro-F1. Predictions:
+{"label", "score", "probabilities": {label: p}} per text; batch columns label, score, prob_<label>.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kubetune.errors import InputError
+from kubetune.storage import formats
+from kubetune.tasks import base
+from kubetune.tasks.metrics import CLASSIFICATION_METRICS, classification_metrics
+from kubetune.validation import splits, tables
+from kubetune.validation.report import SPLITS, Report
+
+
+class SequenceClassification:
+    name = "sequence-classification"
+    summary = "a label per text"
+    formats = formats.TABLES
+    default_data = "builtin:sms-spam"
+    row_unit = "rows"
+    metrics = CLASSIFICATION_METRICS
+    default_metric = "macro_f1"
+    headline = ("accuracy", "macro_f1")  # logs, the epoch history, step outputs, commit messages
+    summary_metrics = ("accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix")
+    peft_task_type = "SEQ_CLS"
+    per_token = False  # one logit row per text
+
+    # ---- validate ------------------------------------------------------------------------------
+    def sources(self, train: str, eval_: str, test: str) -> dict[str, str]:
+        return base.given_sources(train, eval_, test)
+
+    def load(self, split: str, uri: str, cfg, settings, workdir: Path):
+        return tables.load_table(uri, columns={"text": cfg.text_column, "label": cfg.label_column}, header=cfg.header,
+                                 settings=settings, workdir=workdir)
+
+    def check(self, data: dict, sources: dict, formats_: dict, files: dict, cfg) -> tuple[Report, dict]:
+        return tables.check_tables(data, sources, formats_, cfg, files), data
+
+    def prepare(self, usable: dict, sources: dict, cfg, out_dir: Path) -> dict:
+        """Subsample, split (stratified, seeded, grouped by text) and write the dataset folder."""
+        frames = {s: splits.subsample(f, cfg.limit, cfg.seed) for s, f in usable.items()}
+        missing = {s: getattr(cfg, f"{s}_fraction") for s in ("eval", "test") if s not in frames}
+        if missing:
+            frames = {**frames, **splits.split_frame(frames["train"], missing, cfg.seed)}
+        labels = sorted(frames["train"]["label"].unique().tolist())
+        meta = base.new_meta(self, labels, sources, missing, cfg)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for split in SPLITS:
+            frame = frames[split]
+            if frame.empty:
+                raise InputError(f"the {split} split is empty; give more data or a {split} file")
+            frame[["text", "label", "source_row"]].reset_index(drop=True).to_parquet(out_dir / f"{split}.parquet", index=False)
+            meta["splits"][split] = {
+                "rows": len(frame),
+                "class_counts": {k: int(v) for k, v in frame["label"].value_counts().sort_index().items()},
+                "fingerprint": splits.fingerprint(frame),
+            }
+        base.write_meta(out_dir, meta)
+        return meta
+
+    def describe_splits(self, meta: dict) -> str:
+        return ", ".join(f"{s} {meta['splits'][s]['rows']}" for s in SPLITS) + f"; labels {meta['labels']}"
+
+    # ---- tokenize ------------------------------------------------------------------------------
+    def tokenize(self, tokenizer, frame, label_ids: dict, cfg, progress) -> base.Tokenized:
+        """Token ids per text, truncated to max_length; the rows truncated and the tokens that cost."""
+        texts = frame["text"].tolist()
+        rows: list[list[int]] = []
+        truncated = lost = 0
+        for start in range(0, len(texts), cfg.batch_size):
+            batch = texts[start:start + cfg.batch_size]
+            # tokenize untruncated first, to count what truncation drops; redo only the long rows
+            full = tokenizer(batch, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+            long = [i for i, ids in enumerate(full) if len(ids) > cfg.max_length]
+            if long:
+                cut = tokenizer([batch[i] for i in long], add_special_tokens=True, truncation=True, max_length=cfg.max_length)["input_ids"]
+                for i, ids in zip(long, cut):
+                    lost += len(full[i]) - len(ids)
+                    full[i] = ids
+                truncated += len(long)
+            rows += full
+            progress.update(len(batch))
+        labels = frame["label"].map(label_ids).to_numpy(dtype=np.int64)
+        return base.Tokenized(rows, labels, None, {"truncated_rows": truncated, "truncated_tokens": lost})
+
+    def tokenize_notes(self, split: str, stats: dict, rows: int, max_length: int) -> list[str]:
+        if not stats["truncated_rows"]:
+            return []
+        return [f"{split}: {stats['truncated_rows']} of {rows} texts truncated to {max_length} tokens "
+                f"({stats['truncated_tokens']} tokens dropped)"]
+
+    # ---- model ---------------------------------------------------------------------------------
+    def model_class(self):
+        import transformers
+
+        return transformers.AutoModelForSequenceClassification
+
+    model_purpose = "classify sequences"
+
+    def loss(self, logits, target):
+        import torch.nn.functional as F
+
+        return F.cross_entropy(logits.float(), target)
+
+    def targets(self, split) -> np.ndarray:
+        """The gold label of each logit row (`predict_logits`' rows)."""
+        return split.labels
+
+    def scores(self, logits: np.ndarray, split, labels: list[str]) -> dict:
+        """Metrics of row logits against the split's labels (best-epoch selection, variant checks)."""
+        return classification_metrics(split.labels, logits.argmax(-1), labels)
+
+    # ---- evaluate ------------------------------------------------------------------------------
+    def test_metrics(self, logits: np.ndarray, split, frame, labels: list[str]) -> tuple[dict, list, object]:
+        """(test metrics, the rows a champion is re-scored on, their gold labels)."""
+        return self.scores(logits, split, labels), frame["text"].tolist(), split.labels
+
+    def champion_metrics(self, clf, rows: list, gold, labels: list[str]) -> dict:
+        return classification_metrics(gold, clf.logits(clf.encode(rows)[0]).argmax(-1), labels)
+
+    def describe_test(self, m: dict) -> str:
+        """One line of test figures, from the run summary's metrics (summary_metrics)."""
+        return (f"accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} ("
+                + ", ".join(f"{k} F1 {v['f1']:.4f}" for k, v in m["per_class"].items()) + ")")
+
+    def kfp_metrics(self, m: dict) -> dict[str, float]:
+        """Scalars for the Kubeflow UI's Metrics table."""
+        out = {k: m[k] for k in self.metrics}
+        return {**out, **{f"f1_{label}": s["f1"] for label, s in m["per_class"].items()}}
+
+    def card(self, evaluation: dict) -> tuple[str, str, str]:
+        """(what the model is, the headline figures, the per-class table) for the model card."""
+        m = evaluation["metrics"]
+        table = "| class | precision | recall | F1 | support |\n|---|---|---|---|---|\n" + "\n".join(
+            f"| {k} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |" for k, v in m["per_class"].items())
+        return (f"Sequence classifier ({', '.join(evaluation['labels'])})",
+                f"accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, weighted F1 {m['weighted_f1']:.4f}", table)
+
+    # ---- predict -------------------------------------------------------------------------------
+    def predict(self, clf, texts: list[str], batch_size: int) -> list[dict]:
+        """Per text: the top label, its probability and every class probability ({label: p})."""
+        probs = clf.probabilities(clf.logits(clf.encode(texts)[0], batch_size))
+        top = probs.argmax(-1)
+        return [{"label": clf.labels[k], "score": float(p[k]), "probabilities": dict(zip(clf.labels, map(float, p)))}
+                for k, p in zip(top, probs)]
+
+    def batch_columns(self, clf, texts: list[str], batch_size: int, on_batch=None) -> tuple[dict, np.ndarray]:
+        """Batch inference columns: label, score and prob_<label> for every class; and `truncated`."""
+        probs, truncated = base.score_texts(clf, texts, batch_size, on_batch)
+        top = probs.argmax(-1) if len(probs) else np.zeros(0, dtype=np.int64)
+        out = {"label": [clf.labels[k] for k in top], "score": probs[np.arange(len(probs)), top] if len(probs) else np.zeros(0)}
+        for j, label in enumerate(clf.labels):
+            out[f"prob_{label}"] = probs[:, j]
+        return out, truncated
+
+    def output_types(self, labels: list[str]) -> list[dict]:
+        """The v2 (Open Inference Protocol) outputs, for the model metadata endpoint."""
+        return [{"name": "label", "datatype": "BYTES", "shape": [-1]}, {"name": "score", "datatype": "FP64", "shape": [-1]},
+                {"name": "probabilities", "datatype": "FP64", "shape": [-1, len(labels)]}]
+
+
+TASK = SequenceClassification()
