@@ -154,13 +154,13 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         if not p.flag:
             continue
         g = groups.get(p.group) or groups.setdefault(p.group, parser.add_argument_group(p.group))
-        dest = {"dest": p.name}
+        dest = {"dest": p.name, "help": p.help.replace("%", "%%")}  # argparse formats help with %
         if p.type is bool and p.default == p.invert:  # a switch: --force sets False -> True, --no-header True -> False
-            g.add_argument(p.flag, action="store_false" if p.invert else "store_true", default=p.default, help=p.help, **dest)
+            g.add_argument(p.flag, action="store_false" if p.invert else "store_true", default=p.default, **dest)
         elif p.type is bool:
-            g.add_argument(p.flag, type=parse_bool, default=p.default, metavar="BOOL", help=p.help, **dest)
+            g.add_argument(p.flag, type=parse_bool, default=p.default, metavar="BOOL", **dest)
         else:
-            g.add_argument(p.flag, type=p.type, default=p.default, help=p.help, **dest, **({"choices": p.choices} if p.choices else {}))
+            g.add_argument(p.flag, type=p.type, default=p.default, **dest, **({"choices": p.choices} if p.choices else {}))
 
 
 def from_args(ns: argparse.Namespace) -> dict[str, Any]:

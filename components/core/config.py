@@ -74,7 +74,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] 
         p = f.metadata.get("param")
         choices = {"choices": choices_of(p)} if p and p.choices else {}
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, metavar=kind.__name__.upper(),
-                            help=p.help if p and p.declared else None, **choices)
+                            help=p.help.replace("%", "%%") if p and p.declared else None, **choices)  # argparse formats help with %
 
 
 def choices_of(p: Param) -> tuple:

@@ -97,6 +97,14 @@ def test_the_compiled_pipeline_has_exactly_the_table(tmp_path):
         assert got == want or (got is None and want in ("", 0, False)), (name, got, want)
 
 
+def test_every_command_prints_its_help(capsys):
+    for command in ("run", "compile", "upload", "submit", "schedule", "deploy", "rollback", "models", "serve", "infer"):
+        with pytest.raises(SystemExit) as done:
+            build_parser().parse_args([command, "--help"])
+        assert done.value.code == 0, command
+        assert "usage: kubetune " + command in capsys.readouterr().out
+
+
 def test_run_flags_come_from_the_table():
     run = next(a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith(" run"))
     flags = {a.dest: a for a in run._actions if a.option_strings}
@@ -105,7 +113,7 @@ def test_run_flags_come_from_the_table():
             assert p.name not in flags, p.name
             continue
         action = flags[p.name]
-        assert p.flag in action.option_strings and action.default == p.default and action.help == p.help, p.name
+        assert p.flag in action.option_strings and action.default == p.default and action.help % {} == p.help, p.name
     ns = build_parser().parse_args(["run", "--epochs", "3", "--no-header", "--name", "spam-v2", "--gate-metric", "accuracy"])
     args = pipeline_arguments(ns, "/tmp/s", "r1")
     assert set(args) == set(parameters.BY_NAME)
