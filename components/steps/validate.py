@@ -34,9 +34,9 @@ import pandas as pd
 
 from kubetune.storage import assets
 
-from kubetune.storage import formats
+from kubetune.storage import formats as data  # `formats` is also a local name (file formats per split)
 
-from kubetune.validation import tagging
+from kubetune.validation import tagging as validate_tokens
 from kubetune.core.entry import add_config_args, config_from_args, run_main, step_parser
 from kubetune.errors import ConfigError, InputError, KubetuneError
 from kubetune.tasks.metrics import SEQUENCE, TOKEN, check_task
