@@ -42,6 +42,9 @@ KINDS = {
     "pytorchjob": Kind("kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"),
     "trainjob": Kind("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"),
 }
+# the keys of the kubetune-s3 Secret and ConfigMap (k8s/base; kubetune.pipelines.config has the same lists)
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+S3_CONFIG_KEYS = ("AWS_ENDPOINT_URL", "AWS_REGION", "KUBETUNE_S3_ADDRESSING_STYLE")
 # settings forwarded to the workers' fine-tune (device is the workers' business: cuda when they have GPUs)
 FORWARDED = [f.name for f in fields(FinetuneConfig) if f.name not in ("device", "cpu_threads")]
 
@@ -133,16 +136,23 @@ def render(job: JobConfig, name: str, namespace: str, command: list[str]) -> dic
         spec = {"nprocPerNode": str(job.processes_per_worker), "pytorchReplicaSpecs": replicas,
                 "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": 3, "ttlSecondsAfterFinished": 7 * 86400}}
     else:
+        # Trainer >= v2.2 (runtimePatches; v2.1's podTemplateOverrides is gone and would be pruned). A
+        # patched container may only set env, volumeMounts and securityContext (no envFrom), so the S3
+        # settings go into trainer.env key by key; optional like envFrom's: an absent key stays unset.
         c = container(job, command, "node")
+        env = [{"name": k, "valueFrom": {"secretKeyRef": {"name": job.s3_secret, "key": k, "optional": True}}} for k in S3_SECRET_KEYS]
+        env += [{"name": k, "valueFrom": {"configMapKeyRef": {"name": job.s3_config_map, "key": k, "optional": True}}}
+                for k in S3_CONFIG_KEYS]
+        pod = {"containers": [{"name": "node", "volumeMounts": c["volumeMounts"]}],
+               "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+               **({"tolerations": [{"key": job.accelerator, "operator": "Exists", "effect": "NoSchedule"}]}
+                  if job.gpus_per_worker else {})}
         spec = {"runtimeRef": {"name": job.runtime, "kind": "ClusterTrainingRuntime", "apiGroup": "trainer.kubeflow.org"},
                 "trainer": {"image": job.image, "command": c["command"], "args": c["args"], "numNodes": job.workers,
-                            "numProcPerNode": job.processes_per_worker, "env": [],
+                            "numProcPerNode": job.processes_per_worker, "env": env,
                             "resourcesPerNode": c["resources"]},
-                "podTemplateOverrides": [{"targetJobs": [{"name": "node"}], "spec": {"containers": [
-                    {"name": "node", "envFrom": c["envFrom"], "volumeMounts": c["volumeMounts"]}],
-                    "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
-                    **({"tolerations": [{"key": job.accelerator, "operator": "Exists", "effect": "NoSchedule"}]}
-                       if job.gpus_per_worker else {})}}]}
+                "runtimePatches": [{"manager": "kubetune.io/finetune", "trainingRuntimeSpec": {"template": {"spec": {
+                    "replicatedJobs": [{"name": "node", "template": {"spec": {"template": {"spec": pod}}}}]}}}}]}
     return {"apiVersion": f"{group}/{version}", "kind": kind, "metadata": meta, "spec": spec}
 
 
