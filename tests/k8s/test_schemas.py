@@ -274,3 +274,16 @@ def test_a_wrong_type_or_quantity_fails():
 def test_an_unknown_kind_has_no_schema():
     with pytest.raises(SchemaError, match="no schema for example.com/v1 Widget"):
         schemas.validate({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}})
+
+
+def test_the_fake_api_server_rejects_what_the_crd_rejects(tmp_path):
+    """tests/helpers/fake_kube.py checks every applied object like this module does, so the deploy
+    and launcher tests that apply through it also apply only valid objects."""
+    from kubetune.release import kube
+    from tests.helpers import fake_kube
+
+    with fake_kube.FakeKube() as fake:
+        client = kube.connect(str(fake.kubeconfig(tmp_path / "kubeconfig")))
+        assert client.apply(isvc())["metadata"]["generation"] == 1
+        with pytest.raises(kube.KubeError, match="HTTP 422"):
+            client.apply(mutate(isvc(), "spec.predictor.minReplicas", "minreplicas"))
