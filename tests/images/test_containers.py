@@ -241,7 +241,7 @@ def keys_of(obj, prefix: str = "") -> set[str]:
 
 
 RUN_ARGS = ["--limit", "200", "--max-length", "48", "--epochs", str(QUICK["epochs"]), "--batch-size", str(QUICK["batch_size"]),
-            "--learning-rate", str(QUICK["learning_rate"]), "--onnx-variants", "fp32,int8", "--gate-threshold", "0.5"]
+            "--learning-rate", str(QUICK["learning_rate"]), "--onnx-variants", "fp32", "--gate-threshold", "0.5"]
 
 
 def test_training_pipeline_in_the_images_matches_the_subprocess_run(images, docker_host, s3_bucket, s3_env, tmp_path):
@@ -271,7 +271,7 @@ def test_training_pipeline_in_the_images_matches_the_subprocess_run(images, dock
     # the same fields (the CLI adds wall_seconds to the subprocess run's), the same steps and outcomes
     assert keys_of(summary) == keys_of(reference) - {"wall_seconds"}
     assert [(s["name"], s["status"]) for s in summary["steps"]] == [(s["name"], s["status"]) for s in reference["steps"]]
-    assert set(summary["onnx"]["variants"]) == set(reference["onnx"]["variants"]) == {"fp32", "int8"}
+    assert set(summary["onnx"]["variants"]) == set(reference["onnx"]["variants"]) == {"fp32"}
     # the same data and seed on the same CPU build of torch: the same model quality
     assert summary["metrics"]["macro_f1"] == pytest.approx(reference["metrics"]["macro_f1"], abs=0.02)
     # every step ran in its image (kfp.local names the image of each task), as the images' non-root user
