@@ -119,9 +119,13 @@ def test_copy_sources_exist_in_build_context(image):
     copies = [args for kw, args in instructions(DOCKERFILES[image]) if kw in ("COPY", "ADD")]
     assert copies, "no COPY in the Dockerfile: the project is not installed from this repository"
     problems = []
+    stages = [args.split()[-1] for kw, args in instructions(DOCKERFILES[image]) if kw == "FROM" and " AS " in f" {args.upper()} "]
     for args in copies:
         words = [w for w in shlex.split(args) if not w.startswith("--")]
-        assert not any(a.startswith("--from") for a in shlex.split(args)), "multi-stage COPY: extend this test"
+        source_stage = [a.split("=", 1)[1] for a in shlex.split(args) if a.startswith("--from=")]
+        if source_stage:  # from an earlier stage of the same Dockerfile, not from the build context
+            assert source_stage[0] in stages, f"{image}: COPY --from={source_stage[0]}: no such stage {stages}"
+            continue
         for src in words[:-1]:
             if not (ROOT / src).exists():
                 problems.append(f"{src}: not in the repository")
@@ -232,8 +236,10 @@ def test_base_image_pinned_to_the_lock_python(image):
     """FROM ${BASE_IMAGE}, whose default is the official image of the lock's Python (a plain Debian
     bookworm base works too: the Dockerfile installs Debian's python3, 3.11 on bookworm)."""
     lock_python = re.search(r"Python (\d+\.\d+)", LOCK.read_text()).group(1)
-    froms = [args.split()[0] for kw, args in instructions(DOCKERFILES[image]) if kw == "FROM"]
-    assert froms == ["${BASE_IMAGE}"], f"{image}: expected one FROM ${{BASE_IMAGE}}, found {froms}"
+    froms = [args.split() for kw, args in instructions(DOCKERFILES[image]) if kw == "FROM"]
+    assert froms[0][0] == "${BASE_IMAGE}", f"{image}: the first stage is not FROM ${{BASE_IMAGE}}: {froms}"
+    stages = {f[-1] for f in froms if len(f) == 3 and f[1].upper() == "AS"}
+    assert all(f[0] in stages for f in froms[1:]), f"{image}: a later stage starts from an image, not from the base stage: {froms}"
     default = build_args(DOCKERFILES[image]).get("BASE_IMAGE", "")
     assert re.fullmatch(rf"python:{re.escape(lock_python)}(\.\d+)?-slim-bookworm(@sha256:[0-9a-f]{{64}})?", default), \
         f"{image}: default base {default!r} is not a pinned python:{lock_python} bookworm image (the lock is for Python {lock_python})"
