@@ -96,7 +96,7 @@ def remove_image(tag: str) -> None:
 def docker_socket():
     """`podman system service` on a private socket, for the docker SDK that kfp.local.DockerRunner
     uses (DOCKER_HOST). Stopped by its PID afterwards."""
-    folder = Path(tempfile.mkdtemp(prefix="kubetune-podman-"))
+    folder = Path(tempfile.mkdtemp(prefix="kt-test-podman-"))
     sock = folder / "podman.sock"
     log = open(folder / "service.log", "wb")
     proc = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{sock}"], env=env(), stdout=log,

@@ -3,7 +3,8 @@ extra), one per test session, on loopback only, with credentials enforced and te
 
 Every port it opens is picked free and passed explicitly (several engineers and CI share the
 machine, so the defaults 8333/9333/8888/... may be taken); the process is stopped by its PID and
-its data folder removed afterwards.
+its data folder removed afterwards. The folder is not named kubetune-*: that is the prefix of the
+product's own scratch folders, which `kubetune gc --local-temp` may clean up.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class SeaweedFS:
 
 def start(workdir: Path | None = None, timeout: float = 60.0) -> tuple[SeaweedFS, subprocess.Popen]:
     """Start `weed mini` and wait until S3 answers an authenticated request."""
-    workdir = workdir or Path(tempfile.mkdtemp(prefix="kubetune-seaweedfs-"))
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="kt-test-seaweedfs-"))
     data = workdir / "data"
     data.mkdir(parents=True, exist_ok=True)
     config = workdir / "s3.json"

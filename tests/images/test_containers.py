@@ -104,7 +104,7 @@ def prometheus_scraping(target: str):
     if shutil.which("prometheus") is None:
         c.unavailable_or_fail("prometheus is not installed (apt-get install prometheus)")
     (port,) = free_ports(1)
-    folder = Path(tempfile.mkdtemp(prefix="kubetune-prometheus-"))
+    folder = Path(tempfile.mkdtemp(prefix="kt-test-prometheus-"))
     (folder / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         f"scrape_configs: [{{job_name: kubetune-serve, static_configs: [{{targets: ['{target}']}}]}}]\n")
