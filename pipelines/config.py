@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kubetune.release.manifests import DEFAULT_IMAGE
+from kubetune.storage.store import S3_CONFIG_KEYS, S3_SECRET_KEYS  # noqa: F401 (the pipeline's pods get these)
 
 
 def cuda_variant(image: str) -> str:
@@ -61,6 +62,4 @@ class ClusterConfig:
         return self.trainer_image or cuda_variant(self.image)
 
 
-S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-S3_CONFIG_KEYS = ("AWS_ENDPOINT_URL", "AWS_REGION", "KUBETUNE_S3_ADDRESSING_STYLE")
 GIT_SECRET_KEYS = ("KUBETUNE_GIT_USERNAME", "KUBETUNE_GIT_TOKEN")  # kubetune.release.rollout.GitAuth

@@ -1,5 +1,5 @@
 """Shared fixtures: real data (SMS Spam Collection), the real model (all-MiniLM-L6-v2), small
-trained artifacts built once per session, and an S3 server (moto over real HTTP)."""
+trained artifacts built once per session, and a real S3 server (SeaweedFS, one per session)."""
 
 from __future__ import annotations
 
@@ -99,31 +99,30 @@ def exported_model(tmp_path_factory, trained_model, small_tokens):
     return out
 
 
-# ---- S3: moto's server on a free local port, reached over real HTTP by boto3 ----------------
+# ---- S3: one real SeaweedFS server per test session (tests/helpers/seaweed.py) ------------------
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    from moto.server import ThreadedMotoServer
+def seaweedfs():
+    """The SeaweedFS server itself (endpoint, credentials, PID): started once, stopped by its PID."""
+    from tests.helpers import seaweed
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    server, proc = seaweed.start()
+    yield server
+    seaweed.stop(server, proc)
+
+
+@pytest.fixture(scope="session")
+def s3_server(seaweedfs) -> str:
+    """The S3 endpoint URL, http://127.0.0.1:<port>."""
+    return seaweedfs.endpoint
 
 
 @pytest.fixture
-def s3_env(s3_server, monkeypatch):
+def s3_env(seaweedfs, monkeypatch):
     """Environment of a process that talks to the S3 server, exactly as a pod gets it from the
     kubetune-s3 Secret and ConfigMap."""
-    env = {
-        "AWS_ENDPOINT_URL": s3_server,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-        "KUBETUNE_S3_ADDRESSING_STYLE": "path",
-    }
+    env = seaweedfs.env()
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     for k in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE"):

@@ -36,6 +36,7 @@ from kubetune.core.progress import log
 from kubetune.errors import ConfigError, KubetuneError
 from kubetune.release.kube import Kind, Kube, KubeError, WaitTimeout, connect
 from kubetune.steps.finetune import STEP, FinetuneConfig
+from kubetune.storage.store import S3_CONFIG_KEYS, S3_SECRET_KEYS
 
 BACKENDS = ("pytorchjob", "trainjob")
 KINDS = {
@@ -135,16 +136,23 @@ def render(job: JobConfig, name: str, namespace: str, command: list[str]) -> dic
         spec = {"nprocPerNode": str(job.processes_per_worker), "pytorchReplicaSpecs": replicas,
                 "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": 3, "ttlSecondsAfterFinished": 7 * 86400}}
     else:
+        # Trainer >= v2.2 (runtimePatches; v2.1's podTemplateOverrides is gone and would be pruned). A
+        # patched container may only set env, volumeMounts and securityContext (no envFrom), so the S3
+        # settings go into trainer.env key by key; optional like envFrom's: an absent key stays unset.
         c = container(job, command, "node")
+        env = [{"name": k, "valueFrom": {"secretKeyRef": {"name": job.s3_secret, "key": k, "optional": True}}} for k in S3_SECRET_KEYS]
+        env += [{"name": k, "valueFrom": {"configMapKeyRef": {"name": job.s3_config_map, "key": k, "optional": True}}}
+                for k in S3_CONFIG_KEYS]
+        pod = {"containers": [{"name": "node", "volumeMounts": c["volumeMounts"]}],
+               "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+               **({"tolerations": [{"key": job.accelerator, "operator": "Exists", "effect": "NoSchedule"}]}
+                  if job.gpus_per_worker else {})}
         spec = {"runtimeRef": {"name": job.runtime, "kind": "ClusterTrainingRuntime", "apiGroup": "trainer.kubeflow.org"},
                 "trainer": {"image": job.image, "command": c["command"], "args": c["args"], "numNodes": job.workers,
-                            "numProcPerNode": job.processes_per_worker, "env": [],
+                            "numProcPerNode": job.processes_per_worker, "env": env,
                             "resourcesPerNode": c["resources"]},
-                "podTemplateOverrides": [{"targetJobs": [{"name": "node"}], "spec": {"containers": [
-                    {"name": "node", "envFrom": c["envFrom"], "volumeMounts": c["volumeMounts"]}],
-                    "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
-                    **({"tolerations": [{"key": job.accelerator, "operator": "Exists", "effect": "NoSchedule"}]}
-                       if job.gpus_per_worker else {})}}]}
+                "runtimePatches": [{"manager": "kubetune.io/finetune", "trainingRuntimeSpec": {"template": {"spec": {
+                    "replicatedJobs": [{"name": "node", "template": {"spec": {"template": {"spec": pod}}}}]}}}}]}
     return {"apiVersion": f"{group}/{version}", "kind": kind, "metadata": meta, "spec": spec}
 
 

@@ -36,6 +36,9 @@ from typing import Any, Iterator, Mapping
 from kubetune.errors import InputError, KubetuneError
 
 MANIFEST = "_MANIFEST.json"
+# where each S3 setting comes from on a cluster: the kubetune-s3 Secret and the kubetune-s3-config ConfigMap
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+S3_CONFIG_KEYS = ("AWS_ENDPOINT_URL", "AWS_REGION", "KUBETUNE_S3_ADDRESSING_STYLE")
 
 
 class StoreError(KubetuneError):

@@ -1,7 +1,8 @@
 """A small fake Kubernetes API server for InferenceServices: real HTTP, the endpoints the
 `kubernetes` Python client calls for get and server-side apply, bearer-token auth, and a
-pluggable "controller" that sets the status the way KServe would. Lets the real client code
-(kubetune.release.kube) run without a cluster."""
+pluggable "controller" that sets the status the way KServe would, and every applied object checked
+against its published CRD (tests/helpers/schemas.py) as a strict API server would. Lets the real
+client code (kubetune.release.kube) run without a cluster."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Callable
 from urllib.parse import parse_qs, urlsplit
 
 import yaml
+
+from tests.helpers import schemas
 
 TOKEN = "fake-token"
 # any namespaced custom object (InferenceServices, and PyTorchJobs/TrainJobs for the fine-tune launcher)
@@ -121,6 +124,11 @@ class FakeKube:
                 body = yaml.safe_load(self.rfile.read(int(self.headers["Content-Length"])))
                 if body["metadata"].get("name") != name or body["metadata"].get("namespace") != ns:
                     self._send(400, status(400, "BadRequest", "name/namespace in the body do not match the URL"))
+                    return
+                try:  # like an API server with strict field validation, against the published CRD
+                    schemas.validate(body)
+                except schemas.SchemaError as e:
+                    self._send(422, status(422, "Invalid", str(e)))
                     return
                 with fake.lock:
                     old = fake.objects.get((ns, name))

@@ -119,9 +119,13 @@ def test_copy_sources_exist_in_build_context(image):
     copies = [args for kw, args in instructions(DOCKERFILES[image]) if kw in ("COPY", "ADD")]
     assert copies, "no COPY in the Dockerfile: the project is not installed from this repository"
     problems = []
+    stages = [args.split()[-1] for kw, args in instructions(DOCKERFILES[image]) if kw == "FROM" and " AS " in f" {args.upper()} "]
     for args in copies:
         words = [w for w in shlex.split(args) if not w.startswith("--")]
-        assert not any(a.startswith("--from") for a in shlex.split(args)), "multi-stage COPY: extend this test"
+        source_stage = [a.split("=", 1)[1] for a in shlex.split(args) if a.startswith("--from=")]
+        if source_stage:  # from an earlier stage of the same Dockerfile, not from the build context
+            assert source_stage[0] in stages, f"{image}: COPY --from={source_stage[0]}: no such stage {stages}"
+            continue
         for src in words[:-1]:
             if not (ROOT / src).exists():
                 problems.append(f"{src}: not in the repository")
@@ -191,11 +195,34 @@ def test_torch_pin_matches_the_lock(source):
     assert set(pins) == {lock_pin("torch")}, f"{source}: torch {pins} != lock torch=={lock_pin('torch')}"
 
 
+def build_args(dockerfile: Path) -> dict[str, str]:
+    """ARG name -> default value ("" when none), as the Dockerfile declares them."""
+    out = {}
+    for kw, args in instructions(dockerfile):
+        if kw == "ARG":
+            name, _, default = args.partition("=")
+            out[name.strip()] = default.strip().strip('"')
+    return out
+
+
 @pytest.mark.parametrize("image", ["runtime", "serving"])
 def test_cpu_images_use_the_cpu_torch_index(image):
+    """Without WHEELS, torch comes from the CPU index (a PyPI torch is the multi-GB CUDA build)."""
+    assert build_args(DOCKERFILES[image]).get("TORCH_INDEX_URL") == CPU_TORCH_INDEX, f"{image}: ARG TORCH_INDEX_URL"
     cpu = [r for r in runs(DOCKERFILES[image]) if torch_pins(r)]
-    assert cpu and all(re.search(rf"--index-url[ =]{re.escape(CPU_TORCH_INDEX)}(\s|$)", r) for r in cpu), \
-        f"{image}: torch must come from the CPU index (a PyPI torch is the multi-GB CUDA build)"
+    assert cpu and all(re.search(r'else src="--index-url \$TORCH_INDEX_URL"', r) for r in cpu), \
+        f"{image}: torch must come from --index-url $TORCH_INDEX_URL unless WHEELS is given"
+
+
+@pytest.mark.parametrize("image", sorted(DOCKERFILES))
+def test_every_pip_install_can_be_served_from_the_wheelhouse(image):
+    """With WHEELS, every pip install reads only that folder (the offline build tests/images does)."""
+    assert build_args(DOCKERFILES[image]).get("WHEELS") == "", f"{image}: ARG WHEELS with an empty default"
+    for r in runs(DOCKERFILES[image]):
+        for cmd in re.findall(r"pip install[^&;]*", r):
+            assert '${WHEELS:+--no-index --find-links "$WHEELS"}' in cmd or "$src" in cmd, f"{image}: {cmd}"
+        if "$src" in r:
+            assert 'if [ -n "$WHEELS" ]; then src="--no-index --find-links $WHEELS"' in r, f"{image}: {r}"
 
 
 def test_trainer_does_not_use_the_cpu_torch_index():
@@ -206,11 +233,18 @@ def test_trainer_does_not_use_the_cpu_torch_index():
 
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))
 def test_base_image_pinned_to_the_lock_python(image):
+    """FROM ${BASE_IMAGE}, whose default is the official image of the lock's Python (a plain Debian
+    bookworm base works too: the Dockerfile installs Debian's python3, 3.11 on bookworm)."""
     lock_python = re.search(r"Python (\d+\.\d+)", LOCK.read_text()).group(1)
-    froms = [args.split()[0] for kw, args in instructions(DOCKERFILES[image]) if kw == "FROM"]
-    assert len(froms) == 1, f"{image}: expected one FROM, found {froms}"
-    assert re.fullmatch(rf"python:{re.escape(lock_python)}(\.\d+)?-slim-\w+(@sha256:[0-9a-f]{{64}})?", froms[0]), \
-        f"{image}: base {froms[0]} is not a pinned python:{lock_python} image (the lock is for Python {lock_python})"
+    froms = [args.split() for kw, args in instructions(DOCKERFILES[image]) if kw == "FROM"]
+    assert froms[0][0] == "${BASE_IMAGE}", f"{image}: the first stage is not FROM ${{BASE_IMAGE}}: {froms}"
+    stages = {f[-1] for f in froms if len(f) == 3 and f[1].upper() == "AS"}
+    assert all(f[0] in stages for f in froms[1:]), f"{image}: a later stage starts from an image, not from the base stage: {froms}"
+    default = build_args(DOCKERFILES[image]).get("BASE_IMAGE", "")
+    assert re.fullmatch(rf"python:{re.escape(lock_python)}(\.\d+)?-slim-bookworm(@sha256:[0-9a-f]{{64}})?", default), \
+        f"{image}: default base {default!r} is not a pinned python:{lock_python} bookworm image (the lock is for Python {lock_python})"
+    assert any(f"python{lock_python} -m venv /opt/kubetune" in r for r in runs(DOCKERFILES[image])), \
+        f"{image}: the environment is not made with python{lock_python} (a base with another Python must fail the build)"
 
 
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))

@@ -1,6 +1,6 @@
 """End to end: `kubetune run` runs the whole KFP pipeline under kfp.local (every step a subprocess)
-on 300 rows of the real SMS data with the real model, against a local store and against S3 (moto
-over HTTP), then `kubetune serve` on the published model; then the gate rejection path and bad
+on 300 rows of the real SMS data with the real model, against a local store and against S3 (a real
+SeaweedFS server over HTTP), then `kubetune serve` on the published model; then the gate rejection path and bad
 inputs, each with its exit code."""
 
 from __future__ import annotations

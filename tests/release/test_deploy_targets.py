@@ -1,6 +1,6 @@
 """Deploy targets and registry aliases: KServe through the real kubernetes client against a fake
 API server over HTTP (apply, wait, canary, rollback), GitOps against a local bare repository,
-compare-and-swap aliases raced by concurrent deploys (local store and S3 on moto), rollback."""
+compare-and-swap aliases raced by concurrent deploys (local store and S3 on SeaweedFS), rollback."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Batch inference on real SMS texts with the real exported model: formats, bad rows, the shared
 prediction contract, resume after SIGKILL (a real subprocess), and the batch-inference pipeline
-under kfp.local against S3 (moto over HTTP)."""
+under kfp.local against S3 (a real SeaweedFS server)."""
 
 from __future__ import annotations
 

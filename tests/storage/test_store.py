@@ -1,4 +1,4 @@
-"""The store: the same behaviour on a local folder and on S3 (moto over HTTP), atomic publishing."""
+"""The store: the same behaviour on a local folder and on S3 (a real SeaweedFS server), atomic publishing."""
 
 from __future__ import annotations
 
