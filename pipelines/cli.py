@@ -222,8 +222,9 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
 
 def cmd_deploy(a: argparse.Namespace) -> int:
-    store = open_store(a.store, S3Settings.from_env())
-    name, version = registry.resolve(store, f"{registry.check_name(a.name)}/{a.version}")
+    ref = f"{registry.check_name(a.name)}/{a.version}"  # before the store: a rejected name creates nothing
+    store = open_store(a.store, S3Settings.from_env(), create=False)
+    name, version = registry.resolve(store, ref)
     run_id = f"cli-deploy-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     result = release(store, name, version, config_from_args(ServingConfig, a), config_from_args(DeployConfig, a), run_id,
                      GitAuth.from_env())
@@ -232,9 +233,12 @@ def cmd_deploy(a: argparse.Namespace) -> int:
 
 
 def cmd_rollback(a: argparse.Namespace) -> int:
-    store = open_store(a.store, S3Settings.from_env())
+    name = registry.check_name(a.name)
+    if a.to:
+        registry.check_version(a.to, "--to")
+    store = open_store(a.store, S3Settings.from_env(), create=False)
     run_id = f"cli-rollback-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-    result = roll_back(store, registry.check_name(a.name), config_from_args(ServingConfig, a), config_from_args(DeployConfig, a),
+    result = roll_back(store, name, config_from_args(ServingConfig, a), config_from_args(DeployConfig, a),
                        run_id, GitAuth.from_env(), to=a.to)
     alias = result["alias"]
     print(f"{a.name}/{registry.PRODUCTION}: {alias['rolled_back_from']} -> {alias['version']} (previous now {alias['previous']})")
@@ -242,8 +246,8 @@ def cmd_rollback(a: argparse.Namespace) -> int:
 
 
 def cmd_models(a: argparse.Namespace) -> int:
-    store = open_store(a.store, S3Settings.from_env())
     name = registry.check_name(a.name)
+    store = open_store(a.store, S3Settings.from_env(), create=False)
     production = registry.read_alias(store, name) or {}
     canary = registry.read_alias(store, name, "canary") or {}
     for version in registry.versions(store, name):

@@ -54,6 +54,37 @@ def decode_json(body: bytes) -> Any:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad(f"the request body is not valid JSON ({e}); send {V1_SHAPE}", "bad_json") from None
+    except RecursionError:  # 100,000 '[' is valid JSON that Python's parser cannot hold
+        raise bad(f"the request body is nested too deeply; send {V1_SHAPE}", "bad_json") from None
+
+
+def check_text(where: str, text: str) -> str:
+    """A JSON string may hold a lone surrogate ("\\ud800"): valid JSON, but no text a tokenizer can
+    encode. Rejected here, with the item, rather than failing the model call."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad(f"{where}: not valid Unicode (a lone surrogate at character {e.start}); send UTF-8 text", "bad_item") from None
+    return text
+
+
+def split_bytes(raw: bytes, count: int, name: str) -> list[bytes]:
+    """The items of a BYTES tensor in the binary-data extension: each a 4-byte little-endian length,
+    then that many bytes. Lengths that run past the data, or a count other than the shape's, are
+    rejected before anything is decoded."""
+    items, pos = [], 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise bad(f"input {name!r}, item {len(items)}: binary data ends inside a 4-byte length prefix", "bad_item")
+        size = int.from_bytes(raw[pos:pos + 4], "little")
+        if pos + 4 + size > len(raw):
+            raise bad(f"input {name!r}, item {len(items)}: its length prefix says {size} bytes, "
+                      f"{len(raw) - pos - 4} are left in the binary data", "bad_item")
+        items.append(raw[pos + 4:pos + 4 + size])
+        pos += 4 + size
+    if len(items) != count:
+        raise bad(f"input {name!r}: shape says {count} texts, the binary data holds {len(items)}")
+    return items
 
 
 def texts_from_v1(payload: Any) -> list[str]:
@@ -74,22 +105,26 @@ def texts_from_v1(payload: Any) -> list[str]:
             item = item["text"]
         if not isinstance(item, str):
             raise bad(f"instances[{i}]: expected a string or {{\"text\": string}}, got a JSON {_type(item)}", "bad_item")
-        texts.append(item)
+        texts.append(check_text(f"instances[{i}]", item))
     return texts
 
 
 def texts_from_v2(inputs: list, input_name: str = "text") -> list[str]:
     """The texts of a v2 request: `inputs` are objects with name, datatype, shape and either `data`
-    (JSON) or `raw` (bytes already split into items by the binary-data extension)."""
+    (JSON) or `raw` (not None: the tensor's bytes from the binary-data extension, see split_bytes)."""
     if len(inputs) != 1:
         raise bad(f"expected exactly one input (BYTES, shape [N], the texts), got {len(inputs)}: {[i.name for i in inputs]}")
     inp = inputs[0]
     if inp.datatype != "BYTES":
         raise bad(f"input {inp.name!r}: datatype must be BYTES (the texts), got {inp.datatype}")
     shape = list(inp.shape or [])
-    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 0:
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape) \
+            or not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 0:
         raise bad(f"input {inp.name!r}: shape must be [N] or [N, 1], got {shape}")
     data = inp.data
+    raw = getattr(inp, "raw", None)
+    if raw is not None:  # binary-data extension: length-prefixed items, checked against the shape here
+        data = split_bytes(raw, shape[0], inp.name)
     if data and all(isinstance(row, list) and len(row) == 1 for row in data):
         data = [row[0] for row in data]  # [[t1], [t2]] for shape [N, 1]
     if not isinstance(data, list) or len(data) != shape[0]:
@@ -104,7 +139,7 @@ def texts_from_v2(inputs: list, input_name: str = "text") -> list[str]:
                 raise bad(f"input {inp.name!r}, item {i}: not valid UTF-8", "bad_item") from None
         if not isinstance(item, str):
             raise bad(f"input {inp.name!r}, item {i}: expected a string, got a JSON {_type(item)}", "bad_item")
-        texts.append(item)
+        texts.append(check_text(f"input {inp.name!r}, item {i}", item))
     return texts
 
 
