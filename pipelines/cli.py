@@ -8,6 +8,7 @@
     kubetune deploy NAME [--version V] --target registry|kserve|gitops   # roll out a published version
     kubetune rollback NAME [--to V]      # production back to the previous version
     kubetune models NAME                 # versions and aliases in the registry
+    kubetune gc [--dry-run]              # remove stale .tmp- leftovers and aborted uploads from the store
     kubetune serve --model sms-spam --port 8080   # serve the production model of ./kubetune-store over HTTP
     kubetune compile --pipeline batch-inference --output kubetune-batch-inference.yaml
     kubetune infer --model models/sms-spam/production --input s3://data/in/ --output s3://data/scored/
@@ -90,6 +91,16 @@ def _registry_parsers(sub) -> None:
     p.add_argument("name", help="registry name")
     p.add_argument("--store", default=DEFAULT_STORE, help="local folder or s3://bucket/prefix")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("gc", help="remove stale leftovers of crashed writers from a store; list old versions", formatter_class=_Help,
+                       description="Remove unsealed .tmp- folders/objects and unfinished multipart uploads older than the grace "
+                                   "period from a store (nothing outside it, never $TMPDIR); list published versions the retention "
+                                   "rule allows deleting (never production, its previous version or canary).")
+    p.add_argument("--store", default=DEFAULT_STORE, help="local folder or s3://bucket/prefix")
+    p.add_argument("--grace-hours", type=float, default=24.0, help="leave leftovers younger than this (a publish may be running)")
+    p.add_argument("--keep-versions", type=int, default=5, help="newest published versions of each model not listed as old")
+    p.add_argument("--dry-run", action="store_true", help="only print what would be removed")
+    p.set_defaults(func=cmd_gc)
 
 
 def _serve_parser(sub) -> None:
@@ -254,6 +265,15 @@ def cmd_models(a: argparse.Namespace) -> int:
         tags = [t for t, v in ((registry.PRODUCTION, production.get("version")), (registry.PREVIOUS, production.get("previous")),
                                ("canary", canary.get("version"))) if v == version]
         print(f"{version}  {' '.join(tags)}")
+    return 0
+
+
+def cmd_gc(a: argparse.Namespace) -> int:
+    from kubetune.release import gc
+
+    store = open_store(a.store, S3Settings.from_env(), create=False)
+    report = gc.collect(store, grace_s=a.grace_hours * 3600, keep_versions=a.keep_versions, dry_run=a.dry_run)
+    gc.print_report(report, store, a.dry_run)
     return 0
 
 

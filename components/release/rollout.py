@@ -72,8 +72,7 @@ class DeployConfig:
             problems.append("deploy target gitops needs gitops_repo (the Git URL the Argo CD Application watches)")
         if self.target == "gitops" and (self.gitops_path.startswith("/") or ".." in Path(self.gitops_path).parts):
             problems.append(f"gitops_path {self.gitops_path!r}: use a relative folder inside the repository")
-        if self.target == "gitops":
-            problems += check_git_values(self.gitops_repo, self.gitops_branch)
+        problems += check_git_values(self.gitops_repo, self.gitops_branch)  # whatever the target: both reach git's argv
         if problems:
             raise ConfigError("; ".join(problems))
 

@@ -273,6 +273,18 @@ class LocalStore(Store):
             and not any(".tmp-" in part for part in p.relative_to(self.root).parts)
         )
 
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove a key or everything under a prefix; how many files went."""
+        path = self._path(prefix)
+        if path.is_file():
+            path.unlink()
+            return 1
+        if not path.is_dir() or not prefix:
+            return 0
+        count = sum(1 for p in path.rglob("*") if p.is_file())
+        shutil.rmtree(path)
+        return count
+
     def download(self, key: str, dest: Path) -> None:
         try:
             shutil.copyfile(self._path(key), dest)
@@ -401,6 +413,34 @@ class S3Store(Store):
 
     def list(self, prefix: str) -> list[str]:
         return sorted(self._iter_keys(prefix))
+
+    def objects(self, prefix: str) -> list[tuple[str, float]]:
+        """(key, last modified as a Unix time) of every object under `prefix`."""
+        full = self._key(prefix)
+        full = full + "/" if full else ""
+        paginator = self._client.get_paginator("list_objects_v2")
+        pages = self._call("list", prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full)))
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        return sorted((o["Key"][strip:], o["LastModified"].timestamp()) for page in pages for o in page.get("Contents", []))
+
+    def delete_prefix(self, prefix: str) -> int:
+        if not prefix:
+            return 0
+        keys = [prefix] if self.exists(prefix) else self.list(prefix)
+        for key in keys:
+            self._call("delete", key, self._client.delete_object, Bucket=self.bucket, Key=self._key(key))
+        return len(keys)
+
+    def multipart_uploads(self) -> list[tuple[str, str, float]]:
+        """(key, upload id, initiated as a Unix time) of the unfinished multipart uploads under this store."""
+        full = self.prefix + "/" if self.prefix else ""
+        resp = self._call("list uploads", "", self._client.list_multipart_uploads, Bucket=self.bucket, Prefix=full)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        return [(u["Key"][strip:], u["UploadId"], u["Initiated"].timestamp()) for u in resp.get("Uploads", [])]
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        self._call("abort upload", key, self._client.abort_multipart_upload, Bucket=self.bucket, Key=self._key(key),
+                   UploadId=upload_id)
 
     def download(self, key: str, dest: Path) -> None:
         tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
