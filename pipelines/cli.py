@@ -20,6 +20,7 @@ published; 3 the quality gate rejected the model: nothing published; 1 anything 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import secrets
 import shutil
@@ -31,7 +32,7 @@ from pathlib import Path
 from kubetune import tasks
 from kubetune.core.config import add_config_args, config_from_args
 from kubetune.core.progress import fmt_seconds
-from kubetune.errors import InputError, KubetuneError
+from kubetune.errors import ConfigError, InputError, KubetuneError
 from kubetune.pipelines import cluster, parameters
 from kubetune.pipelines.config import ClusterConfig
 from kubetune.release import registry
@@ -58,6 +59,9 @@ def _run_parser(sub) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--summary", type=Path, help="write the run summary JSON here")
     o.add_argument("--verbose", action="store_true", help="show kfp.local's full output, not only kubetune's lines")
+    o.add_argument("--keep-kfp-runs", type=int, default=0,
+                   help="kfp.local's working copies of step outputs (<store>/kfp-local/) to keep, newest first; the run records "
+                        "and the registry hold what matters. Folders changed in the last hour (a run in progress) are never removed")
 
 
 def _compile_parser(sub) -> None:
@@ -176,6 +180,25 @@ def print_summary(s: dict, wall: float) -> None:
     w(f"\noutcome: {s['outcome']} (exit {s['exit_code']}), records in {s['store']}/runs/{s['run_id']}\n")
 
 
+KFP_BUSY_S = 3600  # a kfp-local folder changed this recently may belong to a run in progress
+
+
+def prune_kfp_outputs(root: Path, own: set[Path], keep: int) -> list[Path]:
+    """Remove kfp.local run folders beyond the newest `keep`: this run's own (finished) folders, and
+    earlier ones untouched for an hour (another run on the same store may still be writing)."""
+    if not root.is_dir():
+        return []
+    runs = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    removed = []
+    for path in runs[keep:]:
+        if path in own or time.time() - max((q.stat().st_mtime for q in path.rglob("*")), default=path.stat().st_mtime) > KFP_BUSY_S:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    with contextlib.suppress(OSError):
+        root.rmdir()  # only when empty
+    return removed
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from kubetune.pipelines.local import run_locally
     from kubetune.pipelines.training import build_training_pipeline
@@ -196,6 +219,9 @@ def cmd_run(a: argparse.Namespace) -> int:
     print(f"kubetune run {run_id}: {name} from {arguments['train_uri']} with {arguments['model_uri']}\n  store {store_uri}\n"
           f"  full log {log_path}", flush=True)
 
+    if a.keep_kfp_runs < 0:
+        raise ConfigError(f"--keep-kfp-runs {a.keep_kfp_runs}: use 0 or more")
+    before = set(pipeline_root.iterdir()) if pipeline_root.is_dir() else set()
     t0 = time.perf_counter()
     try:
         # no task retries locally: a failure here is not a flaky node, and backoff would only delay it
@@ -205,6 +231,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         if not local:
             store.upload(log_path, record.key("kfp-local.log"))
             shutil.rmtree(pipeline_root, ignore_errors=True)
+        else:
+            prune_kfp_outputs(pipeline_root, own=set(pipeline_root.iterdir()) - before, keep=a.keep_kfp_runs)
     wall = time.perf_counter() - t0
 
     summary = record.read_json("summary.json") or build_summary(record)

@@ -110,8 +110,8 @@ def texts_from_v1(payload: Any) -> list[str]:
 
 
 def texts_from_v2(inputs: list, input_name: str = "text") -> list[str]:
-    """The texts of a v2 request: `inputs` are objects with name, datatype, shape and either `data`
-    (JSON) or `raw` (not None: the tensor's bytes from the binary-data extension, see split_bytes)."""
+    """The texts of a v2 request: `inputs` are objects with name, datatype, shape and `data` (JSON,
+    or the items KServe decoded from the binary-data extension, which check_binary_request checked)."""
     if len(inputs) != 1:
         raise bad(f"expected exactly one input (BYTES, shape [N], the texts), got {len(inputs)}: {[i.name for i in inputs]}")
     inp = inputs[0]
@@ -122,9 +122,6 @@ def texts_from_v2(inputs: list, input_name: str = "text") -> list[str]:
             or not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 0:
         raise bad(f"input {inp.name!r}: shape must be [N] or [N, 1], got {shape}")
     data = inp.data
-    raw = getattr(inp, "raw", None)
-    if raw is not None:  # binary-data extension: length-prefixed items, checked against the shape here
-        data = split_bytes(raw, shape[0], inp.name)
     if data and all(isinstance(row, list) and len(row) == 1 for row in data):
         data = [row[0] for row in data]  # [[t1], [t2]] for shape [N, 1]
     if not isinstance(data, list) or len(data) != shape[0]:
@@ -141,6 +138,38 @@ def texts_from_v2(inputs: list, input_name: str = "text") -> list[str]:
             raise bad(f"input {inp.name!r}, item {i}: expected a string, got a JSON {_type(item)}", "bad_item")
         texts.append(check_text(f"input {inp.name!r}, item {i}", item))
     return texts
+
+
+def check_binary_request(body: bytes, header_length: int) -> None:
+    """A v2 request in the binary-data extension (a JSON header of `header_length` bytes, then each
+    input's bytes), checked before KServe decodes it: KServe unpacks BYTES items with struct and a
+    bad length prefix would surface as a 500. Sizes must fit the body, BYTES items their shape."""
+    if header_length > len(body):
+        raise bad(f"inference-header-content-length {header_length} is larger than the body ({len(body)} bytes)", "bad_binary")
+    try:
+        header = json.loads(body[:header_length])
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return  # not JSON: KServe's own parser answers 400
+    inputs = header.get("inputs") if isinstance(header, dict) else None
+    pos = header_length
+    for inp in inputs if isinstance(inputs, list) else []:
+        params = inp.get("parameters") if isinstance(inp, dict) else None
+        if not isinstance(params, dict) or "binary_data_size" not in params:
+            continue
+        name, size, shape = inp.get("name"), params["binary_data_size"], inp.get("shape")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise bad(f"input {name!r}: binary_data_size must be a byte count, got {size!r}", "bad_binary")
+        if pos + size > len(body):
+            raise bad(f"input {name!r}: binary_data_size {size} runs past the end of the body "
+                      f"({len(body) - pos} bytes left)", "bad_binary")
+        if inp.get("datatype") == "BYTES":
+            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                raise bad(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+            count = 1
+            for d in shape:
+                count *= d
+            split_bytes(body[pos:pos + size], count, str(name))
+        pos += size
 
 
 def apply_limits(texts: list[str], limits: TextLimits) -> tuple[list[str], int]:

@@ -29,6 +29,7 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from kubetune.core.system import usable_cpus
 from kubetune.onnx.model import OnnxClassifier, read_model_json
+from kubetune.serving import protocol
 from kubetune.serving.microbatch import MicroBatcher, Overloaded, TextFailed
 from kubetune.serving.protocol import RequestError, TextLimits, apply_limits, texts_from_v1, texts_from_v2, v2_outputs
 
@@ -135,9 +136,9 @@ class TextModel(kserve.Model):
 
     def _texts(self, payload) -> list[str]:
         if isinstance(payload, InferRequest):
-            # binary-data extension: the tensor's bytes, split and checked by protocol.split_bytes
-            # (KServe's as_numpy would raise a struct error on a bad length prefix: a 500)
-            inputs = [SimpleNamespace(name=i.name, datatype=i.datatype, shape=i.shape, data=i.data, raw=i._raw_data)
+            # binary-data extension: KServe decoded the items into `data` (RequestGuard checked them first)
+            inputs = [SimpleNamespace(name=i.name, datatype=i.datatype, shape=i.shape,
+                                      data=i.as_numpy().reshape(-1).tolist() if i._raw_data is not None else i.data)
                       for i in payload.inputs]
             return texts_from_v2(inputs)
         return texts_from_v1(payload)
@@ -249,6 +250,12 @@ class RequestGuard:
             self.metrics.rejected("bad_json")
             return await _send_json(send, 400, {"error": f"the request body is nested {depth} levels deep; "
                                                          f"the limit is {MAX_JSON_DEPTH} (send a flat list of texts)"})
+        if declared_json.isdigit():
+            try:
+                protocol.check_binary_request(body, int(declared_json))
+            except RequestError as e:
+                self.metrics.rejected(e.reason)
+                return await _send_json(send, e.status, {"error": e.message})
 
         async def replay():
             nonlocal replayed

@@ -150,7 +150,7 @@ class Store:
 
     uri: str
 
-    # primitives: read_bytes, write_bytes, exists, list, download, upload, publish_dir,
+    # primitives: read_bytes, write_bytes, exists, list, download, upload, publish_dir, delete_prefix,
     # read_versioned and write_if (compare-and-swap, for registry aliases)
     def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
         """(content, token) of an object, (None, None) when it does not exist. The token is what

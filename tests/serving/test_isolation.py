@@ -23,7 +23,7 @@ import requests
 from kubetune.errors import InputError
 from kubetune.release import registry
 from kubetune.serving.microbatch import MicroBatcher, TextFailed
-from kubetune.serving.protocol import RequestError, decode_json, split_bytes, texts_from_v1, texts_from_v2
+from kubetune.serving.protocol import RequestError, check_binary_request, decode_json, split_bytes, texts_from_v1, texts_from_v2
 from kubetune.storage.store import LocalStore
 from tests.helpers.serve import ROOT, running_server
 from tests.serving.test_serve import NAME, VERSION, publish
@@ -35,8 +35,8 @@ DEEP = b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
 class Input:
     name, datatype = "text", "BYTES"
 
-    def __init__(self, data, shape, raw=None):
-        self.data, self.shape, self.raw = data, shape, raw
+    def __init__(self, data, shape):
+        self.data, self.shape = data, shape
 
 
 def packed(*items: bytes) -> bytes:
@@ -68,13 +68,19 @@ def test_items_are_validated_before_the_model_runs():
         texts_from_v2([Input(["a"], ["1"])])
     # binary-data extension: lengths checked against the data and the shape
     assert split_bytes(packed(b"a", b"caf\xc3\xa9"), 2, "text") == [b"a", b"caf\xc3\xa9"]
-    assert texts_from_v2([Input(None, [2], raw=packed(b"a", b"caf\xc3\xa9"))]) == ["a", "café"]
     with pytest.raises(RequestError, match="length prefix says 1000 bytes, 3 are left"):
         split_bytes(struct.pack("<I", 1000) + b"abc", 1, "text")
     with pytest.raises(RequestError, match="ends inside a 4-byte length prefix"):
         split_bytes(packed(b"a") + b"\x01\x00", 2, "text")
+    body, headers = v2_binary(packed(b"a", b"b"), [3])
     with pytest.raises(RequestError, match="shape says 3 texts, the binary data holds 2"):
-        texts_from_v2([Input(None, [3], raw=packed(b"a", b"b"))])
+        check_binary_request(body, int(headers["inference-header-content-length"]))
+    body, headers = v2_binary(packed(b"a"), [1])
+    check_binary_request(body, int(headers["inference-header-content-length"]))
+    with pytest.raises(RequestError, match="runs past the end of the body"):
+        check_binary_request(body[:-1], int(headers["inference-header-content-length"]))
+    with pytest.raises(RequestError, match="larger than the body"):
+        check_binary_request(body, len(body) + 1)
 
 
 def test_microbatcher_fails_only_the_request_whose_text_fails():
