@@ -25,7 +25,7 @@ from kubetune.release import registry
 from kubetune.serving.microbatch import MicroBatcher, TextFailed
 from kubetune.serving.protocol import RequestError, check_binary_request, decode_json, split_bytes, texts_from_v1, texts_from_v2
 from kubetune.storage.store import LocalStore
-from tests.helpers.serve import ROOT, running_server
+from tests.helpers.serve import ROOT, free_port, running_server
 from tests.serving.test_serve import NAME, VERSION, publish
 
 V1_PATH, V2_PATH = f"/v1/models/{NAME}:predict", f"/v2/models/{NAME}/infer"
@@ -156,7 +156,8 @@ def store(tmp_path_factory, exported_model):
 @pytest.fixture(scope="module")
 def server(store):
     version_dir = store.root / registry.version_prefix(NAME, VERSION)
-    with running_server(["--model", str(version_dir), "--name", NAME, "--batch-wait-ms", "20", "--threads", "1"]) as server:
+    with running_server(["--model", str(version_dir), "--name", NAME, "--batch-wait-ms", "20", "--threads", "1",
+                         "--grpc-port", str(free_port())]) as server:
         yield server
 
 
@@ -170,6 +171,8 @@ MALFORMED = [
     (V2_PATH, *v2_binary(packed(b"a", b"b"), [3]), 400),
     (V2_PATH, *v2_binary(packed(b"\xed\xa0\x80"), [1]), 400),  # an encoded surrogate: not UTF-8
     (V1_PATH, b'{"instances": ["ok", 7]}', {}, 400),
+    (V1_PATH, DEEP, {"content-type": "application/x-www-form-urlencoded"}, 400),  # curl -d: parsed by kubetune, not KServe
+    (V2_PATH, b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 400),  # FastAPI's parser: RecursionError
 ]
 
 
@@ -183,6 +186,13 @@ def test_each_malformed_request_gets_its_4xx(server, i):
     r = post(server, path, body, headers)
     assert r.status_code == status, r.text
     assert r.json()["error"]
+
+
+def test_grpc_also_listens_on_loopback_only(server):
+    import psutil
+
+    listening = {c.laddr for c in psutil.Process(server.proc.pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    assert len(listening) == 2 and all(ip == "127.0.0.1" for ip, _ in listening), listening  # HTTP and gRPC
 
 
 def test_binary_v2_request_is_answered_like_json(server):

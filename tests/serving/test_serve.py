@@ -29,7 +29,7 @@ from tests.helpers.serve import assert_same_predictions, running_server
 NAME = "sms-spam"
 VERSION = "v20261123-000000-test"
 LIMITS = ["--max-body-bytes", "65536", "--max-texts", "16", "--max-text-chars", "2000", "--long-texts", "reject",
-          "--batch-wait-ms", "50", "--threads", "1"]
+          "--batch-wait-ms", "50", "--threads", "1", "--grpc-port", "0"]
 
 
 def publish(store, exported_model, tmp_path_factory) -> None:
@@ -227,6 +227,19 @@ def test_unknown_model_and_admin_routes(server):
 
 
 # ---- health, readiness, metadata, metrics --------------------------------------------------------
+
+
+def test_server_listens_on_loopback_only_by_default(server):
+    """`kubetune serve` without --host answers on 127.0.0.1 only (it used to bind 0.0.0.0 and [::]);
+    the image and the InferenceService pass --host 0.0.0.0 themselves."""
+    import psutil
+
+    listening = {c.laddr for c in psutil.Process(server.proc.pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    port = int(server.url.rsplit(":", 1)[1])
+    assert {(ip, p) for ip, p in listening if p == port} == {("127.0.0.1", port)}, listening
+    assert all(ip in ("127.0.0.1", "::1") for ip, _ in listening), listening  # gRPC too, when on
+    args = inference_service(NAME, VERSION, "s3://b/m", "run", ServingConfig())["spec"]["predictor"]["containers"][0]["args"]
+    assert args[args.index("--host") + 1] == "0.0.0.0"
 
 
 def test_health_readiness_and_metadata(server):
