@@ -22,8 +22,8 @@ import requests
 
 from kubetune.errors import InputError
 from kubetune.release import registry
-from kubetune.serving.microbatch import MicroBatcher, TextFailed
-from kubetune.serving.protocol import RequestError, check_binary_request, decode_json, split_bytes, texts_from_v1, texts_from_v2
+from kubetune.serving.microbatch import MicroBatcher
+from kubetune.serving.protocol import RequestError, decode_json, texts_from_v1, texts_from_v2
 from kubetune.storage.store import LocalStore
 from tests.helpers.serve import ROOT, free_port, running_server
 from tests.serving.test_serve import NAME, VERSION, publish
@@ -66,6 +66,11 @@ def test_items_are_validated_before_the_model_runs():
     assert e.value.status == 400
     with pytest.raises(RequestError, match="shape must be"):
         texts_from_v2([Input(["a"], ["1"])])
+
+
+def test_v2_binary_lengths_are_checked_before_kserve_decodes_them():
+    from kubetune.serving.protocol import check_binary_request, split_bytes
+
     # binary-data extension: lengths checked against the data and the shape
     assert split_bytes(packed(b"a", b"caf\xc3\xa9"), 2, "text") == [b"a", b"caf\xc3\xa9"]
     with pytest.raises(RequestError, match="length prefix says 1000 bytes, 3 are left"):
@@ -98,7 +103,9 @@ def test_microbatcher_fails_only_the_request_whose_text_fails():
         b = MicroBatcher(model, max_batch=16, max_wait_s=0.05, max_queue=100)
         got = await asyncio.gather(b.submit(["a", "b"]), b.submit(["c", "poison", "d"]), b.submit(["e"]),
                                    return_exceptions=True)
-        assert got[0] == ["A", "B"] and got[2] == ["E"]
+        assert got[0] == ["A", "B"] and got[2] == ["E"]  # before issue 12: both got the ValueError
+        from kubetune.serving.microbatch import TextFailed
+
         assert isinstance(got[1], TextFailed) and got[1].index == 1 and isinstance(got[1].cause, ValueError)
         assert calls[0] == ["a", "b", "c", "poison", "d", "e"]  # one call for all three, then isolation
         # a request that fails on its own with one text: TextFailed(0) without further calls

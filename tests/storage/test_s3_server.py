@@ -113,7 +113,7 @@ def test_download_refuses_escaping_names_and_checks_sha256(tmp_path, s3_bucket):
     written outside the download folder, and a file whose content changed after sealing is refused."""
     import json
 
-    from kubetune.storage.store import MANIFEST, safe_relative
+    from kubetune.storage.store import MANIFEST
 
     for store in (open_store(str(tmp_path / "local")), open_store(f"s3://{s3_bucket}/kt", S3Settings.from_env(os.environ))):
         folder = tmp_path / f"stage-{len(list(tmp_path.iterdir()))}"
@@ -126,13 +126,18 @@ def test_download_refuses_escaping_names_and_checks_sha256(tmp_path, s3_bucket):
         store.write_bytes("models/m/v1/model.onnx", b"B" * 100)  # same size, other content
         with pytest.raises(StoreError, match="sha256 differs"):
             store.download_dir("models/m/v1", tmp_path / f"dl-{len(list(tmp_path.iterdir()))}")
-        for evil in ("../escaped.txt", "/tmp/h12-escaped-abs.txt", "a/../../escaped.txt"):
+        for evil in ("../escaped.txt", "/tmp/kt-test-escaped-abs.txt", "a/../../escaped.txt"):
             bad = {**manifest, "files": {evil: manifest["files"]["model.onnx"]}}
             store.write_bytes(f"models/m/v1/{MANIFEST}", json.dumps(bad).encode())
             target = tmp_path / f"dl-{len(list(tmp_path.iterdir()))}"
             with pytest.raises(StoreError, match="outside the download folder"):
                 store.download_dir("models/m/v1", target)
-            assert not (target.parent / "escaped.txt").exists() and not os.path.exists("/tmp/h12-escaped-abs.txt")
+            assert not (target.parent / "escaped.txt").exists() and not os.path.exists("/tmp/kt-test-escaped-abs.txt")
+
+
+def test_safe_relative_names():
+    from kubetune.storage.store import safe_relative
+
     assert safe_relative("a/b.txt", "x") == "a/b.txt"
     for evil in ("", "a//b", "./a", "a\\..\\b"):
         with pytest.raises(StoreError):
