@@ -98,3 +98,72 @@ def test_s3_gc_removes_unsealed_objects_and_aborts_stale_uploads(s3_bucket, tmp_
     assert store.list(unsealed) == [] and not store.exists("runs/r1/.summary.json.tmp-abcdef12")
     assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
     assert registry.versions(store, NAME) == [sealed] and registry.read_alias(store, NAME)["version"] == sealed
+
+
+PUBLISH = """
+import sys
+from pathlib import Path
+from kubetune.storage.store import S3Settings, open_store
+store = open_store(sys.argv[1], S3Settings.from_env())
+store.publish_dir(Path(sys.argv[2]), sys.argv[3])
+"""
+
+
+def big_folder(tmp_path, files: int, size: int):
+    folder = tmp_path / "big"
+    folder.mkdir()
+    for i in range(files):
+        (folder / f"part{i:03d}.bin").write_bytes(os.urandom(size))
+    return folder
+
+
+def kill_when(proc, seen, timeout=60.0) -> bool:
+    """SIGKILL `proc` as soon as `seen()` is true; False if it finished first."""
+    import signal
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if seen():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            return True
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait(timeout=30)
+    return False
+
+
+def test_kill_9_mid_publish_then_gc_leaves_a_consistent_store(tmp_path):
+    import subprocess
+    import sys
+
+    store = open_store(str(tmp_path / "store"))
+    sealed = publish(store, tmp_path, "r1-aaaa")
+    registry.set_alias(store, NAME, registry.PRODUCTION, sealed, "r")
+    prefix = registry.version_prefix(NAME, "v20260101-000000-kill")
+    parent = store.root / "models" / NAME
+    proc = subprocess.Popen([sys.executable, "-c", PUBLISH, str(store.root), str(big_folder(tmp_path, 200, 256 << 10)), prefix])
+    assert kill_when(proc, lambda: any(".tmp-" in p.name for p in parent.iterdir())), "the publish finished before the kill"
+    assert not store.is_published(prefix) and registry.versions(store, NAME) == [sealed]
+    report = gc.collect(store, grace_s=HOUR, keep_versions=5, now=time.time() + 2 * HOUR)
+    assert len(report.removed) == 1 and ".tmp-" in report.removed[0]
+    assert sorted(p.name for p in parent.iterdir()) == sorted(["aliases", sealed])
+    assert registry.read_alias(store, NAME)["version"] == sealed
+
+
+def test_kill_9_mid_multipart_upload_then_gc_aborts_it(s3_bucket, tmp_path):
+    import subprocess
+    import sys
+
+    settings = S3Settings.from_env(os.environ)
+    store = open_store(f"s3://{s3_bucket}/kt", settings)
+    prefix = registry.version_prefix(NAME, "v20260101-000000-kill")
+    client = settings.client()
+    folder = big_folder(tmp_path, 1, 64 << 20)  # over boto3's 8 MB multipart threshold
+    proc = subprocess.Popen([sys.executable, "-c", PUBLISH, store.uri, str(folder), prefix], env=os.environ.copy())
+    assert kill_when(proc, lambda: bool(client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads"))), "no multipart upload seen"
+    assert not store.is_published(prefix)
+    report = gc.collect(store, grace_s=HOUR, keep_versions=5, now=time.time() + 2 * HOUR)
+    assert len(report.aborted) >= 1
+    assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    assert store.list(prefix) == []
