@@ -168,7 +168,11 @@ def check_binary_request(body: bytes, header_length: int) -> None:
             count = 1
             for d in shape:
                 count *= d
-            split_bytes(body[pos:pos + size], count, str(name))
+            for i, item in enumerate(split_bytes(body[pos:pos + size], count, str(name))):
+                try:  # KServe decodes the items as UTF-8 itself and answers 500 when it cannot
+                    item.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise bad(f"input {name!r}, item {i}: not valid UTF-8", "bad_item") from None
         pos += size
 
 

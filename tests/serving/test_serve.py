@@ -20,7 +20,7 @@ from kubetune.onnx.model import OnnxClassifier
 from kubetune.pipelines.cli import main as cli_main
 from kubetune.release import registry
 from kubetune.release.manifests import ServingConfig, inference_service, to_yaml
-from kubetune.serving.microbatch import MicroBatcher, Overloaded
+from kubetune.serving.microbatch import MicroBatcher, Overloaded, TextFailed
 from kubetune.serving.protocol import RequestError, TextLimits, apply_limits, texts_from_v1, texts_from_v2, v2_outputs
 from kubetune.serving.serve import ServeConfig, locate_model, model_name
 from kubetune.storage.store import LocalStore, S3Settings, open_store
@@ -229,12 +229,17 @@ def test_unknown_model_and_admin_routes(server):
 # ---- health, readiness, metadata, metrics --------------------------------------------------------
 
 
+def listening_sockets(proc):
+    conns = proc.net_connections(kind="inet") if hasattr(proc, "net_connections") else proc.connections(kind="inet")
+    return conns
+
+
 def test_server_listens_on_loopback_only_by_default(server):
     """`kubetune serve` without --host answers on 127.0.0.1 only (it used to bind 0.0.0.0 and [::]);
     the image and the InferenceService pass --host 0.0.0.0 themselves."""
     import psutil
 
-    listening = {c.laddr for c in psutil.Process(server.proc.pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    listening = {c.laddr for c in listening_sockets(psutil.Process(server.proc.pid)) if c.status == psutil.CONN_LISTEN}
     port = int(server.url.rsplit(":", 1)[1])
     assert {(ip, p) for ip, p in listening if p == port} == {("127.0.0.1", port)}, listening
     assert all(ip in ("127.0.0.1", "::1") for ip, _ in listening), listening  # gRPC too, when on
@@ -334,8 +339,9 @@ def test_microbatcher_batches_concurrent_submits_and_isolates_failures():
         got = await asyncio.gather(*(b.submit([f"t{i}", f"u{i}"]) for i in range(4)))
         assert got == [[f"T{i}", f"U{i}"] for i in range(4)]
         assert calls == [8]  # four requests, one call
-        with pytest.raises(ValueError):
+        with pytest.raises(TextFailed) as e:  # the request's own text, named (issue 12)
             await b.submit(["boom"])
+        assert e.value.index == 0 and isinstance(e.value.cause, ValueError)
         assert await b.submit(["after"]) == ["AFTER"]  # the worker survived the failure
         with pytest.raises(Overloaded):
             await b.submit(["x"] * 11)
