@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import secrets
 import shutil
 import sys
@@ -222,6 +223,12 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.keep_kfp_runs < 0:
         raise ConfigError(f"--keep-kfp-runs {a.keep_kfp_runs}: use 0 or more")
     before = set(pipeline_root.iterdir()) if pipeline_root.is_dir() else set()
+    # The step processes get a private TMPDIR, removed afterwards: kfp.local's component command makes
+    # a mktemp folder per step that nothing removes, and a step killed midway leaves its scratch.
+    # Only this folder, which this process made, is removed - never other $TMPDIR content.
+    run_tmp = Path(tempfile.mkdtemp(prefix="kubetune-run-"))
+    saved_tmpdir = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(run_tmp)
     t0 = time.perf_counter()
     try:
         # no task retries locally: a failure here is not a flaky node, and backoff would only delay it
@@ -232,7 +239,13 @@ def cmd_run(a: argparse.Namespace) -> int:
             store.upload(log_path, record.key("kfp-local.log"))
             shutil.rmtree(pipeline_root, ignore_errors=True)
         else:
-            prune_kfp_outputs(pipeline_root, own=set(pipeline_root.iterdir()) - before, keep=a.keep_kfp_runs)
+            prune_kfp_outputs(pipeline_root, own=set(pipeline_root.iterdir() if pipeline_root.is_dir() else ()) - before,
+                              keep=a.keep_kfp_runs)
+        if saved_tmpdir is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_tmpdir
+        shutil.rmtree(run_tmp, ignore_errors=True)
     wall = time.perf_counter() - t0
 
     summary = record.read_json("summary.json") or build_summary(record)

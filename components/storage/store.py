@@ -283,6 +283,10 @@ class LocalStore(Store):
             return 0
         count = sum(1 for p in path.rglob("*") if p.is_file())
         shutil.rmtree(path)
+        for parent in path.parents:  # folders left empty by it, as on S3 (where folders do not exist)
+            if parent == self.root or not parent.is_relative_to(self.root) or any(parent.iterdir()):
+                break
+            parent.rmdir()
         return count
 
     def download(self, key: str, dest: Path) -> None:
