@@ -63,6 +63,20 @@ class ErrorLog:
         return True
 
 
+class OneLineRejections(logging.Filter):
+    """KServe logs a full traceback for every request its own decoding rejects with a 400 (invalid
+    JSON, a lone surrogate orjson refuses): a flood of bad requests became megabytes of log. Such a
+    record becomes one line; the access log already has one per request."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from kserve.errors import InvalidInput
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, InvalidInput):
+            record.msg, record.args, record.exc_info, record.exc_text = f"rejected a request (400): {exc}", (), None, None
+        return True
+
+
 def request_id(headers) -> str:
     given = (headers or {}).get("x-request-id", "")
     return given if isinstance(given, str) and REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
@@ -318,5 +332,6 @@ def serve_forever(name: str, model_dir: Path, version: str, host: str, port: int
     # Log noise, not information: two kserve.trace lines per request repeat what /metrics and the
     # access log already hold, and kserve's routes trip FastAPI's ORJSONResponse deprecation notice.
     logging.getLogger("kserve.trace").setLevel(logging.WARNING)
+    logging.getLogger("kserve").addFilter(OneLineRejections())
     warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
     server.start([model])

@@ -202,7 +202,8 @@ def test_grpc_also_listens_on_loopback_only(server):
     import psutil
 
     listening = {c.laddr for c in listening_sockets(psutil.Process(server.proc.pid)) if c.status == psutil.CONN_LISTEN}
-    assert len(listening) == 2 and all(ip == "127.0.0.1" for ip, _ in listening), listening  # HTTP and gRPC
+    # HTTP and gRPC (which may take 127.0.0.1 on an IPv6 socket: ::ffff:127.0.0.1)
+    assert len(listening) == 2 and all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip, _ in listening), listening
 
 
 def test_binary_v2_request_is_answered_like_json(server):

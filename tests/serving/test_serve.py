@@ -242,7 +242,7 @@ def test_server_listens_on_loopback_only_by_default(server):
     listening = {c.laddr for c in listening_sockets(psutil.Process(server.proc.pid)) if c.status == psutil.CONN_LISTEN}
     port = int(server.url.rsplit(":", 1)[1])
     assert {(ip, p) for ip, p in listening if p == port} == {("127.0.0.1", port)}, listening
-    assert all(ip in ("127.0.0.1", "::1") for ip, _ in listening), listening  # gRPC too, when on
+    assert all(ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for ip, _ in listening), listening  # gRPC too, when on
     args = inference_service(NAME, VERSION, "s3://b/m", "run", ServingConfig())["spec"]["predictor"]["containers"][0]["args"]
     assert args[args.index("--host") + 1] == "0.0.0.0"
 
