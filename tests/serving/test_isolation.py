@@ -312,3 +312,24 @@ def test_locate_model_refuses_an_unsealed_folder(exported_model, tmp_path):
     folder = broken_copy(exported_model, tmp_path, ".v1.tmp-00ff00ff", lambda f: None)
     with pytest.raises(InputError, match="unsealed"):
         locate_model(str(folder), "", S3Settings(), lambda: tmp_path)
+
+
+def test_kserve_rejections_are_logged_as_one_line():
+    """KServe's own 400s (e.g. a lone surrogate orjson refuses) logged a traceback each."""
+    import io
+
+    from kubetune.serving.serve import kserve_argv
+
+    with kserve_argv():
+        from kserve.errors import InvalidInput
+
+        from kubetune.serving.server import OneLineRejections
+    out = io.StringIO()
+    logger = logging.getLogger("kt-test-rejections")
+    logger.addHandler(logging.StreamHandler(out))
+    logger.addFilter(OneLineRejections())
+    try:
+        raise InvalidInput("Unrecognized request format: str is not valid UTF-8: surrogates not allowed")
+    except InvalidInput as e:
+        logger.error("Exception:", exc_info=e)
+    assert out.getvalue() == "rejected a request (400): Unrecognized request format: str is not valid UTF-8: surrogates not allowed\n"
