@@ -129,6 +129,6 @@ def print_report(report: GcReport, store: Store, dry_run: bool, write=print) -> 
         write(f"kept (inside the grace period, may still be written): {item}")
     for name, versions in report.old_versions.items():
         write(f"{name}: {len(versions)} old version(s) the retention rule allows deleting (not deleted): {' '.join(versions)}")
-    write(f"gc {store.uri}: {len(report.removed)} leftover(s) {verb}, {len(report.aborted)} upload(s) "
+    write(f"gc {store.uri}: {len(report.removed)} leftover(s) {'to remove' if dry_run else 'removed'}, {len(report.aborted)} upload(s) "
           f"{'to abort' if dry_run else 'aborted'}, {len(report.too_recent)} too recent")
 
