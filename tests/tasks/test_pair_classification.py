@@ -233,3 +233,47 @@ def test_pair_pipeline_end_to_end(tmp_path, capsys, answers):
     assert [s["score"] for s in served] == pytest.approx([r["score"] for r in results], abs=1e-5)
     outputs = {o["name"]: o for o in v2.json()["outputs"]}
     assert outputs["label"]["data"] == [r["label"] for r in results[:2]]
+
+
+# ---- training inputs ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair_tokens(tmp_path_factory, answers, model_dir):
+    from kubetune.steps.tokenize import TokenizeConfig, tokenize
+
+    work = tmp_path_factory.mktemp("pair-tokens")
+    questions(answers, 40).to_csv(work / "train.csv", index=False)
+    report, _ = validate(str(work / "train.csv"), "", "", cfg(), work / "ds")
+    assert report.passed
+    info = tokenize(work / "ds", model_dir, work / "tokens", TokenizeConfig(max_length=48), store=None)
+    assert info["sep_token_id"] == 102
+    return work / "tokens"
+
+
+def test_training_and_inference_batches_carry_the_same_segment_ids(pair_tokens):
+    import torch
+
+    from kubetune.storage.shards import load_split
+    from kubetune.training.modeling import DeviceSplit, batch_inputs
+
+    meta = json.loads((pair_tokens / "meta.json").read_text())
+    split = load_split(pair_tokens, "train")
+    index = np.arange(8)
+    device_split = DeviceSplit(split, meta["pad_token_id"], torch.device("cpu"), pad_multiple=8, sep_id=meta["sep_token_id"])
+    train = device_split.batch(torch.from_numpy(index), device_split.width(index), meta["model_input_names"])["inputs"]
+    infer = batch_inputs(split, index, meta["pad_token_id"], meta["model_input_names"], torch.device("cpu"), meta["sep_token_id"])
+    assert torch.equal(train["token_type_ids"], infer["token_type_ids"]) and torch.equal(train["input_ids"], infer["input_ids"])
+    assert int(train["token_type_ids"].sum()) > 0 and int((train["token_type_ids"] * (1 - train["attention_mask"])).sum()) == 0
+
+
+def test_lora_fine_tunes_a_pair_classifier(pair_tokens, model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from kubetune.steps.finetune import FinetuneConfig, finetune
+
+    result = finetune(pair_tokens, model_dir, tmp_path / "m", FinetuneConfig(epochs=1, batch_size=16, learning_rate=2e-3, peft="lora",
+                                                                            checkpoint_steps=0))
+    assert 0 < result["trainable_parameters"] / result["total_parameters"] < 0.02
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m")
+    assert model.config.id2label == {0: "answer", 1: "other"}
