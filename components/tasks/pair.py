@@ -71,7 +71,7 @@ class PairClassification(SequenceClassification):
     default_metric = "macro_f1"
     headline = ("accuracy", "macro_f1")
     summary_metrics = ("accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix", "mrr", "accuracy_at_1",
-                       "ranked_questions")
+                       "ranked_questions", "positive_label")
     peft_task_type = "SEQ_CLS"
     per_token = False
     segments = 2  # [CLS] text [SEP] text_pair [SEP]
