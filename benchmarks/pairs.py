@@ -1,7 +1,7 @@
 """Answer-selection benchmark (pair-classification): kubetune vs TF-IDF baselines on the same split.
 
-    .venv/bin/python benchmarks/pairs.py                                  # 800 train / 250 test questions (~5 min on 2 CPU cores)
-    .venv/bin/python benchmarks/pairs.py --train-questions 200 --test-questions 100 --epochs 1    # a smoke run
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/pairs.py      # 1000 train / 200 test questions, 1 epoch (~16 min, 2 busy CPU cores)
+    .venv/bin/python benchmarks/pairs.py --train-questions 4000 --test-questions 1000 --epochs 3 --max-length 128   # on a GPU
 
 Data: builtin:newsgroups-answers (20 Newsgroups train posts: a subject, its own body = "answer", 3
 bodies of other posts of the same newsgroup = "other"; see kubetune.storage.derived). The first
@@ -80,12 +80,12 @@ def ranked(test: pd.DataFrame, p_answer: np.ndarray, labels: list[str], predict=
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="builtin:all-minilm-l6-v2")
-    p.add_argument("--train-questions", type=int, default=800)
-    p.add_argument("--test-questions", type=int, default=250)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--train-questions", type=int, default=1000)
+    p.add_argument("--test-questions", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=1e-4)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
