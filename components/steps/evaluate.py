@@ -101,7 +101,7 @@ def score_test(model_dir: Path, tokens_dir: Path, dataset_dir: Path, meta: dict,
     device = pick_device(cfg.device)
     model = task.model_class().from_pretrained(model_dir).to(device)
     logits = predict_logits(model, test, per_token=task.per_token, batch_size=cfg.batch_size, pad_id=meta["pad_token_id"],
-                            input_names=meta["model_input_names"], device=device)
+                            input_names=meta["model_input_names"], device=device, sep_id=meta.get("sep_token_id"))
     metrics, rows, gold = task.test_metrics(logits, test, pd.read_parquet(dataset_dir / "test.parquet"), labels)
     log(STEP, f"test ({len(test)} {task.row_unit}): {task.describe_test(metrics)}\n{task.card({'metrics': metrics, 'labels': labels})[2]}")
     return metrics, rows, gold
