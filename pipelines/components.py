@@ -65,7 +65,7 @@ def tokenize(store: str, run_id: str, job_id: str, model_uri: str, max_length: i
 
 
 def finetune(store: str, run_id: str, job_id: str, model_uri: str, epochs: int, batch_size: int, learning_rate: float,
-             seed: int, tokens: Input[Dataset], model: Output[Model], training_metrics: Output[Metrics]):
+             seed: int, keep_checkpoints: bool, tokens: Input[Dataset], model: Output[Model], training_metrics: Output[Metrics]):
     from pathlib import Path
 
     from kubetune.core.config import from_params
@@ -78,7 +78,8 @@ def finetune(store: str, run_id: str, job_id: str, model_uri: str, epochs: int, 
 
 
 def finetune_distributed(store: str, run_id: str, job_id: str, model_uri: str, epochs: int, batch_size: int,
-                         learning_rate: float, seed: int, finetune_backend: str, finetune_workers: int, finetune_gpus_per_worker: int,
+                         learning_rate: float, seed: int, keep_checkpoints: bool, finetune_backend: str, finetune_workers: int,
+                         finetune_gpus_per_worker: int,
                          image: str, s3_secret: str, s3_config_map: str, tokens: Input[Dataset], model: Output[Model],
                          training_metrics: Output[Metrics]):
     from pathlib import Path

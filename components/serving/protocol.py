@@ -59,6 +59,37 @@ def decode_json(body: bytes) -> Any:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad(f"the request body is not valid JSON ({e}); send {V1_SHAPE}", "bad_json") from None
+    except RecursionError:  # 100,000 '[' is valid JSON that Python's parser cannot hold
+        raise bad(f"the request body is nested too deeply; send {V1_SHAPE}", "bad_json") from None
+
+
+def check_text(where: str, text: str) -> str:
+    """A JSON string may hold a lone surrogate ("\\ud800"): valid JSON, but no text a tokenizer can
+    encode. Rejected here, with the item, rather than failing the model call."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad(f"{where}: not valid Unicode (a lone surrogate at character {e.start}); send UTF-8 text", "bad_item") from None
+    return text
+
+
+def split_bytes(raw: bytes, count: int, name: str) -> list[bytes]:
+    """The items of a BYTES tensor in the binary-data extension: each a 4-byte little-endian length,
+    then that many bytes. Lengths that run past the data, or a count other than the shape's, are
+    rejected before anything is decoded."""
+    items, pos = [], 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise bad(f"input {name!r}, item {len(items)}: binary data ends inside a 4-byte length prefix", "bad_item")
+        size = int.from_bytes(raw[pos:pos + 4], "little")
+        if pos + 4 + size > len(raw):
+            raise bad(f"input {name!r}, item {len(items)}: its length prefix says {size} bytes, "
+                      f"{len(raw) - pos - 4} are left in the binary data", "bad_item")
+        items.append(raw[pos + 4:pos + 4 + size])
+        pos += 4 + size
+    if len(items) != count:
+        raise bad(f"input {name!r}: shape says {count} texts, the binary data holds {len(items)}")
+    return items
 
 
 def _shape_of(fields: tuple[str, ...]) -> str:
@@ -86,7 +117,7 @@ def texts_from_v1(payload: Any, fields: tuple[str, ...] = ("text",)) -> list:
             item = item["text"]
         if not isinstance(item, str):
             raise bad(f"instances[{i}]: expected a string or {{\"text\": string}}, got a JSON {_type(item)}", "bad_item")
-        texts.append(item)
+        texts.append(check_text(f"instances[{i}]", item))
     return texts
 
 
@@ -113,14 +144,14 @@ def _records_from_v1(payload: Any, fields: tuple[str, ...]) -> list[tuple]:
         for f in fields:
             if not isinstance(item[f], str):
                 raise bad(f"instances[{i}].{f}: expected a string, got a JSON {_type(item[f])}", "bad_item")
-        out.append(tuple(item[f] for f in fields))
+        out.append(tuple(check_text(f"instances[{i}].{f}", item[f]) for f in fields))
     return out
 
 
 def texts_from_v2(inputs: list, fields: tuple[str, ...] = ("text",)) -> list:
-    """The texts of a v2 request: `inputs` are objects with name, datatype, shape and either `data`
-    (JSON) or `raw` (bytes already split into items by the binary-data extension). For a
-    several-field task one input per field, by name; the result is then tuples in `fields` order."""
+    """The texts of a v2 request: `inputs` are objects with name, datatype, shape and `data` (JSON,
+    or the items KServe decoded from the binary-data extension, which check_binary_request checked).
+    For a several-field task one input per field, by name; the result is then tuples in `fields` order."""
     if fields != ("text",):
         by_name = {i.name: i for i in inputs}
         if sorted(by_name) != sorted(fields) or len(inputs) != len(fields):
@@ -138,7 +169,8 @@ def _texts_of(inp) -> list[str]:
     if inp.datatype != "BYTES":
         raise bad(f"input {inp.name!r}: datatype must be BYTES (the texts), got {inp.datatype}")
     shape = list(inp.shape or [])
-    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 0:
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape) \
+            or not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 0:
         raise bad(f"input {inp.name!r}: shape must be [N] or [N, 1], got {shape}")
     data = inp.data
     if data and all(isinstance(row, list) and len(row) == 1 for row in data):
@@ -155,8 +187,44 @@ def _texts_of(inp) -> list[str]:
                 raise bad(f"input {inp.name!r}, item {i}: not valid UTF-8", "bad_item") from None
         if not isinstance(item, str):
             raise bad(f"input {inp.name!r}, item {i}: expected a string, got a JSON {_type(item)}", "bad_item")
-        texts.append(item)
+        texts.append(check_text(f"input {inp.name!r}, item {i}", item))
     return texts
+
+
+def check_binary_request(body: bytes, header_length: int) -> None:
+    """A v2 request in the binary-data extension (a JSON header of `header_length` bytes, then each
+    input's bytes), checked before KServe decodes it: KServe unpacks BYTES items with struct and a
+    bad length prefix would surface as a 500. Sizes must fit the body, BYTES items their shape."""
+    if header_length > len(body):
+        raise bad(f"inference-header-content-length {header_length} is larger than the body ({len(body)} bytes)", "bad_binary")
+    try:
+        header = json.loads(body[:header_length])
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return  # not JSON: KServe's own parser answers 400
+    inputs = header.get("inputs") if isinstance(header, dict) else None
+    pos = header_length
+    for inp in inputs if isinstance(inputs, list) else []:
+        params = inp.get("parameters") if isinstance(inp, dict) else None
+        if not isinstance(params, dict) or "binary_data_size" not in params:
+            continue
+        name, size, shape = inp.get("name"), params["binary_data_size"], inp.get("shape")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise bad(f"input {name!r}: binary_data_size must be a byte count, got {size!r}", "bad_binary")
+        if pos + size > len(body):
+            raise bad(f"input {name!r}: binary_data_size {size} runs past the end of the body "
+                      f"({len(body) - pos} bytes left)", "bad_binary")
+        if inp.get("datatype") == "BYTES":
+            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                raise bad(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+            count = 1
+            for d in shape:
+                count *= d
+            for i, item in enumerate(split_bytes(body[pos:pos + size], count, str(name))):
+                try:  # KServe decodes the items as UTF-8 itself and answers 500 when it cannot
+                    item.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise bad(f"input {name!r}, item {i}: not valid UTF-8", "bad_item") from None
+        pos += size
 
 
 def _longest(item) -> int:

@@ -54,7 +54,7 @@ from kubetune.training.parallel import World, barrier, gather, process_group, sh
 STEP = "finetune"
 PEFT_METHODS = ("none", "lora")
 # settings that do not change the trained weights: a checkpoint may be resumed with other values
-RUN_ONLY = ("device", "cpu_threads", "eval_batch_size", "checkpoint_steps", "resume", "compile")
+RUN_ONLY = ("device", "cpu_threads", "eval_batch_size", "checkpoint_steps", "resume", "compile", "keep_checkpoints")
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,8 @@ class FinetuneConfig:
     compile: bool = False  # torch.compile the model (pays off on long runs of a big model only)
     checkpoint_steps: int = 200  # also checkpoint every N optimizer steps (0: only after each epoch)
     resume: bool = True  # resume from this run's checkpoint when one exists
+    keep_checkpoints: bool = param(False, "Keep the optimizer checkpoints in the store after a successful fine-tune "
+                                          "(they only serve to resume a run that failed; hundreds of MB each).")
     peft: str = "none"  # none | lora
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -475,6 +477,10 @@ def run_step(*, store_uri: str, run_id: str, tokens_dir: Path | str, model_uri: 
         tokens_dir = fetch(str(tokens_dir), ctx.settings, ctx.tmp("tokens"))
         model_dir = resolve_model_dir(model_uri, ctx.settings, ctx.tmp("model"))
         result = finetune(tokens_dir, model_dir, out_dir, cfg, checkpoints=checkpoints, world=world)
+        if world.main and not cfg.keep_checkpoints:
+            removed = checkpoints.delete()  # the model is saved: nothing is left to resume
+            if removed:
+                log(STEP, f"removed the checkpoint {checkpoints.url} (--keep-checkpoints keeps it)")
         if world.main and publish:
             ctx.store.publish_dir(out_dir, join(publish))
             log(STEP, f"published the model to {ctx.store.url(join(publish))}")

@@ -50,7 +50,8 @@ def check_deployed(summary: dict) -> None:
 
 def test_local_store_deploys_then_gate_rejects(tmp_path, capsys, sms_rows):
     store = tmp_path / "store"
-    code, summary = run([*QUICK_ARGS, "--store", str(store), "--run-id", "first", "--gate-threshold", "0.5"], tmp_path / "first.json")
+    code, summary = run([*QUICK_ARGS, "--store", str(store), "--run-id", "first", "--gate-threshold", "0.5", "--keep-kfp-runs", "1"],
+                        tmp_path / "first.json")
     assert code == 0
     check_deployed(summary)
     assert summary["gate"]["champion_value"] is None
@@ -93,6 +94,11 @@ def test_local_store_deploys_then_gate_rejects(tmp_path, capsys, sms_rows):
     tokenize_record = json.loads((store / "runs/second/steps/tokenize.json").read_text())
     assert tokenize_record["outputs"]["cache"] == "hit"
     assert sorted(p.name for p in (store / "models/sms-spam").iterdir()) == sorted(["aliases", version])
+    # nothing left behind (issue 12): no checkpoints after a successful fine-tune, the second run's
+    # kfp.local copies pruned (the first run's kept: --keep-kfp-runs 1), nothing else at the top
+    assert not (store / "runs/first/checkpoints").exists() and not (store / "runs/second/checkpoints").exists()
+    assert len(list((store / "kfp-local").iterdir())) == 1
+    assert sorted(p.name for p in store.iterdir()) == ["cache", "kfp-local", "models", "runs"]
     assert json.loads((store / "models/sms-spam/aliases/production.json").read_text())["version"] == version
 
     # the same data again, not forced: a scheduled run that finds nothing new skips training, exit 0
