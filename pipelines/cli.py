@@ -112,6 +112,16 @@ def _infer_parser(sub) -> None:
     p.set_defaults(func=cmd_infer)
 
 
+def _drift_parser(sub) -> None:
+    from kubetune.steps import drift
+
+    p = sub.add_parser("drift", help="a drift report of data against a registry version's reference profile", formatter_class=_Help,
+                       description=drift.__doc__)
+    p.add_argument("--store", required=True, help="local folder or s3://bucket/prefix (the registry)")
+    drift.add_drift_args(p)
+    p.set_defaults(func=cmd_drift)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubetune", description="Fine-tune, gate, export and publish transformer text classifiers on Kubeflow.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -121,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     _registry_parsers(sub)
     _serve_parser(sub)
     _infer_parser(sub)
+    _drift_parser(sub)
     return p
 
 
@@ -278,6 +289,22 @@ def cmd_infer(a: argparse.Namespace) -> int:
     if a.summary:
         a.summary.parent.mkdir(parents=True, exist_ok=True)
         a.summary.write_text(json.dumps(manifest, indent=2) + "\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# drift
+
+
+def cmd_drift(a: argparse.Namespace) -> int:
+    """Exit 0 either way: a drift verdict is a finding, not an error (`drifted` is in drift.json)."""
+    from kubetune.monitoring.drift import Thresholds
+    from kubetune.steps.drift import REPORT_HTML, REPORT_JSON, DriftConfig, run_step
+
+    rep = run_step(store_uri=a.store, run_id="", ref=a.model, input_uri=a.input, out_dir=a.out,
+                   cfg=config_from_args(DriftConfig, a), thresholds=config_from_args(Thresholds, a))
+    print(f"\n{'DRIFTED' if rep['drifted'] else 'no drift'} ({', '.join(rep['drifted_signals']) or 'every signal within its threshold'}); "
+          f"model {rep['model']}, {rep['rows']} rows\nreport {a.out / REPORT_JSON}, {a.out / REPORT_HTML}")
     return 0
 
 

@@ -42,13 +42,15 @@ from kubetune.core.context import run_main, step_context
 from kubetune.core.progress import Progress, log
 from kubetune.core.system import usable_cpus
 from kubetune.errors import ConfigError, InputError
+from kubetune.monitoring import profile
 from kubetune.onnx.model import VARIANTS, OnnxClassifier
 from kubetune.release import registry
 from kubetune.storage import formats
 from kubetune.storage.store import NotFound, S3Settings, Store, fetch, join, listing, open_store
 
 STEP = "infer"
-PLAN, MANIFEST = "plan.json", "manifest.json"
+PLAN, MANIFEST, PROFILE = "plan.json", "manifest.json", "profile.json"
+DRIFT_JSON, DRIFT_HTML = "drift.json", "drift.html"
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,10 @@ class ShardScorer:
         predictions.to_parquet(staging / "predictions.parquet", index=False)
         if len(rejects):
             rejects.to_parquet(staging / "rejects.parquet", index=False)
+        # the shard's profile: collect merges them into the batch's drift report (no second model pass)
+        shard_profile = profile.build(self.clf.task, self.clf, texts, predictions=self.clf.task.column_predictions(columns))
+        (staging / PROFILE).write_text(json.dumps(shard_profile))
+        entry["files"].append(PROFILE)
         (staging / "shard.json").write_text(json.dumps(entry, indent=2))
         self.output.publish_dir(staging, prefix)  # the commit: all of the shard or nothing
         log(STEP, f"shard {shard_id}: {len(predictions)} predicted, {len(rejects)} rejected, {entry['truncated']} truncated "
@@ -218,7 +224,7 @@ class ShardScorer:
 # ---- collect -------------------------------------------------------------------------------------
 
 
-def collect(plan: dict, output: Store) -> dict:
+def collect(plan: dict, output: Store, settings: S3Settings | None = None) -> dict:
     """Check every shard is committed and write the batch manifest."""
     missing = [s["id"] for s in plan["shards"] if not output.is_published(join("shards", s["id"]))]
     if missing:
@@ -230,10 +236,36 @@ def collect(plan: dict, output: Store) -> dict:
                 "fingerprint": plan["fingerprint"], "totals": totals, "shards": entries,
                 "predictions": [output.url(join("shards", e["id"], "predictions.parquet")) for e in entries],
                 "rejects": [output.url(join("shards", e["id"], "rejects.parquet")) for e in entries if e["rejected"]]}
+    manifest["drift"] = batch_drift(plan, entries, output, settings)
+    manifest["drifted"] = manifest["drift"].get("drifted")
     output.write_json(MANIFEST, manifest)
     log(STEP, f"{totals['rows']} rows: {totals['predicted']} predicted, {totals['rejected']} rejected, "
               f"{totals['truncated']} truncated; manifest {output.url(MANIFEST)}")
     return manifest
+
+
+def batch_drift(plan: dict, entries: list[dict], output: Store, settings: S3Settings | None) -> dict:
+    """The batch's drift report against the model version's reference profile: the shards' profiles
+    merged, written as <output>/drift.json and drift.html. {"drifted": None, "skipped": why} for a
+    version published before profiles existed, or shards scored before they were kept."""
+    from kubetune.monitoring import drift
+    from kubetune.monitoring.report import drift_html
+
+    version = open_store(plan["model"]["uri"], settings)
+    if not version.exists(PROFILE):
+        return {"drifted": None, "skipped": f"{plan['model']['name']} {plan['model']['version']} has no reference profile"}
+    shards = [e for e in entries if PROFILE in e["files"] and e["predicted"]]
+    if not shards:
+        return {"drifted": None, "skipped": "no shard holds a profile (scored before profiles were kept, or no valid rows)"}
+    current = profile.merge([output.read_json(join("shards", e["id"], PROFILE)) for e in shards])
+    rep = drift.report(version.read_json(PROFILE), current, drift.Thresholds(),
+                       {"model": f"{plan['model']['name']}/{plan['model']['version']}", "input": plan["input"]})
+    output.write_json(DRIFT_JSON, rep)
+    output.write_text(DRIFT_HTML, drift_html(rep))
+    log(STEP, f"drift: {'DRIFTED (' + ', '.join(rep['drifted_signals']) + ')' if rep['drifted'] else 'none'}; "
+              f"report {output.url(DRIFT_HTML)}")
+    return {"drifted": rep["drifted"], "drifted_signals": rep["drifted_signals"], "report": output.url(DRIFT_JSON),
+            "html": output.url(DRIFT_HTML)}
 
 
 def run_batch(store_uri: str, model_ref: str, input_uri: str, output_uri: str, cfg: BatchConfig) -> dict:
@@ -249,7 +281,7 @@ def run_batch(store_uri: str, model_ref: str, input_uri: str, output_uri: str, c
         t0 = time.perf_counter()
         for shard in todo:
             scorer.score(shard["id"], progress)
-        manifest = collect(plan, output)
+        manifest = collect(plan, output, ctx.settings)
     manifest["seconds"] = round(time.perf_counter() - t0, 2)
     return manifest
 
@@ -274,7 +306,7 @@ def score_step(*, output_uri: str, shard_id: str) -> str:
 def collect_step(*, output_uri: str) -> str:
     with step_context("batch-collect") as ctx:
         output = open_store(output_uri, ctx.settings)
-        collect(output.read_json(PLAN), output)
+        collect(output.read_json(PLAN), output, ctx.settings)
     return output.url(MANIFEST)
 
 
