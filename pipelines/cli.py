@@ -109,6 +109,13 @@ def _infer_parser(sub) -> None:
                                    "Re-run with the same --output to resume after a crash (committed shards are skipped).")
     add_batch_args(p)
     p.add_argument("--summary", type=Path, help="write the batch manifest JSON here too")
+    r = p.add_argument_group("retraining on drift (the same submission as kubetune submit)")
+    r.add_argument("--retrain-on-drift", action="store_true",
+                   help="when the batch's drift report says drifted, start a training-pipeline run for the same store and "
+                        "model name (give its data with --param train_uri=...)")
+    cluster.add_server_args(p, store=False)
+    cluster.add_run_args(p)
+    r.add_argument("--run-name", default="", help="name of the retraining run (default: pipeline name + time)")
     p.set_defaults(func=cmd_infer)
 
 
@@ -286,6 +293,12 @@ def cmd_infer(a: argparse.Namespace) -> int:
     print(f"\n{t['rows']} rows in {len(manifest['shards'])} shards: {t['predicted']} predicted, {t['rejected']} rejected, "
           f"{t['truncated']} truncated; model {manifest['model']['name']} {manifest['model']['version']} ({manifest['variant']})\n"
           f"manifest {a.output.rstrip('/')}/manifest.json")
+    drift = manifest["drift"]
+    print(f"drift: {'DRIFTED (' + ', '.join(drift['drifted_signals']) + ')' if drift.get('drifted') else drift.get('skipped') or 'none'}")
+    if a.retrain_on_drift and manifest["drifted"]:
+        given = {p.partition("=")[0] for p in a.param}
+        a.param = [*a.param, *([f"model_name={manifest['model']['name']}"] if "model_name" not in given else [])]
+        manifest["retraining_run"] = cluster.submit_training(a)[0]
     if a.summary:
         a.summary.parent.mkdir(parents=True, exist_ok=True)
         a.summary.write_text(json.dumps(manifest, indent=2) + "\n")

@@ -13,7 +13,7 @@ compile time, not import time).
 
 # no `from __future__ import annotations` here: KFP reads the annotations as real types
 from types import SimpleNamespace
-from typing import List
+from typing import List, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import (
@@ -54,7 +54,8 @@ def freshness(store: str, run_id: str, job_id: str, model_name: str, force: bool
     return run_step(store_uri=store, run_id=run_id or job_id, model_name=model_name, dataset_dir=Path(dataset.path), force=force)
 
 
-def tokenize(store: str, run_id: str, job_id: str, model_uri: str, max_length: int, dataset: Input[Dataset], tokens: Output[Dataset]):
+def tokenize(store: str, run_id: str, job_id: str, model_uri: str, max_length: int, max_unknown_share: float, fail_on_unknown: bool,
+             dataset: Input[Dataset], tokens: Output[Dataset]):
     from pathlib import Path
 
     from kubetune.core.config import from_params
@@ -158,10 +159,21 @@ def batch_score(output_uri: str, shard_id: str) -> str:
     return score_step(output_uri=output_uri, shard_id=shard_id)
 
 
-def batch_collect(output_uri: str, shard_ids: List[str]) -> str:
+def batch_collect(output_uri: str, shard_ids: List[str]) -> NamedTuple("Outputs", [("manifest", str), ("drifted", bool)]):
+    from collections import namedtuple
+
     from kubetune.steps.batch_infer import collect_step
 
-    return collect_step(output_uri=output_uri)
+    manifest, drifted = collect_step(output_uri=output_uri)
+    return namedtuple("Outputs", ["manifest", "drifted"])(manifest, drifted)
+
+
+def batch_retrain(store: str, model: str, retrain_train_uri: str, retrain_experiment: str, kfp_host: str, image: str,
+                  s3_secret: str, s3_config_map: str) -> str:
+    from kubetune.pipelines.cluster import retrain
+
+    return retrain(store=store, model_ref=model, train_uri=retrain_train_uri, experiment=retrain_experiment, host=kfp_host,
+                   image=image, s3_secret=s3_secret, s3_config_map=s3_config_map)
 
 
 def make_components(cluster: ClusterConfig) -> SimpleNamespace:
@@ -173,5 +185,5 @@ def make_components(cluster: ClusterConfig) -> SimpleNamespace:
         finetune=dsl.component(finetune, base_image=cluster.gpu_image, install_kfp_package=False),
         finetune_distributed=cpu(finetune_distributed),
         evaluate=cpu(evaluate), export=cpu(export), deploy=cpu(deploy), summarize=cpu(summarize),
-        batch_plan=cpu(batch_plan), batch_score=cpu(batch_score), batch_collect=cpu(batch_collect),
+        batch_plan=cpu(batch_plan), batch_score=cpu(batch_score), batch_collect=cpu(batch_collect), batch_retrain=cpu(batch_retrain),
     )

@@ -303,11 +303,12 @@ def score_step(*, output_uri: str, shard_id: str) -> str:
     return shard_id
 
 
-def collect_step(*, output_uri: str) -> str:
+def collect_step(*, output_uri: str) -> tuple[str, bool]:
+    """(the manifest's URI, whether the batch drifted: false when it could not be checked, see manifest.json)."""
     with step_context("batch-collect") as ctx:
         output = open_store(output_uri, ctx.settings)
-        collect(output.read_json(PLAN), output, ctx.settings)
-    return output.url(MANIFEST)
+        manifest = collect(output.read_json(PLAN), output, ctx.settings)
+    return output.url(MANIFEST), bool(manifest["drifted"])
 
 
 def add_batch_args(p) -> None:
