@@ -84,7 +84,9 @@ def histogram_signals(reference: dict, current: dict, t: Thresholds) -> list[dic
         cur = current["histograms"].get(name)
         if cur is None or cur["edges"] != ref["edges"]:
             continue  # a profile of another max_length or format: not comparable bin by bin
-        bins = [f"{a:g}-{b:g}" for a, b in zip(ref["edges"][:-1], ref["edges"][1:])]
+        edges = ref["edges"]
+        # the last bin of width 1 holds the values clipped into it (token lengths at max_length: truncated)
+        bins = [f"{a:g}+" if i == len(edges) - 2 and b - a == 1 else f"{a:g}-{b:g}" for i, (a, b) in enumerate(zip(edges[:-1], edges[1:]))]
         out.append(compare_counts(name, "histogram", np.array(ref["counts"], float), np.array(cur["counts"], float), bins, t))
     for name, ref in reference["distributions"].items():
         cur = current["distributions"].get(name)

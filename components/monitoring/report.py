@@ -126,7 +126,7 @@ def drift_html(rep: dict) -> str:
     verdict = ('<p class="bad">DRIFTED: ' + escape(", ".join(rep["drifted_signals"])) + "</p>") if rep["drifted"] else \
         '<p class="ok">No drift: every signal is within its threshold.</p>'
     about = f"<p>{rep['rows']} rows checked against the reference profile of {escape(str(rep.get('model', 'the model')))} " \
-            f"({rep['reference_rows']} test rows).</p>"
+            f"({rep['reference_rows']} reference rows).</p>"
     rows = []
     for s in rep["signals"]:
         value = s.get("js_distance", s.get("change", s.get("auc")))

@@ -36,8 +36,11 @@ def chromium() -> str:
 def page_requests(net_log: Path) -> list[str]:
     """URLs of the requests made on behalf of a file:// page: their network isolation key is the
     page's site (the browser's own requests, e.g. to google.com, have another key or none)."""
-    text = net_log.read_text().rstrip().rstrip(",")
-    data = json.loads(text if text.endswith("]}") else text + "]}")  # a log cut at exit lacks its tail
+    text = net_log.read_text().rstrip()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:  # a log cut at exit lacks the end of its event list
+        data = json.loads(text.rstrip(",") + "]}")
     types = {v: k for k, v in data["constants"]["logEventTypes"].items()}
     out = []
     for e in data["events"]:

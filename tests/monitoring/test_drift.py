@@ -28,6 +28,14 @@ def signal(rep: dict, name: str) -> dict:
     return next(s for s in rep["signals"] if s["name"] == name)
 
 
+def show(what: str, rep: dict) -> None:
+    """The measured figures, for `pytest -s` (the README's table comes from them)."""
+    parts = [f"{s['name']} " + (f"JS {s['js_distance']:.3f} p {s['p_value']:.2g}" if "js_distance" in s else
+                                f"{s['reference']:.3f}->{s['current']:.3f}" if s["kind"] == "share" else f"AUC {s['auc']}")
+             for s in rep["signals"]]
+    print(f"\n[drift] {what}: drifted={rep['drifted']} | " + " | ".join(parts))
+
+
 def test_the_profile_describes_the_texts(clf, reference, sms_rows):
     texts = [t for _, t in sms_rows[1000:1600]]
     assert reference["rows"] == 600 and sum(reference["histograms"]["token_length"]["counts"]) == 600
@@ -45,6 +53,7 @@ def test_the_profile_describes_the_texts(clf, reference, sms_rows):
 
 def test_a_held_out_sms_slice_does_not_drift(clf, reference, sms_rows):
     rep = drift.report(reference, profile.build(clf.task, clf, [t for _, t in sms_rows[3000:3400]]))
+    show("held-out SMS (400)", rep)
     assert rep["drifted"] is False, rep["drifted_signals"]
     assert signal(rep, "embedding_domain_auc")["auc"] < 0.65  # a classifier cannot tell the two SMS samples apart
     assert all(s["js_distance"] < 0.1 or s["p_value"] >= 0.01 for s in rep["signals"] if "js_distance" in s)
@@ -52,6 +61,7 @@ def test_a_held_out_sms_slice_does_not_drift(clf, reference, sms_rows):
 
 def test_newsgroup_posts_drift(clf, reference):
     rep = drift.report(reference, profile.build(clf.task, clf, newsgroups_posts(400)))
+    show("20 Newsgroups (400)", rep)
     assert rep["drifted"] is True
     assert signal(rep, "embedding_domain_auc")["auc"] > 0.9
     assert {"embedding_domain_auc", "token_length"} <= set(rep["drifted_signals"])
@@ -60,6 +70,7 @@ def test_newsgroup_posts_drift(clf, reference):
 
 def test_chinese_reviews_drift_on_unknown_tokens_and_script(clf, reference):
     rep = drift.report(reference, profile.build(clf.task, clf, [t for t, _ in chinese_reviews(300)]))
+    show("Chinese reviews (300)", rep)
     assert rep["drifted"] is True
     unknown = signal(rep, "unknown_share")
     assert unknown["drifted"] and unknown["current"] > 0.3 and unknown["reference"] < 0.01
@@ -71,6 +82,7 @@ def test_shuffled_predictions_shift_the_label_distribution(clf, reference, sms_r
     """Spam-only SMS: same kind of text, but the predicted-label share moves far."""
     spam = [t for label, t in sms_rows[2000:] if label == "spam"][:200]
     rep = drift.report(reference, profile.build(clf.task, clf, spam))
+    show("spam-only SMS (200)", rep)
     assert signal(rep, "predicted_label")["drifted"]
     shift = rep["predicted_label_shift"]["spam"]
     assert shift["current"] > shift["reference"] + 0.4

@@ -5,6 +5,7 @@ nothing outside the file (the Kubeflow UI may have no egress)."""
 from __future__ import annotations
 
 import json
+from html import escape
 
 import pytest
 
@@ -60,7 +61,7 @@ def test_training_report_renders_offline(training_report, tmp_path_factory):
     path, evaluation = training_report
     html = path.read_text()
     assert html.count("<svg") >= 3  # learning curve(s), confusion heatmap, per-class bars
-    assert ("PASSED" if evaluation["gate"]["passed"] else "REJECTED") in html and evaluation["gate"]["reason"] in html
+    assert ("PASSED" if evaluation["gate"]["passed"] else "REJECTED") in html and escape(evaluation["gate"]["reason"]) in html
     cm = evaluation["metrics"]["confusion_matrix"]["matrix"]
     assert all(f">{v}</text>" in html for row in cm for v in row)  # every confusion count is drawn
     assert "ONNX variants" in html
