@@ -91,3 +91,38 @@ def test_shuffled_predictions_shift_the_label_distribution(clf, reference, sms_r
 def test_thresholds_are_checked():
     with pytest.raises(Exception, match="drift thresholds"):
         drift.Thresholds(drift_auc=0.3).check()
+
+
+def test_kubetune_drift_against_a_registry_version(tmp_path, exported_model, clf, reference, sms_rows, capsys):
+    """`kubetune drift --model NAME[@alias|version] --input URI` on a published version with its profile."""
+    import shutil
+
+    from kubetune.errors import InputError
+    from kubetune.pipelines.cli import main
+    from kubetune.release import registry
+    from kubetune.steps.drift import model_ref
+    from kubetune.storage.store import open_store
+    from tests.conftest import write_csv
+
+    store = open_store(str(tmp_path / "store"))
+    folder = tmp_path / "v1"
+    shutil.copytree(exported_model, folder)
+    (folder / "profile.json").write_text(json.dumps(reference))
+    store.publish_dir(folder, registry.version_prefix("sms-spam", "v1"))
+    registry.set_alias(store, "sms-spam", registry.PRODUCTION, "v1", "test")
+    news = write_csv(tmp_path / "news.csv", [(t, "x") for t in newsgroups_posts(150)])
+    sms = write_csv(tmp_path / "sms.csv", [(t, "x") for _, t in sms_rows[4000:4300]])
+
+    assert main(["drift", "--store", str(store.uri), "--model", "sms-spam@production", "--input", str(news), "--out", str(tmp_path / "a")]) == 0
+    rep = json.loads((tmp_path / "a" / "drift.json").read_text())
+    assert rep["drifted"] is True and rep["model"] == "sms-spam/v1" and rep["rows"] == 150
+    assert "DRIFTED" in capsys.readouterr().out and "<svg" in (tmp_path / "a" / "drift.html").read_text()
+    assert main(["drift", "--store", str(store.uri), "--model", "sms-spam@v1", "--input", str(sms), "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "drift.json").read_text())["drifted"] is False
+    assert model_ref("sms-spam") == "sms-spam" and model_ref("sms-spam@canary") == "models/sms-spam/canary"
+
+    store.publish_dir(exported_model, registry.version_prefix("sms-spam", "v0"))  # published before profiles existed
+    assert main(["drift", "--store", str(store.uri), "--model", "sms-spam@v0", "--input", str(sms), "--out", str(tmp_path / "c")]) == 2
+    assert "has no profile.json" in capsys.readouterr().err
+    with pytest.raises(InputError):
+        model_ref("Bad Name@v1")
