@@ -17,6 +17,7 @@ from typing import List, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import (
+    HTML,
     Artifact,
     ClassificationMetrics,
     Dataset,
@@ -124,7 +125,7 @@ def export(store: str, run_id: str, job_id: str, onnx_variants: str, model: Inpu
 
 def deploy(store: str, run_id: str, job_id: str, model_name: str, namespace: str, serving_image: str, deploy_target: str,
            canary_traffic_percent: int, gitops_repo: str, gitops_branch: str, gitops_path: str,
-           onnx_model: Input[Model], evaluation: Input[Artifact], manifest: Output[Artifact]) -> str:
+           onnx_model: Input[Model], evaluation: Input[Artifact], manifest: Output[Artifact], training_report: Output[HTML]) -> str:
     from pathlib import Path
 
     from kubetune.core.config import from_params
@@ -134,7 +135,8 @@ def deploy(store: str, run_id: str, job_id: str, model_name: str, namespace: str
 
     result = run_step(store_uri=store, run_id=run_id or job_id, model_name=model_name, onnx_dir=Path(onnx_model.path),
                       evaluation_path=Path(evaluation.path), manifest_path=Path(manifest.path),
-                      cfg=from_params(ServingConfig, locals()), target=from_params(DeployConfig, locals()))
+                      cfg=from_params(ServingConfig, locals()), target=from_params(DeployConfig, locals()),
+                      report_path=Path(training_report.path))
     return result["model_uri"]
 
 
@@ -159,12 +161,14 @@ def batch_score(output_uri: str, shard_id: str) -> str:
     return score_step(output_uri=output_uri, shard_id=shard_id)
 
 
-def batch_collect(output_uri: str, shard_ids: List[str]) -> NamedTuple("Outputs", [("manifest", str), ("drifted", bool)]):
+def batch_collect(output_uri: str, shard_ids: List[str], drift_report: Output[HTML],
+                  drift_metrics: Output[Metrics]) -> NamedTuple("Outputs", [("manifest", str), ("drifted", bool)]):
     from collections import namedtuple
+    from pathlib import Path
 
     from kubetune.steps.batch_infer import collect_step
 
-    manifest, drifted = collect_step(output_uri=output_uri)
+    manifest, drifted = collect_step(output_uri=output_uri, html_path=Path(drift_report.path), log_metric=drift_metrics.log_metric)
     return namedtuple("Outputs", ["manifest", "drifted"])(manifest, drifted)
 
 

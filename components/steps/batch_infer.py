@@ -303,11 +303,24 @@ def score_step(*, output_uri: str, shard_id: str) -> str:
     return shard_id
 
 
-def collect_step(*, output_uri: str) -> tuple[str, bool]:
-    """(the manifest's URI, whether the batch drifted: false when it could not be checked, see manifest.json)."""
+def collect_step(*, output_uri: str, html_path: Path | None = None, log_metric=None) -> tuple[str, bool]:
+    """(the manifest's URI, whether the batch drifted: false when it could not be checked, see
+    manifest.json). `html_path` gets a copy of drift.html and `log_metric(name, value)` the drift
+    scalars (the pipeline's HTML and Metrics artifacts)."""
+    from kubetune.monitoring import drift
+    from kubetune.monitoring.report import page
+
     with step_context("batch-collect") as ctx:
         output = open_store(output_uri, ctx.settings)
         manifest = collect(output.read_json(PLAN), output, ctx.settings)
+        checked = manifest["drifted"] is not None
+        if html_path is not None:
+            html_path.parent.mkdir(parents=True, exist_ok=True)
+            html_path.write_text(output.read_bytes(DRIFT_HTML).decode() if checked else
+                                 page("Drift report", [f"<p>Not checked: {manifest['drift']['skipped']}.</p>"]))
+        if log_metric is not None and checked:
+            for key, value in drift.kfp_metrics(output.read_json(DRIFT_JSON)).items():
+                log_metric(key, value)
     return output.url(MANIFEST), bool(manifest["drifted"])
 
 

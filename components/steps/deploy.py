@@ -187,7 +187,8 @@ def deploy(record: RunRecord, name: str, onnx_dir: Path, evaluation: dict, cfg: 
 
 
 def run_step(*, store_uri: str, run_id: str, model_name: str, onnx_dir: Path, evaluation_path: Path,
-             manifest_path: Path, cfg: ServingConfig, target: DeployConfig | None = None) -> dict:
+             manifest_path: Path, cfg: ServingConfig, target: DeployConfig | None = None, report_path: Path | None = None) -> dict:
+    """`report_path`: a copy of the published training report (the pipeline's HTML artifact, shown in the Kubeflow UI)."""
     target = target or DeployConfig()
     config = {"model_name": model_name, **asdict(cfg), **asdict(target)}
     with step_context(STEP, store_uri=store_uri, run_id=run_id, config=config) as ctx:
@@ -195,6 +196,9 @@ def run_step(*, store_uri: str, run_id: str, model_name: str, onnx_dir: Path, ev
         result = deploy(ctx.record, registry.check_name(model_name), onnx_dir, evaluation, cfg, ctx.scratch, target, GitAuth.from_env())
         manifest_path.parent.mkdir(parents=True, exist_ok=True)
         manifest_path.write_text(to_yaml(result["manifest"]))
+        if report_path is not None:
+            report_path.parent.mkdir(parents=True, exist_ok=True)
+            report_path.write_bytes(ctx.store.read_bytes(f"{registry.version_prefix(result['model_name'], result['version'])}/{REPORT_FILE}"))
         ctx.record.write_json("deployment.json", {k: v for k, v in result.items() if k != "manifest"})
         ctx.outputs.update({k: result[k] for k in ("version", "model_uri", "manifest_uri", "variants")}, target=target.target)
     return result
