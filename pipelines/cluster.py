@@ -70,10 +70,12 @@ def add_server_args(p: argparse.ArgumentParser, store: bool = True) -> None:
 
 
 def kfp_client(a: argparse.Namespace, environ=None):
-    import kfp
+    # kfp.client, not kfp.Client: inside a KFP task (_KFP_RUNTIME=true, the batch-retrain step) the
+    # package does not import its client at the top level
+    from kfp.client import Client
 
     env = os.environ if environ is None else environ
-    return kfp.Client(host=a.host or env.get("KF_PIPELINES_ENDPOINT") or None, namespace=a.namespace or "kubeflow",
+    return Client(host=a.host or env.get("KF_PIPELINES_ENDPOINT") or None, namespace=a.namespace or "kubeflow",
                       existing_token=env.get("KF_PIPELINES_TOKEN") or None, ssl_ca_cert=a.ssl_ca_cert or None)
 
 
