@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
-from kubetune.errors import InputError
+from kubetune.errors import InputError, KubetuneError
 from kubetune.pipelines import parameters
 from kubetune.pipelines.config import DEFAULT_IMAGE, ClusterConfig
 
@@ -174,15 +177,26 @@ def submit_training(a: argparse.Namespace, client=None) -> tuple[str, dict]:
 def retrain(*, store: str, model_ref: str, train_uri: str, experiment: str, host: str, image: str, s3_secret: str,
             s3_config_map: str) -> str:
     """The batch pipeline's retraining trigger (its batch-retrain task, run when the batch drifted):
-    submit_training for the same store and model name, from inside the cluster (`host` empty: the
-    in-cluster KFP API, with the pod's ServiceAccount token). Returns the new run's id."""
+    `kubetune submit` for the same store and model name, from inside the cluster (`host` empty: the
+    in-cluster KFP API, with the pod's ServiceAccount token). Returns the new run's id.
+
+    It runs as a child process: inside a KFP task the kfp package is in runtime mode
+    (_KFP_RUNTIME=true), where compiling a pipeline fails on a circular import."""
+    from kubetune.release import registry
+
     parts = model_ref.strip("/").split("/")
-    name = parts[1] if parts[0] == "models" and len(parts) > 1 else parts[0]
-    a = argparse.Namespace(host=host, namespace="", ssl_ca_cert="", image=image, trainer_image="", store=store, pipeline_root="",
-                           s3_secret=s3_secret, s3_config_map=s3_config_map, experiment=experiment or "kubetune",
-                           param=[f"model_name={name}", *([f"train_uri={train_uri}"] if train_uri else [])],
-                           service_account="kubetune-pipeline-runner", run_name="")
-    return submit_training(a)[0]
+    name = registry.check_name(parts[1] if parts[0] == "models" and len(parts) > 1 else parts[0])
+    # --flag=value: a value starting with '-' stays a value; no shell is involved
+    args = [sys.executable, "-m", "kubetune.pipelines.cli", "submit", f"--store={store}", f"--image={image}",
+            f"--s3-secret={s3_secret}", f"--s3-config-map={s3_config_map}", f"--experiment={experiment or 'kubetune'}",
+            f"--param=model_name={name}", *([f"--param=train_uri={train_uri}"] if train_uri else []), *([f"--host={host}"] if host else [])]
+    env = {k: v for k, v in os.environ.items() if k != "_KFP_RUNTIME"}
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    print(proc.stdout, end="")
+    found = re.search(r"submitted run (\S+) in experiment", proc.stdout)
+    if proc.returncode != 0 or not found:
+        raise KubetuneError(f"kubetune submit failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return found.group(1)
 
 
 def cmd_submit(a: argparse.Namespace) -> int:
