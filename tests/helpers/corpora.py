@@ -10,7 +10,7 @@ from pathlib import Path
 def package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"{name} is not installed: run .ci/setup (locks/assets.txt)")
+        raise RuntimeError(f"{name} is not installed: run .ci/setup (locks/assets.txt, locks/test-assets.txt)")
     return Path(list(spec.submodule_search_locations)[0])
 
 
