@@ -2,6 +2,7 @@
 
     kubetune run                         # train on the SMS Spam Collection with all-MiniLM-L6-v2, locally
     kubetune run --task token-classification          # NER on CoNLL-2003 English (official splits)
+    kubetune run --task pair-classification --text-column question --text-pair-column passage   # answer selection, NLI
     kubetune run --train s3://data/reviews.csv --text-column review --label-column stars --epochs 3
     kubetune compile --output kubetune-training.yaml [--image REGISTRY/kubetune:TAG]
     kubetune upload|submit|schedule --host KFP_API ...      # Kubeflow Pipelines server (pipelines/cluster.py)

@@ -30,6 +30,11 @@ def script_of(ch: str) -> str:
     return _SCRIPT_OF_NAME.get(name.split(" ", 1)[0], "other")
 
 
+def flat(text) -> str:
+    """A text, or a (text, text_pair) tuple of a pair classifier joined for display and script counts."""
+    return text if isinstance(text, str) else " | ".join(text)
+
+
 def script_counts(texts: list[str]) -> dict[str, int]:
     """Letters per script over `texts` (digits, punctuation and spaces are not counted)."""
     counts = dict.fromkeys(SCRIPTS, 0)
@@ -84,6 +89,7 @@ def coverage(tokenizer, texts: list[str], rows: list[list[int]], examples: int =
     unk, content = unknown_counts(rows, tokenizer.unk_token_id, special)
     share = float(unk.sum() / content.sum()) if content.sum() else 0.0
     worst = [int(i) for i in np.argsort(-(unk / np.maximum(content, 1)), kind="stable")[:examples] if unk[i]]
+    texts = [flat(t) for t in texts]
     scripts = script_counts(texts)
     name, part = main_script(scripts)
     return {"unknown_tokens": int(unk.sum()), "content_tokens": int(content.sum()), "unknown_share": round(share, 4),

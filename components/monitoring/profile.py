@@ -38,7 +38,8 @@ def histogram(values, edges: list) -> dict:
 
 
 def token_rows(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], np.ndarray]:
-    """Token ids per text as the model sees them (truncated to max_length) and which were truncated."""
+    """Token ids per text as the model sees them (truncated to max_length) and which were truncated;
+    a (text, text_pair) tuple is tokenized as the pair the model reads."""
     enc = tokenizer(texts, truncation=True, max_length=max_length, verbose=False)
     truncated = np.array([bool(e.overflowing) for e in enc.encodings], dtype=bool) if texts else np.zeros(0, bool)
     return enc["input_ids"], truncated
@@ -62,7 +63,7 @@ def build(task, predictor, texts: list[str], *, gold=None, predictions: list[dic
         "format": FORMAT, "task": task.name, "labels": list(predictor.labels), "max_length": max_length, "rows": len(texts),
         "histograms": {"token_length": histogram([len(r) for r in rows], length_edges(max_length)),
                        **{k: histogram(v, edges) for k, (v, edges) in outputs["histograms"].items()}},
-        "distributions": {"script": features.script_counts(texts), **outputs["distributions"]},
+        "distributions": {"script": features.script_counts([features.flat(t) for t in texts]), **outputs["distributions"]},
         "counts": {"truncated_rows": int(truncated.sum()), "unknown_tokens": int(unk.sum()), "content_tokens": int(content.sum())},
         "shares": shares(len(texts), int(truncated.sum()), int(unk.sum()), int(content.sum())),
         "gold": task.profile_gold(gold, predictor.labels) if gold is not None else {},
@@ -103,9 +104,9 @@ class TorchClassifier:
     (labels, tokenizer, max_length, tokenize, encode, logits, probabilities), so the reference
     profile in evaluate comes from the same prediction code as batch inference and serving."""
 
-    def __init__(self, model, tokenizer, labels: list[str], max_length: int, input_names: list[str], device):
+    def __init__(self, model, tokenizer, labels: list[str], max_length: int, input_names: list[str], device, sep_id: int | None = None):
         self.model, self.tokenizer, self.labels, self.max_length = model, tokenizer, list(labels), max_length
-        self.input_names, self.device = input_names, device
+        self.input_names, self.device, self.sep_id = input_names, device, sep_id  # sep_id: text pairs' segment ids
 
     def tokenize(self, texts: list, **kwargs):
         return self.tokenizer(texts, truncation=True, max_length=self.max_length, **kwargs)
@@ -120,7 +121,7 @@ class TorchClassifier:
         from kubetune.training.modeling import predict_logits
 
         return predict_logits(self.model, split, per_token=per_token, batch_size=batch_size, pad_id=self.tokenizer.pad_token_id,
-                              input_names=self.input_names, device=self.device)
+                              input_names=self.input_names, device=self.device, sep_id=self.sep_id)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         from kubetune.onnx.model import softmax

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from kubetune.errors import ConfigError, InputError
-from kubetune.storage.shards import TokenizedSplit, logit_rows, pad_batch, place_logits, sorted_batches
+from kubetune.storage.shards import TokenizedSplit, logit_rows, pad_batch, place_logits, sorted_batches, token_types
 
 VARIANTS = ("fp32", "optimized", "fp16", "int8")
 # int8 is never picked automatically: dynamic quantization scales activations per batch, so its
@@ -117,11 +117,12 @@ class OnnxClassifier:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.max_length = int(self.info["max_length"])
+        self.sep_id = self.info.get("sep_token_id")  # text pairs: segment ids after the first [SEP]
 
     def _run(self, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         feed = {"input_ids": input_ids, "attention_mask": mask}
         if "token_type_ids" in self.input_names:
-            feed["token_type_ids"] = np.zeros_like(input_ids)
+            feed["token_type_ids"] = token_types(input_ids, mask, self.sep_id)
         return self.session.run(["logits"], feed)[0]
 
     def logits(self, split: TokenizedSplit, batch_size: int = 64, per_token: bool = False) -> np.ndarray:
@@ -138,8 +139,9 @@ class OnnxClassifier:
         (e.g. is_split_into_words, return_offsets_mapping)."""
         return self.tokenizer(texts, truncation=True, max_length=self.max_length, **kwargs)
 
-    def encode(self, texts: list[str]) -> tuple[TokenizedSplit, np.ndarray]:
-        """Token ids of `texts`, and which texts were truncated."""
+    def encode(self, texts: list) -> tuple[TokenizedSplit, np.ndarray]:
+        """Token ids of `texts` (strings, or (text, text_pair) tuples for a pair task: the tokenizer
+        joins them with [SEP] and truncation cuts the longer side first), and which were truncated."""
         enc = self.tokenize(texts)
         # a fast tokenizer keeps what truncation cut off in `overflowing`
         truncated = np.array([bool(e.overflowing) for e in enc.encodings], dtype=bool) if enc.encodings else np.zeros(len(texts), bool)

@@ -12,6 +12,11 @@ Open Inference Protocol (v2), `POST /v2/models/<name>/infer`: one BYTES input of
 output's `labels` parameter as a JSON list); anything else (e.g. a token classifier's entity
 lists) -> BYTES [N] of JSON (parameter content_type=application/json).
 
+A pair classifier (a task whose inputs are several fields, kubetune.tasks: input_fields) takes
+objects with exactly those fields, `{"instances": [{"text": "q", "text_pair": "passage"}]}`, and in
+v2 one BYTES input per field, named by it (each [N], all the same N); its inputs are then tuples
+(text, text_pair) in the field order.
+
 Every rejection is a `RequestError` with the HTTP status to answer and a message naming the field,
 the item index and the limit, e.g. `instances[3]: expected a string or {"text": string}, got int`.
 """
@@ -56,7 +61,14 @@ def decode_json(body: bytes) -> Any:
         raise bad(f"the request body is not valid JSON ({e}); send {V1_SHAPE}", "bad_json") from None
 
 
-def texts_from_v1(payload: Any) -> list[str]:
+def _shape_of(fields: tuple[str, ...]) -> str:
+    return V1_SHAPE if fields == ("text",) else '{"instances": [{' + ", ".join(f'"{f}": "..."' for f in fields) + "}, ...]}"
+
+
+def texts_from_v1(payload: Any, fields: tuple[str, ...] = ("text",)) -> list:
+    """The inputs of a v1 request: strings, or for a several-field task tuples in `fields` order."""
+    if fields != ("text",):
+        return _records_from_v1(payload, fields)
     if isinstance(payload, (bytes, bytearray)):
         payload = decode_json(bytes(payload))
     if not isinstance(payload, dict):
@@ -78,12 +90,51 @@ def texts_from_v1(payload: Any) -> list[str]:
     return texts
 
 
-def texts_from_v2(inputs: list, input_name: str = "text") -> list[str]:
+def _instances(payload: Any, shape: str) -> list:
+    if isinstance(payload, (bytes, bytearray)):
+        payload = decode_json(bytes(payload))
+    if not isinstance(payload, dict):
+        raise bad(f"expected a JSON object {shape}, got a JSON {_type(payload)}")
+    if "instances" not in payload:
+        raise bad(f"the request has no \"instances\" field (fields: {sorted(payload)}); send {shape}")
+    if not isinstance(payload["instances"], list):
+        raise bad(f"\"instances\" must be a list, got a JSON {_type(payload['instances'])}; send {shape}")
+    return payload["instances"]
+
+
+def _records_from_v1(payload: Any, fields: tuple[str, ...]) -> list[tuple]:
+    shape = _shape_of(fields)
+    out = []
+    for i, item in enumerate(_instances(payload, shape)):
+        if not isinstance(item, dict) or set(item) != set(fields):
+            got = f"fields {sorted(item)}" if isinstance(item, dict) else f"a JSON {_type(item)}"
+            raise bad(f"instances[{i}]: expected an object with exactly the fields {', '.join(fields)}, got {got}; send {shape}",
+                      "bad_item")
+        for f in fields:
+            if not isinstance(item[f], str):
+                raise bad(f"instances[{i}].{f}: expected a string, got a JSON {_type(item[f])}", "bad_item")
+        out.append(tuple(item[f] for f in fields))
+    return out
+
+
+def texts_from_v2(inputs: list, fields: tuple[str, ...] = ("text",)) -> list:
     """The texts of a v2 request: `inputs` are objects with name, datatype, shape and either `data`
-    (JSON) or `raw` (bytes already split into items by the binary-data extension)."""
+    (JSON) or `raw` (bytes already split into items by the binary-data extension). For a
+    several-field task one input per field, by name; the result is then tuples in `fields` order."""
+    if fields != ("text",):
+        by_name = {i.name: i for i in inputs}
+        if sorted(by_name) != sorted(fields) or len(inputs) != len(fields):
+            raise bad(f"expected the BYTES inputs {', '.join(fields)} (one each, shape [N]), got {[i.name for i in inputs]}")
+        columns = [_texts_of(by_name[f]) for f in fields]
+        if len({len(c) for c in columns}) != 1:
+            raise bad("inputs " + ", ".join(f"{f!r} holds {len(c)}" for f, c in zip(fields, columns)) + ": they must be the same length")
+        return list(zip(*columns))
     if len(inputs) != 1:
         raise bad(f"expected exactly one input (BYTES, shape [N], the texts), got {len(inputs)}: {[i.name for i in inputs]}")
-    inp = inputs[0]
+    return _texts_of(inputs[0])
+
+
+def _texts_of(inp) -> list[str]:
     if inp.datatype != "BYTES":
         raise bad(f"input {inp.name!r}: datatype must be BYTES (the texts), got {inp.datatype}")
     shape = list(inp.shape or [])
@@ -108,21 +159,30 @@ def texts_from_v2(inputs: list, input_name: str = "text") -> list[str]:
     return texts
 
 
-def apply_limits(texts: list[str], limits: TextLimits) -> tuple[list[str], int]:
+def _longest(item) -> int:
+    return len(item) if isinstance(item, str) else max(len(t) for t in item)
+
+
+def _cut(item, limit: int):
+    return item[:limit] if isinstance(item, str) else tuple(t[:limit] for t in item)
+
+
+def apply_limits(texts: list, limits: TextLimits) -> tuple[list, int]:
     """(texts, how many were truncated). Empty requests and too many texts are rejected; texts longer
-    than max_text_chars are cut there or rejected, as configured."""
+    than max_text_chars are cut there or rejected, as configured (each text of a pair on its own)."""
     if not texts:
         raise bad("the request holds no texts; send at least one", "empty")
     if len(texts) > limits.max_texts:
         raise RequestError(413, "too_many_texts", f"{len(texts)} texts in one request; the limit is {limits.max_texts} (split the request)")
-    long = [i for i, t in enumerate(texts) if len(t) > limits.max_text_chars]
+    long = [i for i, t in enumerate(texts) if _longest(t) > limits.max_text_chars]
     if not long:
         return texts, 0
     if limits.long_texts == "reject":
         raise RequestError(413, "text_too_long",
-                           f"text {long[0]} has {len(texts[long[0]])} characters; the limit is {limits.max_text_chars}"
+                           f"text {long[0]} has {_longest(texts[long[0]])} characters; the limit is {limits.max_text_chars}"
                            + (f" ({len(long)} texts are over it)" if len(long) > 1 else ""))
-    return [t[:limits.max_text_chars] for t in texts], len(long)
+    over = set(long)
+    return [_cut(t, limits.max_text_chars) if i in over else t for i, t in enumerate(texts)], len(long)
 
 
 def _number(v: Any) -> bool:

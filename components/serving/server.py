@@ -126,7 +126,8 @@ class TextModel(kserve.Model):
         return True
 
     def get_input_types(self) -> list[dict]:
-        return [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+        fields = self.classifier.task.input_fields if self.classifier else ("text",)
+        return [{"name": f, "datatype": "BYTES", "shape": [-1]} for f in fields]
 
     def get_output_types(self) -> list[dict]:
         if self.classifier is None:
@@ -144,8 +145,8 @@ class TextModel(kserve.Model):
                                       # binary-data extension: the bytes arrive split into items, not as JSON
                                       data=i.as_numpy().reshape(-1).tolist() if i._raw_data is not None else i.data)
                       for i in payload.inputs]
-            return texts_from_v2(inputs)
-        return texts_from_v1(payload)
+            return texts_from_v2(inputs, self.classifier.task.input_fields)
+        return texts_from_v1(payload, self.classifier.task.input_fields)
 
     async def predict(self, payload, headers=None):
         try:

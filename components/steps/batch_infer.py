@@ -56,6 +56,7 @@ DRIFT_JSON, DRIFT_HTML = "drift.json", "drift.html"
 @dataclass(frozen=True)
 class BatchConfig:
     text_column: str = "text"
+    text_pair_column: str = ""  # pair classifiers: the column of each row's second text
     id_column: str = ""  # empty: ids are <file>:<row>
     variant: str = "auto"  # auto: the best accepted variant for the device (CPU: optimized, fp32); int8 on request
     shard_rows: int = 50_000
@@ -77,7 +78,7 @@ class BatchConfig:
 class Row:
     source_row: int  # 1-based data row in its file (the header is not a row)
     id: str
-    text: str | None  # None when rejected
+    text: str | tuple | None  # (text, text_pair) for a pair classifier; None when rejected
     reason: str = ""  # why it was rejected
     head: str = ""  # a rejected row's first 200 characters, undecodable bytes as \xNN
 
@@ -91,19 +92,28 @@ def list_inputs(uri: str, settings: S3Settings | None) -> list[str]:
     return files
 
 
-def read_rows(path: Path, name: str, text_column: str, id_column: str, max_chars: int) -> list[Row]:
+def read_rows(path: Path, name: str, text_column: str, id_column: str, max_chars: int, pair_column: str = "") -> list[Row]:
     """Every data row of one file, read leniently (kubetune.storage.formats): a bad row is a reject
     with a reason, never an error for the whole file; only a missing column or an unreadable
-    Parquet file raise. `name` (the file's URI) makes the default ids `<name>:<row>`."""
-    columns = (text_column, id_column) if id_column else (text_column,)
+    Parquet file raise. `name` (the file's URI) makes the default ids `<name>:<row>`. With
+    `pair_column` a row's text is the tuple (text, text pair), rejected when either is bad."""
+    texts = (text_column, pair_column) if pair_column else (text_column,)
+    columns = texts + ((id_column,) if id_column else ())
     fmt = formats.format_of(name)
     rows = []
-    flags = {text_column: "--text-column", id_column: "--id-column"}
+    flags = {text_column: "--text-column", id_column: "--id-column", pair_column: "--text-pair-column"}
     for n, rec in enumerate(formats.read_records(path, name, fmt, columns=columns, flags=flags, strict=False), start=1):
         rid = rec.fields.get(id_column) if id_column else None
         rid = f"{name}:{n}" if rid is None or rid == "" else str(rid)
-        value = rec.fields.get(text_column)
-        text, problem = (None, rec.problem) if rec.problem else formats.text_problem(value, max_chars)
+        values, problem, value = [], rec.problem, None
+        for column in texts if not problem else ():
+            value = rec.fields.get(column)
+            text, problem = formats.text_problem(value, max_chars)
+            if problem:
+                problem = f"{column}: {problem}" if pair_column else problem
+                break
+            values.append(text)
+        text = None if problem else (tuple(values) if pair_column else values[0])
         rows.append(Row(n, rid, text, problem, formats.head(value) if problem else ""))
     return rows
 
@@ -119,7 +129,7 @@ def make_plan(store: Store, model_ref: str, input_uri: str, output: Store, cfg: 
     name, version = registry.resolve(store, model_ref)
     shards = []
     for uri in list_inputs(input_uri, settings):
-        rows = len(read_rows(fetch(uri, settings, work), uri, cfg.text_column, cfg.id_column, cfg.max_chars))
+        rows = len(read_rows(fetch(uri, settings, work), uri, cfg.text_column, cfg.id_column, cfg.max_chars, cfg.text_pair_column))
         for start in range(0, rows, cfg.shard_rows):
             shards.append({"id": f"{len(shards):05d}", "file": uri, "start": start, "stop": min(start + cfg.shard_rows, rows)})
     if not shards:
@@ -175,6 +185,11 @@ class ShardScorer:
             model_dir = fetch(self.plan["model"]["uri"], self.settings, self.work)
             threads = self.cfg.threads or usable_cpus()
             self._clf = OnnxClassifier(model_dir, device=self.cfg.device, threads=threads, variant=self.cfg.variant)
+            fields = self._clf.task.input_fields
+            if len(fields) != 1 + bool(self.cfg.text_pair_column):
+                raise InputError(f"model {self.plan['model']['name']} is a {self._clf.task.name} model, which reads "
+                                 f"{' and '.join(fields)}: " + ("give the second text's column with --text-pair-column"
+                                                                if len(fields) > 1 else "drop --text-pair-column"))
             log(STEP, f"model {self.plan['model']['name']} {self.plan['model']['version']}, variant {self._clf.variant}, "
                       f"{self._clf.session.get_providers()[0]}, {threads} threads")
         return self._clf
@@ -182,7 +197,8 @@ class ShardScorer:
     def rows(self, file: str) -> list[Row]:
         if self._file is None or self._file[0] != file:
             path = fetch(file, self.settings, self.work)
-            self._file = (file, read_rows(path, file, self.cfg.text_column, self.cfg.id_column, self.cfg.max_chars))
+            self._file = (file, read_rows(path, file, self.cfg.text_column, self.cfg.id_column, self.cfg.max_chars,
+                                          self.cfg.text_pair_column))
         return self._file[1]
 
     def score(self, shard_id: str, progress: Progress | None = None) -> dict:
@@ -331,6 +347,8 @@ def add_batch_args(p) -> None:
     p.add_argument("--output", required=True, help="folder or s3:// prefix for the predictions (re-use it to resume)")
     d = BatchConfig
     p.add_argument("--text-column", default=d.text_column, help="column (JSONL: field) holding the text")
+    p.add_argument("--text-pair-column", default=d.text_pair_column,
+                   help="pair classifiers: column (JSONL: field) holding each row's second text")
     p.add_argument("--id-column", default=d.id_column, help="column copied to the predictions' id; empty: <file>:<row>")
     p.add_argument("--variant", default=d.variant, help="ONNX variant: auto (CPU: optimized > fp32), or int8 (fastest on CPU), fp32, ...")
     p.add_argument("--shard-rows", type=int, default=d.shard_rows, help="rows per shard (one commit, one pod in the pipeline)")

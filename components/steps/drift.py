@@ -37,6 +37,7 @@ REPORT_JSON, REPORT_HTML = "drift.json", "drift.html"
 @dataclass(frozen=True)
 class DriftConfig:
     text_column: str = "text"
+    text_pair_column: str = ""  # pair classifiers: the column of each row's second text
     max_rows: int = 5000  # texts profiled (a seeded sample of the valid rows)
     max_chars: int = 100_000
     seed: int = 0
@@ -56,7 +57,8 @@ def read_texts(input_uri: str, cfg: DriftConfig, settings: S3Settings | None, wo
     from kubetune.steps.batch_infer import list_inputs, read_rows
 
     texts = [r.text for uri in list_inputs(input_uri, settings)
-             for r in read_rows(fetch(uri, settings, work), uri, cfg.text_column, "", cfg.max_chars) if r.text is not None]
+             for r in read_rows(fetch(uri, settings, work), uri, cfg.text_column, "", cfg.max_chars, cfg.text_pair_column)
+             if r.text is not None]
     if not texts:
         raise InputError(f"{input_uri}: no valid text in column {cfg.text_column!r} (see --text-column)")
     if len(texts) > cfg.max_rows:

@@ -106,7 +106,7 @@ def score_test(model_dir: Path, tokens_dir: Path, dataset_dir: Path, meta: dict,
     device = pick_device(cfg.device)
     model = task.model_class().from_pretrained(model_dir).to(device)
     logits = predict_logits(model, test, per_token=task.per_token, batch_size=cfg.batch_size, pad_id=meta["pad_token_id"],
-                            input_names=meta["model_input_names"], device=device)
+                            input_names=meta["model_input_names"], device=device, sep_id=meta.get("sep_token_id"))
     frame = pd.read_parquet(dataset_dir / "test.parquet")
     metrics, rows, gold = task.test_metrics(logits, test, frame, labels)
     log(STEP, f"test ({len(test)} {task.row_unit}): {task.describe_test(metrics)}\n{task.card({'metrics': metrics, 'labels': labels})[2]}")
@@ -121,7 +121,8 @@ def reference_profile(task, model, tokens_dir: Path, meta: dict, frame, cfg: Gat
     from kubetune.monitoring.profile import TorchClassifier, build
 
     tokenizer = AutoTokenizer.from_pretrained(tokens_dir / "tokenizer")
-    predictor = TorchClassifier(model, tokenizer, meta["labels"], meta["max_length"], meta["model_input_names"], device)
+    predictor = TorchClassifier(model, tokenizer, meta["labels"], meta["max_length"], meta["model_input_names"], device,
+                                meta.get("sep_token_id"))
     profile = build(task, predictor, task.profile_texts(frame), gold=frame, batch_size=cfg.batch_size)
     log(STEP, f"reference profile: {profile['rows']} rows, unknown-token share {profile['shares']['unknown']:.3f}, "
               f"truncated {profile['shares']['truncated']:.3f}")

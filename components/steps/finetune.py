@@ -180,7 +180,7 @@ def forward_loss(model, batch: dict, autocast, loss):
 def eval_scores(model, split, labels: list[str], meta: dict, cfg: FinetuneConfig, device, task) -> dict:
     """The task's metrics of `model` on the eval split (every metric the selection may use)."""
     logits = predict_logits(model, split, per_token=task.per_token, batch_size=cfg.eval_batch_size, pad_id=meta["pad_token_id"],
-                            input_names=meta["model_input_names"], device=device)
+                            input_names=meta["model_input_names"], device=device, sep_id=meta.get("sep_token_id"))
     return task.scores(logits, split, labels)
 
 
@@ -234,7 +234,7 @@ class FinetuneRun:
         train = load_split(tokens_dir, "train")
         self.evals = load_split(tokens_dir, "eval")
         self.train_rows = len(train)
-        self.train = DeviceSplit(train, self.meta["pad_token_id"], device, cfg.pad_multiple)
+        self.train = DeviceSplit(train, self.meta["pad_token_id"], device, cfg.pad_multiple, sep_id=self.meta.get("sep_token_id"))
         batches = len(shard_batches(length_grouped_batches(train.lengths, cfg.batch_size, np.random.default_rng(0)), world))
         self.steps_per_epoch = -(-batches // cfg.grad_accum_steps)
         total_steps = self.steps_per_epoch * cfg.epochs

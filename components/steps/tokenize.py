@@ -108,6 +108,8 @@ def tokenize(dataset_dir: Path, model_dir: Path, out_dir: Path, cfg: TokenizeCon
     out_dir.mkdir(parents=True, exist_ok=True)
     info = {"format": FORMAT, "cache_key": key, "task": task.name, "labels": meta["labels"], "max_length": cfg.max_length,
             "pad_token_id": tokenizer.pad_token_id, "model_input_names": list(tokenizer.model_input_names),
+            # text pairs: segment ids are derived from where [SEP] sits (kubetune.storage.shards.token_types)
+            "sep_token_id": tokenizer.sep_token_id if task.segments == 2 else None,
             "data_fingerprints": {s: meta["splits"][s]["fingerprint"] for s in SPLITS}, "splits": {}}
     for split, frame in frames.items():
         t = task.tokenize(tokenizer, frame, label_ids, cfg, progress)

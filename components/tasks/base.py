@@ -42,6 +42,8 @@ class Task(Protocol):
     peft_task_type: str  # peft.TaskType member for --peft lora
     per_token: bool  # logits per token ([batch, sequence, labels]) rather than per row
     model_purpose: str  # "classify sequences": for the error when a model folder cannot
+    segments: int  # texts per row the model reads joined by [SEP]: 1, or 2 for text pairs (token_type_ids)
+    input_fields: tuple[str, ...]  # what one prediction input holds: ("text",), ("text", "text_pair"): serving and batch
 
     # validate: read each split, check them all, write the dataset folder
     def sources(self, train: str, eval_: str, test: str) -> dict[str, str]: ...
@@ -90,6 +92,11 @@ def write_meta(out_dir: Path, meta: dict) -> None:
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
+def text_chars(item) -> int:
+    """Characters of one prediction input: a text, or a tuple of texts (a pair)."""
+    return len(item) if isinstance(item, str) else sum(len(t) for t in item)
+
+
 def score_texts(clf, texts: list[str], batch_size: int,
                 on_batch: Callable[[int, float], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities [n, classes], truncated [n]) for `texts`, in their order, from row logits.
@@ -97,7 +104,7 @@ def score_texts(clf, texts: list[str], batch_size: int,
     Runtime runs the current one (both release the GIL). `on_batch(rows, seconds)` after each batch."""
     probs = np.zeros((len(texts), len(clf.labels)), dtype=np.float64)
     truncated = np.zeros(len(texts), dtype=bool)
-    order = np.argsort(np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
+    order = np.argsort(np.fromiter((text_chars(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if not batches:
         return probs, truncated

@@ -35,6 +35,8 @@ class SequenceClassification:
     summary_metrics = ("accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix")
     peft_task_type = "SEQ_CLS"
     per_token = False  # one logit row per text
+    segments = 1  # one text per row
+    input_fields = ("text",)
 
     # ---- validate ------------------------------------------------------------------------------
     def sources(self, train: str, eval_: str, test: str) -> dict[str, str]:

@@ -51,6 +51,8 @@ class TokenClassification:
                        "token_accuracy", "per_type", "confusion_matrix")
     peft_task_type = "TOKEN_CLS"
     per_token = True  # logits [batch, sequence, labels]
+    segments = 1  # one text per row
+    input_fields = ("text",)
     model_purpose = "tag tokens"
 
     # ---- validate ------------------------------------------------------------------------------
