@@ -126,7 +126,24 @@ def _infer_parser(sub) -> None:
                                    "Re-run with the same --output to resume after a crash (committed shards are skipped).")
     add_batch_args(p)
     p.add_argument("--summary", type=Path, help="write the batch manifest JSON here too")
+    r = p.add_argument_group("retraining on drift (the same submission as kubetune submit)")
+    r.add_argument("--retrain-on-drift", action="store_true",
+                   help="when the batch's drift report says drifted, start a training-pipeline run for the same store and "
+                        "model name (give its data with --param train_uri=...)")
+    cluster.add_server_args(p, store=False)
+    cluster.add_run_args(p)
+    r.add_argument("--run-name", default="", help="name of the retraining run (default: pipeline name + time)")
     p.set_defaults(func=cmd_infer)
+
+
+def _drift_parser(sub) -> None:
+    from kubetune.steps import drift
+
+    p = sub.add_parser("drift", help="a drift report of data against a registry version's reference profile", formatter_class=_Help,
+                       description=drift.__doc__)
+    p.add_argument("--store", required=True, help="local folder or s3://bucket/prefix (the registry)")
+    drift.add_drift_args(p)
+    p.set_defaults(func=cmd_drift)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _registry_parsers(sub)
     _serve_parser(sub)
     _infer_parser(sub)
+    _drift_parser(sub)
     return p
 
 
@@ -341,9 +359,31 @@ def cmd_infer(a: argparse.Namespace) -> int:
     print(f"\n{t['rows']} rows in {len(manifest['shards'])} shards: {t['predicted']} predicted, {t['rejected']} rejected, "
           f"{t['truncated']} truncated; model {manifest['model']['name']} {manifest['model']['version']} ({manifest['variant']})\n"
           f"manifest {a.output.rstrip('/')}/manifest.json")
+    drift = manifest["drift"]
+    print(f"drift: {'DRIFTED (' + ', '.join(drift['drifted_signals']) + ')' if drift.get('drifted') else drift.get('skipped') or 'none'}")
+    if a.retrain_on_drift and manifest["drifted"]:
+        given = {p.partition("=")[0] for p in a.param}
+        a.param = [*a.param, *([f"model_name={manifest['model']['name']}"] if "model_name" not in given else [])]
+        manifest["retraining_run"] = cluster.submit_training(a)[0]
     if a.summary:
         a.summary.parent.mkdir(parents=True, exist_ok=True)
         a.summary.write_text(json.dumps(manifest, indent=2) + "\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# drift
+
+
+def cmd_drift(a: argparse.Namespace) -> int:
+    """Exit 0 either way: a drift verdict is a finding, not an error (`drifted` is in drift.json)."""
+    from kubetune.monitoring.drift import Thresholds
+    from kubetune.steps.drift import REPORT_HTML, REPORT_JSON, DriftConfig, run_step
+
+    rep = run_step(store_uri=a.store, run_id="", ref=a.model, input_uri=a.input, out_dir=a.out,
+                   cfg=config_from_args(DriftConfig, a), thresholds=config_from_args(Thresholds, a))
+    print(f"\n{'DRIFTED' if rep['drifted'] else 'no drift'} ({', '.join(rep['drifted_signals']) or 'every signal within its threshold'}); "
+          f"model {rep['model']}, {rep['rows']} rows\nreport {a.out / REPORT_JSON}, {a.out / REPORT_HTML}")
     return 0
 
 

@@ -9,6 +9,14 @@ What the SDK gives: the v1 and v2 REST routes, health (`/`, `/v2/health/live`, `
 parsing with clear 4xx answers (kubetune.serving.protocol), the body size limit (an ASGI
 middleware, before anything reads the body), micro-batching (kubetune.serving.microbatch), kubetune
 metrics, and the model repository routes switched off (an unload request would take the model down).
+
+Monitoring metrics (per answered text; labels: model_name, and `label` = one of the model's classes
+or entity types, so the cardinality is bounded by the label set):
+  kubetune_serve_predictions_total{label}   predicted labels (NER: entities by type)
+  kubetune_serve_confidence                 histogram of the top-label probability (NER: entity scores), 0.1 buckets
+  kubetune_serve_input_tokens               histogram of tokens per text after max_length
+  kubetune_serve_unknown_tokens_total / kubetune_serve_content_tokens_total   unknown-token share = their ratio
+They cost one extra tokenizer pass over the request's texts (the model call dominates).
 """
 
 from __future__ import annotations
@@ -28,12 +36,15 @@ import kserve
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from kubetune.core.system import usable_cpus
+from kubetune.monitoring import features
+from kubetune.monitoring.profile import CONFIDENCE_EDGES
 from kubetune.onnx.model import OnnxClassifier, read_model_json
 from kubetune.serving import protocol
 from kubetune.serving.microbatch import MicroBatcher, Overloaded, TextFailed
 from kubetune.serving.protocol import RequestError, TextLimits, apply_limits, texts_from_v1, texts_from_v2, v2_outputs
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+TOKEN_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")  # a client's x-request-id is logged only when it looks like one
 LOG = logging.getLogger("kubetune.serve")
 
@@ -104,7 +115,37 @@ class ServeMetrics:
         self.queued = Gauge("kubetune_serve_queued_texts", "texts waiting for a model call", ["model_name"], registry=reg).labels(**labels)
         Gauge("kubetune_serve_model_info", "the served model version (value 1)", ["model_name", "version", "task"],
               registry=reg).labels(model_name=model, version=version, task=task).set(1)
+        # monitoring (kubetune.monitoring): low cardinality on purpose, a label per class / entity type only
+        self._predicted = Counter("kubetune_serve_predictions", "predictions by predicted label (NER: entities by type)",
+                                  ["model_name", "label"], registry=reg)
+        self.confidence = Histogram("kubetune_serve_confidence", "top-label probability (NER: each entity's score)", ["model_name"],
+                                    buckets=CONFIDENCE_EDGES[1:], registry=reg).labels(**labels)
+        self.input_tokens = Histogram("kubetune_serve_input_tokens", "tokens per text as the model reads it (after max_length)",
+                                      ["model_name"], buckets=TOKEN_BUCKETS, registry=reg).labels(**labels)
+        self.unknown_tokens = Counter("kubetune_serve_unknown_tokens", "tokens the tokenizer mapped to its unknown token",
+                                      ["model_name"], registry=reg).labels(**labels)
+        self.content_tokens = Counter("kubetune_serve_content_tokens", "non-special tokens read (unknown share = "
+                                      "unknown_tokens / content_tokens)", ["model_name"], registry=reg).labels(**labels)
         self.model = model
+
+    def observe(self, clf: OnnxClassifier, texts: list[str], results: list[dict]) -> None:
+        """The monitoring metrics of one answered request: what was predicted, how confidently, how
+        long the texts were and how much of them the vocabulary covers (one extra tokenizer pass)."""
+        outputs = clf.task.profile_outputs(results, clf.labels)
+        for counts in outputs["distributions"].values():
+            for label, n in counts.items():
+                if n:
+                    self._predicted.labels(model_name=self.model, label=label).inc(n)
+        for name, (values, _edges) in outputs["histograms"].items():
+            if name == "confidence":
+                for v in values:
+                    self.confidence.observe(v)
+        rows = clf.tokenize(texts)["input_ids"]
+        unknown, content = features.unknown_counts(rows, clf.tokenizer.unk_token_id, features.special_ids(clf.tokenizer))
+        for ids in rows:
+            self.input_tokens.observe(len(ids))
+        self.unknown_tokens.inc(int(unknown.sum()))
+        self.content_tokens.inc(int(content.sum()))
 
     def rejected(self, reason: str) -> None:
         self._rejected.labels(model_name=self.model, reason=reason).inc()
@@ -183,6 +224,7 @@ class TextModel(kserve.Model):
         finally:
             self.metrics.queued.set(self.batcher.queued)
         self.metrics.texts.inc(len(texts))
+        self.metrics.observe(self.classifier, texts, results)
         if truncated:
             self.metrics.truncated.inc(truncated)
         if not isinstance(payload, InferRequest):

@@ -42,13 +42,15 @@ from kubetune.core.context import run_main, step_context
 from kubetune.core.progress import Progress, log
 from kubetune.core.system import usable_cpus
 from kubetune.errors import ConfigError, InputError
+from kubetune.monitoring import profile
 from kubetune.onnx.model import VARIANTS, OnnxClassifier
 from kubetune.release import registry
 from kubetune.storage import formats
 from kubetune.storage.store import NotFound, S3Settings, Store, fetch, join, listing, open_store
 
 STEP = "infer"
-PLAN, MANIFEST = "plan.json", "manifest.json"
+PLAN, MANIFEST, PROFILE = "plan.json", "manifest.json", "profile.json"
+DRIFT_JSON, DRIFT_HTML = "drift.json", "drift.html"
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,10 @@ class ShardScorer:
         predictions.to_parquet(staging / "predictions.parquet", index=False)
         if len(rejects):
             rejects.to_parquet(staging / "rejects.parquet", index=False)
+        # the shard's profile: collect merges them into the batch's drift report (no second model pass)
+        shard_profile = profile.build(self.clf.task, self.clf, texts, predictions=self.clf.task.column_predictions(columns))
+        (staging / PROFILE).write_text(json.dumps(shard_profile))
+        entry["files"].append(PROFILE)
         (staging / "shard.json").write_text(json.dumps(entry, indent=2))
         self.output.publish_dir(staging, prefix)  # the commit: all of the shard or nothing
         log(STEP, f"shard {shard_id}: {len(predictions)} predicted, {len(rejects)} rejected, {entry['truncated']} truncated "
@@ -234,7 +240,7 @@ class ShardScorer:
 # ---- collect -------------------------------------------------------------------------------------
 
 
-def collect(plan: dict, output: Store) -> dict:
+def collect(plan: dict, output: Store, settings: S3Settings | None = None) -> dict:
     """Check every shard is committed and write the batch manifest."""
     missing = [s["id"] for s in plan["shards"] if not output.is_published(join("shards", s["id"]))]
     if missing:
@@ -246,10 +252,36 @@ def collect(plan: dict, output: Store) -> dict:
                 "fingerprint": plan["fingerprint"], "totals": totals, "shards": entries,
                 "predictions": [output.url(join("shards", e["id"], "predictions.parquet")) for e in entries],
                 "rejects": [output.url(join("shards", e["id"], "rejects.parquet")) for e in entries if e["rejected"]]}
+    manifest["drift"] = batch_drift(plan, entries, output, settings)
+    manifest["drifted"] = manifest["drift"].get("drifted")
     output.write_json(MANIFEST, manifest)
     log(STEP, f"{totals['rows']} rows: {totals['predicted']} predicted, {totals['rejected']} rejected, "
               f"{totals['truncated']} truncated; manifest {output.url(MANIFEST)}")
     return manifest
+
+
+def batch_drift(plan: dict, entries: list[dict], output: Store, settings: S3Settings | None) -> dict:
+    """The batch's drift report against the model version's reference profile: the shards' profiles
+    merged, written as <output>/drift.json and drift.html. {"drifted": None, "skipped": why} for a
+    version published before profiles existed, or shards scored before they were kept."""
+    from kubetune.monitoring import drift
+    from kubetune.monitoring.report import drift_html
+
+    version = open_store(plan["model"]["uri"], settings)
+    if not version.exists(PROFILE):
+        return {"drifted": None, "skipped": f"{plan['model']['name']} {plan['model']['version']} has no reference profile"}
+    shards = [e for e in entries if PROFILE in e["files"] and e["predicted"]]
+    if not shards:
+        return {"drifted": None, "skipped": "no shard holds a profile (scored before profiles were kept, or no valid rows)"}
+    current = profile.merge([output.read_json(join("shards", e["id"], PROFILE)) for e in shards])
+    rep = drift.report(version.read_json(PROFILE), current, drift.Thresholds(),
+                       {"model": f"{plan['model']['name']}/{plan['model']['version']}", "input": plan["input"]})
+    output.write_json(DRIFT_JSON, rep)
+    output.write_text(DRIFT_HTML, drift_html(rep))
+    log(STEP, f"drift: {'DRIFTED (' + ', '.join(rep['drifted_signals']) + ')' if rep['drifted'] else 'none'}; "
+              f"report {output.url(DRIFT_HTML)}")
+    return {"drifted": rep["drifted"], "drifted_signals": rep["drifted_signals"], "report": output.url(DRIFT_JSON),
+            "html": output.url(DRIFT_HTML)}
 
 
 def run_batch(store_uri: str, model_ref: str, input_uri: str, output_uri: str, cfg: BatchConfig) -> dict:
@@ -265,7 +297,7 @@ def run_batch(store_uri: str, model_ref: str, input_uri: str, output_uri: str, c
         t0 = time.perf_counter()
         for shard in todo:
             scorer.score(shard["id"], progress)
-        manifest = collect(plan, output)
+        manifest = collect(plan, output, ctx.settings)
     manifest["seconds"] = round(time.perf_counter() - t0, 2)
     return manifest
 
@@ -287,11 +319,25 @@ def score_step(*, output_uri: str, shard_id: str) -> str:
     return shard_id
 
 
-def collect_step(*, output_uri: str) -> str:
+def collect_step(*, output_uri: str, html_path: Path | None = None, log_metric=None) -> tuple[str, bool]:
+    """(the manifest's URI, whether the batch drifted: false when it could not be checked, see
+    manifest.json). `html_path` gets a copy of drift.html and `log_metric(name, value)` the drift
+    scalars (the pipeline's HTML and Metrics artifacts)."""
+    from kubetune.monitoring import drift
+    from kubetune.monitoring.report import page
+
     with step_context("batch-collect") as ctx:
         output = open_store(output_uri, ctx.settings)
-        collect(output.read_json(PLAN), output)
-    return output.url(MANIFEST)
+        manifest = collect(output.read_json(PLAN), output, ctx.settings)
+        checked = manifest["drifted"] is not None
+        if html_path is not None:
+            html_path.parent.mkdir(parents=True, exist_ok=True)
+            html_path.write_text(output.read_bytes(DRIFT_HTML).decode() if checked else
+                                 page("Drift report", [f"<p>Not checked: {manifest['drift']['skipped']}.</p>"]))
+        if log_metric is not None and checked:
+            for key, value in drift.kfp_metrics(output.read_json(DRIFT_JSON)).items():
+                log_metric(key, value)
+    return output.url(MANIFEST), bool(manifest["drifted"])
 
 
 def add_batch_args(p) -> None:

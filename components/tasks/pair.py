@@ -153,6 +153,10 @@ class PairClassification(SequenceClassification):
                 f"{stats['truncated_pair_tokens']} from the text pair)"]
 
     # ---- evaluate ------------------------------------------------------------------------------
+    def profile_texts(self, frame) -> list[tuple[str, str]]:
+        """(text, text_pair) per row: what predict takes (coverage check, reference profile)."""
+        return list(zip(frame["text"].astype(str), frame["text_pair"].astype(str)))
+
     def test_metrics(self, logits: np.ndarray, split, frame, labels: list[str]) -> tuple[dict, list, object]:
         """Classification metrics plus ranking metrics per `text` (answer selection); the champion is
         re-scored on the same pairs."""

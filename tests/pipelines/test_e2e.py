@@ -27,7 +27,7 @@ STEPS = ["validate", "tokenize", "finetune", "evaluate", "export", "deploy"]
 RUN_RECORDS = ["run.json", "validation/report.md", "validation/expectations.json", "evaluation.json", "export.json",
                "deployment.json", "summary.json", "kfp-local.log"] + [f"steps/{s}.json" for s in STEPS]
 VERSION_FILES = ["model.onnx", "tokenizer.json", "tokenizer_config.json", "labels.json", "kubetune.json", "config.json",
-                 "metrics.json", "MODEL_CARD.md", "inferenceservice.yaml", "parity.json", "_MANIFEST.json"]
+                 "metrics.json", "MODEL_CARD.md", "inferenceservice.yaml", "parity.json", "profile.json", "report.html", "_MANIFEST.json"]
 
 
 def run(args: list[str], summary: Path) -> tuple[int, dict]:
@@ -78,6 +78,8 @@ def test_local_store_deploys_then_gate_rejects(tmp_path, capsys, sms_rows):
     cm = artifacts["confusion"]["artifacts"][0]["metadata"]["confusionMatrix"]
     assert [a["displayName"] for a in cm["annotationSpecs"]] == ["ham", "spam"]
     assert json.loads(evaluate_out.read_text())["parameterValues"]["Output"] is True
+    (training_report,) = (store / "kfp-local").glob("*/deploy/training_report")  # the KFP HTML artifact: the version's report.html
+    assert training_report.read_text() == (store / "models/sms-spam" / version / "report.html").read_text()
     (report,) = (store / "kfp-local").glob("*/validate/report")
     assert report.read_text().startswith("# Data validation: PASSED")
 

@@ -388,3 +388,35 @@ def test_cli_rejects_bad_serve_arguments_before_starting(tmp_path, capsys):
     assert "--max-texts 0: must be at least 1" in capsys.readouterr().err
     assert cli_main(["serve", "--model", str(tmp_path)]) == 2
     assert "no model.onnx in this folder" in capsys.readouterr().err
+
+
+def test_monitoring_metrics_follow_the_traffic(server, sms_rows):
+    """Predicted labels, confidence, input lengths and the unknown-token share on /metrics move with
+    what is sent: spam texts raise the spam count, Chinese text raises the unknown tokens."""
+    from tests.helpers.corpora import chinese_reviews
+
+    label = f'{{model_name="{NAME}"}}'
+
+    def counts():
+        m = metrics(server)
+        return (m.get(f'kubetune_serve_predictions_total{{label="spam",model_name="{NAME}"}}', 0.0),
+                m.get(f'kubetune_serve_predictions_total{{label="ham",model_name="{NAME}"}}', 0.0),
+                m[f"kubetune_serve_confidence_count{label}"], m[f"kubetune_serve_input_tokens_count{label}"],
+                m[f"kubetune_serve_unknown_tokens_total{label}"], m[f"kubetune_serve_content_tokens_total{label}"])
+
+    before = counts()
+    spam = [t for lab, t in sms_rows if lab == "spam"][:8]
+    answer = v1(server, {"instances": spam}).json()["predictions"]
+    after = counts()
+    assert after[0] - before[0] == sum(p["label"] == "spam" for p in answer) > 0
+    assert after[1] - before[1] == sum(p["label"] == "ham" for p in answer)
+    assert after[2] - before[2] == after[3] - before[3] == len(spam)
+    assert after[4] - before[4] < 0.02 * (after[5] - before[5])  # English: almost no unknown tokens
+    assert v1(server, {"instances": [t[:200] for t, _ in chinese_reviews(8)]}).status_code == 200
+    chinese = counts()
+    assert (chinese[4] - after[4]) > 0.3 * (chinese[5] - after[5])  # the vocabulary does not cover the script
+    text = server.get("/metrics").text
+    assert "# HELP kubetune_serve_unknown_tokens_total tokens the tokenizer mapped to its unknown token" in text
+    assert {line.split("{")[0] for line in text.splitlines() if line.startswith("kubetune_serve_predictions_total")} == \
+        {"kubetune_serve_predictions_total"}
+    assert len([line for line in text.splitlines() if line.startswith("kubetune_serve_predictions_total")]) == 2  # ham, spam
