@@ -105,24 +105,25 @@ def test_kubetune_drift_against_a_registry_version(tmp_path, exported_model, clf
     from tests.conftest import write_csv
 
     store = open_store(str(tmp_path / "store"))
-    folder = tmp_path / "v1"
+    V1, V0 = "v20261201-000000-one", "v20261130-000000-old"  # registry version names (issue 12 checks them)
+    folder = tmp_path / V1
     shutil.copytree(exported_model, folder)
     (folder / "profile.json").write_text(json.dumps(reference))
-    store.publish_dir(folder, registry.version_prefix("sms-spam", "v1"))
-    registry.set_alias(store, "sms-spam", registry.PRODUCTION, "v1", "test")
+    store.publish_dir(folder, registry.version_prefix("sms-spam", V1))
+    registry.set_alias(store, "sms-spam", registry.PRODUCTION, V1, "test")
     news = write_csv(tmp_path / "news.csv", [(t, "x") for t in newsgroups_posts(150)])
     sms = write_csv(tmp_path / "sms.csv", [(t, "x") for _, t in sms_rows[4000:4300]])
 
     assert main(["drift", "--store", str(store.uri), "--model", "sms-spam@production", "--input", str(news), "--out", str(tmp_path / "a")]) == 0
     rep = json.loads((tmp_path / "a" / "drift.json").read_text())
-    assert rep["drifted"] is True and rep["model"] == "sms-spam/v1" and rep["rows"] == 150
+    assert rep["drifted"] is True and rep["model"] == "sms-spam/" + V1 and rep["rows"] == 150
     assert "DRIFTED" in capsys.readouterr().out and "<svg" in (tmp_path / "a" / "drift.html").read_text()
-    assert main(["drift", "--store", str(store.uri), "--model", "sms-spam@v1", "--input", str(sms), "--out", str(tmp_path / "b")]) == 0
+    assert main(["drift", "--store", str(store.uri), "--model", f"sms-spam@{V1}", "--input", str(sms), "--out", str(tmp_path / "b")]) == 0
     assert json.loads((tmp_path / "b" / "drift.json").read_text())["drifted"] is False
     assert model_ref("sms-spam") == "sms-spam" and model_ref("sms-spam@canary") == "models/sms-spam/canary"
 
-    store.publish_dir(exported_model, registry.version_prefix("sms-spam", "v0"))  # published before profiles existed
-    assert main(["drift", "--store", str(store.uri), "--model", "sms-spam@v0", "--input", str(sms), "--out", str(tmp_path / "c")]) == 2
+    store.publish_dir(exported_model, registry.version_prefix("sms-spam", V0))  # published before profiles existed
+    assert main(["drift", "--store", str(store.uri), "--model", f"sms-spam@{V0}", "--input", str(sms), "--out", str(tmp_path / "c")]) == 2
     assert "has no profile.json" in capsys.readouterr().err
     with pytest.raises(InputError):
         model_ref("Bad Name@v1")
