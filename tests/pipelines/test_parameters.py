@@ -127,7 +127,7 @@ def test_run_flags_come_from_the_table():
     ({"canary_traffic_percent": 10}, "needs deploy target kserve"),
     ({"finetune_backend": "slurm"}, "finetune_backend='slurm'"),
     ({"finetune_workers": 0}, "need >= 1 worker"),
-    ({"epochs": 0}, "train at least 1 epoch"),
+    ({"epochs": -1}, "train at least 1 epoch"),
     ({"onnx_variants": "int8"}, "must include fp32"),
     ({"eval_fraction": 0.5, "test_fraction": 0.5}, "leaves too little to train on"),
     ({"no_such_thing": 1}, "unknown pipeline parameter"),
