@@ -54,7 +54,8 @@ def freshness(store: str, run_id: str, job_id: str, model_name: str, force: bool
     return run_step(store_uri=store, run_id=run_id or job_id, model_name=model_name, dataset_dir=Path(dataset.path), force=force)
 
 
-def tokenize(store: str, run_id: str, job_id: str, model_uri: str, max_length: int, dataset: Input[Dataset], tokens: Output[Dataset]):
+def tokenize(store: str, run_id: str, job_id: str, model_uri: str, max_length: int, truncation: str, dataset: Input[Dataset],
+             tokens: Output[Dataset]):
     from pathlib import Path
 
     from kubetune.core.config import from_params

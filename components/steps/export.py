@@ -150,7 +150,7 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig, 
             shutil.copy2(f, out_dir / f.name)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     (out_dir / "labels.json").write_text(json.dumps({"labels": labels}, indent=2))
-    info = {"task": task.name, "max_length": meta["max_length"], "input_names": names,
+    info = {"task": task.name, "max_length": meta["max_length"], "truncation": meta.get("truncation", "head"), "input_names": names,
             "output": "logits", "opset": cfg.opset, "torch": torch.__version__}
     (out_dir / "kubetune.json").write_text(json.dumps(info, indent=2))
 

@@ -50,6 +50,7 @@ class TokenClassification:
     peft_task_type = "TOKEN_CLS"
     per_token = True  # logits [batch, sequence, labels]
     model_purpose = "tag tokens"
+    truncations = ("head",)  # words past max_length are dropped; their entities count as missed
 
     # ---- validate ------------------------------------------------------------------------------
     def sources(self, train: str, eval_: str, test: str) -> dict[str, str]:

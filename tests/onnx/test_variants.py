@@ -10,6 +10,7 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
+from kfp.dsl import Metrics
 
 from kubetune.errors import ConfigError, InputError
 from kubetune.onnx.model import OnnxClassifier, accepted_variants
@@ -23,6 +24,8 @@ from kubetune.onnx.variants import (
     judge_variants,
     parse_variants,
 )
+from kubetune.pipelines.outputs import log_export
+from kubetune.steps.deploy import variant_table
 from kubetune.steps.export import ExportConfig
 from kubetune.storage.shards import TokenizedSplit, load_split
 
@@ -135,6 +138,14 @@ def test_a_failing_variant_is_dropped_unless_required(exported_model, small_toke
         assert rejected["int8"]["agreement"] == 0.0 and rejected["int8"]["accuracy_drop"] > 0.5
         assert rejected["int8"]["problems"][0].startswith("argmax agreement 0.0000 < 0.995")
         assert not (folder / "model.int8.onnx").exists() and (folder / "model.optimized.onnx").is_file()
+        # reported with its numbers: KFP metrics (kfp's own Metrics artifact) and the model card
+        metrics = Metrics(name="export_metrics", uri=str(tmp_path / "m"))
+        log_export({"max_abs_diff": 1e-6, "variants": accepted, "rejected_variants": rejected}, metrics)
+        assert metrics.metadata["int8_accepted"] == 0.0 and metrics.metadata["int8_agreement"] == 0.0
+        assert metrics.metadata["fp32_accepted"] == 1.0 and metrics.metadata["optimized_accepted"] == 1.0
+        card = variant_table(accepted, rejected)
+        assert "| optimized | `model.optimized.onnx` |" in card and "| int8 |" not in card
+        assert "Dropped variants (failed their check; not published):\n\n- int8: argmax agreement 0.0000 < 0.995" in card
 
 
 def test_agreement_ignores_near_ties_but_not_accuracy():
