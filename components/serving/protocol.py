@@ -42,6 +42,7 @@ class TextLimits:
     max_texts: int
     max_text_chars: int
     long_texts: str  # "truncate" | "reject"
+    keep: str = "head"  # the model's truncation (kubetune.json): which characters a cut keeps, so tokens are cut alike
 
 
 def _type(value: Any) -> str:
@@ -122,7 +123,21 @@ def apply_limits(texts: list[str], limits: TextLimits) -> tuple[list[str], int]:
         raise RequestError(413, "text_too_long",
                            f"text {long[0]} has {len(texts[long[0]])} characters; the limit is {limits.max_text_chars}"
                            + (f" ({len(long)} texts are over it)" if len(long) > 1 else ""))
-    return [t[:limits.max_text_chars] for t in texts], len(long)
+    return [cut_text(t, limits.max_text_chars, limits.keep) for t in texts], len(long)
+
+
+def cut_text(text: str, limit: int, keep: str) -> str:
+    """`text` cut to `limit` characters the way the model's token truncation cuts (head, tail, or
+    head+tail: a quarter from the start, the rest from the end), so the tokens the model then keeps
+    are those of the whole text whenever each kept piece holds more tokens than max_length needs."""
+    if len(text) <= limit:
+        return text
+    if keep == "tail":
+        return text[len(text) - limit:]
+    if keep == "head+tail":
+        head = limit // 4
+        return text[:head] + text[len(text) - (limit - head):]
+    return text[:limit]
 
 
 def _number(v: Any) -> bool:

@@ -99,6 +99,16 @@ def test_default_schedule_on_few_steps(tiny_tokens, model_dir):
     assert run.optimizer.param_groups[0]["lr"] == 0  # reaches 0 after the 60th step, not before
 
 
+def test_the_default_epochs_learn_a_small_split(tiny_tokens, model_dir, tmp_path):
+    """1 epoch of a small split is a handful of steps that learns nothing (a 500-row sample trained
+    13 steps and always answered "ham"); the default epochs=0 trains enough steps to learn it."""
+    result = finetune(tiny_tokens, model_dir, tmp_path / "m", FinetuneConfig(batch_size=8, checkpoint_steps=0))
+    assert (result["epochs"], result["steps_per_epoch"]) == (10, 6) and result["epochs_reason"].startswith("auto: 6 steps")
+    eval_labels = load_split(tiny_tokens, "eval").labels
+    assert 0 < eval_labels.sum() < len(eval_labels)  # both classes: always answering one scores macro-F1 < 0.5
+    assert result["best_eval_macro_f1"] > 0.8, result["history"]
+
+
 def ft_world():
     from kubetune.training.parallel import World
 
