@@ -128,6 +128,8 @@ def test_run_flags_come_from_the_table():
     ({"finetune_backend": "slurm"}, "finetune_backend='slurm'"),
     ({"finetune_workers": 0}, "need >= 1 worker"),
     ({"epochs": -1}, "train at least 1 epoch"),
+    ({"task": "token-classification", "truncation": "tail"}, "truncation='tail': a token-classification model supports head"),
+    ({"truncation": "middle"}, "truncation='middle': use one of head, tail, head\\+tail"),
     ({"onnx_variants": "int8"}, "must include fp32"),
     ({"eval_fraction": 0.5, "test_fraction": 0.5}, "leaves too little to train on"),
     ({"no_such_thing": 1}, "unknown pipeline parameter"),
