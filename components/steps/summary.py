@@ -73,6 +73,9 @@ def build_summary(record: RunRecord, pipeline_state: str = "") -> dict:
         "pipeline_state": pipeline_state or None,
         "steps": rows,
         "metrics": metrics,
+        # how long it trained and why (epochs=0: chosen from the data size by the finetune step)
+        "training": steps.get("finetune") and {k: (steps["finetune"].get("outputs") or {}).get(k)
+                                                for k in ("epochs", "epochs_reason", "epochs_run", "best_epoch")},
         "gate": gate and {k: gate.get(k) for k in ("passed", "metric", "value", "threshold", "tolerance",
                                                    "champion_value", "champion_version", "reason")},
         "onnx": export and {**{k: export.get(k) for k in ("uri", "max_abs_diff", "argmax_agreement")},
