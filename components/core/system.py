@@ -20,3 +20,24 @@ def usable_cpus(cpu_max: Path = CPU_MAX) -> int:
     except (OSError, ValueError):
         pass
     return n
+
+
+# torch's contiguous float unary ops that ATen hands to MKL's vector math library (aten/src/ATen/cpu/vml.h)
+_VML_OPS = ("abs", "acos", "asin", "atan", "ceil", "cos", "cosh", "erf", "erfc", "erfinv", "exp", "expm1", "floor",
+            "lgamma", "log", "log10", "log1p", "log2", "neg", "reciprocal", "round", "rsqrt", "sigmoid", "sin", "sinh",
+            "sqrt", "tan", "tanh", "trunc")
+
+
+def resolve_cpu_kernels() -> None:
+    """Calls each MKL vector-math op once on one element, on this thread, before training starts.
+
+    oneMKL 2024.2 (the build in the torch CPU wheels) picks each function's kernel on its first call; when
+    that first call runs on several intra-op threads at once, one thread can run the low-accuracy kernel
+    for its chunk (pytorch/pytorch#188792: ~1000 ulp, a fresh process under CPU oversubscription). For us
+    that broke bit-exact resume: a resumed fine-tune differed from an uninterrupted one. A one-element call
+    runs on the calling thread, so the dispatch is settled before any concurrent use; it costs microseconds."""
+    import torch
+
+    one = torch.full((1,), 0.5)
+    for name in _VML_OPS:
+        getattr(torch, name)(one)

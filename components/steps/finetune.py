@@ -43,7 +43,7 @@ from kubetune import tasks
 from kubetune.core.config import add_config_args, config_from_args, param, shared
 from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import Progress, log
-from kubetune.core.system import usable_cpus
+from kubetune.core.system import resolve_cpu_kernels, usable_cpus
 from kubetune.errors import ConfigError, InputError
 from kubetune.storage.shards import length_grouped_batches, load_split
 from kubetune.storage.store import fetch, join
@@ -244,6 +244,7 @@ class FinetuneRun:
         self.cfg, self.device, self.world = cfg, device, world
         if device.type == "cpu":
             torch.set_num_threads(cfg.cpu_threads or max(usable_cpus() // world.local_size, 1))
+            resolve_cpu_kernels()  # before the first multi-threaded op: see its docstring (bit-exact resume)
         set_seed(cfg.seed)  # python, numpy and torch: the head's init repeats
 
         self.meta = json.loads((tokens_dir / "meta.json").read_text())

@@ -32,7 +32,6 @@ import pytest
 import requests
 
 from kubetune.onnx.model import OnnxClassifier
-from kubetune.storage import assets
 from kubetune.storage.store import S3Settings, open_store
 from tests.conftest import QUICK, write_csv
 from tests.helpers import containers as c
@@ -256,8 +255,7 @@ def test_training_pipeline_in_the_images_matches_the_subprocess_run(images, dock
     reference = json.loads((tmp_path / "sub.json").read_text())
 
     a = build_parser().parse_args(["run", *RUN_ARGS, "--store", box_uri, "--run-id", "box"])
-    a.train = a.train or assets.DEFAULT_DATA[a.task]
-    arguments = pipeline_arguments(a, box_uri, "box", "sms-spam")
+    arguments = pipeline_arguments(a, box_uri, "box")  # resolves the builtin data and the registry name as `run` does
     cluster = ClusterConfig(image=images["runtime"], trainer_image=images["trainer"], retries=0)
     t0 = time.perf_counter()
     run_in_containers(build_training_pipeline(cluster, default_store=box_uri), arguments, tmp_path / "kfp", tmp_path / "kfp.log",
