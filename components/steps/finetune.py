@@ -56,7 +56,9 @@ PEFT_METHODS = ("none", "lora")
 # settings that do not change the trained weights: a checkpoint may be resumed with other values
 # epochs=0 (the default): a small data set gets more epochs, so that training takes at least
 # AUTO_MIN_STEPS optimizer steps (warm-up and linear decay over a dozen steps teach nothing: a
-# 500-row sample trained 13 steps and predicted one class). Full-size data keeps 1 epoch.
+# 500-row sample trained 13 steps and predicted one class). Full-size data keeps 1 epoch. Early
+# stopping waits for AUTO_MIN_STEPS // 2 steps then: a 300-row sample scored "always ham" for its
+# first 2 epochs (16 steps); one more flat epoch and the plain rule (2 epochs without gain) stops it.
 AUTO_MIN_STEPS = 100
 AUTO_MAX_EPOCHS = 10
 RUN_ONLY = ("device", "cpu_threads", "eval_batch_size", "checkpoint_steps", "resume", "compile")
@@ -258,6 +260,8 @@ class FinetuneRun:
         batches = len(shard_batches(length_grouped_batches(train.lengths, cfg.batch_size, np.random.default_rng(0)), world))
         self.steps_per_epoch = -(-batches // cfg.grad_accum_steps)
         self.epochs, self.epochs_reason = auto_epochs(self.steps_per_epoch, cfg.epochs)
+        # epochs chosen from the data size: no early stop before half the minimum steps (--epochs N: the plain rule)
+        self.min_steps_before_stop = AUTO_MIN_STEPS // 2 if cfg.epochs == 0 else 0
         total_steps = self.steps_per_epoch * self.epochs
 
         self.core = load_classifier(model_dir, self.labels, self.task)
@@ -384,6 +388,8 @@ class FinetuneRun:
         if st.best is None or value > st.best:
             # keep the best weights on the host: nothing is written twice
             st.best, st.best_epoch, st.stale, self.best_state = value, epoch, 0, trainable_state(self.core)
+        elif epoch * self.steps_per_epoch < self.min_steps_before_stop:
+            pass  # still too few steps to judge: a small split may score one class for several epochs before it learns
         else:
             st.stale += 1
             if st.stale >= cfg.early_stopping_patience:

@@ -109,6 +109,20 @@ def test_the_default_epochs_learn_a_small_split(tiny_tokens, model_dir, tmp_path
     assert result["best_eval_macro_f1"] > 0.8, result["history"]
 
 
+def test_auto_epochs_wait_for_enough_steps_before_early_stopping(tiny_tokens, model_dir, tmp_path, monkeypatch):
+    """A small split may score one class for a few epochs before it learns: with epochs chosen from
+    the data size, epochs before AUTO_MIN_STEPS // 2 steps do not count towards early stopping."""
+    import kubetune.steps.finetune as ft
+
+    monkeypatch.setattr(ft, "eval_scores", lambda *a, **k: {"accuracy": 0.87, "macro_f1": 0.47})  # "always ham", every epoch
+    monkeypatch.setattr(ft.FinetuneRun, "train_epoch", lambda self, epoch, save: None)  # what is tested is the stopping rule
+    # 48 rows at batch 4: 12 steps per epoch, 9 epochs; epochs 1-4 are < 50 steps, 5 and 6 count, stop after 6
+    auto = finetune(tiny_tokens, model_dir, tmp_path / "a", FinetuneConfig(batch_size=4, checkpoint_steps=0))
+    assert (auto["epochs"], auto["epochs_run"], auto["best_epoch"]) == (9, 6, 1)
+    fixed = finetune(tiny_tokens, model_dir, tmp_path / "b", FinetuneConfig(epochs=9, batch_size=4, checkpoint_steps=0))
+    assert (fixed["epochs"], fixed["epochs_run"]) == (9, 3)  # --epochs N: the plain rule, 2 epochs without gain
+
+
 def ft_world():
     from kubetune.training.parallel import World
 
