@@ -2,12 +2,14 @@
 
     kubetune run                         # train on the SMS Spam Collection with all-MiniLM-L6-v2, locally
     kubetune run --task token-classification          # NER on CoNLL-2003 English (official splits)
+    kubetune run --task pair-classification --text-column question --text-pair-column passage   # answer selection, NLI
     kubetune run --train s3://data/reviews.csv --text-column review --label-column stars --epochs 3
     kubetune compile --output kubetune-training.yaml [--image REGISTRY/kubetune:TAG]
     kubetune upload|submit|schedule --host KFP_API ...      # Kubeflow Pipelines server (pipelines/cluster.py)
     kubetune deploy NAME [--version V] --target registry|kserve|gitops   # roll out a published version
     kubetune rollback NAME [--to V]      # production back to the previous version
     kubetune models NAME                 # versions and aliases in the registry
+    kubetune gc [--dry-run]              # remove stale .tmp- leftovers and aborted uploads from the store
     kubetune serve --model sms-spam --port 8080   # serve the production model of ./kubetune-store over HTTP
     kubetune compile --pipeline batch-inference --output kubetune-batch-inference.yaml
     kubetune infer --model models/sms-spam/production --input s3://data/in/ --output s3://data/scored/
@@ -19,7 +21,9 @@ published; 3 the quality gate rejected the model: nothing published; 1 anything 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import secrets
 import shutil
 import sys
@@ -30,7 +34,7 @@ from pathlib import Path
 from kubetune import tasks
 from kubetune.core.config import add_config_args, config_from_args
 from kubetune.core.progress import fmt_seconds
-from kubetune.errors import InputError, KubetuneError
+from kubetune.errors import ConfigError, InputError, KubetuneError
 from kubetune.pipelines import cluster, parameters
 from kubetune.pipelines.config import ClusterConfig
 from kubetune.release import registry
@@ -57,6 +61,9 @@ def _run_parser(sub) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--summary", type=Path, help="write the run summary JSON here")
     o.add_argument("--verbose", action="store_true", help="show kfp.local's full output, not only kubetune's lines")
+    o.add_argument("--keep-kfp-runs", type=int, default=0,
+                   help="kfp.local's working copies of step outputs (<store>/kfp-local/) to keep, newest first; the run records "
+                        "and the registry hold what matters. Folders changed in the last hour (a run in progress) are never removed")
 
 
 def _compile_parser(sub) -> None:
@@ -91,6 +98,16 @@ def _registry_parsers(sub) -> None:
     p.add_argument("--store", default=DEFAULT_STORE, help="local folder or s3://bucket/prefix")
     p.set_defaults(func=cmd_models)
 
+    p = sub.add_parser("gc", help="remove stale leftovers of crashed writers from a store; list old versions", formatter_class=_Help,
+                       description="Remove unsealed .tmp- folders/objects and unfinished multipart uploads older than the grace "
+                                   "period from a store (nothing outside it, never $TMPDIR); list published versions the retention "
+                                   "rule allows deleting (never production, its previous version or canary).")
+    p.add_argument("--store", default=DEFAULT_STORE, help="local folder or s3://bucket/prefix")
+    p.add_argument("--grace-hours", type=float, default=24.0, help="leave leftovers younger than this (a publish may be running)")
+    p.add_argument("--keep-versions", type=int, default=5, help="newest published versions of each model not listed as old")
+    p.add_argument("--dry-run", action="store_true", help="only print what would be removed")
+    p.set_defaults(func=cmd_gc)
+
 
 def _serve_parser(sub) -> None:
     from kubetune.serving import serve
@@ -109,7 +126,24 @@ def _infer_parser(sub) -> None:
                                    "Re-run with the same --output to resume after a crash (committed shards are skipped).")
     add_batch_args(p)
     p.add_argument("--summary", type=Path, help="write the batch manifest JSON here too")
+    r = p.add_argument_group("retraining on drift (the same submission as kubetune submit)")
+    r.add_argument("--retrain-on-drift", action="store_true",
+                   help="when the batch's drift report says drifted, start a training-pipeline run for the same store and "
+                        "model name (give its data with --param train_uri=...)")
+    cluster.add_server_args(p, store=False)
+    cluster.add_run_args(p)
+    r.add_argument("--run-name", default="", help="name of the retraining run (default: pipeline name + time)")
     p.set_defaults(func=cmd_infer)
+
+
+def _drift_parser(sub) -> None:
+    from kubetune.steps import drift
+
+    p = sub.add_parser("drift", help="a drift report of data against a registry version's reference profile", formatter_class=_Help,
+                       description=drift.__doc__)
+    p.add_argument("--store", required=True, help="local folder or s3://bucket/prefix (the registry)")
+    drift.add_drift_args(p)
+    p.set_defaults(func=cmd_drift)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _registry_parsers(sub)
     _serve_parser(sub)
     _infer_parser(sub)
+    _drift_parser(sub)
     return p
 
 
@@ -165,6 +200,25 @@ def print_summary(s: dict, wall: float) -> None:
     w(f"\noutcome: {s['outcome']} (exit {s['exit_code']}), records in {s['store']}/runs/{s['run_id']}\n")
 
 
+KFP_BUSY_S = 3600  # a kfp-local folder changed this recently may belong to a run in progress
+
+
+def prune_kfp_outputs(root: Path, own: set[Path], keep: int) -> list[Path]:
+    """Remove kfp.local run folders beyond the newest `keep`: this run's own (finished) folders, and
+    earlier ones untouched for an hour (another run on the same store may still be writing)."""
+    if not root.is_dir():
+        return []
+    runs = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    removed = []
+    for path in runs[keep:]:
+        if path in own or time.time() - max((q.stat().st_mtime for q in path.rglob("*")), default=path.stat().st_mtime) > KFP_BUSY_S:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    with contextlib.suppress(OSError):
+        root.rmdir()  # only when empty
+    return removed
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from kubetune.pipelines.local import run_locally
     from kubetune.pipelines.training import build_training_pipeline
@@ -185,6 +239,15 @@ def cmd_run(a: argparse.Namespace) -> int:
     print(f"kubetune run {run_id}: {name} from {arguments['train_uri']} with {arguments['model_uri']}\n  store {store_uri}\n"
           f"  full log {log_path}", flush=True)
 
+    if a.keep_kfp_runs < 0:
+        raise ConfigError(f"--keep-kfp-runs {a.keep_kfp_runs}: use 0 or more")
+    before = set(pipeline_root.iterdir()) if pipeline_root.is_dir() else set()
+    # The step processes get a private TMPDIR, removed afterwards: kfp.local's component command makes
+    # a mktemp folder per step that nothing removes, and a step killed midway leaves its scratch.
+    # Only this folder, which this process made, is removed - never other $TMPDIR content.
+    run_tmp = Path(tempfile.mkdtemp(prefix="kubetune-run-"))
+    saved_tmpdir = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(run_tmp)
     t0 = time.perf_counter()
     try:
         # no task retries locally: a failure here is not a flaky node, and backoff would only delay it
@@ -194,6 +257,14 @@ def cmd_run(a: argparse.Namespace) -> int:
         if not local:
             store.upload(log_path, record.key("kfp-local.log"))
             shutil.rmtree(pipeline_root, ignore_errors=True)
+        else:
+            prune_kfp_outputs(pipeline_root, own=set(pipeline_root.iterdir() if pipeline_root.is_dir() else ()) - before,
+                              keep=a.keep_kfp_runs)
+        if saved_tmpdir is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_tmpdir
+        shutil.rmtree(run_tmp, ignore_errors=True)
     wall = time.perf_counter() - t0
 
     summary = record.read_json("summary.json") or build_summary(record)
@@ -222,8 +293,9 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
 
 def cmd_deploy(a: argparse.Namespace) -> int:
-    store = open_store(a.store, S3Settings.from_env())
-    name, version = registry.resolve(store, f"{registry.check_name(a.name)}/{a.version}")
+    ref = f"{registry.check_name(a.name)}/{a.version}"  # before the store: a rejected name creates nothing
+    store = open_store(a.store, S3Settings.from_env(), create=False)
+    name, version = registry.resolve(store, ref)
     run_id = f"cli-deploy-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     result = release(store, name, version, config_from_args(ServingConfig, a), config_from_args(DeployConfig, a), run_id,
                      GitAuth.from_env())
@@ -232,9 +304,12 @@ def cmd_deploy(a: argparse.Namespace) -> int:
 
 
 def cmd_rollback(a: argparse.Namespace) -> int:
-    store = open_store(a.store, S3Settings.from_env())
+    name = registry.check_name(a.name)
+    if a.to:
+        registry.check_version(a.to, "--to")
+    store = open_store(a.store, S3Settings.from_env(), create=False)
     run_id = f"cli-rollback-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-    result = roll_back(store, registry.check_name(a.name), config_from_args(ServingConfig, a), config_from_args(DeployConfig, a),
+    result = roll_back(store, name, config_from_args(ServingConfig, a), config_from_args(DeployConfig, a),
                        run_id, GitAuth.from_env(), to=a.to)
     alias = result["alias"]
     print(f"{a.name}/{registry.PRODUCTION}: {alias['rolled_back_from']} -> {alias['version']} (previous now {alias['previous']})")
@@ -242,14 +317,23 @@ def cmd_rollback(a: argparse.Namespace) -> int:
 
 
 def cmd_models(a: argparse.Namespace) -> int:
-    store = open_store(a.store, S3Settings.from_env())
     name = registry.check_name(a.name)
+    store = open_store(a.store, S3Settings.from_env(), create=False)
     production = registry.read_alias(store, name) or {}
     canary = registry.read_alias(store, name, "canary") or {}
     for version in registry.versions(store, name):
         tags = [t for t, v in ((registry.PRODUCTION, production.get("version")), (registry.PREVIOUS, production.get("previous")),
                                ("canary", canary.get("version"))) if v == version]
         print(f"{version}  {' '.join(tags)}")
+    return 0
+
+
+def cmd_gc(a: argparse.Namespace) -> int:
+    from kubetune.release import gc
+
+    store = open_store(a.store, S3Settings.from_env(), create=False)
+    report = gc.collect(store, grace_s=a.grace_hours * 3600, keep_versions=a.keep_versions, dry_run=a.dry_run)
+    gc.print_report(report, store, a.dry_run)
     return 0
 
 
@@ -275,9 +359,31 @@ def cmd_infer(a: argparse.Namespace) -> int:
     print(f"\n{t['rows']} rows in {len(manifest['shards'])} shards: {t['predicted']} predicted, {t['rejected']} rejected, "
           f"{t['truncated']} truncated; model {manifest['model']['name']} {manifest['model']['version']} ({manifest['variant']})\n"
           f"manifest {a.output.rstrip('/')}/manifest.json")
+    drift = manifest["drift"]
+    print(f"drift: {'DRIFTED (' + ', '.join(drift['drifted_signals']) + ')' if drift.get('drifted') else drift.get('skipped') or 'none'}")
+    if a.retrain_on_drift and manifest["drifted"]:
+        given = {p.partition("=")[0] for p in a.param}
+        a.param = [*a.param, *([f"model_name={manifest['model']['name']}"] if "model_name" not in given else [])]
+        manifest["retraining_run"] = cluster.submit_training(a)[0]
     if a.summary:
         a.summary.parent.mkdir(parents=True, exist_ok=True)
         a.summary.write_text(json.dumps(manifest, indent=2) + "\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# drift
+
+
+def cmd_drift(a: argparse.Namespace) -> int:
+    """Exit 0 either way: a drift verdict is a finding, not an error (`drifted` is in drift.json)."""
+    from kubetune.monitoring.drift import Thresholds
+    from kubetune.steps.drift import REPORT_HTML, REPORT_JSON, DriftConfig, run_step
+
+    rep = run_step(store_uri=a.store, run_id="", ref=a.model, input_uri=a.input, out_dir=a.out,
+                   cfg=config_from_args(DriftConfig, a), thresholds=config_from_args(Thresholds, a))
+    print(f"\n{'DRIFTED' if rep['drifted'] else 'no drift'} ({', '.join(rep['drifted_signals']) or 'every signal within its threshold'}); "
+          f"model {rep['model']}, {rep['rows']} rows\nreport {a.out / REPORT_JSON}, {a.out / REPORT_HTML}")
     return 0
 
 

@@ -19,23 +19,28 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
-from kubetune.errors import InputError
+from kubetune.errors import InputError, KubetuneError
 from kubetune.pipelines import parameters
 from kubetune.pipelines.config import DEFAULT_IMAGE, ClusterConfig
 
 PIPELINE_DESCRIPTION = "Fine-tune a Hugging Face text classifier, gate it, export it to ONNX and publish it (kubetune)."
 
 
-def add_compile_args(p: argparse.ArgumentParser) -> None:
+def add_compile_args(p, store: bool = True) -> None:
+    """`store=False`: the command has its own --store (kubetune infer), which is then the pipeline's too."""
     p.add_argument("--image", default=DEFAULT_IMAGE, help="image of the CPU steps; finetune uses IMAGE-cuda")
     p.add_argument("--trainer-image", default="", help="CUDA image for finetune (default: the --image tag + '-cuda')")
-    p.add_argument("--store", default="s3://kubetune", help="default of the pipeline's store parameter")
+    if store:
+        p.add_argument("--store", default="s3://kubetune", help="default of the pipeline's store parameter")
     p.add_argument("--pipeline-root", default="", help="KFP artifact root (default: the installation's)")
     p.add_argument("--s3-secret", default=ClusterConfig.s3_secret)
     p.add_argument("--s3-config-map", default=ClusterConfig.s3_config_map)
@@ -59,8 +64,8 @@ def compile_pipeline(a: argparse.Namespace, output: Path) -> ClusterConfig:
 # ---- talking to the KFP API ------------------------------------------------------------------
 
 
-def add_server_args(p: argparse.ArgumentParser) -> None:
-    add_compile_args(p)
+def add_server_args(p: argparse.ArgumentParser, store: bool = True) -> None:
+    add_compile_args(p, store)
     k = p.add_argument_group("Kubeflow Pipelines API")
     k.add_argument("--host", default="", help="KFP API endpoint; empty: $KF_PIPELINES_ENDPOINT, or kfp.Client's in-cluster default")
     k.add_argument("--namespace", default="", help="Kubeflow profile namespace (multi-user Kubeflow); empty: the server's default")
@@ -68,10 +73,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 
 
 def kfp_client(a: argparse.Namespace, environ=None):
-    import kfp
+    # kfp.client, not kfp.Client: inside a KFP task (_KFP_RUNTIME=true, the batch-retrain step) the
+    # package does not import its client at the top level
+    from kfp.client import Client
 
     env = os.environ if environ is None else environ
-    return kfp.Client(host=a.host or env.get("KF_PIPELINES_ENDPOINT") or None, namespace=a.namespace or "kubeflow",
+    return Client(host=a.host or env.get("KF_PIPELINES_ENDPOINT") or None, namespace=a.namespace or "kubeflow",
                       existing_token=env.get("KF_PIPELINES_TOKEN") or None, ssl_ca_cert=a.ssl_ca_cert or None)
 
 
@@ -151,8 +158,10 @@ def _version_name(cluster: ClusterConfig) -> str:
     return f"{cluster.image.rsplit('/', 1)[-1]}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
-def cmd_submit(a: argparse.Namespace) -> int:
-    client = kfp_client(a)
+def submit_training(a: argparse.Namespace, client=None) -> tuple[str, dict]:
+    """Start a training-pipeline run (`kubetune submit`, and `kubetune infer --retrain-on-drift`):
+    (run id, the typed parameters it got)."""
+    client = client or kfp_client(a)
     with tempfile.TemporaryDirectory() as tmp:
         package = Path(tmp) / "kubetune-training.yaml"
         compile_pipeline(a, package)
@@ -162,9 +171,40 @@ def cmd_submit(a: argparse.Namespace) -> int:
             str(package), arguments=params, run_name=a.run_name or None, experiment_name=a.experiment,
             namespace=a.namespace or None, service_account=a.service_account or None)
     print(f"submitted run {result.run_id} in experiment {a.experiment}" + (f" with {params}" if params else ""))
+    return result.run_id, params
+
+
+def retrain(*, store: str, model_ref: str, train_uri: str, experiment: str, host: str, image: str, s3_secret: str,
+            s3_config_map: str) -> str:
+    """The batch pipeline's retraining trigger (its batch-retrain task, run when the batch drifted):
+    `kubetune submit` for the same store and model name, from inside the cluster (`host` empty: the
+    in-cluster KFP API, with the pod's ServiceAccount token). Returns the new run's id.
+
+    It runs as a child process: inside a KFP task the kfp package is in runtime mode
+    (_KFP_RUNTIME=true), where compiling a pipeline fails on a circular import."""
+    from kubetune.release import registry
+
+    parts = model_ref.strip("/").split("/")
+    name = registry.check_name(parts[1] if parts[0] == "models" and len(parts) > 1 else parts[0])
+    # --flag=value: a value starting with '-' stays a value; no shell is involved
+    args = [sys.executable, "-m", "kubetune.pipelines.cli", "submit", f"--store={store}", f"--image={image}",
+            f"--s3-secret={s3_secret}", f"--s3-config-map={s3_config_map}", f"--experiment={experiment or 'kubetune'}",
+            f"--param=model_name={name}", *([f"--param=train_uri={train_uri}"] if train_uri else []), *([f"--host={host}"] if host else [])]
+    env = {k: v for k, v in os.environ.items() if k != "_KFP_RUNTIME"}
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    print(proc.stdout, end="")
+    found = re.search(r"submitted run (\S+) in experiment", proc.stdout)
+    if proc.returncode != 0 or not found:
+        raise KubetuneError(f"kubetune submit failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return found.group(1)
+
+
+def cmd_submit(a: argparse.Namespace) -> int:
+    client = kfp_client(a)
+    run_id, _ = submit_training(a, client)
     if a.wait:
-        run = client.wait_for_run_completion(result.run_id, timeout=a.wait)
-        print(f"run {result.run_id} finished: {run.state}")
+        run = client.wait_for_run_completion(run_id, timeout=a.wait)
+        print(f"run {run_id} finished: {run.state}")
         return 0 if run.state == "SUCCEEDED" else 1
     return 0
 

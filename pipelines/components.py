@@ -13,10 +13,11 @@ compile time, not import time).
 
 # no `from __future__ import annotations` here: KFP reads the annotations as real types
 from types import SimpleNamespace
-from typing import List
+from typing import List, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import (
+    HTML,
     Artifact,
     ClassificationMetrics,
     Dataset,
@@ -32,7 +33,7 @@ from kubetune.pipelines.config import ClusterConfig
 
 def validate(
     store: str, run_id: str, job_id: str, task: str, train_uri: str, eval_uri: str, test_uri: str, model_name: str, text_column: str,
-    label_column: str, header: bool, tag_column: int, repair_tags: bool, limit: int, seed: int, eval_fraction: float,
+    text_pair_column: str, label_column: str, header: bool, tag_column: int, repair_tags: bool, limit: int, seed: int, eval_fraction: float,
     test_fraction: float, dataset: Output[Dataset], report: Output[Markdown], expectations: Output[Artifact],
 ) -> str:
     from pathlib import Path
@@ -54,8 +55,8 @@ def freshness(store: str, run_id: str, job_id: str, model_name: str, force: bool
     return run_step(store_uri=store, run_id=run_id or job_id, model_name=model_name, dataset_dir=Path(dataset.path), force=force)
 
 
-def tokenize(store: str, run_id: str, job_id: str, model_uri: str, max_length: int, truncation: str, dataset: Input[Dataset],
-             tokens: Output[Dataset]):
+def tokenize(store: str, run_id: str, job_id: str, model_uri: str, max_length: int, truncation: str, max_unknown_share: float,
+             fail_on_unknown: bool, dataset: Input[Dataset], tokens: Output[Dataset]):
     from pathlib import Path
 
     from kubetune.core.config import from_params
@@ -66,7 +67,7 @@ def tokenize(store: str, run_id: str, job_id: str, model_uri: str, max_length: i
 
 
 def finetune(store: str, run_id: str, job_id: str, model_uri: str, epochs: int, batch_size: int, learning_rate: float,
-             seed: int, tokens: Input[Dataset], model: Output[Model], training_metrics: Output[Metrics]):
+             seed: int, keep_checkpoints: bool, tokens: Input[Dataset], model: Output[Model], training_metrics: Output[Metrics]):
     from pathlib import Path
 
     from kubetune.core.config import from_params
@@ -79,7 +80,8 @@ def finetune(store: str, run_id: str, job_id: str, model_uri: str, epochs: int, 
 
 
 def finetune_distributed(store: str, run_id: str, job_id: str, model_uri: str, epochs: int, batch_size: int,
-                         learning_rate: float, seed: int, finetune_backend: str, finetune_workers: int, finetune_gpus_per_worker: int,
+                         learning_rate: float, seed: int, keep_checkpoints: bool, finetune_backend: str, finetune_workers: int,
+                         finetune_gpus_per_worker: int,
                          image: str, s3_secret: str, s3_config_map: str, tokens: Input[Dataset], model: Output[Model],
                          training_metrics: Output[Metrics]):
     from pathlib import Path
@@ -126,7 +128,7 @@ def export(store: str, run_id: str, job_id: str, onnx_variants: str, require_var
 
 def deploy(store: str, run_id: str, job_id: str, model_name: str, namespace: str, serving_image: str, deploy_target: str,
            canary_traffic_percent: int, gitops_repo: str, gitops_branch: str, gitops_path: str,
-           onnx_model: Input[Model], evaluation: Input[Artifact], manifest: Output[Artifact]) -> str:
+           onnx_model: Input[Model], evaluation: Input[Artifact], manifest: Output[Artifact], training_report: Output[HTML]) -> str:
     from pathlib import Path
 
     from kubetune.core.config import from_params
@@ -136,7 +138,8 @@ def deploy(store: str, run_id: str, job_id: str, model_name: str, namespace: str
 
     result = run_step(store_uri=store, run_id=run_id or job_id, model_name=model_name, onnx_dir=Path(onnx_model.path),
                       evaluation_path=Path(evaluation.path), manifest_path=Path(manifest.path),
-                      cfg=from_params(ServingConfig, locals()), target=from_params(DeployConfig, locals()))
+                      cfg=from_params(ServingConfig, locals()), target=from_params(DeployConfig, locals()),
+                      report_path=Path(training_report.path))
     return result["model_uri"]
 
 
@@ -146,13 +149,13 @@ def summarize(store: str, run_id: str, job_id: str, status: dsl.PipelineTaskFina
     run_step(store_uri=store, run_id=run_id or job_id, pipeline_state=status.state)
 
 
-def batch_plan(store: str, model: str, input_uri: str, output_uri: str, text_column: str, id_column: str, variant: str,
-               shard_rows: int, batch_size: int, max_chars: int) -> List[str]:
+def batch_plan(store: str, model: str, input_uri: str, output_uri: str, text_column: str, text_pair_column: str, id_column: str,
+               variant: str, shard_rows: int, batch_size: int, max_chars: int) -> List[str]:
     from kubetune.steps.batch_infer import BatchConfig, plan_step
 
     return plan_step(store_uri=store, model_ref=model, input_uri=input_uri, output_uri=output_uri,
-                     cfg=BatchConfig(text_column=text_column, id_column=id_column, variant=variant, shard_rows=shard_rows,
-                                     batch_size=batch_size, max_chars=max_chars))
+                     cfg=BatchConfig(text_column=text_column, text_pair_column=text_pair_column, id_column=id_column, variant=variant,
+                                     shard_rows=shard_rows, batch_size=batch_size, max_chars=max_chars))
 
 
 def batch_score(output_uri: str, shard_id: str) -> str:
@@ -161,10 +164,23 @@ def batch_score(output_uri: str, shard_id: str) -> str:
     return score_step(output_uri=output_uri, shard_id=shard_id)
 
 
-def batch_collect(output_uri: str, shard_ids: List[str]) -> str:
+def batch_collect(output_uri: str, shard_ids: List[str], drift_report: Output[HTML],
+                  drift_metrics: Output[Metrics]) -> NamedTuple("Outputs", [("manifest", str), ("drifted", bool)]):
+    from collections import namedtuple
+    from pathlib import Path
+
     from kubetune.steps.batch_infer import collect_step
 
-    return collect_step(output_uri=output_uri)
+    manifest, drifted = collect_step(output_uri=output_uri, html_path=Path(drift_report.path), log_metric=drift_metrics.log_metric)
+    return namedtuple("Outputs", ["manifest", "drifted"])(manifest, drifted)
+
+
+def batch_retrain(store: str, model: str, retrain_train_uri: str, retrain_experiment: str, kfp_host: str, image: str,
+                  s3_secret: str, s3_config_map: str) -> str:
+    from kubetune.pipelines.cluster import retrain
+
+    return retrain(store=store, model_ref=model, train_uri=retrain_train_uri, experiment=retrain_experiment, host=kfp_host,
+                   image=image, s3_secret=s3_secret, s3_config_map=s3_config_map)
 
 
 def make_components(cluster: ClusterConfig) -> SimpleNamespace:
@@ -176,5 +192,5 @@ def make_components(cluster: ClusterConfig) -> SimpleNamespace:
         finetune=dsl.component(finetune, base_image=cluster.gpu_image, install_kfp_package=False),
         finetune_distributed=cpu(finetune_distributed),
         evaluate=cpu(evaluate), export=cpu(export), deploy=cpu(deploy), summarize=cpu(summarize),
-        batch_plan=cpu(batch_plan), batch_score=cpu(batch_score), batch_collect=cpu(batch_collect),
+        batch_plan=cpu(batch_plan), batch_score=cpu(batch_score), batch_collect=cpu(batch_collect), batch_retrain=cpu(batch_retrain),
     )

@@ -53,7 +53,8 @@ class ClusterConfig:
         "summarize": Resources("250m", "500m", "512Mi", "1Gi"),
         "batch-plan": Resources("1", "2", "2Gi", "4Gi"),
         "batch-score": Resources("4", "4", "4Gi", "8Gi"),  # ONNX Runtime uses every core it is given
-        "batch-collect": Resources("250m", "500m", "512Mi", "1Gi"),
+        "batch-collect": Resources("250m", "1", "1Gi", "2Gi"),  # merges the shard profiles, runs the drift report
+        "batch-retrain": Resources("100m", "500m", "256Mi", "512Mi"),  # compiles and submits the training pipeline
     })
     batch_parallelism: int = 8  # shard pods at a time in the batch-inference pipeline
 

@@ -43,7 +43,8 @@ class RunInputs:
     """The parameters of the run itself (inputs, names, where records go), not of one step."""
 
     train_uri: str = param("", "Training data: CSV, TSV, JSONL, Parquet (NER: CoNLL, JSONL) file, folder or s3:// prefix, or "
-                               "builtin:; empty = the task's built-in data (builtin:sms-spam, builtin:conll2003).", flag="--train")
+                               "builtin:; empty = the task's built-in data (builtin:sms-spam, builtin:conll2003, builtin:newsgroups-answers).",
+                           flag="--train")
     eval_uri: str = param("", "Optional eval file; empty = split eval_fraction off the training data.", flag="--eval")
     test_uri: str = param("", "Optional test file; empty = split test_fraction off the training data.", flag="--test")
     model_uri: str = param("builtin:all-minilm-l6-v2", "Pretrained transformers model folder (local or s3:// prefix) or "

@@ -37,13 +37,27 @@ from pathlib import Path
 import numpy as np
 
 from kubetune.errors import ConfigError, InputError
-from kubetune.storage.shards import TokenizedSplit, logit_rows, pad_batch, place_logits, sorted_batches
+from kubetune.storage.shards import TokenizedSplit, logit_rows, pad_batch, place_logits, sorted_batches, token_types
 
 VARIANTS = ("fp32", "optimized", "fp16", "int8")
 # int8 is never picked automatically: dynamic quantization scales activations per batch, so its
 # scores depend on which texts share a batch (batch inference vs a server's micro-batches)
 PREFERENCE = {"cpu": ("optimized", "fp32"), "cuda": ("fp16", "optimized", "fp32")}
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def read_model_json(model_dir: Path, name: str) -> dict:
+    """One of the model folder's JSON files, or a one-line InputError saying what is wrong with it."""
+    path = model_dir / name
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{model_dir}: no {name}; expected a complete folder written by kubetune export") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not readable JSON ({e}); export or download the model again") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object; export or download the model again")
+    return data
 
 
 def create_session(model_path: Path, device: str = "cpu", threads: int = 0):
@@ -55,7 +69,12 @@ def create_session(model_path: Path, device: str = "cpu", threads: int = 0):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(model_path), sess_options=options, providers=PROVIDERS[device])
+    try:
+        session = ort.InferenceSession(str(model_path), sess_options=options, providers=PROVIDERS[device])
+    except Exception as e:  # ORT's own types (InvalidProtobuf, Fail, ...): a junk or truncated file, one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{model_path}: ONNX Runtime cannot load it ({first[:300]}); the file is damaged or incomplete - "
+                         "export or download the model again") from e
     active = session.get_providers()
     if device == "cuda" and active[0] != "CUDAExecutionProvider":
         raise ConfigError(
@@ -109,8 +128,10 @@ class OnnxClassifier:
         if not (model_dir / "model.onnx").is_file():
             raise InputError(f"{model_dir}: no model.onnx; expected a folder written by kubetune export")
         self.dir = model_dir
-        self.info = json.loads((model_dir / "kubetune.json").read_text())
-        self.labels = json.loads((model_dir / "labels.json").read_text())["labels"]
+        self.info = read_model_json(model_dir, "kubetune.json")
+        self.labels = read_model_json(model_dir, "labels.json").get("labels")
+        if not isinstance(self.labels, list) or not self.labels:
+            raise InputError(f"{model_dir / 'labels.json'}: no \"labels\" list; expected a folder written by kubetune export")
         self.task = tasks.get(self.info.get("task", tasks.DEFAULT))  # folders exported before task families: sequence
         self.variant = pick_variant(model_dir, variant, device, unchecked)
         self.session = create_session(model_dir / variant_file(self.variant), device, threads)
@@ -119,11 +140,12 @@ class OnnxClassifier:
         self.max_length = int(self.info["max_length"])
         self.truncation = self.info.get("truncation", "head")  # as tokenize cut the training texts
         self._edges: tuple[int, int] | None = None
+        self.sep_id = self.info.get("sep_token_id")  # text pairs: segment ids after the first [SEP]
 
     def _run(self, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         feed = {"input_ids": input_ids, "attention_mask": mask}
         if "token_type_ids" in self.input_names:
-            feed["token_type_ids"] = np.zeros_like(input_ids)
+            feed["token_type_ids"] = token_types(input_ids, mask, self.sep_id)
         return self.session.run(["logits"], feed)[0]
 
     def logits(self, split: TokenizedSplit, batch_size: int = 64, per_token: bool = False) -> np.ndarray:
@@ -140,10 +162,11 @@ class OnnxClassifier:
         (e.g. is_split_into_words, return_offsets_mapping)."""
         return self.tokenizer(texts, truncation=True, max_length=self.max_length, **kwargs)
 
-    def encode(self, texts: list[str]) -> tuple[TokenizedSplit, np.ndarray]:
-        """Token ids of `texts`, and which texts were truncated."""
+    def encode(self, texts: list) -> tuple[TokenizedSplit, np.ndarray]:
+        """Token ids of `texts` (strings, or (text, text_pair) tuples for a pair task: the tokenizer
+        joins them with [SEP] and truncation cuts the longer side first), and which were truncated."""
         if self.truncation != "head":
-            # the same cut as tokenize (kubetune.tasks.base.cut_ids) on the untruncated ids
+            # the same cut as tokenize (kubetune.tasks.base.cut_ids) on the untruncated ids (single texts only)
             from kubetune.tasks.base import cut_ids, special_edges
 
             full = self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]

@@ -49,7 +49,7 @@ def inference_service(name: str, version: str, storage_uri: str, run_id: str, cf
                         "name": "kserve-container",
                         "image": cfg.image,
                         "command": ["kubetune", "serve"],
-                        "args": ["--model", "/mnt/models", "--name", name, "--port", "8080"],
+                        "args": ["--model", "/mnt/models", "--name", name, "--host", "0.0.0.0", "--port", "8080"],  # a pod: every interface
                         "env": [{"name": "STORAGE_URI", "value": storage_uri}],
                         "ports": [{"containerPort": 8080, "protocol": "TCP"}],
                         "resources": {

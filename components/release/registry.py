@@ -35,6 +35,8 @@ from kubetune.errors import InputError
 from kubetune.storage.store import Conflict, NotFound, Store, StoreError, join
 
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$")
+VERSION_RE = re.compile(r"^v\d{8}-\d{6}-[a-z0-9]{1,12}$")  # what new_version makes, nothing else
+ALIAS_RE = re.compile(r"^[a-z][-a-z0-9]{0,39}$")
 PRODUCTION = "production"
 PREVIOUS = "previous"  # derived: production's `previous` field
 HISTORY = 20  # earlier production versions kept in the alias document
@@ -50,6 +52,14 @@ def check_name(name: str) -> str:
             "(it becomes the InferenceService name)"
         )
     return name
+
+
+def check_version(version: str, what: str = "version") -> str:
+    """A version names a folder in the store: only what new_version makes gets there (no '..', no '/')."""
+    if not isinstance(version, str) or not VERSION_RE.match(version):
+        raise InputError(f"{what} {version!r}: not a registry version (v<yyyymmdd>-<HHMMSS>-<run>, "
+                         "as listed by kubetune models NAME)")
+    return version
 
 
 def name_from_uri(uri: str) -> str:
@@ -93,6 +103,8 @@ def _now() -> str:
 def update_alias(store: Store, name: str, alias: str, change: Callable[[dict | None], dict]) -> dict:
     """Compare-and-swap loop: `change(current document or None)` returns the new document, which
     is written only if the alias did not move meanwhile; on a lost race re-read and re-apply."""
+    if not ALIAS_RE.match(alias or ""):
+        raise InputError(f"alias {alias!r}: use lowercase letters, digits and '-', starting with a letter")
     if alias == PREVIOUS:
         raise InputError(f"{name}/{PREVIOUS} is derived from {PRODUCTION}; move {PRODUCTION} instead (e.g. kubetune rollback)")
     key = alias_key(name, alias)
@@ -109,6 +121,7 @@ def update_alias(store: Store, name: str, alias: str, change: Callable[[dict | N
 
 def set_alias(store: Store, name: str, alias: str, version: str, run_id: str, extra: dict | None = None) -> dict:
     """Point `alias` at a published `version`; the version it pointed at becomes `previous`."""
+    check_version(version)
     if not store.is_published(version_prefix(name, version)):
         raise InputError(f"cannot point {name}/{alias} at {version}: that version is not published")
 
@@ -132,6 +145,7 @@ def rollback(store: Store, name: str, run_id: str = "rollback", to: str = "") ->
         target = to or (history[0] if history else "")
         if not target:
             raise InputError(f"{name}/{PRODUCTION} is {current['version']} and has no previous version to roll back to")
+        check_version(target, "--to" if to else f"{name}/{PREVIOUS}")
         if not store.is_published(version_prefix(name, target)):
             raise InputError(f"cannot roll {name} back to {target}: that version is not published (see kubetune models {name})")
         rest = [v for v in history if v != target]
@@ -164,13 +178,16 @@ def resolve(store: Store, ref: str) -> tuple[str, str]:
         parts.append(PRODUCTION)
     if len(parts) != 2:
         raise InputError(f"model reference {ref!r}: use models/<name>/<alias or version>")
-    name, which = parts
-    if store.is_published(version_prefix(name, which)):
+    name, which = check_name(parts[0]), parts[1]
+    if VERSION_RE.match(which) and store.is_published(version_prefix(name, which)):
         return name, which
+    if not ALIAS_RE.match(which):
+        raise InputError(f"model reference {ref!r}: {which!r} is neither a registry version (v<yyyymmdd>-<HHMMSS>-<run>) "
+                         "nor an alias name (e.g. production)")
     alias = read_alias(store, name, which)
     if alias is None:
         raise InputError(f"model reference {ref!r}: {name} has no version or alias {which!r} in {store.uri}")
-    return name, alias["version"]
+    return name, check_version(alias.get("version"), f"{name}/{which} points at")
 
 
 def download(store: Store, name: str, version: str, dest: Path) -> Path:

@@ -14,7 +14,8 @@ for the pipeline's deploy step and `kubetune deploy` (kubetune.steps.deploy.rele
 Git credentials come from the environment (a Secret on a cluster), never from the command line,
 and are never logged: KUBETUNE_GIT_USERNAME + KUBETUNE_GIT_TOKEN for https (given to git through
 GIT_ASKPASS, so the token is in no argv and no URL), or KUBETUNE_GIT_SSH_KEY (+ optional
-KUBETUNE_GIT_KNOWN_HOSTS) for ssh. The commit author is KUBETUNE_GIT_AUTHOR_NAME/EMAIL.
+KUBETUNE_GIT_KNOWN_HOSTS, required: without it ssh refuses, unless KUBETUNE_GIT_SSH_ACCEPT_NEW_HOST_KEY=1
+opts in to trusting the first key seen) for ssh. The commit author is KUBETUNE_GIT_AUTHOR_NAME/EMAIL.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class DeployConfig:
             problems.append("deploy target gitops needs gitops_repo (the Git URL the Argo CD Application watches)")
         if self.target == "gitops" and (self.gitops_path.startswith("/") or ".." in Path(self.gitops_path).parts):
             problems.append(f"gitops_path {self.gitops_path!r}: use a relative folder inside the repository")
+        problems += check_git_values(self.gitops_repo, self.gitops_branch)  # whatever the target: both reach git's argv
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -78,6 +80,39 @@ class DeployConfig:
     def alias(self) -> str:
         """A canary does not become production: it gets the `canary` alias until promoted."""
         return "canary" if self.canary_traffic_percent else "production"
+
+
+_SAFE_BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+
+
+def check_git_values(repo: str, branch: str) -> list[str]:
+    """The branch and URL reach git's argv: a value starting with '-' would be read as an option
+    (--upload-pack=... runs a command). The branch must also be a valid branch name for git itself."""
+    problems = []
+    if repo.startswith("-") or any(c in repo for c in "\n\r\0"):
+        problems.append(f"gitops_repo {repo!r}: not a Git URL or path")
+    if not _SAFE_BRANCH.match(branch) or not _git_accepts_branch(branch):
+        problems.append(f"gitops_branch {branch!r}: not a valid branch name (letters, digits, '.', '_', '-', '/'; "
+                        "not starting with '-'; see git check-ref-format)")
+    return problems
+
+
+def _git_accepts_branch(branch: str) -> bool:
+    try:
+        return subprocess.run(["git", "check-ref-format", "--branch", branch], capture_output=True, timeout=30).returncode == 0
+    except FileNotFoundError:  # no git here (a compile-only machine): the pattern above must do
+        return ".." not in branch and not branch.endswith((".lock", "/", ".")) and "//" not in branch
+
+
+def refuse_symlinks(root: Path, rel: str) -> None:
+    """The file kubetune writes in the clone must not lead outside it: a symlinked folder in the
+    watched repository would make the write land anywhere on this machine."""
+    path = root
+    for part in Path(rel).parts:
+        path = path / part
+        if path.is_symlink():
+            raise RolloutFailed(f"{path.relative_to(root)} is a symbolic link in the GitOps repository; "
+                                "kubetune writes only to real folders there (replace the link with a folder)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +190,8 @@ class GitAuth:
     username: str = ""
     token: str = ""
     ssh_key: str = ""  # path to a private key file (a mounted Secret)
-    known_hosts: str = ""  # path to a known_hosts file; empty: accept a new host key once
+    known_hosts: str = ""  # path to a known_hosts file; needed with ssh_key unless accept_new_host_key
+    accept_new_host_key: bool = False  # trust a host key seen for the first time (explicit opt-in, never silent)
     author_name: str = "kubetune"
     author_email: str = "kubetune@localhost"
 
@@ -164,6 +200,7 @@ class GitAuth:
         env = os.environ if environ is None else environ
         return cls(username=env.get("KUBETUNE_GIT_USERNAME", ""), token=env.get("KUBETUNE_GIT_TOKEN", ""),
                    ssh_key=env.get("KUBETUNE_GIT_SSH_KEY", ""), known_hosts=env.get("KUBETUNE_GIT_KNOWN_HOSTS", ""),
+                   accept_new_host_key=env.get("KUBETUNE_GIT_SSH_ACCEPT_NEW_HOST_KEY", "") in ("1", "true", "yes"),
                    author_name=env.get("KUBETUNE_GIT_AUTHOR_NAME", "kubetune"),
                    author_email=env.get("KUBETUNE_GIT_AUTHOR_EMAIL", "kubetune@localhost"))
 
@@ -171,7 +208,9 @@ class GitAuth:
         return f"GitAuth(username={self.username!r}, token={'***' if self.token else ''!r}, ssh_key={self.ssh_key!r})"
 
     def env(self, workdir: Path) -> dict[str, str]:
-        env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_AUTHOR_NAME": self.author_name, "GIT_AUTHOR_EMAIL": self.author_email,
+        # GIT_ALLOW_PROTOCOL: no ext:: or fd:: transports, which run commands named in the URL
+        env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ALLOW_PROTOCOL": "file:git:http:https:ssh",
+               "GIT_AUTHOR_NAME": self.author_name, "GIT_AUTHOR_EMAIL": self.author_email,
                "GIT_COMMITTER_NAME": self.author_name, "GIT_COMMITTER_EMAIL": self.author_email}
         if self.token:
             # git asks this script for the username and password; the token stays in the environment
@@ -180,6 +219,10 @@ class GitAuth:
             askpass.chmod(stat.S_IRWXU)
             env.update(GIT_ASKPASS=str(askpass), KUBETUNE_GIT_USERNAME=self.username or "kubetune", KUBETUNE_GIT_TOKEN=self.token)
         if self.ssh_key:
+            if not self.known_hosts and not self.accept_new_host_key:
+                raise ConfigError("KUBETUNE_GIT_SSH_KEY is set but KUBETUNE_GIT_KNOWN_HOSTS is not: mount a known_hosts file "
+                                  "for the Git host (ssh-keyscan HOST, checked) and set KUBETUNE_GIT_KNOWN_HOSTS to it, or set "
+                                  "KUBETUNE_GIT_SSH_ACCEPT_NEW_HOST_KEY=1 to trust the key seen first (open to a man in the middle)")
             hosts = f"-o UserKnownHostsFile={shlex.quote(self.known_hosts)} -o StrictHostKeyChecking=yes" if self.known_hosts \
                 else "-o StrictHostKeyChecking=accept-new"
             env["GIT_SSH_COMMAND"] = f"ssh -i {shlex.quote(self.ssh_key)} -o IdentitiesOnly=yes {hosts}"
@@ -208,6 +251,9 @@ def rollout_gitops(manifest: dict, cfg: DeployConfig, auth: GitAuth, message: st
     """Commit exactly one file, <gitops_path>/<name>.yaml, on top of the branch and push. A push
     that loses a race with another commit is rebased and retried; an identical manifest makes no
     commit (the desired state is already there)."""
+    problems = check_git_values(cfg.gitops_repo, cfg.gitops_branch)  # again here: a caller may skip cfg.check()
+    if problems:
+        raise ConfigError("; ".join(problems))
     name = manifest["metadata"]["name"]
     rel = f"{cfg.gitops_path.strip('/')}/{name}.yaml" if cfg.gitops_path.strip("/") else f"{name}.yaml"
     with tempfile.TemporaryDirectory(prefix="kubetune-gitops-") as tmp:
@@ -215,15 +261,16 @@ def rollout_gitops(manifest: dict, cfg: DeployConfig, auth: GitAuth, message: st
         work.mkdir()
         git = Git(work, auth.env(Path(tmp)))
         git("init", "-q")
-        git("remote", "add", "origin", cfg.gitops_repo)
+        git("remote", "add", "--", "origin", cfg.gitops_repo)
         for attempt in range(attempts):
-            fetched = git("fetch", "-q", "--depth", "1", "origin", cfg.gitops_branch, check=False)
+            fetched = git("fetch", "-q", "--depth", "1", "--", "origin", cfg.gitops_branch, check=False)
             if fetched.returncode == 0:
                 git("checkout", "-q", "-B", cfg.gitops_branch, "FETCH_HEAD")
             elif "couldn't find remote ref" in fetched.stderr.lower() or "could not find remote ref" in fetched.stderr.lower():
                 git("checkout", "-q", "--orphan", cfg.gitops_branch)  # a new branch (or an empty repository)
             else:
                 raise RolloutFailed(f"git fetch {redact(cfg.gitops_repo)} {cfg.gitops_branch} failed: {redact(fetched.stderr.strip())}")
+            refuse_symlinks(work, rel)
             target = work / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(to_yaml(manifest))

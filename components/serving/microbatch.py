@@ -9,6 +9,10 @@ runs the model in a worker thread and hands each request its slice. While a call
 queue up and form the next batch, so under load batches grow on their own; `max_wait_s` only adds
 latency when the server is idle. A request is never split: one larger than `max_batch` runs alone.
 
+One bad text must not fail the other requests sharing its call: when a call fails, each of its
+requests runs again alone, and a request that still fails runs text by text to name the text
+(`TextFailed`). That costs extra calls only for batches that failed.
+
     python benchmarks/serve_batching.py      # measures it against a server with batching off
 """
 
@@ -23,6 +27,14 @@ from typing import Callable
 
 class Overloaded(Exception):
     """More texts are queued than the server accepts: the caller should retry later (HTTP 503)."""
+
+
+class TextFailed(Exception):
+    """Text `index` of a request failed the model on its own (the other texts did not); `cause`: why."""
+
+    def __init__(self, index: int, cause: BaseException):
+        super().__init__(f"text {index}: {type(cause).__name__}: {cause}")
+        self.index, self.cause = index, cause
 
 
 @dataclass
@@ -99,13 +111,9 @@ class MicroBatcher:
             texts = [t for item in batch for t in item.texts]
             t0 = time.perf_counter()
             try:
-                results = await loop.run_in_executor(None, self.fn, texts)
-                if len(results) != len(texts):
-                    raise RuntimeError(f"the model returned {len(results)} results for {len(texts)} texts")
-            except Exception as e:  # one failed call fails its requests, never the worker
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(e)
+                results = await loop.run_in_executor(None, self._call, texts)
+            except Exception as e:  # one failed call fails only the requests that fail alone, never the worker
+                await self._isolate(batch, e)
                 continue
             finally:
                 if self._pending:
@@ -117,3 +125,43 @@ class MicroBatcher:
                 if not item.future.done():
                     item.future.set_result(results[start:start + len(item.texts)])
                 start += len(item.texts)
+
+    def _call(self, texts: list[str]) -> list:
+        results = self.fn(texts)
+        if len(results) != len(texts):
+            raise RuntimeError(f"the model returned {len(results)} results for {len(texts)} texts")
+        return results
+
+    async def _isolate(self, batch: list[_Item], error: Exception) -> None:
+        """After a failed call: run each request alone so only those that fail alone get an error."""
+        loop = asyncio.get_running_loop()
+        for item in batch:
+            if item.future.done():
+                continue
+            outcome: list | Exception = error
+            if len(batch) > 1:
+                try:
+                    outcome = await loop.run_in_executor(None, self._call, item.texts)
+                except Exception as e:
+                    outcome = e
+            if isinstance(outcome, Exception):
+                outcome = await self._blame(item.texts, outcome)
+            if item.future.done():  # the client went away meanwhile
+                continue
+            if isinstance(outcome, Exception):
+                item.future.set_exception(outcome)
+            else:
+                item.future.set_result(outcome)
+
+    async def _blame(self, texts: list[str], error: Exception) -> Exception:
+        """The error for a request that failed alone: TextFailed naming its first text that fails on
+        its own, else (only the combination fails) the request's error as it was."""
+        if len(texts) == 1:
+            return TextFailed(0, error)
+        loop = asyncio.get_running_loop()
+        for i, text in enumerate(texts):
+            try:
+                await loop.run_in_executor(None, self._call, [text])
+            except Exception as e:
+                return TextFailed(i, e)
+        return error

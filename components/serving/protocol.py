@@ -12,6 +12,11 @@ Open Inference Protocol (v2), `POST /v2/models/<name>/infer`: one BYTES input of
 output's `labels` parameter as a JSON list); anything else (e.g. a token classifier's entity
 lists) -> BYTES [N] of JSON (parameter content_type=application/json).
 
+A pair classifier (a task whose inputs are several fields, kubetune.tasks: input_fields) takes
+objects with exactly those fields, `{"instances": [{"text": "q", "text_pair": "passage"}]}`, and in
+v2 one BYTES input per field, named by it (each [N], all the same N); its inputs are then tuples
+(text, text_pair) in the field order.
+
 Every rejection is a `RequestError` with the HTTP status to answer and a message naming the field,
 the item index and the limit, e.g. `instances[3]: expected a string or {"text": string}, got int`.
 """
@@ -55,9 +60,47 @@ def decode_json(body: bytes) -> Any:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad(f"the request body is not valid JSON ({e}); send {V1_SHAPE}", "bad_json") from None
+    except RecursionError:  # 100,000 '[' is valid JSON that Python's parser cannot hold
+        raise bad(f"the request body is nested too deeply; send {V1_SHAPE}", "bad_json") from None
 
 
-def texts_from_v1(payload: Any) -> list[str]:
+def check_text(where: str, text: str) -> str:
+    """A JSON string may hold a lone surrogate ("\\ud800"): valid JSON, but no text a tokenizer can
+    encode. Rejected here, with the item, rather than failing the model call."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad(f"{where}: not valid Unicode (a lone surrogate at character {e.start}); send UTF-8 text", "bad_item") from None
+    return text
+
+
+def split_bytes(raw: bytes, count: int, name: str) -> list[bytes]:
+    """The items of a BYTES tensor in the binary-data extension: each a 4-byte little-endian length,
+    then that many bytes. Lengths that run past the data, or a count other than the shape's, are
+    rejected before anything is decoded."""
+    items, pos = [], 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise bad(f"input {name!r}, item {len(items)}: binary data ends inside a 4-byte length prefix", "bad_item")
+        size = int.from_bytes(raw[pos:pos + 4], "little")
+        if pos + 4 + size > len(raw):
+            raise bad(f"input {name!r}, item {len(items)}: its length prefix says {size} bytes, "
+                      f"{len(raw) - pos - 4} are left in the binary data", "bad_item")
+        items.append(raw[pos + 4:pos + 4 + size])
+        pos += 4 + size
+    if len(items) != count:
+        raise bad(f"input {name!r}: shape says {count} texts, the binary data holds {len(items)}")
+    return items
+
+
+def _shape_of(fields: tuple[str, ...]) -> str:
+    return V1_SHAPE if fields == ("text",) else '{"instances": [{' + ", ".join(f'"{f}": "..."' for f in fields) + "}, ...]}"
+
+
+def texts_from_v1(payload: Any, fields: tuple[str, ...] = ("text",)) -> list:
+    """The inputs of a v1 request: strings, or for a several-field task tuples in `fields` order."""
+    if fields != ("text",):
+        return _records_from_v1(payload, fields)
     if isinstance(payload, (bytes, bytearray)):
         payload = decode_json(bytes(payload))
     if not isinstance(payload, dict):
@@ -75,20 +118,60 @@ def texts_from_v1(payload: Any) -> list[str]:
             item = item["text"]
         if not isinstance(item, str):
             raise bad(f"instances[{i}]: expected a string or {{\"text\": string}}, got a JSON {_type(item)}", "bad_item")
-        texts.append(item)
+        texts.append(check_text(f"instances[{i}]", item))
     return texts
 
 
-def texts_from_v2(inputs: list, input_name: str = "text") -> list[str]:
-    """The texts of a v2 request: `inputs` are objects with name, datatype, shape and either `data`
-    (JSON) or `raw` (bytes already split into items by the binary-data extension)."""
+def _instances(payload: Any, shape: str) -> list:
+    if isinstance(payload, (bytes, bytearray)):
+        payload = decode_json(bytes(payload))
+    if not isinstance(payload, dict):
+        raise bad(f"expected a JSON object {shape}, got a JSON {_type(payload)}")
+    if "instances" not in payload:
+        raise bad(f"the request has no \"instances\" field (fields: {sorted(payload)}); send {shape}")
+    if not isinstance(payload["instances"], list):
+        raise bad(f"\"instances\" must be a list, got a JSON {_type(payload['instances'])}; send {shape}")
+    return payload["instances"]
+
+
+def _records_from_v1(payload: Any, fields: tuple[str, ...]) -> list[tuple]:
+    shape = _shape_of(fields)
+    out = []
+    for i, item in enumerate(_instances(payload, shape)):
+        if not isinstance(item, dict) or set(item) != set(fields):
+            got = f"fields {sorted(item)}" if isinstance(item, dict) else f"a JSON {_type(item)}"
+            raise bad(f"instances[{i}]: expected an object with exactly the fields {', '.join(fields)}, got {got}; send {shape}",
+                      "bad_item")
+        for f in fields:
+            if not isinstance(item[f], str):
+                raise bad(f"instances[{i}].{f}: expected a string, got a JSON {_type(item[f])}", "bad_item")
+        out.append(tuple(check_text(f"instances[{i}].{f}", item[f]) for f in fields))
+    return out
+
+
+def texts_from_v2(inputs: list, fields: tuple[str, ...] = ("text",)) -> list:
+    """The texts of a v2 request: `inputs` are objects with name, datatype, shape and `data` (JSON,
+    or the items KServe decoded from the binary-data extension, which check_binary_request checked).
+    For a several-field task one input per field, by name; the result is then tuples in `fields` order."""
+    if fields != ("text",):
+        by_name = {i.name: i for i in inputs}
+        if sorted(by_name) != sorted(fields) or len(inputs) != len(fields):
+            raise bad(f"expected the BYTES inputs {', '.join(fields)} (one each, shape [N]), got {[i.name for i in inputs]}")
+        columns = [_texts_of(by_name[f]) for f in fields]
+        if len({len(c) for c in columns}) != 1:
+            raise bad("inputs " + ", ".join(f"{f!r} holds {len(c)}" for f, c in zip(fields, columns)) + ": they must be the same length")
+        return list(zip(*columns))
     if len(inputs) != 1:
         raise bad(f"expected exactly one input (BYTES, shape [N], the texts), got {len(inputs)}: {[i.name for i in inputs]}")
-    inp = inputs[0]
+    return _texts_of(inputs[0])
+
+
+def _texts_of(inp) -> list[str]:
     if inp.datatype != "BYTES":
         raise bad(f"input {inp.name!r}: datatype must be BYTES (the texts), got {inp.datatype}")
     shape = list(inp.shape or [])
-    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 0:
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape) \
+            or not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 0:
         raise bad(f"input {inp.name!r}: shape must be [N] or [N, 1], got {shape}")
     data = inp.data
     if data and all(isinstance(row, list) and len(row) == 1 for row in data):
@@ -105,25 +188,70 @@ def texts_from_v2(inputs: list, input_name: str = "text") -> list[str]:
                 raise bad(f"input {inp.name!r}, item {i}: not valid UTF-8", "bad_item") from None
         if not isinstance(item, str):
             raise bad(f"input {inp.name!r}, item {i}: expected a string, got a JSON {_type(item)}", "bad_item")
-        texts.append(item)
+        texts.append(check_text(f"input {inp.name!r}, item {i}", item))
     return texts
 
 
-def apply_limits(texts: list[str], limits: TextLimits) -> tuple[list[str], int]:
+def check_binary_request(body: bytes, header_length: int) -> None:
+    """A v2 request in the binary-data extension (a JSON header of `header_length` bytes, then each
+    input's bytes), checked before KServe decodes it: KServe unpacks BYTES items with struct and a
+    bad length prefix would surface as a 500. Sizes must fit the body, BYTES items their shape."""
+    if header_length > len(body):
+        raise bad(f"inference-header-content-length {header_length} is larger than the body ({len(body)} bytes)", "bad_binary")
+    try:
+        header = json.loads(body[:header_length])
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return  # not JSON: KServe's own parser answers 400
+    inputs = header.get("inputs") if isinstance(header, dict) else None
+    pos = header_length
+    for inp in inputs if isinstance(inputs, list) else []:
+        params = inp.get("parameters") if isinstance(inp, dict) else None
+        if not isinstance(params, dict) or "binary_data_size" not in params:
+            continue
+        name, size, shape = inp.get("name"), params["binary_data_size"], inp.get("shape")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise bad(f"input {name!r}: binary_data_size must be a byte count, got {size!r}", "bad_binary")
+        if pos + size > len(body):
+            raise bad(f"input {name!r}: binary_data_size {size} runs past the end of the body "
+                      f"({len(body) - pos} bytes left)", "bad_binary")
+        if inp.get("datatype") == "BYTES":
+            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                raise bad(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+            count = 1
+            for d in shape:
+                count *= d
+            for i, item in enumerate(split_bytes(body[pos:pos + size], count, str(name))):
+                try:  # KServe decodes the items as UTF-8 itself and answers 500 when it cannot
+                    item.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise bad(f"input {name!r}, item {i}: not valid UTF-8", "bad_item") from None
+        pos += size
+
+
+def _longest(item) -> int:
+    return len(item) if isinstance(item, str) else max(len(t) for t in item)
+
+
+def _cut(item, limit: int, keep: str = "head"):
+    return cut_text(item, limit, keep) if isinstance(item, str) else tuple(t[:limit] for t in item)
+
+
+def apply_limits(texts: list, limits: TextLimits) -> tuple[list, int]:
     """(texts, how many were truncated). Empty requests and too many texts are rejected; texts longer
-    than max_text_chars are cut there or rejected, as configured."""
+    than max_text_chars are cut there or rejected, as configured (each text of a pair on its own)."""
     if not texts:
         raise bad("the request holds no texts; send at least one", "empty")
     if len(texts) > limits.max_texts:
         raise RequestError(413, "too_many_texts", f"{len(texts)} texts in one request; the limit is {limits.max_texts} (split the request)")
-    long = [i for i, t in enumerate(texts) if len(t) > limits.max_text_chars]
+    long = [i for i, t in enumerate(texts) if _longest(t) > limits.max_text_chars]
     if not long:
         return texts, 0
     if limits.long_texts == "reject":
         raise RequestError(413, "text_too_long",
-                           f"text {long[0]} has {len(texts[long[0]])} characters; the limit is {limits.max_text_chars}"
+                           f"text {long[0]} has {_longest(texts[long[0]])} characters; the limit is {limits.max_text_chars}"
                            + (f" ({len(long)} texts are over it)" if len(long) > 1 else ""))
-    return [cut_text(t, limits.max_text_chars, limits.keep) for t in texts], len(long)
+    over = set(long)
+    return [_cut(t, limits.max_text_chars, limits.keep) if i in over else t for i, t in enumerate(texts)], len(long)
 
 
 def cut_text(text: str, limit: int, keep: str) -> str:

@@ -97,7 +97,12 @@ class ModelSource:
 
 
 def _is_model_dir(path: Path) -> bool:
-    return (path / "model.onnx").is_file()
+    return (path / "model.onnx").is_file() and not _unsealed(path)
+
+
+def _unsealed(path: Path) -> bool:
+    """A `.tmp-` folder is a publish in progress (or one killed midway): never a model to serve."""
+    return any(".tmp-" in part for part in path.resolve().parts)
 
 
 def _from_registry(store_uri: str, name: str, which: str, settings: S3Settings, workdir: Callable[[], Path]) -> ModelSource:
@@ -116,6 +121,9 @@ def locate_model(model: str, store_uri: str, settings: S3Settings, workdir: Call
     read-only root filesystem (the rendered InferenceService's) needs."""
     local = Path(model).expanduser()
     if not is_s3(model) and local.is_dir():
+        if _unsealed(local):
+            raise InputError(f"{model}: an unsealed .tmp- folder (a publish in progress, or one that was killed); "
+                             "serve a published version (<store>/models/<name>/<version>)")
         if _is_model_dir(local):
             return ModelSource(local, None, None)
         if not REGISTRY_PATH.match(model):
@@ -157,6 +165,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder (local or s3://), <store>/models/<name>/<alias|version>, or a registry name")
     p.add_argument("--name", default="", help="name in the URL paths (/v1/models/NAME); default: the registry name")
     p.add_argument("--store", default=DEFAULT_STORE, help="registry store for a --model given as a name")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (HTTP and gRPC); 127.0.0.1: this machine only. "
+                   "In a container or pod pass 0.0.0.0 (the image and the rendered InferenceService do)")
     p.add_argument("--port", type=int, default=8080, help="HTTP port (v1, v2, health, /metrics)")
     p.add_argument("--grpc-port", type=int, default=0, help="also serve v2 over gRPC on this port; 0: off")
     for f in fields(ServeConfig):
@@ -170,6 +180,7 @@ def serve(a: argparse.Namespace) -> int:
     for flag, port in (("--port", a.port), ("--grpc-port", a.grpc_port)):
         if not 0 <= port <= 65535 or (flag == "--port" and port == 0):
             raise ConfigError(f"{flag} {port}: not a usable port")
+    host = check_host(a.host)
     scratch: list[Path] = []
 
     def workdir() -> Path:
@@ -180,14 +191,27 @@ def serve(a: argparse.Namespace) -> int:
     try:
         source = locate_model(a.model, a.store, S3Settings.from_env(), workdir)
         name, version = model_name(source, a.name), model_version(source)
-        log(STEP, f"serving {source.path} as {name!r} (version {version or 'unknown'}) on port {a.port}")
+        log(STEP, f"serving {source.path} as {name!r} (version {version or 'unknown'}) on {host}:{a.port}")
         with kserve_argv():
             from kubetune.serving.server import serve_forever
-        serve_forever(name, source.path, version, a.port, a.grpc_port, cfg)
+        serve_forever(name, source.path, version, host, a.port, a.grpc_port, cfg)
     finally:
         for path in scratch:
             shutil.rmtree(path, ignore_errors=True)
     return 0
+
+
+def check_host(host: str) -> str:
+    """--host: an IP address (v4 or v6) or localhost; a name would be resolved by uvicorn and gRPC
+    differently, so only literal addresses are taken."""
+    import ipaddress
+
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ConfigError(f"--host {host!r}: use an IP address, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
 
 
 @contextlib.contextmanager

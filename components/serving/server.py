@@ -9,6 +9,14 @@ What the SDK gives: the v1 and v2 REST routes, health (`/`, `/v2/health/live`, `
 parsing with clear 4xx answers (kubetune.serving.protocol), the body size limit (an ASGI
 middleware, before anything reads the body), micro-batching (kubetune.serving.microbatch), kubetune
 metrics, and the model repository routes switched off (an unload request would take the model down).
+
+Monitoring metrics (per answered text; labels: model_name, and `label` = one of the model's classes
+or entity types, so the cardinality is bounded by the label set):
+  kubetune_serve_predictions_total{label}   predicted labels (NER: entities by type)
+  kubetune_serve_confidence                 histogram of the top-label probability (NER: entity scores), 0.1 buckets
+  kubetune_serve_input_tokens               histogram of tokens per text after max_length
+  kubetune_serve_unknown_tokens_total / kubetune_serve_content_tokens_total   unknown-token share = their ratio
+They cost one extra tokenizer pass over the request's texts (the model call dominates).
 """
 
 from __future__ import annotations
@@ -17,6 +25,9 @@ import dataclasses
 import functools
 import json
 import logging
+import re
+import threading
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -26,11 +37,61 @@ import kserve
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from kubetune.core.system import usable_cpus
-from kubetune.onnx.model import OnnxClassifier
-from kubetune.serving.microbatch import MicroBatcher, Overloaded
+from kubetune.monitoring import features
+from kubetune.monitoring.profile import CONFIDENCE_EDGES
+from kubetune.onnx.model import OnnxClassifier, read_model_json
+from kubetune.serving import protocol
+from kubetune.serving.microbatch import MicroBatcher, Overloaded, TextFailed
 from kubetune.serving.protocol import RequestError, TextLimits, apply_limits, texts_from_v1, texts_from_v2, v2_outputs
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+TOKEN_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")  # a client's x-request-id is logged only when it looks like one
+LOG = logging.getLogger("kubetune.serve")
+
+
+class ErrorLog:
+    """One log line per failed request (request id, error), at most `burst` lines per `window_s`:
+    a flood of bad traffic must not become a flood of log (an earlier version logged a traceback
+    per 500: 4 MB in 45 s). What was held back is counted in the next line that gets through."""
+
+    def __init__(self, burst: int = 10, window_s: float = 60.0, logger: logging.Logger = LOG):
+        self.burst, self.window_s, self.logger = burst, window_s, logger
+        self._lock = threading.Lock()
+        self._window_start, self._in_window, self.suppressed = 0.0, 0, 0
+
+    def error(self, message: str) -> bool:
+        """Log `message` unless over the rate; True when it was logged."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._window_start >= self.window_s:
+                self._window_start, self._in_window = now, 0
+            if self._in_window >= self.burst:
+                self.suppressed += 1
+                return False
+            self._in_window += 1
+            held, self.suppressed = self.suppressed, 0
+        self.logger.error(message + (f" ({held} similar errors not logged in the last {self.window_s:.0f}s)" if held else ""))
+        return True
+
+
+class OneLineRejections(logging.Filter):
+    """KServe logs a full traceback for every request its own decoding rejects with a 400 (invalid
+    JSON, a lone surrogate orjson refuses): a flood of bad requests became megabytes of log. Such a
+    record becomes one line; the access log already has one per request."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from kserve.errors import InvalidInput
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, InvalidInput):
+            record.msg, record.args, record.exc_info, record.exc_text = f"rejected a request (400): {exc}", (), None, None
+        return True
+
+
+def request_id(headers) -> str:
+    given = (headers or {}).get("x-request-id", "")
+    return given if isinstance(given, str) and REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
 
 
 class ServeMetrics:
@@ -44,7 +105,7 @@ class ServeMetrics:
         self.texts = Counter("kubetune_serve_texts", "texts predicted", ["model_name"], registry=reg).labels(**labels)
         self.truncated = Counter("kubetune_serve_texts_truncated", "texts cut to --max-text-chars before tokenization",
                                  ["model_name"], registry=reg).labels(**labels)
-        self._rejected = Counter("kubetune_serve_rejected_requests", "requests answered with a 4xx/503, by reason",
+        self._rejected = Counter("kubetune_serve_rejected_requests", "requests answered with an error (4xx, 503, 500), by reason",
                                  ["model_name", "reason"], registry=reg)
         self.batch_texts = Histogram("kubetune_serve_batch_texts", "texts per model call (micro-batch size)", ["model_name"],
                                      buckets=BATCH_BUCKETS, registry=reg).labels(**labels)
@@ -55,7 +116,37 @@ class ServeMetrics:
         self.queued = Gauge("kubetune_serve_queued_texts", "texts waiting for a model call", ["model_name"], registry=reg).labels(**labels)
         Gauge("kubetune_serve_model_info", "the served model version (value 1)", ["model_name", "version", "task"],
               registry=reg).labels(model_name=model, version=version, task=task).set(1)
+        # monitoring (kubetune.monitoring): low cardinality on purpose, a label per class / entity type only
+        self._predicted = Counter("kubetune_serve_predictions", "predictions by predicted label (NER: entities by type)",
+                                  ["model_name", "label"], registry=reg)
+        self.confidence = Histogram("kubetune_serve_confidence", "top-label probability (NER: each entity's score)", ["model_name"],
+                                    buckets=CONFIDENCE_EDGES[1:], registry=reg).labels(**labels)
+        self.input_tokens = Histogram("kubetune_serve_input_tokens", "tokens per text as the model reads it (after max_length)",
+                                      ["model_name"], buckets=TOKEN_BUCKETS, registry=reg).labels(**labels)
+        self.unknown_tokens = Counter("kubetune_serve_unknown_tokens", "tokens the tokenizer mapped to its unknown token",
+                                      ["model_name"], registry=reg).labels(**labels)
+        self.content_tokens = Counter("kubetune_serve_content_tokens", "non-special tokens read (unknown share = "
+                                      "unknown_tokens / content_tokens)", ["model_name"], registry=reg).labels(**labels)
         self.model = model
+
+    def observe(self, clf: OnnxClassifier, texts: list[str], results: list[dict]) -> None:
+        """The monitoring metrics of one answered request: what was predicted, how confidently, how
+        long the texts were and how much of them the vocabulary covers (one extra tokenizer pass)."""
+        outputs = clf.task.profile_outputs(results, clf.labels)
+        for counts in outputs["distributions"].values():
+            for label, n in counts.items():
+                if n:
+                    self._predicted.labels(model_name=self.model, label=label).inc(n)
+        for name, (values, _edges) in outputs["histograms"].items():
+            if name == "confidence":
+                for v in values:
+                    self.confidence.observe(v)
+        rows = clf.tokenize(texts)["input_ids"]
+        unknown, content = features.unknown_counts(rows, clf.tokenizer.unk_token_id, features.special_ids(clf.tokenizer))
+        for ids in rows:
+            self.input_tokens.observe(len(ids))
+        self.unknown_tokens.inc(int(unknown.sum()))
+        self.content_tokens.inc(int(content.sum()))
 
     def rejected(self, reason: str) -> None:
         self._rejected.labels(model_name=self.model, reason=reason).inc()
@@ -75,6 +166,7 @@ class TextModel(kserve.Model):
         self.limits = TextLimits(cfg.max_texts, cfg.max_text_chars, cfg.long_texts)
         self.classifier: OnnxClassifier | None = None
         self.batcher: MicroBatcher | None = None
+        self.errors = ErrorLog()
 
     def load(self) -> bool:
         self.classifier = OnnxClassifier(self.model_dir, device=self.cfg.device, threads=self.cfg.threads or usable_cpus())
@@ -87,7 +179,8 @@ class TextModel(kserve.Model):
         return True
 
     def get_input_types(self) -> list[dict]:
-        return [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+        fields = self.classifier.task.input_fields if self.classifier else ("text",)
+        return [{"name": f, "datatype": "BYTES", "shape": [-1]} for f in fields]
 
     def get_output_types(self) -> list[dict]:
         if self.classifier is None:
@@ -101,12 +194,12 @@ class TextModel(kserve.Model):
 
     def _texts(self, payload) -> list[str]:
         if isinstance(payload, InferRequest):
+            # binary-data extension: KServe decoded the items into `data` (RequestGuard checked them first)
             inputs = [SimpleNamespace(name=i.name, datatype=i.datatype, shape=i.shape,
-                                      # binary-data extension: the bytes arrive split into items, not as JSON
                                       data=i.as_numpy().reshape(-1).tolist() if i._raw_data is not None else i.data)
                       for i in payload.inputs]
-            return texts_from_v2(inputs)
-        return texts_from_v1(payload)
+            return texts_from_v2(inputs, self.classifier.task.input_fields)
+        return texts_from_v1(payload, self.classifier.task.input_fields)
 
     async def predict(self, payload, headers=None):
         try:
@@ -118,9 +211,22 @@ class TextModel(kserve.Model):
         except Overloaded as e:
             self.metrics.rejected("overloaded")
             raise RequestError(503, "overloaded", str(e)) from None
+        except TextFailed as e:  # the model failed on this text alone; the rest of its batch was answered
+            rid = request_id(headers)
+            self.metrics.rejected("text_failed")
+            self.errors.error(f"request {rid}: text {e.index} failed the model: {type(e.cause).__name__}: {e.cause}")
+            raise RequestError(422, "text_failed", f"text {e.index} could not be processed by the model "
+                                                   f"({type(e.cause).__name__}); request id {rid}") from None
+        except Exception as e:  # a bug, not the client's fault: 500 for this request only, logged once
+            rid = request_id(headers)
+            self.metrics.rejected("internal_error")
+            self.errors.error(f"request {rid}: internal error: {type(e).__name__}: {e}")
+            raise RequestError(500, "internal_error", f"internal error while predicting; request id {rid} "
+                                                      "(the server log has the details)") from None
         finally:
             self.metrics.queued.set(self.batcher.queued)
         self.metrics.texts.inc(len(texts))
+        self.metrics.observe(self.classifier, texts, results)
         if truncated:
             self.metrics.truncated.inc(truncated)
         if not isinstance(payload, InferRequest):
@@ -128,6 +234,22 @@ class TextModel(kserve.Model):
         return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name, model_version=self.version,
                              infer_outputs=[InferOutput(**o) for o in v2_outputs(results)],
                              use_binary_outputs=payload.use_binary_outputs, requested_outputs=payload.request_outputs)
+
+
+MAX_JSON_DEPTH = 32  # a v2 request is 5 deep ({"inputs": [{"data": [[t]]}]}); KServe's own JSON parser stops at 1024
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def json_depth(body: bytes) -> int:
+    """How deep the brackets of a JSON text nest, outside its strings; vectorized, since a 1 MB body
+    of '[' must be turned away fast. Not a validator: the JSON parser runs later."""
+    import numpy as np
+
+    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
+        return 0  # cannot be deeper than the limit: the usual request pays two counts
+    codes = np.frombuffer(_JSON_STRING.sub(b'""', body), dtype=np.uint8)
+    steps = np.isin(codes, (ord("["), ord("{"))).astype(np.int32) - np.isin(codes, (ord("]"), ord("}"))).astype(np.int32)
+    return int(np.cumsum(steps).max(initial=0))
 
 
 async def _send_json(send, status: int, body: dict) -> None:
@@ -179,6 +301,20 @@ class RequestGuard:
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
+        declared_json = headers.get(b"inference-header-content-length", b"")
+        json_part = body[:int(declared_json)] if declared_json.isdigit() else body  # not the binary tensor data
+        depth = json_depth(json_part)
+        if depth > MAX_JSON_DEPTH:
+            # Python's JSON parser (FastAPI's, for v2) raises RecursionError on 100,000 '[': a 500
+            self.metrics.rejected("bad_json")
+            return await _send_json(send, 400, {"error": f"the request body is nested {depth} levels deep; "
+                                                         f"the limit is {MAX_JSON_DEPTH} (send a flat list of texts)"})
+        if declared_json.isdigit():
+            try:
+                protocol.check_binary_request(body, int(declared_json))
+            except RequestError as e:
+                self.metrics.rejected(e.reason)
+                return await _send_json(send, e.status, {"error": e.message})
 
         async def replay():
             nonlocal replayed
@@ -190,13 +326,42 @@ class RequestGuard:
         return await self.app(scope, replay, send)
 
 
-def serve_forever(name: str, model_dir: Path, version: str, port: int, grpc_port: int, cfg) -> None:
+def listen_on(host: str) -> None:
+    """KServe 0.21 binds HTTP to 0.0.0.0 and gRPC to [::], with no option: set the address on the
+    uvicorn config its RESTServer builds, and rewrite the address its GRPCServer passes to grpc.
+    Checked by tests/serving/test_serve.py (the sockets the server process listens on)."""
+    import kserve.model_server as model_server
+    import kserve.protocol.grpc.server as grpc_server
+
+    class RESTServer(model_server.RESTServer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.config.host = host  # read when uvicorn binds, after this
+
+    real_aio = grpc_server.aio
+    grpc_host = f"[{host}]" if ":" in host else host
+
+    class Aio:
+        def __getattr__(self, attr):
+            return getattr(real_aio, attr)
+
+        def server(self, *args, **kwargs):
+            srv = real_aio.server(*args, **kwargs)
+            add_port = srv.add_insecure_port
+            srv.add_insecure_port = lambda address: add_port(address.replace("[::]", grpc_host, 1))
+            return srv
+
+    model_server.RESTServer = RESTServer
+    grpc_server.aio = Aio()
+
+
+def serve_forever(name: str, model_dir: Path, version: str, host: str, port: int, grpc_port: int, cfg) -> None:
     """Load the model, then serve until SIGTERM/SIGINT. The port opens only once the model is loaded,
     so a readiness probe never sees a server that cannot answer."""
     from fastapi.responses import JSONResponse
     from kserve.model_server import app
 
-    classifier_info = json.loads((model_dir / "kubetune.json").read_text())
+    classifier_info = read_model_json(model_dir, "kubetune.json")
     metrics = ServeMetrics(name, version, classifier_info.get("task", "unknown"))
     model = TextModel(name, model_dir, version, cfg, metrics)
     model.load()
@@ -206,10 +371,12 @@ def serve_forever(name: str, model_dir: Path, version: str, port: int, grpc_port
 
     app.add_middleware(RequestGuard, max_body_bytes=cfg.max_body_bytes, metrics=metrics)
     app.add_exception_handler(RequestError, request_error)
+    listen_on(host)
     server = kserve.ModelServer(http_port=port, grpc_port=grpc_port or 8081, enable_grpc=grpc_port > 0, workers=1,
                                 enable_docs_url=False, enable_latency_logging=False)
     # Log noise, not information: two kserve.trace lines per request repeat what /metrics and the
     # access log already hold, and kserve's routes trip FastAPI's ORJSONResponse deprecation notice.
     logging.getLogger("kserve.trace").setLevel(logging.WARNING)
+    logging.getLogger("kserve").addFilter(OneLineRejections())
     warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
     server.start([model])

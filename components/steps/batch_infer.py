@@ -42,18 +42,21 @@ from kubetune.core.context import run_main, step_context
 from kubetune.core.progress import Progress, log
 from kubetune.core.system import usable_cpus
 from kubetune.errors import ConfigError, InputError
+from kubetune.monitoring import profile
 from kubetune.onnx.model import VARIANTS, OnnxClassifier
 from kubetune.release import registry
 from kubetune.storage import formats
 from kubetune.storage.store import NotFound, S3Settings, Store, fetch, join, listing, open_store
 
 STEP = "infer"
-PLAN, MANIFEST = "plan.json", "manifest.json"
+PLAN, MANIFEST, PROFILE = "plan.json", "manifest.json", "profile.json"
+DRIFT_JSON, DRIFT_HTML = "drift.json", "drift.html"
 
 
 @dataclass(frozen=True)
 class BatchConfig:
     text_column: str = "text"
+    text_pair_column: str = ""  # pair classifiers: the column of each row's second text
     id_column: str = ""  # empty: ids are <file>:<row>
     variant: str = "auto"  # auto: the best accepted variant for the device (CPU: optimized, fp32); int8 on request
     shard_rows: int = 50_000
@@ -75,7 +78,7 @@ class BatchConfig:
 class Row:
     source_row: int  # 1-based data row in its file (the header is not a row)
     id: str
-    text: str | None  # None when rejected
+    text: str | tuple | None  # (text, text_pair) for a pair classifier; None when rejected
     reason: str = ""  # why it was rejected
     head: str = ""  # a rejected row's first 200 characters, undecodable bytes as \xNN
 
@@ -89,19 +92,28 @@ def list_inputs(uri: str, settings: S3Settings | None) -> list[str]:
     return files
 
 
-def read_rows(path: Path, name: str, text_column: str, id_column: str, max_chars: int) -> list[Row]:
+def read_rows(path: Path, name: str, text_column: str, id_column: str, max_chars: int, pair_column: str = "") -> list[Row]:
     """Every data row of one file, read leniently (kubetune.storage.formats): a bad row is a reject
     with a reason, never an error for the whole file; only a missing column or an unreadable
-    Parquet file raise. `name` (the file's URI) makes the default ids `<name>:<row>`."""
-    columns = (text_column, id_column) if id_column else (text_column,)
+    Parquet file raise. `name` (the file's URI) makes the default ids `<name>:<row>`. With
+    `pair_column` a row's text is the tuple (text, text pair), rejected when either is bad."""
+    texts = (text_column, pair_column) if pair_column else (text_column,)
+    columns = texts + ((id_column,) if id_column else ())
     fmt = formats.format_of(name)
     rows = []
-    flags = {text_column: "--text-column", id_column: "--id-column"}
+    flags = {text_column: "--text-column", id_column: "--id-column", pair_column: "--text-pair-column"}
     for n, rec in enumerate(formats.read_records(path, name, fmt, columns=columns, flags=flags, strict=False), start=1):
         rid = rec.fields.get(id_column) if id_column else None
         rid = f"{name}:{n}" if rid is None or rid == "" else str(rid)
-        value = rec.fields.get(text_column)
-        text, problem = (None, rec.problem) if rec.problem else formats.text_problem(value, max_chars)
+        values, problem, value = [], rec.problem, None
+        for column in texts if not problem else ():
+            value = rec.fields.get(column)
+            text, problem = formats.text_problem(value, max_chars)
+            if problem:
+                problem = f"{column}: {problem}" if pair_column else problem
+                break
+            values.append(text)
+        text = None if problem else (tuple(values) if pair_column else values[0])
         rows.append(Row(n, rid, text, problem, formats.head(value) if problem else ""))
     return rows
 
@@ -117,7 +129,7 @@ def make_plan(store: Store, model_ref: str, input_uri: str, output: Store, cfg: 
     name, version = registry.resolve(store, model_ref)
     shards = []
     for uri in list_inputs(input_uri, settings):
-        rows = len(read_rows(fetch(uri, settings, work), uri, cfg.text_column, cfg.id_column, cfg.max_chars))
+        rows = len(read_rows(fetch(uri, settings, work), uri, cfg.text_column, cfg.id_column, cfg.max_chars, cfg.text_pair_column))
         for start in range(0, rows, cfg.shard_rows):
             shards.append({"id": f"{len(shards):05d}", "file": uri, "start": start, "stop": min(start + cfg.shard_rows, rows)})
     if not shards:
@@ -173,6 +185,11 @@ class ShardScorer:
             model_dir = fetch(self.plan["model"]["uri"], self.settings, self.work)
             threads = self.cfg.threads or usable_cpus()
             self._clf = OnnxClassifier(model_dir, device=self.cfg.device, threads=threads, variant=self.cfg.variant)
+            fields = self._clf.task.input_fields
+            if len(fields) != 1 + bool(self.cfg.text_pair_column):
+                raise InputError(f"model {self.plan['model']['name']} is a {self._clf.task.name} model, which reads "
+                                 f"{' and '.join(fields)}: " + ("give the second text's column with --text-pair-column"
+                                                                if len(fields) > 1 else "drop --text-pair-column"))
             log(STEP, f"model {self.plan['model']['name']} {self.plan['model']['version']}, variant {self._clf.variant}, "
                       f"{self._clf.session.get_providers()[0]}, {threads} threads")
         return self._clf
@@ -180,7 +197,8 @@ class ShardScorer:
     def rows(self, file: str) -> list[Row]:
         if self._file is None or self._file[0] != file:
             path = fetch(file, self.settings, self.work)
-            self._file = (file, read_rows(path, file, self.cfg.text_column, self.cfg.id_column, self.cfg.max_chars))
+            self._file = (file, read_rows(path, file, self.cfg.text_column, self.cfg.id_column, self.cfg.max_chars,
+                                          self.cfg.text_pair_column))
         return self._file[1]
 
     def score(self, shard_id: str, progress: Progress | None = None) -> dict:
@@ -208,6 +226,10 @@ class ShardScorer:
         predictions.to_parquet(staging / "predictions.parquet", index=False)
         if len(rejects):
             rejects.to_parquet(staging / "rejects.parquet", index=False)
+        # the shard's profile: collect merges them into the batch's drift report (no second model pass)
+        shard_profile = profile.build(self.clf.task, self.clf, texts, predictions=self.clf.task.column_predictions(columns))
+        (staging / PROFILE).write_text(json.dumps(shard_profile))
+        entry["files"].append(PROFILE)
         (staging / "shard.json").write_text(json.dumps(entry, indent=2))
         self.output.publish_dir(staging, prefix)  # the commit: all of the shard or nothing
         log(STEP, f"shard {shard_id}: {len(predictions)} predicted, {len(rejects)} rejected, {entry['truncated']} truncated "
@@ -218,7 +240,7 @@ class ShardScorer:
 # ---- collect -------------------------------------------------------------------------------------
 
 
-def collect(plan: dict, output: Store) -> dict:
+def collect(plan: dict, output: Store, settings: S3Settings | None = None) -> dict:
     """Check every shard is committed and write the batch manifest."""
     missing = [s["id"] for s in plan["shards"] if not output.is_published(join("shards", s["id"]))]
     if missing:
@@ -230,10 +252,36 @@ def collect(plan: dict, output: Store) -> dict:
                 "fingerprint": plan["fingerprint"], "totals": totals, "shards": entries,
                 "predictions": [output.url(join("shards", e["id"], "predictions.parquet")) for e in entries],
                 "rejects": [output.url(join("shards", e["id"], "rejects.parquet")) for e in entries if e["rejected"]]}
+    manifest["drift"] = batch_drift(plan, entries, output, settings)
+    manifest["drifted"] = manifest["drift"].get("drifted")
     output.write_json(MANIFEST, manifest)
     log(STEP, f"{totals['rows']} rows: {totals['predicted']} predicted, {totals['rejected']} rejected, "
               f"{totals['truncated']} truncated; manifest {output.url(MANIFEST)}")
     return manifest
+
+
+def batch_drift(plan: dict, entries: list[dict], output: Store, settings: S3Settings | None) -> dict:
+    """The batch's drift report against the model version's reference profile: the shards' profiles
+    merged, written as <output>/drift.json and drift.html. {"drifted": None, "skipped": why} for a
+    version published before profiles existed, or shards scored before they were kept."""
+    from kubetune.monitoring import drift
+    from kubetune.monitoring.report import drift_html
+
+    version = open_store(plan["model"]["uri"], settings)
+    if not version.exists(PROFILE):
+        return {"drifted": None, "skipped": f"{plan['model']['name']} {plan['model']['version']} has no reference profile"}
+    shards = [e for e in entries if PROFILE in e["files"] and e["predicted"]]
+    if not shards:
+        return {"drifted": None, "skipped": "no shard holds a profile (scored before profiles were kept, or no valid rows)"}
+    current = profile.merge([output.read_json(join("shards", e["id"], PROFILE)) for e in shards])
+    rep = drift.report(version.read_json(PROFILE), current, drift.Thresholds(),
+                       {"model": f"{plan['model']['name']}/{plan['model']['version']}", "input": plan["input"]})
+    output.write_json(DRIFT_JSON, rep)
+    output.write_text(DRIFT_HTML, drift_html(rep))
+    log(STEP, f"drift: {'DRIFTED (' + ', '.join(rep['drifted_signals']) + ')' if rep['drifted'] else 'none'}; "
+              f"report {output.url(DRIFT_HTML)}")
+    return {"drifted": rep["drifted"], "drifted_signals": rep["drifted_signals"], "report": output.url(DRIFT_JSON),
+            "html": output.url(DRIFT_HTML)}
 
 
 def run_batch(store_uri: str, model_ref: str, input_uri: str, output_uri: str, cfg: BatchConfig) -> dict:
@@ -249,7 +297,7 @@ def run_batch(store_uri: str, model_ref: str, input_uri: str, output_uri: str, c
         t0 = time.perf_counter()
         for shard in todo:
             scorer.score(shard["id"], progress)
-        manifest = collect(plan, output)
+        manifest = collect(plan, output, ctx.settings)
     manifest["seconds"] = round(time.perf_counter() - t0, 2)
     return manifest
 
@@ -271,11 +319,25 @@ def score_step(*, output_uri: str, shard_id: str) -> str:
     return shard_id
 
 
-def collect_step(*, output_uri: str) -> str:
+def collect_step(*, output_uri: str, html_path: Path | None = None, log_metric=None) -> tuple[str, bool]:
+    """(the manifest's URI, whether the batch drifted: false when it could not be checked, see
+    manifest.json). `html_path` gets a copy of drift.html and `log_metric(name, value)` the drift
+    scalars (the pipeline's HTML and Metrics artifacts)."""
+    from kubetune.monitoring import drift
+    from kubetune.monitoring.report import page
+
     with step_context("batch-collect") as ctx:
         output = open_store(output_uri, ctx.settings)
-        collect(output.read_json(PLAN), output)
-    return output.url(MANIFEST)
+        manifest = collect(output.read_json(PLAN), output, ctx.settings)
+        checked = manifest["drifted"] is not None
+        if html_path is not None:
+            html_path.parent.mkdir(parents=True, exist_ok=True)
+            html_path.write_text(output.read_bytes(DRIFT_HTML).decode() if checked else
+                                 page("Drift report", [f"<p>Not checked: {manifest['drift']['skipped']}.</p>"]))
+        if log_metric is not None and checked:
+            for key, value in drift.kfp_metrics(output.read_json(DRIFT_JSON)).items():
+                log_metric(key, value)
+    return output.url(MANIFEST), bool(manifest["drifted"])
 
 
 def add_batch_args(p) -> None:
@@ -285,6 +347,8 @@ def add_batch_args(p) -> None:
     p.add_argument("--output", required=True, help="folder or s3:// prefix for the predictions (re-use it to resume)")
     d = BatchConfig
     p.add_argument("--text-column", default=d.text_column, help="column (JSONL: field) holding the text")
+    p.add_argument("--text-pair-column", default=d.text_pair_column,
+                   help="pair classifiers: column (JSONL: field) holding each row's second text")
     p.add_argument("--id-column", default=d.id_column, help="column copied to the predictions' id; empty: <file>:<row>")
     p.add_argument("--variant", default=d.variant, help="ONNX variant: auto (CPU: optimized > fp32), or int8 (fastest on CPU), fp32, ...")
     p.add_argument("--shard-rows", type=int, default=d.shard_rows, help="rows per shard (one commit, one pod in the pipeline)")

@@ -8,7 +8,8 @@ Order matters for readers: (1) the version folder is published atomically (see k
 (2) the target takes it (KServe Ready, or the GitOps commit pushed), (3) then the alias moves by
 compare-and-swap. A failure before (3) leaves production untouched (and KServe on its old spec).
 The version folder holds the ONNX model folder plus metrics.json (with the data fingerprint that
-lets a scheduled run skip retraining on unchanged data), MODEL_CARD.md and the KServe
+lets a scheduled run skip retraining on unchanged data), MODEL_CARD.md, report.html (the training
+report), profile.json (the reference profile drift reports compare with) and the KServe
 InferenceService manifest that points at it. `kubetune deploy` runs steps (2)-(3) for a version
 that is already published (`release`).
 """
@@ -37,6 +38,16 @@ from kubetune.storage.store import Store
 
 STEP = "deploy"
 MANIFEST_FILE = "inferenceservice.yaml"
+PROFILE_FILE = "profile.json"  # the reference profile drift reports compare with (kubetune.monitoring)
+REPORT_FILE = "report.html"  # the training report, next to MODEL_CARD.md
+
+
+def training_report(evaluation: dict, training: dict, export: dict) -> str:
+    """The training run's HTML report (learning curve, confusion heatmap, per-class bars, gate, variants)."""
+    from kubetune.monitoring.report import training_html
+
+    history = training.get("outputs", {}).get("history") or []
+    return training_html(evaluation, history, export.get("variants") or {}, tasks.get(evaluation["task"]).headline)
 
 
 def variant_table(variants: dict, rejected: dict | None = None) -> str:
@@ -108,6 +119,11 @@ def publish(record: RunRecord, name: str, onnx_dir: Path, evaluation: dict, cfg:
     run["fingerprints"] = record.read_json("steps/validate.json", {}).get("outputs", {}).get("fingerprints", {})
     training = record.read_json("steps/finetune.json", {})
     export = json.loads((onnx_dir / "parity.json").read_text()) if (onnx_dir / "parity.json").exists() else {}
+    evaluation = dict(evaluation)
+    profile = evaluation.pop("profile", None)  # absent in evaluations written before profiles existed
+    if profile is not None:
+        (staging / PROFILE_FILE).write_text(json.dumps(profile))
+    (staging / REPORT_FILE).write_text(training_report(evaluation, training, export))
     (staging / "metrics.json").write_text(json.dumps(
         {**evaluation, "version": version, "run_id": record.run_id, "data_fingerprints": run["fingerprints"],
          "data_fingerprint": data_fingerprint(run["fingerprints"]) if run["fingerprints"] else None}, indent=2))
@@ -180,7 +196,8 @@ def deploy(record: RunRecord, name: str, onnx_dir: Path, evaluation: dict, cfg: 
 
 
 def run_step(*, store_uri: str, run_id: str, model_name: str, onnx_dir: Path, evaluation_path: Path,
-             manifest_path: Path, cfg: ServingConfig, target: DeployConfig | None = None) -> dict:
+             manifest_path: Path, cfg: ServingConfig, target: DeployConfig | None = None, report_path: Path | None = None) -> dict:
+    """`report_path`: a copy of the published training report (the pipeline's HTML artifact, shown in the Kubeflow UI)."""
     target = target or DeployConfig()
     config = {"model_name": model_name, **asdict(cfg), **asdict(target)}
     with step_context(STEP, store_uri=store_uri, run_id=run_id, config=config) as ctx:
@@ -188,6 +205,9 @@ def run_step(*, store_uri: str, run_id: str, model_name: str, onnx_dir: Path, ev
         result = deploy(ctx.record, registry.check_name(model_name), onnx_dir, evaluation, cfg, ctx.scratch, target, GitAuth.from_env())
         manifest_path.parent.mkdir(parents=True, exist_ok=True)
         manifest_path.write_text(to_yaml(result["manifest"]))
+        if report_path is not None:
+            report_path.parent.mkdir(parents=True, exist_ok=True)
+            report_path.write_bytes(ctx.store.read_bytes(f"{registry.version_prefix(result['model_name'], result['version'])}/{REPORT_FILE}"))
         ctx.record.write_json("deployment.json", {k: v for k, v in result.items() if k != "manifest"})
         ctx.outputs.update({k: result[k] for k in ("version", "model_uri", "manifest_uri", "variants")}, target=target.target)
     return result

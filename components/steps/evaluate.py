@@ -15,6 +15,10 @@ Gate: the model passes when
 For (2) the production model is re-scored on this run's test split (same rows, same metric) when
 its label set is the same; otherwise its recorded metric is used and the record says so. The
 decision and its reason go to evaluation.json; the pipeline exports and deploys only on a pass.
+
+Reference profile: evaluation.json also carries `profile`, the test split's profile (token lengths,
+truncation, unknown tokens, scripts, gold and predicted labels, confidence, an embedding sample; see
+kubetune.monitoring.profile), which deploy publishes with the version as profile.json for drift reports.
 """
 
 from __future__ import annotations
@@ -90,8 +94,9 @@ def decide(value: float, champion: dict | None, cfg: GateConfig) -> dict:
     return {**gate, "passed": True, "reason": f"{cfg.metric} {value:.4f} >= threshold {cfg.threshold}{versus}"}
 
 
-def score_test(model_dir: Path, tokens_dir: Path, dataset_dir: Path, meta: dict, cfg: GateConfig) -> tuple[dict, list, object]:
-    """(test metrics, the rows a champion is re-scored on, their gold labels), as the task scores them."""
+def score_test(model_dir: Path, tokens_dir: Path, dataset_dir: Path, meta: dict, cfg: GateConfig) -> tuple[dict, list, object, dict]:
+    """(test metrics, the rows a champion is re-scored on, their gold labels, the reference profile),
+    as the task scores them."""
     import pandas as pd
     from transformers.utils import logging as hf_logging
 
@@ -101,10 +106,27 @@ def score_test(model_dir: Path, tokens_dir: Path, dataset_dir: Path, meta: dict,
     device = pick_device(cfg.device)
     model = task.model_class().from_pretrained(model_dir).to(device)
     logits = predict_logits(model, test, per_token=task.per_token, batch_size=cfg.batch_size, pad_id=meta["pad_token_id"],
-                            input_names=meta["model_input_names"], device=device)
-    metrics, rows, gold = task.test_metrics(logits, test, pd.read_parquet(dataset_dir / "test.parquet"), labels)
+                            input_names=meta["model_input_names"], device=device, sep_id=meta.get("sep_token_id"))
+    frame = pd.read_parquet(dataset_dir / "test.parquet")
+    metrics, rows, gold = task.test_metrics(logits, test, frame, labels)
     log(STEP, f"test ({len(test)} {task.row_unit}): {task.describe_test(metrics)}\n{task.card({'metrics': metrics, 'labels': labels})[2]}")
-    return metrics, rows, gold
+    return metrics, rows, gold, reference_profile(task, model, tokens_dir, meta, frame, cfg, device)
+
+
+def reference_profile(task, model, tokens_dir: Path, meta: dict, frame, cfg: GateConfig, device) -> dict:
+    """The profile of the test split and of this model's predictions on it (kubetune.monitoring.profile),
+    through the same prediction code as batch inference and serving; deploy publishes it as profile.json."""
+    from transformers import AutoTokenizer
+
+    from kubetune.monitoring.profile import TorchClassifier, build
+
+    tokenizer = AutoTokenizer.from_pretrained(tokens_dir / "tokenizer")
+    predictor = TorchClassifier(model, tokenizer, meta["labels"], meta["max_length"], meta["model_input_names"], device,
+                                meta.get("sep_token_id"))
+    profile = build(task, predictor, task.profile_texts(frame), gold=frame, batch_size=cfg.batch_size)
+    log(STEP, f"reference profile: {profile['rows']} rows, unknown-token share {profile['shares']['unknown']:.3f}, "
+              f"truncated {profile['shares']['truncated']:.3f}")
+    return profile
 
 
 def evaluate(model_dir: Path, tokens_dir: Path, dataset_dir: Path, store: Store, name: str, cfg: GateConfig, workdir: Path) -> dict:
@@ -112,11 +134,12 @@ def evaluate(model_dir: Path, tokens_dir: Path, dataset_dir: Path, store: Store,
     meta = json.loads((tokens_dir / "meta.json").read_text())
     task, labels = tasks.get(meta["task"]), meta["labels"]
     cfg = replace(cfg, metric=tasks.resolve_metric(task.name, cfg.metric, "gate metric"))
-    metrics, rows, gold = score_test(model_dir, tokens_dir, dataset_dir, meta, cfg)
+    metrics, rows, gold, profile = score_test(model_dir, tokens_dir, dataset_dir, meta, cfg)
     champion = champion_score(store, name, task, labels, rows, gold, cfg.metric, workdir)
     gate = decide(metrics[cfg.metric], champion, cfg)
     log(STEP, f"gate {'PASSED' if gate['passed'] else 'REJECTED'}: {gate['reason']}")
-    return {"model_name": name, "task": task.name, "labels": labels, "test_rows": metrics["rows"], "metrics": metrics, "gate": gate}
+    return {"model_name": name, "task": task.name, "labels": labels, "test_rows": metrics["rows"], "metrics": metrics, "gate": gate,
+            "profile": profile}
 
 
 def run_step(*, store_uri: str, run_id: str, model_dir: Path, tokens_dir: Path, dataset_dir: Path, model_name: str,
@@ -125,7 +148,8 @@ def run_step(*, store_uri: str, run_id: str, model_dir: Path, tokens_dir: Path, 
         result = evaluate(model_dir, tokens_dir, dataset_dir, ctx.store, registry.check_name(model_name), cfg, ctx.scratch)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=2))
-        ctx.record.write_json("evaluation.json", result)
+        ctx.record.write_json("evaluation.json", {k: v for k, v in result.items() if k != "profile"})
+        ctx.record.write_json("profile.json", result["profile"])
         ctx.outputs.update(passed=result["gate"]["passed"], reason=result["gate"]["reason"],
                            **{k: result["metrics"][k] for k in tasks.get(result["task"]).headline})
     return result

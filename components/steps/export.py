@@ -101,7 +101,8 @@ def export_onnx(model, input_names: list[str], path: Path, opset: int) -> None:
     program.save(str(path))
 
 
-def check_parity(model, clf: OnnxClassifier, split, cfg: ExportConfig, pad_id: int, input_names: list[str]) -> dict:
+def check_parity(model, clf: OnnxClassifier, split, cfg: ExportConfig, pad_id: int, input_names: list[str],
+                 sep_id: int | None = None) -> dict:
     """torch vs ONNX Runtime logits on the same rows, at two batch sizes (1 and 32) so both the
     unpadded and the padded paths are covered."""
     import torch
@@ -109,7 +110,7 @@ def check_parity(model, clf: OnnxClassifier, split, cfg: ExportConfig, pad_id: i
     rows = split.take(np.arange(min(cfg.parity_rows, len(split))))
     per_token = clf.task.per_token  # token classification: every real token of every row, end to end
     reference = predict_logits(model, rows, per_token=per_token, batch_size=32, pad_id=pad_id, input_names=input_names,
-                               device=torch.device("cpu"))
+                               device=torch.device("cpu"), sep_id=sep_id)
     report = {"rows": len(rows), "tokens": int(rows.lengths.sum())}
     worst, agree = 0.0, 1.0
     for batch in (1, 32):
@@ -135,6 +136,7 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig, 
     hf_logging.disable_progress_bar()
     meta = json.loads((tokens_dir / "meta.json").read_text())
     names, pad_id, task = meta["model_input_names"], meta["pad_token_id"], tasks.get(meta["task"])
+    sep_id = meta.get("sep_token_id")  # text pairs: segment ids after the first [SEP]
     model = task.model_class().from_pretrained(model_dir).float().to("cpu").eval()
 
     # ---- graph -------------------------------------------------------------------------------
@@ -151,12 +153,13 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig, 
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     (out_dir / "labels.json").write_text(json.dumps({"labels": labels}, indent=2))
     info = {"task": task.name, "max_length": meta["max_length"], "truncation": meta.get("truncation", "head"), "input_names": names,
-            "output": "logits", "opset": cfg.opset, "torch": torch.__version__}
+            "output": "logits", "opset": cfg.opset, "torch": torch.__version__,
+            "sep_token_id": sep_id}
     (out_dir / "kubetune.json").write_text(json.dumps(info, indent=2))
 
     # ---- parity on held-out rows -------------------------------------------------------------
     clf = OnnxClassifier(out_dir, device=cfg.device, variant="fp32")
-    parity = check_parity(model, clf, load_split(tokens_dir, "test"), cfg, pad_id, names)
+    parity = check_parity(model, clf, load_split(tokens_dir, "test"), cfg, pad_id, names, sep_id)
     (out_dir / "parity.json").write_text(json.dumps(parity, indent=2))
     log(STEP, f"parity on {parity['rows']} test rows: max |logit diff| {parity['max_abs_diff']:.2e}, "
               f"argmax agreement {parity['argmax_agreement']:.4f}")
@@ -170,7 +173,7 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig, 
     held_out = load_split(tokens_dir, "eval")
     held_out = held_out.take(np.arange(min(cfg.check_rows, len(held_out))))
     reference = predict_logits(model, held_out, per_token=task.per_token, batch_size=32, pad_id=pad_id, input_names=names,
-                               device=torch.device("cpu"))
+                               device=torch.device("cpu"), sep_id=sep_id)
     variants, rejected = accept_variants(model, names, out_dir, wanted, held_out, reference, device=cfg.device,
                                          min_agreement=cfg.min_agreement, max_accuracy_drop=cfg.max_accuracy_drop, work=work,
                                          margin=cfg.agreement_margin, required=cfg.require_variants)

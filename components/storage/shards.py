@@ -135,6 +135,16 @@ def batch_width(lengths: np.ndarray, multiple: int = 8) -> int:
     return int(-(-lengths.max() // multiple) * multiple)
 
 
+def token_types(input_ids: np.ndarray, mask: np.ndarray, sep_id: int | None) -> np.ndarray:
+    """BERT segment ids for padded rows: 0 up to and including the first [SEP], 1 after it (a text
+    pair's second text); all zeros without `sep_id` (single-text tasks). Derived from the ids, so the
+    shards and the ONNX inputs need no third array: the segment is where the tokenizer put [SEP]."""
+    if sep_id is None:
+        return np.zeros_like(input_ids)
+    sep = input_ids == sep_id
+    return ((np.cumsum(sep, axis=1) - sep) > 0).astype(input_ids.dtype) * mask
+
+
 def pad_batch(split: TokenizedSplit, index: np.ndarray, pad_id: int, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids, attention_mask) int64 arrays for rows `index`, padded on the right to the batch's
     longest row rounded up to `multiple` (fewer distinct shapes, friendlier to GPU kernels)."""

@@ -36,6 +36,7 @@ from typing import Any, Iterator, Mapping
 from kubetune.errors import InputError, KubetuneError
 
 MANIFEST = "_MANIFEST.json"
+BODY_ATTEMPTS = 4  # reads of an object whose body was cut off mid-transfer
 # where each S3 setting comes from on a cluster: the kubetune-s3 Secret and the kubetune-s3-config ConfigMap
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 S3_CONFIG_KEYS = ("AWS_ENDPOINT_URL", "AWS_REGION", "KUBETUNE_S3_ADDRESSING_STYLE")
@@ -127,6 +128,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def safe_relative(rel: str, source: str) -> str:
+    """A file name from a manifest or a key listing, checked before it is joined to a local folder:
+    relative, no '..', no empty or '.' parts, no backslashes (a Windows-style escape)."""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts) or "\0" in rel:
+        raise StoreError(f"{source}: file name {rel!r} would land outside the download folder; refusing to download it")
+    return rel
+
+
 def _manifest_for(local_dir: Path) -> dict[str, Any]:
     files = {}
     for p in sorted(local_dir.rglob("*")):
@@ -140,7 +150,7 @@ class Store:
 
     uri: str
 
-    # primitives: read_bytes, write_bytes, exists, list, download, upload, publish_dir,
+    # primitives: read_bytes, write_bytes, exists, list, download, upload, publish_dir, delete_prefix,
     # read_versioned and write_if (compare-and-swap, for registry aliases)
     def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
         """(content, token) of an object, (None, None) when it does not exist. The token is what
@@ -180,15 +190,19 @@ class Store:
             raise NotFound(f"{self.url(prefix)} is not a published folder (no {MANIFEST})") from None
 
     def download_dir(self, prefix: str, dest: Path) -> Path:
-        """Copy a published folder to `dest` (created), checking sizes against its manifest."""
+        """Copy a published folder to `dest` (created), checking each file's size and sha256
+        against its manifest (the seal); a file name that would land outside `dest` is refused."""
         files = self.manifest(prefix)["files"]
         dest.mkdir(parents=True, exist_ok=True)
         for rel, info in files.items():
-            target = dest / rel
+            target = dest / safe_relative(rel, self.url(join(prefix, MANIFEST)))
             target.parent.mkdir(parents=True, exist_ok=True)
             self.download(join(prefix, rel), target)
             if target.stat().st_size != info["size"]:
                 raise StoreError(f"{self.url(join(prefix, rel))}: size {target.stat().st_size} != manifest {info['size']}")
+            if "sha256" in info and sha256_file(target) != info["sha256"]:
+                raise StoreError(f"{self.url(join(prefix, rel))}: its sha256 differs from the one in {MANIFEST} "
+                                 "(the object changed after publishing, or the download was corrupted); republish the version")
         return dest
 
 
@@ -198,6 +212,8 @@ class LocalStore(Store):
         self.uri = str(self.root)
 
     def _path(self, key: str) -> Path:
+        if key and (key.startswith("/") or ".." in key.split("/")):
+            raise StoreError(f"key {key!r}: not a key inside {self.uri} (absolute or with '..')")
         return self.root / key if key else self.root
 
     def read_bytes(self, key: str) -> bytes:
@@ -256,6 +272,22 @@ class LocalStore(Store):
             if p.is_file() and not p.name.endswith(".lock")
             and not any(".tmp-" in part for part in p.relative_to(self.root).parts)
         )
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove a key or everything under a prefix; how many files went."""
+        path = self._path(prefix)
+        if path.is_file():
+            path.unlink()
+            return 1
+        if not path.is_dir() or not prefix:
+            return 0
+        count = sum(1 for p in path.rglob("*") if p.is_file())
+        shutil.rmtree(path)
+        for parent in path.parents:  # folders left empty by it, as on S3 (where folders do not exist)
+            if parent == self.root or not parent.is_relative_to(self.root) or any(parent.iterdir()):
+                break
+            parent.rmdir()
+        return count
 
     def download(self, key: str, dest: Path) -> None:
         try:
@@ -317,19 +349,35 @@ class S3Store(Store):
     def where(self) -> str:
         return self.settings.endpoint_url or "AWS S3"
 
+    def _get(self, key: str) -> tuple[bytes, str]:
+        """(body, ETag). botocore's retries end with the response headers: a body cut off mid-read
+        would escape as a raw urllib3/botocore error. Such a read is fetched again a few times,
+        then fails as a StoreError naming the key."""
+        from botocore.exceptions import BotoCoreError
+        from urllib3.exceptions import HTTPError
+
+        error: Exception | None = None
+        for attempt in range(BODY_ATTEMPTS):
+            resp = self._call("read", key, self._client.get_object, Bucket=self.bucket, Key=self._key(key))
+            try:
+                return resp["Body"].read(), resp["ETag"]
+            except (BotoCoreError, HTTPError, OSError) as e:
+                error = e
+                time.sleep(0.2 * 2 ** attempt)
+        raise StoreError(f"S3 read {self.url(key)} failed at {self.where}: the response body was cut off {BODY_ATTEMPTS} times "
+                         f"({error}); check the network to the S3 server and retry")
+
     def read_bytes(self, key: str) -> bytes:
-        resp = self._call("read", key, self._client.get_object, Bucket=self.bucket, Key=self._key(key))
-        return resp["Body"].read()
+        return self._get(key)[0]
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self._call("write", key, self._client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
         try:
-            resp = self._call("read", key, self._client.get_object, Bucket=self.bucket, Key=self._key(key))
+            return self._get(key)
         except NotFound:
             return None, None
-        return resp["Body"].read(), resp["ETag"]
 
     def write_if(self, key: str, data: bytes, token: str | None) -> None:
         """S3 conditional writes (AWS since 2024-08, MinIO, moto 5): If-Match on the ETag read, or
@@ -370,6 +418,34 @@ class S3Store(Store):
     def list(self, prefix: str) -> list[str]:
         return sorted(self._iter_keys(prefix))
 
+    def objects(self, prefix: str) -> list[tuple[str, float]]:
+        """(key, last modified as a Unix time) of every object under `prefix`."""
+        full = self._key(prefix)
+        full = full + "/" if full else ""
+        paginator = self._client.get_paginator("list_objects_v2")
+        pages = self._call("list", prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full)))
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        return sorted((o["Key"][strip:], o["LastModified"].timestamp()) for page in pages for o in page.get("Contents", []))
+
+    def delete_prefix(self, prefix: str) -> int:
+        if not prefix:
+            return 0
+        keys = [prefix] if self.exists(prefix) else self.list(prefix)
+        for key in keys:
+            self._call("delete", key, self._client.delete_object, Bucket=self.bucket, Key=self._key(key))
+        return len(keys)
+
+    def multipart_uploads(self) -> list[tuple[str, str, float]]:
+        """(key, upload id, initiated as a Unix time) of the unfinished multipart uploads under this store."""
+        full = self.prefix + "/" if self.prefix else ""
+        resp = self._call("list uploads", "", self._client.list_multipart_uploads, Bucket=self.bucket, Prefix=full)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        return [(u["Key"][strip:], u["UploadId"], u["Initiated"].timestamp()) for u in resp.get("Uploads", [])]
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        self._call("abort upload", key, self._client.abort_multipart_upload, Bucket=self.bucket, Key=self._key(key),
+                   UploadId=upload_id)
+
     def download(self, key: str, dest: Path) -> None:
         tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
@@ -403,8 +479,9 @@ class S3Store(Store):
         return True
 
 
-def open_store(uri: str, settings: S3Settings | None = None) -> Store:
-    """A store for a local folder (created if missing) or an s3:// prefix."""
+def open_store(uri: str, settings: S3Settings | None = None, *, create: bool = True) -> Store:
+    """A store for a local folder (created if missing, unless `create=False`: commands that only
+    read or move aliases must not leave an empty store behind) or an s3:// prefix."""
     if not uri:
         raise InputError("no store given: pass --store DIR or --store s3://bucket/prefix")
     if is_s3(uri):
@@ -412,7 +489,14 @@ def open_store(uri: str, settings: S3Settings | None = None) -> Store:
     if "://" in uri and not uri.startswith("file://"):
         raise InputError(f"store {uri!r}: only local folders and s3:// URIs are supported")
     path = local_path(uri)
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"store {uri!r} is a file, not a folder: pass the store folder (e.g. ./kubetune-store) or an s3:// URI")
+    if not path.exists() and not create:
+        raise InputError(f"store {uri!r} does not exist (run kubetune run first, or pass --store)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent that is a file, no permission, a read-only disk
+        raise InputError(f"store {uri!r}: cannot create the folder ({e.strerror}); pass a writable folder or an s3:// URI") from None
     return LocalStore(path)
 
 
@@ -464,7 +548,7 @@ def fetch(uri: str, settings: S3Settings | None, workdir: Path) -> Path:
     dest.mkdir(parents=True)
     base = f"s3://{bucket}/{key}".rstrip("/")
     for k in keys:  # a plain prefix (e.g. a model folder uploaded with `aws s3 cp --recursive`)
-        target = dest / k[len(base):].lstrip("/")
+        target = dest / safe_relative(k[len(base):].lstrip("/"), k)
         target.parent.mkdir(parents=True, exist_ok=True)
         store.download(split_s3(k)[1], target)
     return dest

@@ -15,6 +15,7 @@ from kubetune.errors import ConfigError
 REGISTRY = {
     "sequence-classification": "kubetune.tasks.sequence",
     "token-classification": "kubetune.tasks.token",
+    "pair-classification": "kubetune.tasks.pair",
 }
 DEFAULT = "sequence-classification"
 

@@ -76,6 +76,8 @@ class Task(Protocol):
     per_token: bool  # logits per token ([batch, sequence, labels]) rather than per row
     model_purpose: str  # "classify sequences": for the error when a model folder cannot
     truncations: tuple[str, ...]  # the TRUNCATIONS its tokenize supports
+    segments: int  # texts per row the model reads joined by [SEP]: 1, or 2 for text pairs (token_type_ids)
+    input_fields: tuple[str, ...]  # what one prediction input holds: ("text",), ("text", "text_pair"): serving and batch
 
     # validate: read each split, check them all, write the dataset folder
     def sources(self, train: str, eval_: str, test: str) -> dict[str, str]: ...
@@ -86,6 +88,11 @@ class Task(Protocol):
     # tokenize
     def tokenize(self, tokenizer, frame, label_ids: dict, cfg, progress) -> Tokenized: ...
     def tokenize_notes(self, split: str, stats: dict, rows: int, max_length: int) -> list[str]: ...
+    # monitor (kubetune.monitoring): coverage check, reference profile, drift
+    def profile_texts(self, frame) -> list[str]: ...
+    def profile_outputs(self, predictions: list[dict], labels: list[str]) -> dict: ...
+    def profile_gold(self, frame, labels: list[str]) -> dict: ...
+    def column_predictions(self, columns: dict) -> list[dict]: ...
     # train and score
     def model_class(self): ...
     def loss(self, logits, target): ...
@@ -119,6 +126,11 @@ def write_meta(out_dir: Path, meta: dict) -> None:
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
+def text_chars(item) -> int:
+    """Characters of one prediction input: a text, or a tuple of texts (a pair)."""
+    return len(item) if isinstance(item, str) else sum(len(t) for t in item)
+
+
 def score_texts(clf, texts: list[str], batch_size: int,
                 on_batch: Callable[[int, float], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities [n, classes], truncated [n]) for `texts`, in their order, from row logits.
@@ -126,7 +138,7 @@ def score_texts(clf, texts: list[str], batch_size: int,
     Runtime runs the current one (both release the GIL). `on_batch(rows, seconds)` after each batch."""
     probs = np.zeros((len(texts), len(clf.labels)), dtype=np.float64)
     truncated = np.zeros(len(texts), dtype=bool)
-    order = np.argsort(np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
+    order = np.argsort(np.fromiter((text_chars(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if not batches:
         return probs, truncated

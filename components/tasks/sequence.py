@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from kubetune.errors import InputError
+from kubetune.monitoring.profile import CONFIDENCE_EDGES
 from kubetune.storage import formats
 from kubetune.tasks import base
 from kubetune.tasks.metrics import CLASSIFICATION_METRICS, classification_metrics
@@ -34,6 +35,8 @@ class SequenceClassification:
     summary_metrics = ("accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix")
     peft_task_type = "SEQ_CLS"
     per_token = False  # one logit row per text
+    segments = 1  # one text per row
+    input_fields = ("text",)
 
     # ---- validate ------------------------------------------------------------------------------
     def sources(self, train: str, eval_: str, test: str) -> dict[str, str]:
@@ -99,6 +102,27 @@ class SequenceClassification:
             return []
         return [f"{split}: {stats['truncated_rows']} of {rows} texts truncated to {max_length} tokens "
                 f"({stats['truncated_tokens']} tokens dropped)"]
+
+    # ---- monitor (kubetune.monitoring) ---------------------------------------------------------
+    def profile_texts(self, frame) -> list[str]:
+        """The texts of a dataset split as the model reads them (coverage check, reference profile)."""
+        return frame["text"].astype(str).tolist()
+
+    def profile_outputs(self, predictions: list[dict], labels: list[str]) -> dict:
+        """The profile's prediction signals: predicted-label counts and the top-label confidence."""
+        counts = dict.fromkeys(labels, 0)
+        for p in predictions:
+            counts[p["label"]] += 1
+        return {"distributions": {"predicted_label": counts},
+                "histograms": {"confidence": ([p["score"] for p in predictions], CONFIDENCE_EDGES)}}
+
+    def column_predictions(self, columns: dict) -> list[dict]:
+        """batch_columns' output back as predict's fields the profile reads (label, score)."""
+        return [{"label": label, "score": float(score)} for label, score in zip(columns["label"], columns["score"])]
+
+    def profile_gold(self, frame, labels: list[str]) -> dict:
+        counts = frame["label"].value_counts()
+        return {"label": {k: int(counts.get(k, 0)) for k in labels}}
 
     # ---- model ---------------------------------------------------------------------------------
     def model_class(self):

@@ -27,12 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
+from kubetune.monitoring.profile import CONFIDENCE_EDGES
 from kubetune.storage.shards import IGNORE, TokenizedSplit
 from kubetune.tasks import base
 from kubetune.tasks.metrics import NER_METRICS, confusion, entity_metrics, entity_spans, per_type_table
 from kubetune.validation import tagging
 from kubetune.validation.report import SPLITS, Report
 
+ENTITY_COUNT_EDGES = [0, 1, 2, 3, 4, 6, 8, 12, 13]  # entities per sentence; the last bin: 12 or more
 WORD = re.compile(r"\w+(?:[.&-]\w+|['’](?!s\b)\w+)*|['’]s\b|[^\w\s]")
 
 
@@ -49,6 +51,8 @@ class TokenClassification:
                        "token_accuracy", "per_type", "confusion_matrix")
     peft_task_type = "TOKEN_CLS"
     per_token = True  # logits [batch, sequence, labels]
+    segments = 1  # one text per row
+    input_fields = ("text",)
     model_purpose = "tag tokens"
     truncations = ("head",)  # words past max_length are dropped; their entities count as missed
 
@@ -110,6 +114,33 @@ class TokenClassification:
         if stats.get("empty_words"):
             notes.append(f"{split}: {stats['empty_words']} words have no sub-token in this tokenizer; they were given its unknown token")
         return notes
+
+    # ---- monitor (kubetune.monitoring) ---------------------------------------------------------
+    def profile_texts(self, frame) -> list[str]:
+        """A sentence's words joined by spaces: the raw text that batch inference and serving see."""
+        return [" ".join(t) for t in frame["tokens"]]
+
+    def profile_outputs(self, predictions: list[dict], labels: list[str]) -> dict:
+        """The profile's prediction signals: predicted entity-type counts, entities per sentence and
+        the entities' confidence."""
+        counts = dict.fromkeys(entity_types(labels), 0)
+        for p in predictions:
+            for e in p["entities"]:
+                counts[e["type"]] = counts.get(e["type"], 0) + 1
+        return {"distributions": {"predicted_entity_type": counts},
+                "histograms": {"entities_per_sentence": ([len(p["entities"]) for p in predictions], ENTITY_COUNT_EDGES),
+                               "confidence": ([e["score"] for p in predictions for e in p["entities"]], CONFIDENCE_EDGES)}}
+
+    def column_predictions(self, columns: dict) -> list[dict]:
+        """batch_columns' output back as predict's {"entities": [...]}."""
+        return [{"entities": json.loads(e)} for e in columns["entities"]]
+
+    def profile_gold(self, frame, labels: list[str]) -> dict:
+        counts = dict.fromkeys(entity_types(labels), 0)
+        for tags in frame["tags"]:
+            for kind, _, _ in entity_spans(list(tags)):
+                counts[kind] = counts.get(kind, 0) + 1
+        return {"entity_type": counts}
 
     # ---- model ---------------------------------------------------------------------------------
     def model_class(self):
@@ -178,6 +209,11 @@ TASK = TokenClassification()
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
+
+def entity_types(labels: list[str]) -> list[str]:
+    """The entity types of an IOB2 tag set (B-PER, I-PER, ... -> PER), sorted."""
+    return sorted({t[2:] for t in labels if t[:2] in ("B-", "I-")})
 
 
 def align_labels(word_ids: list[int | None], tag_ids: list[int]) -> list[int]:

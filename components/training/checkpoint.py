@@ -40,6 +40,10 @@ class Checkpoints:
             torch.save(state, path)
             self.store.upload(path, self.key)
 
+    def delete(self) -> int:
+        """Remove this run's checkpoint; how many objects went."""
+        return self.store.delete_prefix(self.prefix)
+
     def load(self) -> dict[str, Any] | None:
         import torch
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from kubetune.errors import ConfigError, InputError
 from kubetune.storage import assets
-from kubetune.storage.shards import IGNORE, TokenizedSplit, logit_rows, pad_batch, place_logits, sorted_batches
+from kubetune.storage.shards import IGNORE, TokenizedSplit, logit_rows, pad_batch, place_logits, sorted_batches, token_types
 from kubetune.storage.store import S3Settings, fetch
 
 
@@ -34,21 +34,23 @@ def pick_device(requested: str):
     return torch.device(requested)
 
 
-def batch_inputs(split: TokenizedSplit, index: np.ndarray, pad_id: int, input_names: list[str], device) -> dict:
+def batch_inputs(split: TokenizedSplit, index: np.ndarray, pad_id: int, input_names: list[str], device,
+                 sep_id: int | None = None) -> dict:
     """Model keyword arguments for rows `index`: input_ids, attention_mask and, for models that take
-    them (BERT), all-zero token_type_ids (single-segment inputs)."""
+    them (BERT), token_type_ids: all zeros for single texts, the second segment after the first
+    [SEP] when `sep_id` is given (text pairs, kubetune.storage.shards.token_types)."""
     import torch
 
     ids, mask = pad_batch(split, index, pad_id)
     out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
     if "token_type_ids" in input_names:
-        out["token_type_ids"] = torch.zeros_like(out["input_ids"])
+        out["token_type_ids"] = torch.from_numpy(token_types(ids, mask, sep_id))
     # non_blocking: the copy overlaps with the host work of building the next batch
     return {k: v.to(device, non_blocking=True) for k, v in out.items()}
 
 
 def predict_logits(model, split: TokenizedSplit, *, per_token: bool = False, batch_size: int, pad_id: int, input_names: list[str],
-                   device) -> np.ndarray:
+                   device, sep_id: int | None = None) -> np.ndarray:
     """float32 logits in row order: [rows, labels], or with `per_token` every real token's logits end
     to end, [tokens, labels], row i at split.offsets[i]:split.offsets[i + 1] (token classification)."""
     import torch
@@ -57,7 +59,7 @@ def predict_logits(model, split: TokenizedSplit, *, per_token: bool = False, bat
     out = np.zeros((logit_rows(split, per_token), model.config.num_labels), dtype=np.float32)
     with torch.inference_mode():
         for index in sorted_batches(split.lengths, batch_size):
-            logits = model(**batch_inputs(split, index, pad_id, input_names, device)).logits.float().cpu().numpy()
+            logits = model(**batch_inputs(split, index, pad_id, input_names, device, sep_id)).logits.float().cpu().numpy()
             place_logits(out, split, index, logits, per_token)
     return out
 
@@ -68,9 +70,11 @@ class DeviceSplit:
     keeps a small model from being launch/host-bound on a fast GPU. Splits bigger than `max_bytes`
     stay in (pinned) host memory and each batch is copied asynchronously instead."""
 
-    def __init__(self, split: TokenizedSplit, pad_id: int, device, pad_multiple: int = 16, max_bytes: int = 2 << 30):
+    def __init__(self, split: TokenizedSplit, pad_id: int, device, pad_multiple: int = 16, max_bytes: int = 2 << 30,
+                 sep_id: int | None = None):
         import torch
 
+        self.sep_id = sep_id  # text pairs: token_type_ids 1 after the first [SEP] (see batch_inputs)
         lengths = split.lengths
         width = int(-(-max(int(lengths.max()), 1) // pad_multiple) * pad_multiple)
         ids = np.full((len(split), width), pad_id, dtype=np.int32)
@@ -106,7 +110,11 @@ class DeviceSplit:
         mask = (torch.arange(width, device=ids.device) < self.row_lengths[index, None]).long()
         inputs = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in input_names:
-            inputs["token_type_ids"] = torch.zeros_like(ids)
+            if self.sep_id is None:
+                inputs["token_type_ids"] = torch.zeros_like(ids)
+            else:  # as kubetune.storage.shards.token_types, on the device
+                sep = (ids == self.sep_id).long()
+                inputs["token_type_ids"] = ((sep.cumsum(1) - sep) > 0).long() * mask
         out = {"inputs": inputs, "labels": self.labels[index, :width] if self.token_level else self.labels[index]}
         if self.home != self.device:
             out = {"inputs": {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()},

@@ -47,6 +47,7 @@ def load_table(uri: str, *, columns: dict[str, str], header: bool = True, settin
     names = None
     if assets.is_builtin(uri):
         path, asset = assets.resolve(uri)
+        path = assets.materialize(uri, workdir or Path("."))
         fmt, header, names = asset.reader["format"], asset.reader["header"], asset.reader["names"]
         files = [(uri, path)]
     else:

@@ -182,7 +182,8 @@ def test_serving_image_runs_the_inference_service_contract():
     cmd = [json.loads(a) for kw, a in ins if kw == "CMD"][-1]
     assert entry == container["command"] == ["kubetune", "serve"]
     args = dict(zip(container["args"][::2], container["args"][1::2]))
-    assert dict(zip(cmd[::2], cmd[1::2])) == {"--model": args["--model"], "--port": args["--port"]} == {"--model": "/mnt/models", "--port": "8080"}
+    expected = {"--model": "/mnt/models", "--host": "0.0.0.0", "--port": "8080"}  # serve's own default host is 127.0.0.1
+    assert dict(zip(cmd[::2], cmd[1::2])) == {k: args[k] for k in expected} == expected
     assert [a for kw, a in ins if kw == "EXPOSE"] == [str(container["ports"][0]["containerPort"])]
     assert any("import kubetune.serving.serve, kserve" in r for r in runs(DOCKERFILES["serving"]))
 

@@ -27,7 +27,7 @@ STEPS = ["validate", "tokenize", "finetune", "evaluate", "export", "deploy"]
 RUN_RECORDS = ["run.json", "validation/report.md", "validation/expectations.json", "evaluation.json", "export.json",
                "deployment.json", "summary.json", "kfp-local.log"] + [f"steps/{s}.json" for s in STEPS]
 VERSION_FILES = ["model.onnx", "tokenizer.json", "tokenizer_config.json", "labels.json", "kubetune.json", "config.json",
-                 "metrics.json", "MODEL_CARD.md", "inferenceservice.yaml", "parity.json", "_MANIFEST.json"]
+                 "metrics.json", "MODEL_CARD.md", "inferenceservice.yaml", "parity.json", "profile.json", "report.html", "_MANIFEST.json"]
 
 
 def run(args: list[str], summary: Path) -> tuple[int, dict]:
@@ -50,7 +50,8 @@ def check_deployed(summary: dict) -> None:
 
 def test_local_store_deploys_then_gate_rejects(tmp_path, capsys, sms_rows):
     store = tmp_path / "store"
-    code, summary = run([*QUICK_ARGS, "--store", str(store), "--run-id", "first", "--gate-threshold", "0.5"], tmp_path / "first.json")
+    code, summary = run([*QUICK_ARGS, "--store", str(store), "--run-id", "first", "--gate-threshold", "0.5", "--keep-kfp-runs", "1"],
+                        tmp_path / "first.json")
     assert code == 0
     check_deployed(summary)
     assert summary["gate"]["champion_value"] is None
@@ -77,6 +78,8 @@ def test_local_store_deploys_then_gate_rejects(tmp_path, capsys, sms_rows):
     cm = artifacts["confusion"]["artifacts"][0]["metadata"]["confusionMatrix"]
     assert [a["displayName"] for a in cm["annotationSpecs"]] == ["ham", "spam"]
     assert json.loads(evaluate_out.read_text())["parameterValues"]["Output"] is True
+    (training_report,) = (store / "kfp-local").glob("*/deploy/training_report")  # the KFP HTML artifact: the version's report.html
+    assert training_report.read_text() == (store / "models/sms-spam" / version / "report.html").read_text()
     (report,) = (store / "kfp-local").glob("*/validate/report")
     assert report.read_text().startswith("# Data validation: PASSED")
 
@@ -93,6 +96,11 @@ def test_local_store_deploys_then_gate_rejects(tmp_path, capsys, sms_rows):
     tokenize_record = json.loads((store / "runs/second/steps/tokenize.json").read_text())
     assert tokenize_record["outputs"]["cache"] == "hit"
     assert sorted(p.name for p in (store / "models/sms-spam").iterdir()) == sorted(["aliases", version])
+    # nothing left behind (issue 12): no checkpoints after a successful fine-tune, the second run's
+    # kfp.local copies pruned (the first run's kept: --keep-kfp-runs 1), nothing else at the top
+    assert not (store / "runs/first/checkpoints").exists() and not (store / "runs/second/checkpoints").exists()
+    assert len(list((store / "kfp-local").iterdir())) == 1
+    assert sorted(p.name for p in store.iterdir()) == ["cache", "kfp-local", "models", "runs"]
     assert json.loads((store / "models/sms-spam/aliases/production.json").read_text())["version"] == version
 
     # the same data again, not forced: a scheduled run that finds nothing new skips training, exit 0

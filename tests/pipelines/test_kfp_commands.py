@@ -72,3 +72,19 @@ def test_bad_arguments_fail_before_reaching_the_server(kfp_server, args, message
     assert main([*args, "--host", kfp_server.url]) == 2
     assert message in capsys.readouterr().err
     assert not kfp_server.runs and not kfp_server.recurring_runs
+
+
+def test_batch_retrain_submits_like_kubetune_submit_from_inside_a_kfp_task(kfp_server, monkeypatch):
+    """The batch pipeline's retraining trigger, as its task runs it: kfp in runtime mode (a KFP task
+    sets _KFP_RUNTIME=true, where kfp.Client is absent and compiling fails on a circular import)."""
+    from kubetune.pipelines.cluster import retrain
+
+    monkeypatch.setenv("_KFP_RUNTIME", "true")
+    run_id = retrain(store="s3://ml/kubetune", model_ref="models/sms-spam/production", train_uri="s3://ml/data/fresh.csv",
+                     experiment="retrain", host=kfp_server.url, image="reg.example/kubetune:1.0", s3_secret="kubetune-s3",
+                     s3_config_map="kubetune-s3-config")
+    (run,) = kfp_server.runs
+    assert run["run_id"] == run_id and run["runtime_config"]["parameters"] == {"model_name": "sms-spam", "train_uri": "s3://ml/data/fresh.csv"}
+    spec = run["pipeline_spec"]["pipeline_spec"]
+    assert spec["root"]["inputDefinitions"]["parameters"]["store"]["defaultValue"] == "s3://ml/kubetune"
+    assert [e["display_name"] for e in kfp_server.experiments.values()] == ["retrain"]

@@ -204,5 +204,13 @@ def test_batch_pipeline_fans_out_over_shards(batch_compiled):
     assert params["model"].default_value.string_value == "models/sms-spam/production"
     assert not [name for name, p in params.items() if not p.description]
     executors = platform_doc["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert set(executors) == {f"exec-{s}" for s in BATCH_STEPS}
+    assert set(executors) == {f"exec-{s}" for s in (*BATCH_STEPS, "batch-retrain")}
     assert all(e["secretAsEnv"][0]["secretName"] == "kubetune-s3" for e in executors.values())
+    # drifted is the pipeline's output; the retraining run starts only with retrain_on_drift and a drifted batch
+    assert set(pipeline.root.output_definitions.parameters) == {"Output"}
+    assert pipeline.root.dag.outputs.parameters["Output"].value_from_parameter.output_parameter_key == "drifted"
+    assert params["retrain_on_drift"].default_value.bool_value is False
+    conditions = {t.task_info.name: t.trigger_policy.condition for t in tasks.values() if t.trigger_policy.condition}
+    assert conditions == {"retrain-on-drift": "inputs.parameter_values['pipelinechannel--retrain_on_drift'] == true",
+                          "drifted": "inputs.parameter_values['pipelinechannel--batch-collect-drifted'] == true"}
+    assert "batch-retrain" in tasks

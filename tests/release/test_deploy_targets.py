@@ -1,6 +1,10 @@
 """Deploy targets and registry aliases: KServe through the real kubernetes client against a fake
 API server over HTTP (apply, wait, canary, rollback), GitOps against a local bare repository,
-compare-and-swap aliases raced by concurrent deploys (local store and S3 on SeaweedFS), rollback."""
+compare-and-swap aliases raced by concurrent deploys (local store and S3 on SeaweedFS), rollback.
+Then (issue 12) the values that reach git, paths and registry keys, checked at the boundary: a
+--gitops-branch that is an option (--upload-pack=...) never reaches git, a symlinked folder in the
+watched repository is refused before anything is written through it, ssh needs known_hosts or an
+explicit opt-in, `rollback --to` takes only a registry version of this model."""
 
 from __future__ import annotations
 
@@ -13,10 +17,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kubetune.errors import ConfigError
+from kubetune.pipelines import parameters
 from kubetune.pipelines.cli import main
 from kubetune.release import registry
 from kubetune.release.manifests import ServingConfig
-from kubetune.release.rollout import DeployConfig, GitAuth, RolloutFailed
+from kubetune.release.rollout import DeployConfig, GitAuth, RolloutFailed, rollout_gitops
 from kubetune.steps.deploy import release, roll_back
 from kubetune.storage.store import Conflict, S3Settings, open_store
 from tests.helpers import fake_kube
@@ -316,3 +322,109 @@ def test_cli_deploy_and_rollback_on_kserve(store, kube, tmp_path, capsys):
     assert main(["rollback", NAME, *target]) == 0
     assert live_version(kube) == v1 and registry.read_alias(store, NAME)["version"] == v1
     assert f"{v2} -> {v1}" in capsys.readouterr().out
+
+
+# ---- issue 12: values reaching git, paths and registry keys ----------------------------------------
+
+INJECTIONS = ["--upload-pack=touch {pwned}; git-upload-pack", "-c", "main;touch {pwned}", "..", "a..b", "main.lock", "ma in", ""]
+
+
+@pytest.mark.parametrize("branch", INJECTIONS)
+def test_gitops_branch_that_is_an_option_or_not_a_branch_never_reaches_git(store, tmp_path, bare_repo, branch):
+    pwned = tmp_path / "PWNED"
+    branch = branch.format(pwned=pwned)
+    v1 = publish_version(store, "r1-aaaa", 0.95, tmp_path)
+    cfg = DeployConfig(target="gitops", gitops_repo=str(bare_repo), gitops_branch=branch)
+    with pytest.raises(ConfigError, match="gitops_branch"):
+        release(store, NAME, v1, ServingConfig(), cfg, "d", GitAuth())
+    with pytest.raises(ConfigError, match="gitops_branch"):  # the rollout itself checks too (a caller may skip check())
+        rollout_gitops({"metadata": {"name": NAME}}, cfg, GitAuth(), "m")
+    with pytest.raises(ConfigError, match="gitops_branch"):  # and the pipeline's parameter check, before any run
+        parameters.check({"deploy_target": "gitops", "gitops_repo": str(bare_repo), "gitops_branch": branch})
+    assert not pwned.exists()
+    assert registry.read_alias(store, NAME) is None
+
+
+def test_gitops_repo_that_is_an_option_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="gitops_repo"):
+        DeployConfig(target="gitops", gitops_repo=f"--upload-pack=touch {tmp_path}/PWNED").check()
+    DeployConfig(target="gitops", gitops_repo="git@github.com:org/deploy.git", gitops_branch="release/v1.2").check()
+
+
+def test_gitops_refuses_a_symlinked_folder_in_the_watched_repo(store, tmp_path, bare_repo):
+    """deploy -> a folder outside the clone: kubetune must not write there (nor commit)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    seed = tmp_path / "seed"
+    os.symlink(outside, seed / "deploy")
+    git(seed, "add", "deploy")
+    git(seed, "-c", "user.name=t", "-c", "user.email=t@x", "commit", "-q", "-m", "link")
+    git(seed, "push", "-q", "origin", "main")
+    head = git(bare_repo, "rev-parse", "main")
+    v1 = publish_version(store, "r1-aaaa", 0.95, tmp_path)
+    cfg = DeployConfig(target="gitops", gitops_repo=str(bare_repo), gitops_branch="main", gitops_path="deploy/inferenceservices")
+    with pytest.raises(RolloutFailed, match="deploy is a symbolic link"):
+        release(store, NAME, v1, ServingConfig(), cfg, "d", GitAuth())
+    assert list(outside.iterdir()) == []
+    assert git(bare_repo, "rev-parse", "main") == head and registry.read_alias(store, NAME) is None
+
+
+def test_ssh_without_known_hosts_is_refused_unless_opted_in(tmp_path):
+    key = tmp_path / "id"
+    with pytest.raises(ConfigError, match="KUBETUNE_GIT_KNOWN_HOSTS is not"):
+        GitAuth.from_env({"KUBETUNE_GIT_SSH_KEY": str(key)}).env(tmp_path)
+    opted = GitAuth.from_env({"KUBETUNE_GIT_SSH_KEY": str(key), "KUBETUNE_GIT_SSH_ACCEPT_NEW_HOST_KEY": "1"}).env(tmp_path)
+    assert "StrictHostKeyChecking=accept-new" in opted["GIT_SSH_COMMAND"]
+    pinned = GitAuth.from_env({"KUBETUNE_GIT_SSH_KEY": str(key), "KUBETUNE_GIT_KNOWN_HOSTS": str(tmp_path / "kh")}).env(tmp_path)
+    assert "StrictHostKeyChecking=yes" in pinned["GIT_SSH_COMMAND"] and "UserKnownHostsFile=" in pinned["GIT_SSH_COMMAND"]
+    assert pinned["GIT_ALLOW_PROTOCOL"] == "file:git:http:https:ssh"  # no ext:: transport (it runs commands)
+
+
+def test_rollback_to_takes_only_a_registry_version(store, tmp_path, capsys):
+    """--to ../../<other store>/models/x/v1 used to exit 0 with production outside the model."""
+    other = open_store(str(tmp_path / "other"))
+    (tmp_path / "o").mkdir()
+    foreign = publish_version(other, "ffff-r9", 0.5, tmp_path / "o")
+    v1, v2 = (publish_version(store, f"cccc-r{i}", 0.9, tmp_path) for i in (1, 2))
+    for v in (v1, v2):
+        registry.set_alias(store, NAME, registry.PRODUCTION, v, "r")
+    rel = os.path.relpath(other.root / registry.version_prefix(NAME, foreign), store.root / "models" / NAME)
+    assert (store.root / "models" / NAME / rel / "_MANIFEST.json").is_file()  # the path does lead to a sealed version
+    for to in (rel, "../" + v1, "/abs/path", "production"):
+        assert main(["rollback", NAME, "--store", store.uri, "--to", to]) == 2
+        err = capsys.readouterr().err
+        assert "not a registry version" in err and err.count("\n") == 1, err
+    assert registry.read_alias(store, NAME)["version"] == v2
+    with pytest.raises(Exception, match="not a registry version"):
+        registry.rollback(store, NAME, to=rel)
+    with pytest.raises(Exception, match="neither a registry version"):
+        registry.resolve(store, f"models/{NAME}/{rel.replace('/', '%')}")
+    assert main(["rollback", NAME, "--store", store.uri, "--to", v1]) == 0
+    assert registry.read_alias(store, NAME)["version"] == v1
+
+
+def test_an_alias_document_pointing_outside_is_refused(store, tmp_path):
+    v1 = publish_version(store, "cccc-r1", 0.9, tmp_path)
+    registry.set_alias(store, NAME, registry.PRODUCTION, v1, "r")
+    doc = registry.read_alias(store, NAME)
+    store.write_json(registry.alias_key(NAME, "production"), {**doc, "version": "../../elsewhere/v1"})
+    with pytest.raises(Exception, match="points at '../../elsewhere/v1': not a registry version"):
+        registry.resolve(store, NAME)
+
+
+def test_rejected_names_and_a_file_as_store_create_nothing(tmp_path, capsys):
+    missing = tmp_path / "never-created"
+    for argv in (["models", "Bad_Name", "--store", str(missing)], ["rollback", "x_y", "--store", str(missing)],
+                 ["deploy", "UPPER", "--store", str(missing)], ["models", NAME, "--store", str(missing)]):
+        code = main(argv)
+        assert code == 2, argv
+        err = capsys.readouterr().err
+        assert err.strip().count("\n") == 0 and "Traceback" not in err, err
+        assert not missing.exists(), argv
+    a_file = tmp_path / "store.txt"
+    a_file.write_text("not a store")
+    assert main(["models", NAME, "--store", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and err.strip().count("\n") == 0
+    assert main(["models", NAME, "--store", str(a_file / "sub")]) == 2
+    assert "Traceback" not in capsys.readouterr().err

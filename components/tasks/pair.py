@@ -1,0 +1,212 @@
+"""Sentence-pair classification: a label per (text, text_pair): answer selection (is this passage an
+answer to the question?), NLI / entailment, paraphrase and duplicate detection, query-document relevance.
+
+Everything particular to the task lives here; the steps call it through the Task interface
+(kubetune.tasks.base). Data: CSV/TSV/JSONL/Parquet tables with a text, a text-pair and a label
+column (--text-column, --text-pair-column, --label-column), checked like sequence-classification
+tables (kubetune.validation.tables) with the pair as the unit of duplicates, conflicts and leakage,
+plus a check that every row has its second text. Splits made here keep every row of one `text`
+(a question and all its candidates) in one split, so ranking metrics see whole candidate lists.
+
+Tokenized as pairs ([CLS] text [SEP] text_pair [SEP]); truncation cuts the longer side first
+(`longest_first`) and the tokens dropped are reported per side. Models with token_type_ids (BERT)
+get segment 1 on the second text (kubetune.storage.shards.token_types).
+
+Metrics: those of sequence classification; the test metrics add ranking metrics when a `text`
+has several candidates of which at least one is positive (answer selection): MRR and accuracy@1
+over those questions, ranking candidates by P(positive). The positive label is the one named
+1/true/yes/positive/relevant/entailment/duplicate/paraphrase, else the last in sorted order.
+Predictions: as sequence classification, for inputs (text, text_pair); serving takes
+{"text": ..., "text_pair": ...} objects (v2: BYTES inputs "text" and "text_pair").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kubetune.errors import InputError
+from kubetune.storage import formats
+from kubetune.tasks import base
+from kubetune.tasks.metrics import CLASSIFICATION_METRICS
+from kubetune.tasks.sequence import SequenceClassification
+from kubetune.validation import splits, tables
+from kubetune.validation.report import EXAMPLES, SPLITS, Check, Report
+
+POSITIVE_NAMES = ("1", "true", "yes", "positive", "relevant", "entailment", "duplicate", "paraphrase", "match", "answer")
+PAIR_JOIN = "\n\u241e\n"  # joins the two texts into the key duplicates, conflicts and leakage are checked on
+
+
+def positive_label(labels: list[str]) -> str:
+    """The label whose probability ranks candidates (see the module docstring)."""
+    return next((lab for lab in labels if lab.strip().lower() in POSITIVE_NAMES), sorted(labels)[-1])
+
+
+def ranking_metrics(groups: np.ndarray, scores: np.ndarray, positive: np.ndarray) -> dict:
+    """MRR and accuracy@1 over the groups (questions) with >= 2 candidates and >= 1 positive. The
+    best positive's rank counts every negative scored at least as high (ties go against the model,
+    so a constant score earns nothing)."""
+    frame = pd.DataFrame({"g": groups, "s": scores, "p": positive})
+    rr, top = [], []
+    for _, g in frame.groupby("g", sort=False):
+        p, s = g["p"].to_numpy(), g["s"].to_numpy()
+        if len(g) < 2 or not p.any() or p.all():
+            continue
+        rank = 1 + int((s[~p] >= s[p].max()).sum())
+        rr.append(1.0 / rank)
+        top.append(float(rank == 1))
+    return {"ranked_questions": len(rr), "mrr": float(np.mean(rr)) if rr else None,
+            "accuracy_at_1": float(np.mean(top)) if top else None}
+
+
+class PairClassification(SequenceClassification):
+    name = "pair-classification"
+    summary = "a label per text pair (answer selection, NLI, paraphrase, relevance)"
+    formats = formats.TABLES
+    default_data = "builtin:newsgroups-answers"
+    row_unit = "pairs"
+    metrics = CLASSIFICATION_METRICS
+    default_metric = "macro_f1"
+    headline = ("accuracy", "macro_f1")
+    summary_metrics = ("accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix", "mrr", "accuracy_at_1",
+                       "ranked_questions", "positive_label")
+    peft_task_type = "SEQ_CLS"
+    per_token = False
+    segments = 2  # [CLS] text [SEP] text_pair [SEP]
+    input_fields = ("text", "text_pair")
+    model_purpose = "classify sequences"
+    truncations = ("head",)  # the tokenizer cuts the longer text of the pair first
+
+    # ---- validate ------------------------------------------------------------------------------
+    def load(self, split: str, uri: str, cfg, settings, workdir: Path):
+        return tables.load_table(uri, columns={"text": cfg.text_column, "text_pair": cfg.text_pair_column, "label": cfg.label_column},
+                                 header=cfg.header, settings=settings, workdir=workdir)
+
+    def check(self, data: dict, sources: dict, formats_: dict, files: dict, cfg) -> tuple[Report, dict]:
+        """The table checks on the pair (joined texts), plus: every row has a non-empty second text."""
+        keyed = {s: f.assign(text=[_key(t, p) for t, p in zip(f["text"], f["text_pair"])]) for s, f in data.items()}
+        report = tables.check_tables(keyed, sources, formats_, cfg, files)
+        report.checks += [_pair_present(s, f, cfg) for s, f in data.items()]
+        return report, data
+
+    def prepare(self, usable: dict, sources: dict, cfg, out_dir: Path) -> dict:
+        """Subsample, split (seeded; every row of one `text` in one split) and write the dataset folder."""
+        frames = {s: splits.subsample(f, cfg.limit, cfg.seed) for s, f in usable.items()}
+        missing = {s: getattr(cfg, f"{s}_fraction") for s in ("eval", "test") if s not in frames}
+        if missing:
+            frames = {**frames, **splits.split_frame(frames["train"], missing, cfg.seed)}
+        labels = sorted(frames["train"]["label"].unique().tolist())
+        meta = base.new_meta(self, labels, sources, missing, cfg)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for split in SPLITS:
+            frame = frames[split]
+            if frame.empty:
+                raise InputError(f"the {split} split is empty; give more data or a {split} file")
+            frame[["text", "text_pair", "label", "source_row"]].reset_index(drop=True).to_parquet(out_dir / f"{split}.parquet", index=False)
+            meta["splits"][split] = {
+                "rows": len(frame),
+                "questions": int(frame["text"].nunique()),
+                "class_counts": {k: int(v) for k, v in frame["label"].value_counts().sort_index().items()},
+                "fingerprint": splits.fingerprint(frame, ("text", "text_pair", "label")),
+            }
+        base.write_meta(out_dir, meta)
+        return meta
+
+    def describe_splits(self, meta: dict) -> str:
+        return (", ".join(f"{s} {meta['splits'][s]['rows']} ({meta['splits'][s]['questions']} texts)" for s in SPLITS)
+                + f"; labels {meta['labels']}")
+
+    # ---- tokenize ------------------------------------------------------------------------------
+    def tokenize(self, tokenizer, frame, label_ids: dict, cfg, progress) -> base.Tokenized:
+        """Token ids per pair, truncated to max_length cutting the longer side first; the pairs
+        truncated and the tokens that cost on each side."""
+        texts, pairs = frame["text"].tolist(), frame["text_pair"].tolist()
+        rows: list[list[int]] = []
+        stats = {"truncated_rows": 0, "truncated_tokens": 0, "truncated_text_tokens": 0, "truncated_pair_tokens": 0}
+        for start in range(0, len(texts), cfg.batch_size):
+            a, b = texts[start:start + cfg.batch_size], pairs[start:start + cfg.batch_size]
+            # untruncated first, to count what truncation drops per side; redo only the long pairs
+            full = tokenizer(a, b, add_special_tokens=True, truncation=False, verbose=False)
+            ids = full["input_ids"]
+            long = [i for i, r in enumerate(ids) if len(r) > cfg.max_length]
+            if long:
+                cut = tokenizer([a[i] for i in long], [b[i] for i in long], add_special_tokens=True, truncation="longest_first",
+                                max_length=cfg.max_length)
+                for k, i in enumerate(long):
+                    before, after = _side_counts(full.encodings[i]), _side_counts(cut.encodings[k])
+                    stats["truncated_text_tokens"] += before[0] - after[0]
+                    stats["truncated_pair_tokens"] += before[1] - after[1]
+                    stats["truncated_tokens"] += len(ids[i]) - len(cut["input_ids"][k])
+                    ids[i] = cut["input_ids"][k]
+                stats["truncated_rows"] += len(long)
+            rows += ids
+            progress.update(len(a))
+        labels = frame["label"].map(label_ids).to_numpy(dtype=np.int64)
+        return base.Tokenized(rows, labels, None, stats)
+
+    def tokenize_notes(self, split: str, stats: dict, rows: int, max_length: int) -> list[str]:
+        if not stats["truncated_rows"]:
+            return []
+        return [f"{split}: {stats['truncated_rows']} of {rows} pairs truncated to {max_length} tokens, longer side first "
+                f"({stats['truncated_tokens']} tokens dropped: {stats['truncated_text_tokens']} from the text, "
+                f"{stats['truncated_pair_tokens']} from the text pair)"]
+
+    # ---- evaluate ------------------------------------------------------------------------------
+    def profile_texts(self, frame) -> list[tuple[str, str]]:
+        """(text, text_pair) per row: what predict takes (coverage check, reference profile)."""
+        return list(zip(frame["text"].astype(str), frame["text_pair"].astype(str)))
+
+    def test_metrics(self, logits: np.ndarray, split, frame, labels: list[str]) -> tuple[dict, list, object]:
+        """Classification metrics plus ranking metrics per `text` (answer selection); the champion is
+        re-scored on the same pairs."""
+        from kubetune.onnx.model import softmax
+
+        metrics = self.scores(logits, split, labels)
+        positive = labels.index(positive_label(labels))
+        p = softmax(logits.astype(np.float64))[:, positive]
+        metrics.update(ranking_metrics(frame["text"].to_numpy(), p, split.labels == positive), positive_label=labels[positive])
+        return metrics, list(zip(frame["text"], frame["text_pair"])), split.labels
+
+    def describe_test(self, m: dict) -> str:
+        line = super().describe_test(m)
+        if m.get("mrr") is not None:
+            line += f"; ranking over {m['ranked_questions']} texts: MRR {m['mrr']:.4f}, accuracy@1 {m['accuracy_at_1']:.4f}"
+        return line
+
+    def kfp_metrics(self, m: dict) -> dict[str, float]:
+        out = super().kfp_metrics(m)
+        return {**out, **{k: m[k] for k in ("mrr", "accuracy_at_1") if m.get(k) is not None}}
+
+    def card(self, evaluation: dict) -> tuple[str, str, str]:
+        what, figures, table = super().card(evaluation)
+        m = evaluation["metrics"]
+        if m.get("mrr") is not None:
+            figures += f"; MRR {m['mrr']:.4f}, accuracy@1 {m['accuracy_at_1']:.4f} over {m['ranked_questions']} texts"
+        return f"Sentence-pair classifier ({', '.join(evaluation['labels'])})", figures, table
+
+
+def _key(text, pair):
+    """The pair as one string for the table checks; a blank first text stays blank (so the
+    empty-text check names it) and a missing second text is checked by _pair_present."""
+    if not isinstance(text, str) or not text.strip():
+        return text
+    return text + PAIR_JOIN + (pair if isinstance(pair, str) else "")
+
+
+def _pair_present(split: str, frame: pd.DataFrame, cfg) -> Check:
+    bad = frame[[not (isinstance(p, str) and p.strip()) for p in frame["text_pair"]]]
+    return Check(split, "text_pair_present", cfg.text_pair_column, "critical", bad.empty,
+                 "have no second text (null, empty or whitespace); fill it in or drop those rows",
+                 unexpected_count=len(bad), element_count=len(frame),
+                 examples=list(zip(bad["source_row"], bad["text_pair"]))[:EXAMPLES])
+
+
+def _side_counts(encoding) -> tuple[int, int]:
+    """(tokens of the first text, tokens of the second) in one encoding, special tokens excluded."""
+    ids = encoding.sequence_ids
+    return sum(1 for s in ids if s == 0), sum(1 for s in ids if s == 1)
+
+
+TASK = PairClassification()
