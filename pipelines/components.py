@@ -55,8 +55,8 @@ def freshness(store: str, run_id: str, job_id: str, model_name: str, force: bool
     return run_step(store_uri=store, run_id=run_id or job_id, model_name=model_name, dataset_dir=Path(dataset.path), force=force)
 
 
-def tokenize(store: str, run_id: str, job_id: str, model_uri: str, max_length: int, max_unknown_share: float, fail_on_unknown: bool,
-             dataset: Input[Dataset], tokens: Output[Dataset]):
+def tokenize(store: str, run_id: str, job_id: str, model_uri: str, max_length: int, truncation: str, max_unknown_share: float,
+             fail_on_unknown: bool, dataset: Input[Dataset], tokens: Output[Dataset]):
     from pathlib import Path
 
     from kubetune.core.config import from_params
@@ -113,15 +113,17 @@ def evaluate(store: str, run_id: str, job_id: str, model_name: str, gate_metric:
     return log_evaluation(result, metrics, confusion)
 
 
-def export(store: str, run_id: str, job_id: str, onnx_variants: str, model: Input[Model], tokens: Input[Dataset],
-           onnx_model: Output[Model]):
+def export(store: str, run_id: str, job_id: str, onnx_variants: str, require_variants: bool, model: Input[Model],
+           tokens: Input[Dataset], onnx_model: Output[Model], export_metrics: Output[Metrics]):
     from pathlib import Path
 
     from kubetune.core.config import from_params
+    from kubetune.pipelines.outputs import log_export
     from kubetune.steps.export import ExportConfig, run_step
 
-    run_step(store_uri=store, run_id=run_id or job_id, model_dir=Path(model.path), tokens_dir=Path(tokens.path),
-             out_dir=Path(onnx_model.path), out_uri=onnx_model.uri, cfg=from_params(ExportConfig, locals()))
+    result = run_step(store_uri=store, run_id=run_id or job_id, model_dir=Path(model.path), tokens_dir=Path(tokens.path),
+                      out_dir=Path(onnx_model.path), out_uri=onnx_model.uri, cfg=from_params(ExportConfig, locals()))
+    log_export(result, export_metrics)
 
 
 def deploy(store: str, run_id: str, job_id: str, model_name: str, namespace: str, serving_image: str, deploy_target: str,

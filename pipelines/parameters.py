@@ -126,6 +126,9 @@ def check(values: Mapping[str, Any]) -> None:
         if hasattr(cfg, "check"):
             cfg.check()
     tasks.resolve_metric(full["task"], full["gate_metric"], "gate_metric")  # e.g. macro_f1 for NER: rejected now, not after training
+    supported = tasks.get(full["task"]).truncations
+    if full["truncation"] not in supported:
+        raise ConfigError(f"truncation={full['truncation']!r}: a {full['task']} model supports {', '.join(supported)}")
     if full["finetune_backend"] not in FINETUNE_BACKENDS:
         raise ConfigError(f"finetune_backend={full['finetune_backend']!r}: use one of {', '.join(FINETUNE_BACKENDS)}")
 

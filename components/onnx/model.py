@@ -6,7 +6,7 @@ Folder layout (written by kubetune.steps.export, published by kubetune.steps.dep
                     [batch, sequence, num_labels])
   tokenizer.json, tokenizer_config.json, ...   the fast tokenizer
   labels.json       {"labels": [...]} in logit order
-  kubetune.json     task, max_length, input names, base model, opset, and `variants`
+  kubetune.json     task, max_length, truncation (head | tail | head+tail), input names, base model, opset, and `variants`
 
 Variants: one folder can hold several graphs of the same model, each accepted by export only after
 a check on held-out rows (argmax agreement with torch, accuracy drop; see kubetune.steps.export):
@@ -138,6 +138,8 @@ class OnnxClassifier:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.max_length = int(self.info["max_length"])
+        self.truncation = self.info.get("truncation", "head")  # as tokenize cut the training texts
+        self._edges: tuple[int, int] | None = None
         self.sep_id = self.info.get("sep_token_id")  # text pairs: segment ids after the first [SEP]
 
     def _run(self, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -163,6 +165,14 @@ class OnnxClassifier:
     def encode(self, texts: list) -> tuple[TokenizedSplit, np.ndarray]:
         """Token ids of `texts` (strings, or (text, text_pair) tuples for a pair task: the tokenizer
         joins them with [SEP] and truncation cuts the longer side first), and which were truncated."""
+        if self.truncation != "head":
+            # the same cut as tokenize (kubetune.tasks.base.cut_ids) on the untruncated ids (single texts only)
+            from kubetune.tasks.base import cut_ids, special_edges
+
+            full = self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]
+            edges = self._edges = self._edges or special_edges(self.tokenizer)
+            truncated = np.array([len(ids) > self.max_length for ids in full], dtype=bool)
+            return TokenizedSplit.from_rows([cut_ids(ids, self.max_length, self.truncation, edges) for ids in full]), truncated
         enc = self.tokenize(texts)
         # a fast tokenizer keeps what truncation cut off in `overflowing`
         truncated = np.array([bool(e.overflowing) for e in enc.encodings], dtype=bool) if enc.encodings else np.zeros(len(texts), bool)

@@ -16,9 +16,17 @@ check on held-out rows. Used by the export step (kubetune.steps.export):
              activations quantized at run time). For CPU.
 
 The check (per variant, fp32 included): on the eval split, the variant's argmax must agree with the
-torch model on at least `min_agreement` of the rows and its accuracy must not be more than
-`max_accuracy_drop` below torch's. Every requested variant is checked; if any fails, the step fails
-naming each failing variant and its numbers. Nothing is skipped silently.
+torch model on at least `min_agreement` of the rows that torch decides by a margin (top-1 minus
+top-2 softmax probability >= `margin`), and its accuracy must not be more than `max_accuracy_drop`
+below torch's. Rows near the decision boundary are left out of the agreement on purpose: a
+weak-but-useful model has many, and int8 flipping a coin-toss row there is expected and harmless
+(the accuracy bound still counts every row). The agreement over all rows is reported too.
+
+fp32 is the reference graph: if it fails, the step fails (VariantRejected, exit 1). Any other
+variant is best-effort unless `required`: a failing one is dropped (its file removed, its numbers
+kept under `rejected` in the record and logged), and fp32 plus the passing variants are published.
+With `required` a failing variant fails the step with exit 3, like the quality gate
+(RequiredVariantRejected). Nothing is skipped silently.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from kubetune.core.progress import log
-from kubetune.errors import ConfigError, KubetuneError
+from kubetune.errors import ConfigError, GateRejected, KubetuneError
 from kubetune.onnx.model import VARIANTS, OnnxClassifier, variant_file
 from kubetune.storage.shards import IGNORE, TokenizedSplit
 
@@ -40,7 +48,26 @@ STEP = "export"
 
 
 class VariantRejected(KubetuneError):
+    """The fp32 graph failed its check against torch (exit 1: something is broken)."""
+
     kind = "variant"
+
+
+class RequiredVariantRejected(GateRejected):
+    """A variant the user required (`require_variants`) failed its check: exit 3, like the gate."""
+
+    kind = "variant"
+
+
+def decision_margin(logits: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 softmax probability of each row (1.0 for a single-label output)."""
+    z = logits - logits.max(-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(-1, keepdims=True)
+    if p.shape[-1] < 2:
+        return np.ones(p.shape[:-1])
+    top2 = np.partition(p, -2, axis=-1)[..., -2:]
+    return top2[..., 1] - top2[..., 0]
 
 
 def parse_variants(spec: str) -> list[str]:
@@ -134,43 +161,72 @@ def build_variants(model, input_names: list[str], out_dir: Path, wanted: list[st
 
 
 def check_variant(name: str, clf: OnnxClassifier, split: TokenizedSplit, reference: np.ndarray, min_agreement: float,
-                  max_accuracy_drop: float) -> dict:
-    """Agreement with torch and accuracy against the labels on `split`; `passed` and why not. The
-    logit rows are the task's (`clf.task`): one per text, or for token classification every real
-    token end to end, so agreement is per token and accuracy per labelled token."""
+                  max_accuracy_drop: float, margin: float = 0.0) -> dict:
+    """Agreement with torch (on the rows torch decides by at least `margin`, see the module
+    docstring) and accuracy against the labels on `split`; `passed` and why not. The logit rows are
+    the task's (`clf.task`): one per text, or for token classification every real token end to end,
+    so agreement is per token and accuracy per labelled token."""
     got, targets = clf.logits(split, batch_size=32, per_token=clf.task.per_token), clf.task.targets(split)
+    return {"file": variant_file(name), **judge_variant(got, targets, reference, min_agreement, max_accuracy_drop, margin),
+            "size_bytes": (clf.dir / variant_file(name)).stat().st_size, "provider": clf.session.get_providers()[0]}
+
+
+def judge_variant(got: np.ndarray, targets: np.ndarray, reference: np.ndarray, min_agreement: float, max_accuracy_drop: float,
+                  margin: float) -> dict:
+    """The check's numbers from a variant's logits `got`, torch's `reference` and the labels."""
     keep = targets != IGNORE
-    agreement = float((got.argmax(-1) == reference.argmax(-1)).mean())
+    same = got.argmax(-1) == reference.argmax(-1)
+    decided = decision_margin(reference) >= margin
+    agreement = float(same.mean())
+    decided_agreement = float(same[decided].mean()) if decided.any() else 1.0
     accuracy = float((got.argmax(-1) == targets)[keep].mean())
     torch_accuracy = float((reference.argmax(-1) == targets)[keep].mean())
     drop = torch_accuracy - accuracy
     problems = []
-    if agreement < min_agreement:
-        problems.append(f"argmax agreement {agreement:.4f} < {min_agreement}")
+    if decided_agreement < min_agreement:
+        problems.append(f"argmax agreement {decided_agreement:.4f} < {min_agreement} on the {int(decided.sum())} rows torch decides "
+                        f"by a margin >= {margin} (all rows: {agreement:.4f})")
     if drop > max_accuracy_drop + 1e-12:
         problems.append(f"accuracy {accuracy:.4f} vs torch {torch_accuracy:.4f} drops {100 * drop:.2f} points > {100 * max_accuracy_drop:.2f}")
-    size = (clf.dir / variant_file(name)).stat().st_size
-    return {"file": variant_file(name), "rows": len(split), "agreement": agreement, "accuracy": accuracy,
-            "torch_accuracy": torch_accuracy, "accuracy_drop": drop, "max_abs_diff": float(np.abs(got - reference).max()),
-            "size_bytes": size, "provider": clf.session.get_providers()[0], "passed": not problems, "problems": problems}
+    return {"rows": len(same), "agreement": agreement, "decided_rows": int(decided.sum()), "decided_agreement": decided_agreement,
+            "margin": margin, "accuracy": accuracy, "torch_accuracy": torch_accuracy, "accuracy_drop": drop,
+            "max_abs_diff": float(np.abs(got - reference).max()), "passed": not problems, "problems": problems}
 
 
 def accept_variants(model, input_names: list[str], out_dir: Path, wanted: list[str], split: TokenizedSplit, reference: np.ndarray, *,
-                    device: str, min_agreement: float, max_accuracy_drop: float, work: Path) -> dict[str, dict]:
-    """Build, check and record the variants; raises VariantRejected naming every failing one."""
+                    device: str, min_agreement: float, max_accuracy_drop: float, work: Path, margin: float = 0.0,
+                    required: bool = False) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Build, check and record the variants: (accepted, rejected), each {name: check record}. fp32
+    failing raises VariantRejected; another variant failing raises RequiredVariantRejected when
+    `required`, else it is dropped (file removed) and returned in `rejected`."""
     if "fp16" in wanted and device != "cuda":
         log(STEP, "fp16 is a GPU variant: its check runs on the CPU provider here (through casts), not on the CUDA kernels it serves with")
     facts = build_variants(model, input_names, out_dir, wanted, work)
+    return judge_variants(out_dir, facts, split, reference, device=device, min_agreement=min_agreement,
+                          max_accuracy_drop=max_accuracy_drop, margin=margin, required=required)
+
+
+def judge_variants(out_dir: Path, facts: dict[str, dict], split: TokenizedSplit, reference: np.ndarray, *, device: str,
+                   min_agreement: float, max_accuracy_drop: float, margin: float, required: bool) -> tuple[dict, dict]:
+    """Check the built variants (`facts`: {name: build facts}, fp32 first) and apply the rules of the
+    module docstring: (accepted, rejected); a dropped variant's file is removed from `out_dir`."""
+    wanted = list(facts)
     results = {}
     for name in wanted:
         clf = OnnxClassifier(out_dir, device=device, variant=name, unchecked=True)
-        results[name] = {**check_variant(name, clf, split, reference, min_agreement, max_accuracy_drop), **facts[name]}
+        results[name] = {**check_variant(name, clf, split, reference, min_agreement, max_accuracy_drop, margin), **facts[name]}
         r = results[name]
-        log(STEP, f"variant {name:<9} {'accepted' if r['passed'] else 'REJECTED'}: agreement {r['agreement']:.4f}, "
-                  f"accuracy {r['accuracy']:.4f} (torch {r['torch_accuracy']:.4f}) on {r['rows']} eval rows, "
-                  f"{r['size_bytes'] / 2**20:.1f} MiB")
+        log(STEP, f"variant {name:<9} {'accepted' if r['passed'] else 'REJECTED'}: agreement {r['decided_agreement']:.4f} on "
+                  f"{r['decided_rows']} decided rows ({r['agreement']:.4f} on all {r['rows']}), accuracy {r['accuracy']:.4f} "
+                  f"(torch {r['torch_accuracy']:.4f}), {r['size_bytes'] / 2**20:.1f} MiB")
     failed = {k: v for k, v in results.items() if not v["passed"]}
-    if failed:
-        raise VariantRejected("ONNX variant check failed on the eval split: " + "; ".join(
-            f"{k}: {', '.join(v['problems'])} ({v['rows']} rows)" for k, v in failed.items()) + "; nothing is published")
-    return results
+    why = "; ".join(f"{k}: {', '.join(v['problems'])} ({v['rows']} rows)" for k, v in failed.items())
+    if "fp32" in failed:
+        raise VariantRejected(f"ONNX variant check failed on the eval split: {why}; nothing is published")
+    if failed and required:
+        raise RequiredVariantRejected(f"ONNX variant check failed on the eval split: {why}; require_variants is set, so nothing "
+                                      "is published (without it, failing variants are dropped and fp32 is published)")
+    for name in failed:
+        (out_dir / variant_file(name)).unlink(missing_ok=True)  # never published: only accepted files travel
+        log(STEP, f"variant {name} dropped (best-effort; --require-variants makes this fail the step): {', '.join(failed[name]['problems'])}")
+    return {k: v for k, v in results.items() if v["passed"]}, failed

@@ -47,6 +47,7 @@ class TextLimits:
     max_texts: int
     max_text_chars: int
     long_texts: str  # "truncate" | "reject"
+    keep: str = "head"  # the model's truncation (kubetune.json): which characters a cut keeps, so tokens are cut alike
 
 
 def _type(value: Any) -> str:
@@ -231,8 +232,8 @@ def _longest(item) -> int:
     return len(item) if isinstance(item, str) else max(len(t) for t in item)
 
 
-def _cut(item, limit: int):
-    return item[:limit] if isinstance(item, str) else tuple(t[:limit] for t in item)
+def _cut(item, limit: int, keep: str = "head"):
+    return cut_text(item, limit, keep) if isinstance(item, str) else tuple(t[:limit] for t in item)
 
 
 def apply_limits(texts: list, limits: TextLimits) -> tuple[list, int]:
@@ -250,7 +251,21 @@ def apply_limits(texts: list, limits: TextLimits) -> tuple[list, int]:
                            f"text {long[0]} has {_longest(texts[long[0]])} characters; the limit is {limits.max_text_chars}"
                            + (f" ({len(long)} texts are over it)" if len(long) > 1 else ""))
     over = set(long)
-    return [_cut(t, limits.max_text_chars) if i in over else t for i, t in enumerate(texts)], len(long)
+    return [_cut(t, limits.max_text_chars, limits.keep) if i in over else t for i, t in enumerate(texts)], len(long)
+
+
+def cut_text(text: str, limit: int, keep: str) -> str:
+    """`text` cut to `limit` characters the way the model's token truncation cuts (head, tail, or
+    head+tail: a quarter from the start, the rest from the end), so the tokens the model then keeps
+    are those of the whole text whenever each kept piece holds more tokens than max_length needs."""
+    if len(text) <= limit:
+        return text
+    if keep == "tail":
+        return text[len(text) - limit:]
+    if keep == "head+tail":
+        head = limit // 4
+        return text[:head] + text[len(text) - (limit - head):]
+    return text[:limit]
 
 
 def _number(v: Any) -> bool:

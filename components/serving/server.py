@@ -21,6 +21,7 @@ They cost one extra tokenizer pass over the request's texts (the model call domi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -169,6 +170,7 @@ class TextModel(kserve.Model):
 
     def load(self) -> bool:
         self.classifier = OnnxClassifier(self.model_dir, device=self.cfg.device, threads=self.cfg.threads or usable_cpus())
+        self.limits = dataclasses.replace(self.limits, keep=self.classifier.truncation)
         predict = functools.partial(self.classifier.predict, batch_size=self.cfg.onnx_batch_size)
         self.batcher = MicroBatcher(predict, max_batch=self.cfg.max_batch_texts,
                                     max_wait_s=self.cfg.batch_wait_ms / 1000, max_queue=self.cfg.max_queue_texts,

@@ -50,19 +50,28 @@ def training_report(evaluation: dict, training: dict, export: dict) -> str:
     return training_html(evaluation, history, export.get("variants") or {}, tasks.get(evaluation["task"]).headline)
 
 
-def variant_table(variants: dict) -> str:
-    """The accepted ONNX variants with their held-out check, for the model card."""
+def variant_table(variants: dict, rejected: dict | None = None) -> str:
+    """The accepted ONNX variants with their held-out check, and the dropped ones with their numbers,
+    for the model card."""
     if not variants:
-        return "Variants: fp32 only (model.onnx)."
-    rows = "\n".join(f"| {k} | `{v['file']}` | {v['agreement']:.4f} | {v['accuracy']:.4f} | {100 * v['accuracy_drop']:.2f} | "
-                     f"{v['size_bytes'] / 2**20:.1f} |" for k, v in variants.items())
-    return ("Accepted variants (checked against torch on the eval split):\n\n"
-            "| variant | file | argmax agreement | accuracy | drop (points) | MiB |\n|---|---|---|---|---|---|\n" + rows)
+        text = "Variants: fp32 only (model.onnx)."
+    else:
+        rows = "\n".join(f"| {k} | `{v['file']}` | {v['agreement']:.4f} | {v['accuracy']:.4f} | {100 * v['accuracy_drop']:.2f} | "
+                         f"{v['size_bytes'] / 2**20:.1f} |" for k, v in variants.items())
+        text = ("Accepted variants (checked against torch on the eval split):\n\n"
+                "| variant | file | argmax agreement | accuracy | drop (points) | MiB |\n|---|---|---|---|---|---|\n" + rows)
+    if rejected:
+        text += "\n\nDropped variants (failed their check; not published):\n\n" + "\n".join(
+            f"- {k}: {'; '.join(v.get('problems') or [])} (accuracy {v['accuracy']:.4f}, drop {100 * v['accuracy_drop']:.2f} points)"
+            for k, v in rejected.items())
+    return text
 
 
 def model_card(name: str, version: str, evaluation: dict, run: dict, training: dict, export: dict) -> str:
     g = evaluation["gate"]
     settings = {k: training.get("config", {}).get(k) for k in ("epochs", "batch_size", "learning_rate", "seed")}
+    if training.get("outputs", {}).get("epochs"):  # epochs=0 in the config: the count finetune chose from the data size
+        settings["epochs"] = training["outputs"]["epochs"]
     kind, headline, table = tasks.get(evaluation["task"]).card(evaluation)
     return f"""# {name} {version}
 
@@ -86,7 +95,7 @@ Gate: {'passed' if g['passed'] else 'rejected'} - {g['reason']}
 Parity with torch on {export.get('rows')} held-out rows: max |logit diff| {export.get('max_abs_diff')},
 argmax agreement {export.get('argmax_agreement')}.
 
-{variant_table(export.get('variants') or {})}
+{variant_table(export.get('variants') or {}, export.get('rejected_variants'))}
 
 ## Intended use and limits
 

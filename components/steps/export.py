@@ -11,8 +11,11 @@ real token of those rows, per-token argmax). The output folder carries
 everything inference needs (see kubetune.onnx.model): model.onnx, tokenizer, labels, settings.
 
 Variants (`variants`, default fp32,optimized,int8; see kubetune.onnx.variants): each requested one is
-built and checked on up to `check_rows` eval rows against torch (argmax agreement >= min_agreement,
-accuracy drop <= max_accuracy_drop); one failure fails the step with every failing variant's numbers.
+built and checked on up to `check_rows` eval rows against torch (argmax agreement >= min_agreement on
+the rows torch decides by a softmax margin >= agreement_margin, accuracy drop <= max_accuracy_drop).
+fp32 failing fails the step. The others are best-effort: a failing one is dropped and reported (log,
+export record `rejected_variants`, run summary, model card, KFP metrics) and fp32 plus the passing
+ones are published; `require_variants` makes a failing variant fail the step with exit 3, like the gate.
 kubetune.json lists the accepted variants, which the registry version then carries.
 """
 
@@ -39,6 +42,9 @@ from kubetune.storage.shards import load_split
 from kubetune.training.modeling import predict_logits
 
 STEP = "export"
+# what kubetune.json keeps of each variant's check
+VARIANT_FIELDS = ("file", "rows", "agreement", "decided_rows", "decided_agreement", "accuracy", "torch_accuracy", "accuracy_drop",
+                  "size_bytes")
 
 
 class ParityError(KubetuneError):
@@ -54,7 +60,12 @@ class ExportConfig:
     device: str = "cpu"  # ONNX Runtime provider for the parity and variant checks: cpu | cuda
     variants: str = param("fp32,optimized,int8", "Comma-separated ONNX variants: fp32 (required), optimized, int8 (CPU), fp16 (GPU); "
                           "each passes a held-out check.", name="onnx_variants")
+    require_variants: bool = param(False, "Fail the export (exit 3, like the gate) when a requested ONNX variant fails its "
+                                          "check; default: a failing variant other than fp32 is dropped and reported.")
     max_accuracy_drop: float = 0.005  # a variant's eval accuracy may be at most 0.5 points below torch's
+    # agreement counts the rows torch decides by at least this softmax margin (top-1 minus top-2): a
+    # flip of a near-tie row is harmless; the accuracy bound still covers every row
+    agreement_margin: float = 0.1
     check_rows: int = 2000  # eval rows for the variant check (all when fewer)
 
     def check(self) -> None:
@@ -64,6 +75,8 @@ class ExportConfig:
             raise ConfigError(f"min_agreement={self.min_agreement}: must be in (0, 1]")
         if not 0 <= self.max_accuracy_drop < 1:
             raise ConfigError(f"max_accuracy_drop={self.max_accuracy_drop}: must be in [0, 1) (0.005 = half a point)")
+        if not 0 <= self.agreement_margin < 1:
+            raise ConfigError(f"agreement_margin={self.agreement_margin}: must be in [0, 1) (a softmax probability gap)")
         parse_variants(self.variants)
 
 
@@ -139,7 +152,7 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig, 
             shutil.copy2(f, out_dir / f.name)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     (out_dir / "labels.json").write_text(json.dumps({"labels": labels}, indent=2))
-    info = {"task": task.name, "max_length": meta["max_length"], "input_names": names,
+    info = {"task": task.name, "max_length": meta["max_length"], "truncation": meta.get("truncation", "head"), "input_names": names,
             "output": "logits", "opset": cfg.opset, "torch": torch.__version__,
             "sep_token_id": sep_id}
     (out_dir / "kubetune.json").write_text(json.dumps(info, indent=2))
@@ -161,12 +174,15 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig, 
     held_out = held_out.take(np.arange(min(cfg.check_rows, len(held_out))))
     reference = predict_logits(model, held_out, per_token=task.per_token, batch_size=32, pad_id=pad_id, input_names=names,
                                device=torch.device("cpu"), sep_id=sep_id)
-    variants = accept_variants(model, names, out_dir, wanted, held_out, reference, device=cfg.device, min_agreement=cfg.min_agreement,
-                               max_accuracy_drop=cfg.max_accuracy_drop, work=work)
-    info["variants"] = {k: {f: v[f] for f in ("file", "rows", "agreement", "accuracy", "torch_accuracy", "accuracy_drop", "size_bytes")}
-                        for k, v in variants.items()}
+    variants, rejected = accept_variants(model, names, out_dir, wanted, held_out, reference, device=cfg.device,
+                                         min_agreement=cfg.min_agreement, max_accuracy_drop=cfg.max_accuracy_drop, work=work,
+                                         margin=cfg.agreement_margin, required=cfg.require_variants)
+    info["variants"] = {k: {f: v[f] for f in VARIANT_FIELDS} for k, v in variants.items()}
+    if rejected:
+        info["rejected_variants"] = {k: {**{f: v[f] for f in VARIANT_FIELDS if f != "file"}, "problems": v["problems"]}
+                                     for k, v in rejected.items()}
     (out_dir / "kubetune.json").write_text(json.dumps(info, indent=2))
-    parity["variants"] = variants
+    parity["variants"], parity["rejected_variants"] = variants, rejected
     (out_dir / "parity.json").write_text(json.dumps(parity, indent=2))
     return {**parity, "size_bytes": onnx_path.stat().st_size, "opset": cfg.opset}
 
@@ -177,7 +193,7 @@ def run_step(*, store_uri: str, run_id: str, model_dir: Path, tokens_dir: Path, 
         result["uri"] = out_uri or str(out_dir)
         ctx.record.write_json("export.json", result)
         ctx.outputs.update(uri=result["uri"], max_abs_diff=result["max_abs_diff"], argmax_agreement=result["argmax_agreement"],
-                           variants=sorted(result["variants"]))
+                           variants=sorted(result["variants"]), rejected_variants=sorted(result["rejected_variants"]))
     return result
 
 

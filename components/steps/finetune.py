@@ -54,12 +54,21 @@ from kubetune.training.parallel import World, barrier, gather, process_group, sh
 STEP = "finetune"
 PEFT_METHODS = ("none", "lora")
 # settings that do not change the trained weights: a checkpoint may be resumed with other values
+# epochs=0 (the default): a small data set gets more epochs, so that training takes at least
+# AUTO_MIN_STEPS optimizer steps (warm-up and linear decay over a dozen steps teach nothing: a
+# 500-row sample trained 13 steps and predicted one class). Full-size data keeps 1 epoch. Early
+# stopping waits for AUTO_MIN_STEPS // 2 steps then: a 300-row sample scored "always ham" for its
+# first 2 epochs (16 steps); one more flat epoch and the plain rule (2 epochs without gain) stops it.
+AUTO_MIN_STEPS = 100
+AUTO_MAX_EPOCHS = 10
 RUN_ONLY = ("device", "cpu_threads", "eval_batch_size", "checkpoint_steps", "resume", "compile", "keep_checkpoints")
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    epochs: int = param(1, "Training epochs (the best epoch on eval is kept; early stopping after 2 without gain).")
+    epochs: int = param(0, "Training epochs; 0 = chosen from the data size (1 epoch when it has >= 100 optimizer steps, else "
+                           "enough epochs for 100 steps, at most 10). The best epoch on eval is kept; early stopping after 2 "
+                           "without gain.")
     # per process; the effective batch is batch_size x grad_accum_steps x processes
     batch_size: int = param(32, "Training batch size.")
     learning_rate: float = param(1e-4, "Peak AdamW learning rate (linear warm-up over 10% of steps, then linear decay).")
@@ -87,8 +96,8 @@ class FinetuneConfig:
 
     def check(self) -> None:
         problems = []
-        if self.epochs < 1:
-            problems.append(f"epochs={self.epochs}: train at least 1 epoch")
+        if self.epochs < 0:
+            problems.append(f"epochs={self.epochs}: train at least 1 epoch (0: chosen from the data size)")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             problems.append("batch sizes must be >= 1")
         if self.grad_accum_steps < 1:
@@ -109,6 +118,19 @@ class FinetuneConfig:
                             "need rank >= 1, alpha > 0, dropout in [0, 1)")
         if problems:
             raise ConfigError("; ".join(problems))
+
+
+def auto_epochs(steps_per_epoch: int, requested: int) -> tuple[int, str]:
+    """(epochs, why): `requested` when set (> 0); else the fewest epochs that give AUTO_MIN_STEPS
+    optimizer steps, capped at AUTO_MAX_EPOCHS (the best epoch is kept and early stopping still applies)."""
+    if requested > 0:
+        return requested, "set by --epochs"
+    epochs = min(max(-(-AUTO_MIN_STEPS // max(steps_per_epoch, 1)), 1), AUTO_MAX_EPOCHS)
+    if epochs == 1:
+        return 1, f"auto: {steps_per_epoch} steps per epoch >= {AUTO_MIN_STEPS}"
+    capped = " (capped)" if epochs * steps_per_epoch < AUTO_MIN_STEPS else ""
+    return epochs, (f"auto: {steps_per_epoch} steps per epoch < {AUTO_MIN_STEPS}, so {epochs} epochs = "
+                    f"{epochs * steps_per_epoch} steps{capped}")
 
 
 def load_classifier(model_dir: Path, labels: list[str], task):
@@ -239,7 +261,10 @@ class FinetuneRun:
         self.train = DeviceSplit(train, self.meta["pad_token_id"], device, cfg.pad_multiple, sep_id=self.meta.get("sep_token_id"))
         batches = len(shard_batches(length_grouped_batches(train.lengths, cfg.batch_size, np.random.default_rng(0)), world))
         self.steps_per_epoch = -(-batches // cfg.grad_accum_steps)
-        total_steps = self.steps_per_epoch * cfg.epochs
+        self.epochs, self.epochs_reason = auto_epochs(self.steps_per_epoch, cfg.epochs)
+        # epochs chosen from the data size: no early stop before half the minimum steps (--epochs N: the plain rule)
+        self.min_steps_before_stop = AUTO_MIN_STEPS // 2 if cfg.epochs == 0 else 0
+        total_steps = self.steps_per_epoch * self.epochs
 
         self.core = load_classifier(model_dir, self.labels, self.task)
         if cfg.peft == "lora":
@@ -314,7 +339,7 @@ class FinetuneRun:
         cfg, st = self.cfg, self.state
         self.model.train()
         plan = self.plan(epoch)
-        progress = Progress(STEP, self.steps_per_epoch, "steps", label=f"epoch {epoch}/{cfg.epochs}")
+        progress = Progress(STEP, self.steps_per_epoch, "steps", label=f"epoch {epoch}/{self.epochs}")
         progress.done = st.step
         t0 = time.perf_counter()
         for step in range(st.step, self.steps_per_epoch):
@@ -365,6 +390,8 @@ class FinetuneRun:
         if st.best is None or value > st.best:
             # keep the best weights on the host: nothing is written twice
             st.best, st.best_epoch, st.stale, self.best_state = value, epoch, 0, trainable_state(self.core)
+        elif epoch * self.steps_per_epoch < self.min_steps_before_stop:
+            pass  # still too few steps to judge: a small split may score one class for several epochs before it learns
         else:
             st.stale += 1
             if st.stale >= cfg.early_stopping_patience:
@@ -384,7 +411,7 @@ class FinetuneRun:
                 st = self.state
                 resumed = {"epoch": st.epoch, "step": st.step, "checkpoint": checkpoints.url}
                 log(STEP, f"resumed from checkpoint {checkpoints.url}: epoch {st.epoch}, step {st.step}/{self.steps_per_epoch}"
-                          + (" (training had finished)" if st.stopped or st.epoch > cfg.epochs else ""))
+                          + (" (training had finished)" if st.stopped or st.epoch > self.epochs else ""))
         st = self.state
 
         def save(where: str) -> None:
@@ -396,7 +423,7 @@ class FinetuneRun:
                 log(STEP, f"checkpoint saved ({where}) to {checkpoints.url}")
             barrier(world)
 
-        while st.epoch <= cfg.epochs and not st.stopped:
+        while st.epoch <= self.epochs and not st.stopped:
             epoch = st.epoch
             self.train_epoch(epoch, save)
             self.end_epoch(epoch)
@@ -429,7 +456,8 @@ def finetune(tokens_dir: Path, model_dir: Path, out_dir: Path, cfg: FinetuneConf
         run.on_epoch = on_epoch
         trainable = sum(p.numel() for p in run.core.parameters() if p.requires_grad)
         total = sum(p.numel() for p in run.core.parameters())
-        log(STEP, f"device {device}, {run.train_rows} train / {len(run.evals)} eval rows, {cfg.epochs} epoch(s) x "
+        log(STEP, f"epochs: {run.epochs} ({run.epochs_reason})")
+        log(STEP, f"device {device}, {run.train_rows} train / {len(run.evals)} eval rows, {run.epochs} epoch(s) x "
                   f"{run.steps_per_epoch} steps, batch {cfg.batch_size}" + (f" x {world.size} processes" if world.distributed else "")
                   + f", lr {cfg.learning_rate}, trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
                   + (f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""))
@@ -448,6 +476,9 @@ def finetune(tokens_dir: Path, model_dir: Path, out_dir: Path, cfg: FinetuneConf
             "task": run.task.name,
             "selection_metric": run.selection,
             f"best_eval_{run.selection}": st.best,
+            "epochs": run.epochs,
+            "epochs_reason": run.epochs_reason,
+            "steps_per_epoch": run.steps_per_epoch,
             "epochs_run": len(st.history),
             "history": st.history,
             "resumed_from": resumed,
@@ -484,7 +515,7 @@ def run_step(*, store_uri: str, run_id: str, tokens_dir: Path | str, model_uri: 
         if world.main and publish:
             ctx.store.publish_dir(out_dir, join(publish))
             log(STEP, f"published the model to {ctx.store.url(join(publish))}")
-        ctx.outputs.update({k: result[k] for k in ("device", "processes", "best_epoch", "epochs_run", "train_seconds",
+        ctx.outputs.update({k: result[k] for k in ("device", "processes", "epochs", "epochs_reason", "best_epoch", "epochs_run", "train_seconds",
                                                    "train_samples_per_s", "history", "resumed_from")})
     return result
 

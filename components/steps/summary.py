@@ -73,11 +73,18 @@ def build_summary(record: RunRecord, pipeline_state: str = "") -> dict:
         "pipeline_state": pipeline_state or None,
         "steps": rows,
         "metrics": metrics,
+        # how long it trained and why (epochs=0: chosen from the data size by the finetune step)
+        "training": steps.get("finetune") and {k: (steps["finetune"].get("outputs") or {}).get(k)
+                                                for k in ("epochs", "epochs_reason", "epochs_run", "best_epoch")},
         "gate": gate and {k: gate.get(k) for k in ("passed", "metric", "value", "threshold", "tolerance",
                                                    "champion_value", "champion_version", "reason")},
         "onnx": export and {**{k: export.get(k) for k in ("uri", "max_abs_diff", "argmax_agreement")},
                             "variants": {name: {k: v.get(k) for k in ("agreement", "accuracy", "accuracy_drop", "size_bytes")}
-                                         for name, v in (export.get("variants") or {}).items()}},
+                                         for name, v in (export.get("variants") or {}).items()},
+                            # best-effort variants that failed their check: dropped, with their numbers
+                            "rejected_variants": {name: {k: v.get(k) for k in ("agreement", "decided_agreement", "accuracy",
+                                                                               "accuracy_drop", "problems")}
+                                                  for name, v in (export.get("rejected_variants") or {}).items()}},
         "deployment": deployment and {k: deployment.get(k) for k in ("model_uri", "version", "manifest_uri", "rollout")},
         "skip": skip and {k: skip.get(k) for k in ("reason", "fingerprint", "production_version")},
     }

@@ -35,6 +35,7 @@ from kubetune.errors import ConfigError, InputError
 from kubetune.monitoring.features import coverage
 from kubetune.storage.shards import save_split
 from kubetune.storage.store import Store, join
+from kubetune.tasks.base import TRUNCATIONS
 from kubetune.training.modeling import resolve_model_dir
 
 STEP = "tokenize"
@@ -45,6 +46,9 @@ FORMAT = 2  # bump when the shard layout changes: old cache entries stop matchin
 @dataclass(frozen=True)
 class TokenizeConfig:
     max_length: int = param(128, "Truncate texts to this many tokens.")
+    truncation: str = param("head", "Which tokens of a longer text are kept: head, tail, or head+tail (the first quarter of "
+                                    "max_length from the start, the rest from the end). Stored with the model; batch inference "
+                                    "and serving cut the same way.", choices=TRUNCATIONS)
     max_unknown_share: float = param(0.05, "Warn when more than this share of a split's tokens are the tokenizer's unknown token "
                                      "(its vocabulary does not cover the text's script).")
     fail_on_unknown: bool = param(False, "Fail (exit 2) instead of warning when a split exceeds max_unknown_share.")
@@ -54,6 +58,8 @@ class TokenizeConfig:
     def check(self) -> None:
         if not 8 <= self.max_length <= 8192:
             raise ConfigError(f"max_length={self.max_length}: use a value between 8 and 8192 tokens")
+        if self.truncation not in TRUNCATIONS:
+            raise ConfigError(f"truncation={self.truncation!r}: use one of {', '.join(TRUNCATIONS)}")
         if not 0 <= self.max_unknown_share <= 1:
             raise ConfigError(f"max_unknown_share={self.max_unknown_share}: use a share between 0 and 1 (0.05 = 5% of tokens)")
 
@@ -79,6 +85,7 @@ def cache_key(meta: dict, tokenizer, cfg: TokenizeConfig) -> str:
         "tokenizer": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
         "truncation_side": tokenizer.truncation_side,
         "max_length": cfg.max_length,
+        "truncation": cfg.truncation,
         "shard_rows": cfg.shard_rows,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
@@ -101,13 +108,15 @@ def tokenize(dataset_dir: Path, model_dir: Path, out_dir: Path, cfg: TokenizeCon
         return {**out, "cache": "hit"}
 
     task = tasks.get(meta["task"])
+    if cfg.truncation not in task.truncations:
+        raise ConfigError(f"truncation={cfg.truncation!r}: a {task.name} model supports {', '.join(task.truncations)}")
     label_ids = {label: i for i, label in enumerate(meta["labels"])}
     frames = {s: pd.read_parquet(dataset_dir / f"{s}.parquet") for s in SPLITS}
     total = sum(len(f) for f in frames.values())
     progress = Progress(STEP, total, task.row_unit, every_s=2.0)
     out_dir.mkdir(parents=True, exist_ok=True)
     info = {"format": FORMAT, "cache_key": key, "task": task.name, "labels": meta["labels"], "max_length": cfg.max_length,
-            "pad_token_id": tokenizer.pad_token_id, "model_input_names": list(tokenizer.model_input_names),
+            "truncation": cfg.truncation, "pad_token_id": tokenizer.pad_token_id, "model_input_names": list(tokenizer.model_input_names),
             # text pairs: segment ids are derived from where [SEP] sits (kubetune.storage.shards.token_types)
             "sep_token_id": tokenizer.sep_token_id if task.segments == 2 else None,
             "data_fingerprints": {s: meta["splits"][s]["fingerprint"] for s in SPLITS}, "splits": {}}
@@ -124,7 +133,7 @@ def tokenize(dataset_dir: Path, model_dir: Path, out_dir: Path, cfg: TokenizeCon
             "coverage": coverage(tokenizer, task.profile_texts(frame), t.rows),
         }
         for note in task.tokenize_notes(split, t.stats, len(t.rows), cfg.max_length):
-            log(STEP, note)
+            log(STEP, f"{note}, keeping the {cfg.truncation}")
     try:
         check_coverage(info, cfg, model_dir)
     except InputError:  # nothing half-written: the shards of this call go
@@ -167,7 +176,7 @@ def run_step(*, store_uri: str, run_id: str, dataset_dir: Path, model_uri: str, 
     with step_context(STEP, store_uri=store_uri, run_id=run_id, config={"model": model_uri, **asdict(cfg)}) as ctx:
         model_dir = resolve_model_dir(model_uri, ctx.settings, ctx.scratch)
         info = tokenize(dataset_dir, model_dir, out_dir, cfg, ctx.store)
-        ctx.outputs.update(cache=info["cache"], cache_key=info["cache_key"],
+        ctx.outputs.update(cache=info["cache"], cache_key=info["cache_key"], truncation=info.get("truncation", "head"),
                            splits={s: {k: v for k, v in d.items() if k != "shards"} for s, d in info["splits"].items()})
     return info
 

@@ -29,6 +29,39 @@ class Tokenized:
     stats: dict
 
 
+TRUNCATIONS = ("head", "tail", "head+tail")  # which tokens of a long text are kept (see cut_ids)
+
+
+def special_edges(tokenizer) -> tuple[int, int]:
+    """(leading, trailing) special tokens the tokenizer adds to one sequence: (1, 1) for BERT's
+    [CLS] ... [SEP] and RoBERTa's <s> ... </s>; found by comparing one word with and without them."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for lead in range(len(with_special) - len(plain) + 1):
+        if with_special[lead:lead + len(plain)] == plain:
+            return lead, len(with_special) - lead - len(plain)
+    return 0, 0
+
+
+def cut_ids(ids: list[int], max_length: int, mode: str, edges: tuple[int, int]) -> list[int]:
+    """`ids` (with the special tokens) cut to `max_length`, keeping the special tokens and the text's
+    head, tail, or head+tail (the first quarter of the budget from the start, the rest from the end,
+    as in Sun et al. 2019, "How to Fine-Tune BERT for Text Classification?"). `head` equals the
+    tokenizer's own truncation=True."""
+    if len(ids) <= max_length:
+        return ids
+    lead, trail = edges
+    body, budget = ids[lead:len(ids) - trail], max_length - lead - trail
+    if mode == "head":
+        kept = body[:budget]
+    elif mode == "tail":
+        kept = body[len(body) - budget:]
+    else:
+        head = budget // 4
+        kept = body[:head] + body[len(body) - (budget - head):]
+    return ids[:lead] + kept + ids[len(ids) - trail:]
+
+
 class Task(Protocol):
     name: str  # the --task value
     summary: str  # one line for --help
@@ -42,6 +75,7 @@ class Task(Protocol):
     peft_task_type: str  # peft.TaskType member for --peft lora
     per_token: bool  # logits per token ([batch, sequence, labels]) rather than per row
     model_purpose: str  # "classify sequences": for the error when a model folder cannot
+    truncations: tuple[str, ...]  # the TRUNCATIONS its tokenize supports
     segments: int  # texts per row the model reads joined by [SEP]: 1, or 2 for text pairs (token_type_ids)
     input_fields: tuple[str, ...]  # what one prediction input holds: ("text",), ("text", "text_pair"): serving and batch
 

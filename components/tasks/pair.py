@@ -77,6 +77,7 @@ class PairClassification(SequenceClassification):
     segments = 2  # [CLS] text [SEP] text_pair [SEP]
     input_fields = ("text", "text_pair")
     model_purpose = "classify sequences"
+    truncations = ("head",)  # the tokenizer cuts the longer text of the pair first
 
     # ---- validate ------------------------------------------------------------------------------
     def load(self, split: str, uri: str, cfg, settings, workdir: Path):

@@ -80,17 +80,18 @@ class SequenceClassification:
         texts = frame["text"].tolist()
         rows: list[list[int]] = []
         truncated = lost = 0
+        edges = base.special_edges(tokenizer)
         for start in range(0, len(texts), cfg.batch_size):
             batch = texts[start:start + cfg.batch_size]
-            # tokenize untruncated first, to count what truncation drops; redo only the long rows
+            # tokenize untruncated, count what truncation drops, cut the long rows (the same cut_ids
+            # as kubetune.onnx.model.OnnxClassifier.encode, so serving sees what training saw)
             full = tokenizer(batch, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
             long = [i for i, ids in enumerate(full) if len(ids) > cfg.max_length]
-            if long:
-                cut = tokenizer([batch[i] for i in long], add_special_tokens=True, truncation=True, max_length=cfg.max_length)["input_ids"]
-                for i, ids in zip(long, cut):
-                    lost += len(full[i]) - len(ids)
-                    full[i] = ids
-                truncated += len(long)
+            for i in long:
+                ids = base.cut_ids(full[i], cfg.max_length, cfg.truncation, edges)
+                lost += len(full[i]) - len(ids)
+                full[i] = ids
+            truncated += len(long)
             rows += full
             progress.update(len(batch))
         labels = frame["label"].map(label_ids).to_numpy(dtype=np.int64)
@@ -130,6 +131,8 @@ class SequenceClassification:
         return transformers.AutoModelForSequenceClassification
 
     model_purpose = "classify sequences"
+
+    truncations = base.TRUNCATIONS
 
     def loss(self, logits, target):
         import torch.nn.functional as F

@@ -54,6 +54,7 @@ class TokenClassification:
     segments = 1  # one text per row
     input_fields = ("text",)
     model_purpose = "tag tokens"
+    truncations = ("head",)  # words past max_length are dropped; their entities count as missed
 
     # ---- validate ------------------------------------------------------------------------------
     def sources(self, train: str, eval_: str, test: str) -> dict[str, str]:

@@ -10,10 +10,22 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
+from kfp.dsl import Metrics
 
 from kubetune.errors import ConfigError, InputError
 from kubetune.onnx.model import OnnxClassifier, accepted_variants
-from kubetune.onnx.variants import VariantRejected, accept_variants, check_variant, parse_variants
+from kubetune.onnx.variants import (
+    RequiredVariantRejected,
+    VariantRejected,
+    accept_variants,
+    check_variant,
+    decision_margin,
+    judge_variant,
+    judge_variants,
+    parse_variants,
+)
+from kubetune.pipelines.outputs import log_export
+from kubetune.steps.deploy import variant_table
 from kubetune.steps.export import ExportConfig
 from kubetune.storage.shards import TokenizedSplit, load_split
 
@@ -63,7 +75,7 @@ def test_variant_settings_are_checked():
         ExportConfig(max_accuracy_drop=2).check()
 
 
-def test_a_failing_variant_fails_the_step_with_its_numbers(exported_model, small_tokens, tmp_path):
+def test_a_failing_fp32_fails_the_step_with_its_numbers(exported_model, small_tokens, tmp_path):
     folder = tmp_path / "onnx"
     shutil.copytree(exported_model, folder)
     split = load_split(small_tokens, "eval")
@@ -72,16 +84,94 @@ def test_a_failing_variant_fails_the_step_with_its_numbers(exported_model, small
     ok = check_variant("int8", clf, split, good, 0.995, 0.005)
     assert ok["passed"] and ok["agreement"] == 1.0 and ok["accuracy_drop"] == 0.0
     # a torch reference that is right on every row (labels = its argmax) and differs from the graph
-    # on one row: agreement and accuracy both fail, and the message names the variant and the numbers
-    reference = good.copy()
-    reference[0] = reference[0, ::-1]
+    # on one confident row: agreement and accuracy both fail, and the message names the variant and the numbers
+    fp32 = OnnxClassifier(folder, variant="fp32").logits(split)
+    row = int(np.argmax(decision_margin(fp32)))
+    reference = fp32.copy()
+    reference[row] = reference[row, ::-1]
     truth = TokenizedSplit(split.ids, split.offsets, reference.argmax(-1))
     with pytest.raises(VariantRejected) as err:
-        accept_variants(None, [], folder, ["fp32"], truth, reference, device="cpu", min_agreement=0.995, max_accuracy_drop=0.005, work=tmp_path)
+        judge_variants(folder, {"fp32": {}}, truth, reference, device="cpu", min_agreement=0.995, max_accuracy_drop=0.005, margin=0.1,
+                       required=False)
     n = len(split)
+    decided = int((decision_margin(reference) >= 0.1).sum())
+    assert err.value.exit_code == 1
     assert str(err.value) == (
-        f"ONNX variant check failed on the eval split: fp32: argmax agreement {(n - 1) / n:.4f} < 0.995, accuracy {(n - 1) / n:.4f} "
-        f"vs torch 1.0000 drops {100 / n:.2f} points > 0.50 ({n} rows); nothing is published")
+        f"ONNX variant check failed on the eval split: fp32: argmax agreement {(decided - 1) / decided:.4f} < 0.995 on the {decided} "
+        f"rows torch decides by a margin >= 0.1 (all rows: {(n - 1) / n:.4f}), accuracy {(n - 1) / n:.4f} vs torch 1.0000 drops "
+        f"{100 / n:.2f} points > 0.50 ({n} rows); nothing is published")
+
+
+def sabotage_int8(folder):
+    """Replace model.int8.onnx with a real graph that answers the opposite class: the fp32 graph
+    with its classifier weights and bias negated (a variant that fails its check for real)."""
+    import onnx.numpy_helper as nh
+
+    graph = onnx.load(str(folder / "model.onnx"))
+    flipped = 0
+    for init in graph.graph.initializer:
+        if "classifier" in init.name:
+            init.CopyFrom(nh.from_array(-nh.to_array(init), init.name))
+            flipped += 1
+    assert flipped == 2, [i.name for i in graph.graph.initializer][-5:]
+    onnx.save(graph, str(folder / "model.int8.onnx"))
+
+
+def test_a_failing_variant_is_dropped_unless_required(exported_model, small_tokens, tmp_path):
+    """Best-effort by default: a failing int8 is dropped (file removed, numbers returned) and fp32 +
+    optimized are kept; with required=True the same failure fails the step with exit 3."""
+    split = load_split(small_tokens, "eval")
+    facts = {"fp32": {}, "optimized": {}, "int8": {}}
+    for required in (False, True):
+        folder = tmp_path / f"onnx-{required}"
+        shutil.copytree(exported_model, folder)
+        sabotage_int8(folder)
+        reference = OnnxClassifier(folder, variant="fp32").logits(split)
+        kwargs = dict(device="cpu", min_agreement=0.995, max_accuracy_drop=0.005, margin=0.1, required=required)
+        if required:
+            with pytest.raises(RequiredVariantRejected, match="int8: argmax agreement 0.0000 < 0.995") as err:
+                judge_variants(folder, facts, split, reference, **kwargs)
+            assert err.value.exit_code == 3 and "require_variants is set" in str(err.value)
+            continue
+        accepted, rejected = judge_variants(folder, facts, split, reference, **kwargs)
+        assert set(accepted) == {"fp32", "optimized"} and set(rejected) == {"int8"}
+        assert rejected["int8"]["agreement"] == 0.0 and rejected["int8"]["accuracy_drop"] > 0.5
+        assert rejected["int8"]["problems"][0].startswith("argmax agreement 0.0000 < 0.995")
+        assert not (folder / "model.int8.onnx").exists() and (folder / "model.optimized.onnx").is_file()
+        # reported with its numbers: KFP metrics (kfp's own Metrics artifact) and the model card
+        metrics = Metrics(name="export_metrics", uri=str(tmp_path / "m"))
+        log_export({"max_abs_diff": 1e-6, "variants": accepted, "rejected_variants": rejected}, metrics)
+        assert metrics.metadata["int8_accepted"] == 0.0 and metrics.metadata["int8_agreement"] == 0.0
+        assert metrics.metadata["fp32_accepted"] == 1.0 and metrics.metadata["optimized_accepted"] == 1.0
+        card = variant_table(accepted, rejected)
+        assert "| optimized | `model.optimized.onnx` |" in card and "| int8 |" not in card
+        assert "Dropped variants (failed their check; not published):\n\n- int8: argmax agreement 0.0000 < 0.995" in card
+
+
+def test_agreement_ignores_near_ties_but_not_accuracy():
+    """A weak model's near-tie rows may flip (harmless); agreement counts the rows torch decides by
+    the margin, and the accuracy bound still counts every row."""
+    rng = np.random.default_rng(0)
+    n = 400
+    reference = rng.normal(size=(n, 3)) * 3
+    top = reference.argmax(-1)
+    ties = np.argsort(decision_margin(reference))[:12]  # the 12 closest calls
+    got = reference + rng.normal(scale=1e-3, size=reference.shape)
+    for i in ties:  # the variant swaps the top two classes of each near-tie row
+        a, b = np.argsort(reference[i])[-2:]
+        got[i, [a, b]] = got[i, [b, a]]
+    assert (decision_margin(reference[ties]) < 0.1).all()
+    # labels: torch is right on half of the tie rows, the variant on the other half: no accuracy change
+    labels = top.copy()
+    labels[ties[::2]] = got[ties[::2]].argmax(-1)
+    strict = judge_variant(got, labels, reference, 0.995, 0.005, margin=0.0)
+    assert not strict["passed"] and strict["agreement"] == pytest.approx(1 - 12 / n)
+    lenient = judge_variant(got, labels, reference, 0.995, 0.005, margin=0.1)
+    assert lenient["passed"] and lenient["decided_agreement"] == 1.0 and lenient["decided_rows"] <= n - 12
+    assert lenient["accuracy_drop"] == pytest.approx(0.0)
+    # the same flips where torch was right on every one: accuracy drops 3 points, rejected anyway
+    worse = judge_variant(got, top, reference, 0.995, 0.005, margin=0.1)
+    assert not worse["passed"] and worse["problems"] == [f"accuracy {1 - 12 / n:.4f} vs torch 1.0000 drops 3.00 points > 0.50"]
 
 
 @pytest.mark.slow
@@ -101,8 +191,9 @@ def test_fp16_builds_and_is_checked_on_cpu(exported_model, trained_model, small_
 
     reference = predict_logits(model, split, batch_size=32, pad_id=meta["pad_token_id"], input_names=meta["model_input_names"],
                                device=torch.device("cpu"))
-    result = accept_variants(model, meta["model_input_names"], folder, ["fp32", "fp16"], split, reference, device="cpu",
-                             min_agreement=0.995, max_accuracy_drop=0.005, work=tmp_path / "work")
+    result, rejected = accept_variants(model, meta["model_input_names"], folder, ["fp32", "fp16"], split, reference, device="cpu",
+                                       min_agreement=0.995, max_accuracy_drop=0.005, work=tmp_path / "work", required=True)
+    assert rejected == {}
     assert result["fp16"]["fused"]["Attention"] == 6
     graph = onnx.load(str(folder / "model.fp16.onnx"), load_external_data=False).graph
     assert onnx.TensorProto.FLOAT16 in {i.data_type for i in graph.initializer}

@@ -8,7 +8,7 @@ from kubetune.pipelines.cli import main
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--epochs", "0"], "epochs=0: train at least 1 epoch"),
+    (["--epochs", "-1"], "epochs=-1: train at least 1 epoch"),
     (["--max-length", "4"], "max_length=4"),
     (["--eval-fraction", "0.6", "--test-fraction", "0.4"], "leaves too little to train on"),
     (["--name", "Bad_Name"], "model name 'Bad_Name'"),

@@ -203,7 +203,7 @@ def test_real_process_exit_codes(tmp_path):
     missing = subprocess.run([str(exe), "run", "--train", str(tmp_path / "nope.csv"), "--store", str(tmp_path / "s")],
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "nope.csv: no such file" in missing.stdout
-    bad_option = subprocess.run([str(exe), "run", "--epochs", "0", "--store", str(tmp_path / "s")],
+    bad_option = subprocess.run([str(exe), "run", "--epochs", "-1", "--store", str(tmp_path / "s")],
                                 capture_output=True, text=True, timeout=60)
-    assert bad_option.returncode == 2 and "epochs=0: train at least 1 epoch" in bad_option.stderr
+    assert bad_option.returncode == 2 and "epochs=-1: train at least 1 epoch" in bad_option.stderr
     assert not (tmp_path / "s" / "models").exists()

@@ -289,6 +289,11 @@ def test_text_limits_truncate_or_reject():
     with pytest.raises(RequestError) as e:
         apply_limits(texts, TextLimits(1, 100, "truncate"))
     assert e.value.status == 413 and e.value.reason == "too_many_texts"
+    # the character cut keeps what the model's token truncation keeps
+    text = "".join(chr(ord("a") + i % 26) for i in range(50))
+    assert apply_limits([text], TextLimits(4, 8, "truncate", keep="tail"))[0] == [text[-8:]]
+    assert apply_limits([text], TextLimits(4, 8, "truncate", keep="head+tail"))[0] == [text[:2] + text[-6:]]
+    assert apply_limits([text], TextLimits(4, 8, "truncate", keep="head"))[0] == [text[:8]]
 
 
 def test_v1_and_v2_parsing_accept_what_they_should():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kubetune.errors import ConfigError, InputError
-from kubetune.steps.finetune import FinetuneConfig, finetune
+from kubetune.steps.finetune import AUTO_MAX_EPOCHS, AUTO_MIN_STEPS, FinetuneConfig, FinetuneRun, auto_epochs, finetune
 from kubetune.storage.shards import load_split, save_split
 from kubetune.training.modeling import resolve_model_dir
 
@@ -71,6 +71,64 @@ def test_best_epoch_and_early_stopping(tiny_tokens, model_dir, tmp_path, monkeyp
     assert result["epochs_run"] == 4 and result["best_epoch"] == 2 and result["best_eval_macro_f1"] == 0.9
 
 
+def test_epochs_from_the_data_size():
+    """epochs=0 (the default): enough epochs for AUTO_MIN_STEPS optimizer steps, capped; full-size
+    data (the full SMS train split is 140 steps of 32) keeps 1 epoch; --epochs N is taken as given."""
+    assert (AUTO_MIN_STEPS, AUTO_MAX_EPOCHS) == (100, 10)
+    assert auto_epochs(140, 0)[0] == 1 and auto_epochs(100, 0)[0] == 1  # the full SMS run is unchanged
+    assert auto_epochs(13, 0) == (8, "auto: 13 steps per epoch < 100, so 8 epochs = 104 steps")  # --limit 500
+    assert auto_epochs(47, 0)[0] == 3  # NER --limit 1500
+    assert auto_epochs(8, 0) == (10, "auto: 8 steps per epoch < 100, so 10 epochs = 80 steps (capped)")  # --limit 300
+    assert auto_epochs(99, 0)[0] == 2 and auto_epochs(1, 0)[0] == 10
+    assert auto_epochs(13, 1) == (1, "set by --epochs") and auto_epochs(500, 4)[0] == 4
+
+
+def test_default_schedule_on_few_steps(tiny_tokens, model_dir):
+    """48 train rows at batch 8 = 6 steps per epoch: the default trains 10 epochs (60 steps), warms up
+    over the first 10% of them, then decays linearly to 0 at the last step."""
+    run = FinetuneRun(tiny_tokens, model_dir, FinetuneConfig(batch_size=8), torch.device("cpu"), ft_world())
+    assert (run.steps_per_epoch, run.epochs) == (6, 10)
+    lrs = []
+    for _ in range(60):
+        lrs.append(run.optimizer.param_groups[0]["lr"])
+        run.optimizer.step()
+        run.scheduler.step()
+    peak = FinetuneConfig().learning_rate
+    assert lrs[0] == 0 and lrs[6] == pytest.approx(peak) and max(lrs) == pytest.approx(peak)
+    assert all(a > b for a, b in zip(lrs[6:], lrs[7:]))  # decays every step after the warm-up
+    assert run.optimizer.param_groups[0]["lr"] == 0  # reaches 0 after the 60th step, not before
+
+
+def test_the_default_epochs_learn_a_small_split(tiny_tokens, model_dir, tmp_path):
+    """1 epoch of a small split is a handful of steps that learns nothing (a 500-row sample trained
+    13 steps and always answered "ham"); the default epochs=0 trains enough steps to learn it."""
+    result = finetune(tiny_tokens, model_dir, tmp_path / "m", FinetuneConfig(batch_size=8, checkpoint_steps=0))
+    assert (result["epochs"], result["steps_per_epoch"]) == (10, 6) and result["epochs_reason"].startswith("auto: 6 steps")
+    eval_labels = load_split(tiny_tokens, "eval").labels
+    assert 0 < eval_labels.sum() < len(eval_labels)  # both classes: always answering one scores macro-F1 < 0.5
+    assert result["best_eval_macro_f1"] > 0.8, result["history"]
+
+
+def test_auto_epochs_wait_for_enough_steps_before_early_stopping(tiny_tokens, model_dir, tmp_path, monkeypatch):
+    """A small split may score one class for a few epochs before it learns: with epochs chosen from
+    the data size, epochs before AUTO_MIN_STEPS // 2 steps do not count towards early stopping."""
+    import kubetune.steps.finetune as ft
+
+    monkeypatch.setattr(ft, "eval_scores", lambda *a, **k: {"accuracy": 0.87, "macro_f1": 0.47})  # "always ham", every epoch
+    monkeypatch.setattr(ft.FinetuneRun, "train_epoch", lambda self, epoch, save: None)  # what is tested is the stopping rule
+    # 48 rows at batch 4: 12 steps per epoch, 9 epochs; epochs 1-4 are < 50 steps, 5 and 6 count, stop after 6
+    auto = finetune(tiny_tokens, model_dir, tmp_path / "a", FinetuneConfig(batch_size=4, checkpoint_steps=0))
+    assert (auto["epochs"], auto["epochs_run"], auto["best_epoch"]) == (9, 6, 1)
+    fixed = finetune(tiny_tokens, model_dir, tmp_path / "b", FinetuneConfig(epochs=9, batch_size=4, checkpoint_steps=0))
+    assert (fixed["epochs"], fixed["epochs_run"]) == (9, 3)  # --epochs N: the plain rule, 2 epochs without gain
+
+
+def ft_world():
+    from kubetune.training.parallel import World
+
+    return World()
+
+
 def test_clear_errors(tmp_path, tiny_tokens):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="device=cuda was requested but torch sees no CUDA device"):
@@ -82,8 +140,8 @@ def test_clear_errors(tmp_path, tiny_tokens):
         finetune(tiny_tokens, tmp_path, tmp_path / "o", FinetuneConfig())
     with pytest.raises(ConfigError, match="selection_metric='loss'"):
         FinetuneConfig(selection_metric="loss").check()
-    with pytest.raises(ConfigError, match="epochs=0"):
-        FinetuneConfig(epochs=0).check()
+    with pytest.raises(ConfigError, match="epochs=-1: train at least 1 epoch \\(0: chosen from the data size\\)"):
+        FinetuneConfig(epochs=-1).check()
 
 
 def test_predictions_match_plain_transformers(trained_model, small_dataset, small_tokens):

@@ -74,6 +74,55 @@ def test_config_bounds():
         TokenizeConfig(max_length=4).check()
 
 
+@pytest.mark.parametrize("mode", ["head", "tail", "head+tail"])
+def test_truncation_modes_cut_the_same_in_tokenize_and_inference(mode, tmp_path, small_dataset, model_dir, exported_model):
+    """tokenize (training) and OnnxClassifier.encode (batch inference and serving: both go through
+    predict -> encode) give the same ids for long texts, in every mode, from kubetune.json's setting."""
+    import shutil
+
+    from kubetune.onnx.model import OnnxClassifier
+
+    out = tmp_path / "t"
+    info = tokenize(small_dataset, model_dir, out, TokenizeConfig(max_length=16, truncation=mode), store=None)
+    assert info["truncation"] == mode and json.loads((out / "meta.json").read_text())["truncation"] == mode
+    tokenizer = load_tokenizer(model_dir)
+    train = pd.read_parquet(small_dataset / "train.parquet")
+    texts = train["text"].tolist()
+    full = tokenizer(texts)["input_ids"]
+    split = load_split(out, "train")
+    long = [i for i, ids in enumerate(full) if len(ids) > 16]
+    assert len(long) > 20
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    for i in long:
+        row, ids = split.row(i).tolist(), full[i]
+        assert len(row) == 16 and row[0] == cls and row[-1] == sep
+        if mode == "head":
+            assert row == tokenizer(texts[i], truncation=True, max_length=16)["input_ids"]
+        elif mode == "tail":
+            assert row[1:-1] == ids[-15:-1]
+        else:  # 14 text tokens: the first 3 and the last 11
+            assert row[1:4] == ids[1:4] and row[4:-1] == ids[-12:-1]
+    # the model folder carries the setting; inference cuts exactly as tokenize did
+    folder = tmp_path / "onnx"
+    shutil.copytree(exported_model, folder)
+    assert json.loads((folder / "kubetune.json").read_text())["truncation"] == "head"  # export copies tokenize's
+    kt = json.loads((folder / "kubetune.json").read_text())
+    (folder / "kubetune.json").write_text(json.dumps({**kt, "truncation": mode, "max_length": 16}))
+    clf = OnnxClassifier(folder, variant="fp32")
+    got, truncated = clf.encode(texts)
+    assert [got.row(i).tolist() for i in range(len(texts))] == [split.row(i).tolist() for i in range(len(texts))]
+    assert truncated.tolist() == [len(ids) > 16 for ids in full]
+
+
+def test_token_classification_keeps_the_head_only():
+    from kubetune.steps.tokenize import TRUNCATIONS
+
+    assert TRUNCATIONS == ("head", "tail", "head+tail")
+    assert tasks.get("token-classification").truncations == ("head",)
+    with pytest.raises(ConfigError, match="truncation='middle'"):
+        TokenizeConfig(truncation="middle").check()
+
+
 # ---- vocabulary coverage ----------------------------------------------------------------------
 
 
