@@ -137,7 +137,7 @@ class RequestLog:
                        "features": f, "prediction": result}
                 if self.mode == "texts":
                     rec["text"] = text if isinstance(text, str) else list(text)
-                lines.append(json.dumps(rec, ensure_ascii=False))
+                lines.append(json.dumps(rec, ensure_ascii=False, default=_plain))
             self.store.write_bytes(part_key(self.model, time.time(), secrets.token_hex(4)), ("\n".join(lines) + "\n").encode())
             self.written.inc(len(batch))
         except Exception as e:  # a store outage must not take serving down: count and log the loss, keep serving
@@ -148,6 +148,13 @@ class RequestLog:
         """Flush what is queued and stop the thread (on shutdown)."""
         self._stop.set()
         self._thread.join(timeout)
+
+
+def _plain(value):
+    """numpy scalars and arrays in a prediction (the JSON response encoder takes them too)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def read_feature_records(files: list[Path], names: list[str]) -> list[dict] | None:

@@ -96,6 +96,9 @@ def read_logged_features(input_uri: str, cfg: DriftConfig, settings: S3Settings 
     uris = list_inputs(input_uri, settings)
     if not all(u.endswith(".jsonl") for u in uris):
         return None
+    # look at the first file before fetching the rest: a data set of texts is then fetched once, by read_texts
+    if read_feature_records([fetch(uris[0], settings, work)], uris[:1]) is None:
+        return None
     records = read_feature_records([fetch(u, settings, work) for u in uris], uris)
     if records is not None and len(records) > cfg.max_rows:
         keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(records))[:cfg.max_rows])
