@@ -27,12 +27,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kubetune.errors import InputError
 from kubetune.storage import formats
 from kubetune.tasks import base
 from kubetune.tasks.metrics import CLASSIFICATION_METRICS
 from kubetune.tasks.sequence import SequenceClassification
-from kubetune.validation import splits, tables
+from kubetune.validation import tables
 from kubetune.validation.report import EXAMPLES, SPLITS, Check, Report
 
 POSITIVE_NAMES = ("1", "true", "yes", "positive", "relevant", "entailment", "duplicate", "paraphrase", "match", "answer")
@@ -91,28 +90,11 @@ class PairClassification(SequenceClassification):
         report.checks += [_pair_present(s, f, cfg) for s, f in data.items()]
         return report, data
 
-    def prepare(self, usable: dict, sources: dict, cfg, out_dir: Path) -> dict:
-        """Subsample, split (seeded; every row of one `text` in one split) and write the dataset folder."""
-        frames = {s: splits.subsample(f, cfg.limit, cfg.seed) for s, f in usable.items()}
-        missing = {s: getattr(cfg, f"{s}_fraction") for s in ("eval", "test") if s not in frames}
-        if missing:
-            frames = {**frames, **splits.split_frame(frames["train"], missing, cfg.seed)}
-        labels = sorted(frames["train"]["label"].unique().tolist())
-        meta = base.new_meta(self, labels, sources, missing, cfg)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for split in SPLITS:
-            frame = frames[split]
-            if frame.empty:
-                raise InputError(f"the {split} split is empty; give more data or a {split} file")
-            frame[["text", "text_pair", "label", "source_row"]].reset_index(drop=True).to_parquet(out_dir / f"{split}.parquet", index=False)
-            meta["splits"][split] = {
-                "rows": len(frame),
-                "questions": int(frame["text"].nunique()),
-                "class_counts": {k: int(v) for k, v in frame["label"].value_counts().sort_index().items()},
-                "fingerprint": splits.fingerprint(frame, ("text", "text_pair", "label")),
-            }
-        base.write_meta(out_dir, meta)
-        return meta
+    # prepare (the subclassed one) splits grouped by text: every row of one question lands in one split
+    columns = ("text", "text_pair", "label")
+
+    def split_counts(self, frame) -> dict:
+        return {"questions": int(frame["text"].nunique())}
 
     def describe_splits(self, meta: dict) -> str:
         return (", ".join(f"{s} {meta['splits'][s]['rows']} ({meta['splits'][s]['questions']} texts)" for s in SPLITS)

@@ -49,6 +49,8 @@ class SequenceClassification:
     def check(self, data: dict, sources: dict, formats_: dict, files: dict, cfg) -> tuple[Report, dict]:
         return tables.check_tables(data, sources, formats_, cfg, files), data
 
+    columns = ("text", "label")  # what a split's Parquet file holds (with source_row) and its fingerprint covers
+
     def prepare(self, usable: dict, sources: dict, cfg, out_dir: Path) -> dict:
         """Subsample, split (stratified, seeded, grouped by text) and write the dataset folder."""
         frames = {s: splits.subsample(f, cfg.limit, cfg.seed) for s, f in usable.items()}
@@ -62,14 +64,18 @@ class SequenceClassification:
             frame = frames[split]
             if frame.empty:
                 raise InputError(f"the {split} split is empty; give more data or a {split} file")
-            frame[["text", "label", "source_row"]].reset_index(drop=True).to_parquet(out_dir / f"{split}.parquet", index=False)
+            frame[[*self.columns, "source_row"]].reset_index(drop=True).to_parquet(out_dir / f"{split}.parquet", index=False)
             meta["splits"][split] = {
-                "rows": len(frame),
+                "rows": len(frame), **self.split_counts(frame),
                 "class_counts": {k: int(v) for k, v in frame["label"].value_counts().sort_index().items()},
-                "fingerprint": splits.fingerprint(frame),
+                "fingerprint": splits.fingerprint(frame, self.columns),
             }
         base.write_meta(out_dir, meta)
         return meta
+
+    def split_counts(self, frame) -> dict:
+        """Counts a split's meta carries beside its rows and classes (none for single texts)."""
+        return {}
 
     def describe_splits(self, meta: dict) -> str:
         return ", ".join(f"{s} {meta['splits'][s]['rows']}" for s in SPLITS) + f"; labels {meta['labels']}"
