@@ -71,6 +71,41 @@ def build(task, predictor, texts: list[str], *, gold=None, predictions: list[dic
     }
 
 
+def text_features(tokenizer, max_length: int, texts: list) -> list[dict]:
+    """Per text, what `build` reads from the text itself, so a profile can be built later without
+    it (serving's features-mode request log): `from_features` of these equals `build` of the texts."""
+    rows, truncated = token_rows(tokenizer, texts, max_length)
+    special = features.special_ids(tokenizer)
+    unk, content = features.unknown_counts(rows, tokenizer.unk_token_id, special)
+    emb = np.round(features.embed(rows, special), 4)
+    return [{"token_length": len(r), "truncated": bool(t), "unknown_tokens": int(u), "content_tokens": int(c),
+             "scripts": {k: v for k, v in features.script_counts([features.flat(x)]).items() if v},
+             "embedding": e.tolist()} for x, r, t, u, c, e in zip(texts, rows, truncated, unk, content, emb)]
+
+
+def from_features(task, labels: list[str], max_length: int, feats: list[dict], predictions: list[dict],
+                  sample: int = EMBED_SAMPLE, seed: int = 0) -> dict:
+    """The profile `build` gives, made from `text_features` records and the predictions made then."""
+    outputs = task.profile_outputs(predictions, labels)
+    pick = np.random.default_rng(seed).permutation(len(feats))[:sample]
+    scripts = dict.fromkeys(features.SCRIPTS, 0)
+    for f in feats:
+        for k, v in f["scripts"].items():
+            scripts[k if k in scripts else "other"] += int(v)
+    truncated = sum(bool(f["truncated"]) for f in feats)
+    unk, content = sum(int(f["unknown_tokens"]) for f in feats), sum(int(f["content_tokens"]) for f in feats)
+    return {
+        "format": FORMAT, "task": task.name, "labels": list(labels), "max_length": max_length, "rows": len(feats),
+        "histograms": {"token_length": histogram([f["token_length"] for f in feats], length_edges(max_length)),
+                       **{k: histogram(v, edges) for k, (v, edges) in outputs["histograms"].items()}},
+        "distributions": {"script": scripts, **outputs["distributions"]},
+        "counts": {"truncated_rows": truncated, "unknown_tokens": unk, "content_tokens": content},
+        "shares": shares(len(feats), truncated, unk, content),
+        "gold": {},
+        "embedding": {"dim": features.EMBED_DIM, "rows": len(pick), "sample": [feats[i]["embedding"] for i in sorted(pick)]},
+    }
+
+
 def shares(rows: int, truncated_rows: int, unknown_tokens: int, content_tokens: int) -> dict:
     return {"truncated": round(truncated_rows / rows, 4) if rows else 0.0,
             "unknown": round(unknown_tokens / content_tokens, 4) if content_tokens else 0.0}

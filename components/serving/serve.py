@@ -53,6 +53,11 @@ class ServeConfig:
     max_queue_texts: int = 4096
     device: str = "cpu"
     threads: int = 0
+    request_log: str = "off"
+    request_log_rate: float = 0.1
+    request_log_max_per_minute: int = 600
+    request_log_flush_s: float = 60.0
+    request_log_flush_texts: int = 1000
 
     def check(self) -> "ServeConfig":
         for name in ("max_texts", "max_text_chars", "max_batch_texts", "onnx_batch_size"):
@@ -71,6 +76,10 @@ class ServeConfig:
             raise ConfigError(f"--device {self.device!r}: use cpu or cuda")
         if self.threads < 0:
             raise ConfigError(f"--threads {self.threads}: use 0 (every CPU this process may use) or a positive count")
+        from kubetune.serving import requestlog
+
+        requestlog.check(self.request_log, self.request_log_rate, self.request_log_max_per_minute, self.request_log_flush_s,
+                         self.request_log_flush_texts)
         return self
 
 
@@ -86,7 +95,14 @@ HELP = {
     "max_queue_texts": "most texts waiting for a model call; more: 503 (retry later)",
     "device": "ONNX Runtime device: cpu or cuda (onnxruntime-gpu)",
     "threads": "ONNX Runtime intra-op threads; 0: every CPU this process may use (its cgroup quota counts)",
+    "request_log": "sampled request logging to --store (monitoring/<name>/requests/) for kubetune drift, a privacy choice: "
+                   "off; features: per-text profile features and the prediction, never the text; texts: also the texts",
+    "request_log_rate": "fraction of answered texts sampled into the request log",
+    "request_log_max_per_minute": "most texts logged per minute (token bucket); more are dropped and counted",
+    "request_log_flush_s": "seconds between request log part files (also written at --request-log-flush-texts and on shutdown)",
+    "request_log_flush_texts": "texts per request log part file at most",
 }
+CHOICES = {"long_texts": ("truncate", "reject"), "request_log": ("off", "features", "texts")}
 
 
 @dataclass(frozen=True)
@@ -171,7 +187,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc-port", type=int, default=0, help="also serve v2 over gRPC on this port; 0: off")
     for f in fields(ServeConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, help=HELP[f.name],
-                       **({"choices": ("truncate", "reject")} if f.name == "long_texts" else {}))
+                       **({"choices": CHOICES[f.name]} if f.name in CHOICES else {}))
 
 
 def serve(a: argparse.Namespace) -> int:
@@ -194,7 +210,8 @@ def serve(a: argparse.Namespace) -> int:
         log(STEP, f"serving {source.path} as {name!r} (version {version or 'unknown'}) on {host}:{a.port}")
         with kserve_argv():
             from kubetune.serving.server import serve_forever
-        serve_forever(name, source.path, version, host, a.port, a.grpc_port, cfg)
+        log_store = open_store(a.store, S3Settings.from_env()) if cfg.request_log != "off" else None
+        serve_forever(name, source.path, version, host, a.port, a.grpc_port, cfg, log_store)
     finally:
         for path in scratch:
             shutil.rmtree(path, ignore_errors=True)

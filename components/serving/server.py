@@ -127,6 +127,10 @@ class ServeMetrics:
                                       ["model_name"], registry=reg).labels(**labels)
         self.content_tokens = Counter("kubetune_serve_content_tokens", "non-special tokens read (unknown share = "
                                       "unknown_tokens / content_tokens)", ["model_name"], registry=reg).labels(**labels)
+        self.logged = Counter("kubetune_serve_request_log_texts", "texts written to the request log (--request-log)",
+                              ["model_name"], registry=reg).labels(**labels)
+        self.log_dropped = Counter("kubetune_serve_request_log_dropped", "sampled texts not logged: rate_limit, queue_full, "
+                                   "write_error", ["model_name", "reason"], registry=reg)
         self.model = model
 
     def observe(self, clf: OnnxClassifier, texts: list[str], results: list[dict]) -> None:
@@ -167,6 +171,7 @@ class TextModel(kserve.Model):
         self.classifier: OnnxClassifier | None = None
         self.batcher: MicroBatcher | None = None
         self.errors = ErrorLog()
+        self.request_log = None  # a kubetune.serving.requestlog.RequestLog when --request-log is on
 
     def load(self) -> bool:
         self.classifier = OnnxClassifier(self.model_dir, device=self.cfg.device, threads=self.cfg.threads or usable_cpus())
@@ -227,6 +232,8 @@ class TextModel(kserve.Model):
             self.metrics.queued.set(self.batcher.queued)
         self.metrics.texts.inc(len(texts))
         self.metrics.observe(self.classifier, texts, results)
+        if self.request_log is not None:
+            self.request_log.offer(texts, results)
         if truncated:
             self.metrics.truncated.inc(truncated)
         if not isinstance(payload, InferRequest):
@@ -355,7 +362,7 @@ def listen_on(host: str) -> None:
     grpc_server.aio = Aio()
 
 
-def serve_forever(name: str, model_dir: Path, version: str, host: str, port: int, grpc_port: int, cfg) -> None:
+def serve_forever(name: str, model_dir: Path, version: str, host: str, port: int, grpc_port: int, cfg, log_store=None) -> None:
     """Load the model, then serve until SIGTERM/SIGINT. The port opens only once the model is loaded,
     so a readiness probe never sees a server that cannot answer."""
     from fastapi.responses import JSONResponse
@@ -365,6 +372,10 @@ def serve_forever(name: str, model_dir: Path, version: str, host: str, port: int
     metrics = ServeMetrics(name, version, classifier_info.get("task", "unknown"))
     model = TextModel(name, model_dir, version, cfg, metrics)
     model.load()
+    if log_store is not None:
+        from kubetune.serving.requestlog import RequestLog
+
+        model.request_log = RequestLog(log_store, name, version, model.classifier, cfg, (metrics.logged, metrics.log_dropped))
 
     async def request_error(_, exc: RequestError):
         return JSONResponse(status_code=exc.status, content={"error": exc.message})
@@ -379,4 +390,8 @@ def serve_forever(name: str, model_dir: Path, version: str, host: str, port: int
     logging.getLogger("kserve.trace").setLevel(logging.WARNING)
     logging.getLogger("kserve").addFilter(OneLineRejections())
     warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
-    server.start([model])
+    try:
+        server.start([model])
+    finally:  # SIGTERM ends start(): write what the request log still holds
+        if model.request_log is not None:
+            model.request_log.close()

@@ -87,6 +87,35 @@ def check_drift(clf, reference: dict, texts: list[str], thresholds: drift.Thresh
     return rep
 
 
+def read_logged_features(input_uri: str, cfg: DriftConfig, settings: S3Settings | None, work: Path) -> list[dict] | None:
+    """The records of a features-mode `kubetune serve --request-log` prefix (up to max_rows, a seeded
+    sample), or None when the input is data with texts (a texts-mode log is read as texts)."""
+    from kubetune.serving.requestlog import read_feature_records
+    from kubetune.steps.batch_infer import list_inputs
+
+    uris = list_inputs(input_uri, settings)
+    if not all(u.endswith(".jsonl") for u in uris):
+        return None
+    # look at the first file before fetching the rest: a data set of texts is then fetched once, by read_texts
+    if read_feature_records([fetch(uris[0], settings, work)], uris[:1]) is None:
+        return None
+    records = read_feature_records([fetch(u, settings, work) for u in uris], uris)
+    if records is not None and len(records) > cfg.max_rows:
+        keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(records))[:cfg.max_rows])
+        records = [records[i] for i in keep]
+    return records
+
+
+def drift_of_features(clf, reference: dict, records: list[dict], thresholds: drift.Thresholds, about: dict) -> dict:
+    """The drift report of logged features and the predictions served then (nothing is recomputed)."""
+    current = profile.from_features(clf.task, clf.labels, clf.max_length, [r["features"] for r in records],
+                                    [r["prediction"] for r in records])
+    rep = drift.report(reference, current, thresholds, about)
+    log(STEP, f"{'DRIFTED' if rep['drifted'] else 'no drift'}: {len(records)} logged requests' features vs "
+              f"{rep['reference_rows']} reference rows")
+    return rep
+
+
 def write_report(rep: dict, out_dir: Path) -> None:
     from kubetune.monitoring.report import drift_html
 
@@ -102,8 +131,13 @@ def run_drift(store: Store, ref: str, input_uri: str, out_dir: Path, cfg: DriftC
     cfg.check()
     thresholds.check()
     name, version, local, reference = load_reference(store, ref, work)
-    texts = read_texts(input_uri, cfg, settings, work)
-    rep = check_drift(OnnxClassifier(local), reference, texts, thresholds, {"model": f"{name}/{version}", "input": input_uri})
+    about = {"model": f"{name}/{version}", "input": input_uri}
+    clf = OnnxClassifier(local)
+    logged = read_logged_features(input_uri, cfg, settings, work)
+    if logged is not None:  # a features-mode serving request log: the texts were never stored
+        rep = drift_of_features(clf, reference, logged, thresholds, about)
+    else:
+        rep = check_drift(clf, reference, read_texts(input_uri, cfg, settings, work), thresholds, about)
     write_report(rep, out_dir)
     return rep
 
