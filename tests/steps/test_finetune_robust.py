@@ -187,7 +187,8 @@ def test_torchrun_two_cpu_processes(tokens64, model_dir, tmp_path):
     out, store = tmp_path / "ddp", tmp_path / "store"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kubetune.steps.finetune",
            "--tokens", str(tokens64), "--model", str(model_dir), "--out", str(out), "--store", str(store), "--run-id", "ddp",
-           "--epochs", "1", "--batch-size", "8", "--learning-rate", "2e-4", "--checkpoint-steps", "2"]
+           "--epochs", "1", "--batch-size", "8", "--learning-rate", "2e-4", "--checkpoint-steps", "2",
+           "--keep-checkpoints", "true"]  # the test reads the gathered checkpoint afterwards
     proc = subprocess.run(cmd, cwd=ROOT, env={**run_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "batch 8 x 2 processes" in proc.stdout and "4 steps" in proc.stdout  # 8 batches shared by 2 ranks

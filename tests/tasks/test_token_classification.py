@@ -319,6 +319,7 @@ def test_ner_pipeline_end_to_end(tmp_path, capsys, conll_test):
     store = tmp_path / "store"
     args = ["run", "--task", TOKEN, "--limit", "200", "--max-length", "64", "--epochs", "2", "--batch-size", "16",
             "--learning-rate", "3e-4", "--gate-threshold", "0", "--onnx-variants", "fp32,optimized", "--store", str(store), "--run-id", "ner",
+            "--keep-kfp-runs", "1",  # the test reads the validate step's dataset from kfp-local
             "--summary", str(tmp_path / "summary.json")]
     assert main(args) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
