@@ -142,3 +142,19 @@ def s3_bucket(s3_env, request):
     for k in keys:
         client.delete_object(Bucket=name, Key=k)
     client.delete_bucket(Bucket=name)
+
+
+@pytest.fixture(scope="session")
+def clf(exported_model):
+    """The exported model's classifier (read-only; shared by the monitoring and request-log tests)."""
+    from kubetune.onnx.model import OnnxClassifier
+
+    return OnnxClassifier(exported_model)
+
+
+@pytest.fixture(scope="session")
+def reference(clf, sms_rows):
+    """The reference profile of 600 SMS the drift and request-log tests compare against (built once)."""
+    from kubetune.monitoring import profile
+
+    return profile.build(clf.task, clf, [t for _, t in sms_rows[1000:1600]])

@@ -10,18 +10,7 @@ import numpy as np
 import pytest
 
 from kubetune.monitoring import drift, features, profile
-from kubetune.onnx.model import OnnxClassifier
 from tests.helpers.corpora import chinese_reviews, newsgroups_posts
-
-
-@pytest.fixture(scope="module")
-def clf(exported_model):
-    return OnnxClassifier(exported_model)
-
-
-@pytest.fixture(scope="module")
-def reference(clf, sms_rows):
-    return profile.build(clf.task, clf, [t for _, t in sms_rows[1000:1600]])
 
 
 def signal(rep: dict, name: str) -> dict:

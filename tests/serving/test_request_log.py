@@ -12,7 +12,6 @@ import pytest
 
 from kubetune.errors import ConfigError, KubetuneError
 from kubetune.monitoring import profile
-from kubetune.onnx.model import OnnxClassifier
 from kubetune.pipelines.cli import main as cli_main
 from kubetune.release import registry
 from kubetune.serving import requestlog
@@ -21,16 +20,6 @@ from tests.helpers.serve import running_server
 
 NAME, VERSION = "sms-spam", "v20261202-000000-rlog"
 BASE = ["--model", NAME, "--threads", "1", "--batch-wait-ms", "0", "--grpc-port", "0"]
-
-
-@pytest.fixture(scope="module")
-def clf(exported_model):
-    return OnnxClassifier(exported_model)
-
-
-@pytest.fixture(scope="module")
-def reference(clf, sms_rows):
-    return profile.build(clf.task, clf, [t for _, t in sms_rows[1000:1600]])
 
 
 def fresh_store(tmp_path, exported_model, reference) -> LocalStore:
