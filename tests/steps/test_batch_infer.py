@@ -135,7 +135,9 @@ def test_sigkill_mid_run_then_rerun_scores_every_row_exactly_once(tmp_path, stor
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "kubetune.steps.batch_infer", "--store", str(store_dir), "--model", "sms-spam",
            "--input", str(inp), "--output", str(out), "--shard-rows", "200", "--variant", "fp32"]
-    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    (tmp_path / "tmp").mkdir()  # the killed process's TMPDIR: its scratch stays in the test's folder
+    first = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp_path / "tmp")}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
     while not list(out.glob("shards/*/_MANIFEST.json")) and first.poll() is None and time.time() < deadline:
         time.sleep(0.02)

@@ -51,15 +51,20 @@ def step_cmd(tokens: Path, model_dir: Path, out: Path, store: Path, run_id: str)
             "--seed", "5", "--checkpoint-steps", "4"]
 
 
-def run_env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+def run_env(tmp: Path | None = None) -> dict:
+    """The step's environment; `tmp`: its TMPDIR, for a process the test kills (its scratch stays in the test's folder)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    if tmp is not None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        env["TMPDIR"] = str(tmp)
+    return env
 
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tokens64, model_dir, tmp_path):
     store = tmp_path / "store"
     cmd = step_cmd(tokens64, model_dir, tmp_path / "killed", store, "killed")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(tmp_path / "tmp"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     for line in proc.stdout:
         seen.append(line)
