@@ -86,9 +86,15 @@ def start(workdir: Path | None = None, timeout: float = 60.0) -> tuple[SeaweedFS
            # behave like AWS: a PUT into a missing bucket is NoSuchBucket, a non-empty bucket cannot be deleted
            "-s3.autoCreateBucket=false", "-s3.allowDeleteBucketNotEmpty=false",
            *(f"-{flag}={port}" for flag, port in ports.items())]
+    # glog writes weed.INFO/WARNING files and the servers their unix sockets into $TMPDIR unless told
+    # otherwise: both go into workdir, which stop() removes (they were left in /tmp on every run)
+    (workdir / "logs").mkdir(exist_ok=True)
+    cmd.insert(1, f"-logdir={workdir / 'logs'}")  # a global flag: before `mini`
+    cmd += [f"-filer.localSocket={workdir / 'filer.sock'}", f"-s3.localSocket={workdir / 's3.sock'}"]
+    env = {**os.environ, "TMPDIR": str(workdir)}
     log = open(workdir / "weed.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     log.close()
     server = SeaweedFS(f"http://127.0.0.1:{ports['s3.port']}", ACCESS_KEY, SECRET_KEY, proc.pid, workdir)
     try:

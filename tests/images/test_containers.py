@@ -33,7 +33,7 @@ import requests
 
 from kubetune.onnx.model import OnnxClassifier
 from kubetune.storage.store import S3Settings, open_store
-from tests.conftest import QUICK, write_csv
+from tests.conftest import write_csv
 from tests.helpers import containers as c
 from tests.helpers.seaweed import free_ports
 from tests.helpers.serve import assert_same_predictions
@@ -239,22 +239,20 @@ def keys_of(obj, prefix: str = "") -> set[str]:
     return set()
 
 
-RUN_ARGS = ["--limit", "200", "--max-length", "48", "--epochs", str(QUICK["epochs"]), "--batch-size", str(QUICK["batch_size"]),
-            "--learning-rate", str(QUICK["learning_rate"]), "--onnx-variants", "fp32", "--gate-threshold", "0.5"]
-
-
-def test_training_pipeline_in_the_images_matches_the_subprocess_run(images, docker_host, s3_bucket, s3_env, tmp_path):
-    from kubetune.pipelines.cli import build_parser, main, pipeline_arguments
+def test_training_pipeline_in_the_images_matches_the_subprocess_run(images, docker_host, s3_run, s3_bucket, s3_env, tmp_path):
+    """The session's S3 run (tests/conftest.py: s3_run, under the SubprocessRunner) again with the same
+    options, every step in its image under the DockerRunner: the same summary and registry."""
+    from kubetune.pipelines.cli import build_parser, pipeline_arguments
     from kubetune.pipelines.config import ClusterConfig
     from kubetune.pipelines.training import build_training_pipeline
     from kubetune.storage.records import RunRecord
 
     settings = S3Settings.from_env(os.environ)
-    sub_uri, box_uri = f"s3://{s3_bucket}/subprocess", f"s3://{s3_bucket}/containers"
-    assert main(["run", *RUN_ARGS, "--store", sub_uri, "--run-id", "sub", "--summary", str(tmp_path / "sub.json")]) == 0
-    reference = json.loads((tmp_path / "sub.json").read_text())
+    sub_uri, box_uri = s3_run.store_uri, f"s3://{s3_bucket}/containers"
+    assert s3_run.code == 0
+    reference = s3_run.summary
 
-    a = build_parser().parse_args(["run", *RUN_ARGS, "--store", box_uri, "--run-id", "box"])
+    a = build_parser().parse_args(["run", *s3_run.args, "--store", box_uri, "--run-id", "box"])
     arguments = pipeline_arguments(a, box_uri, "box")  # resolves the builtin data and the registry name as `run` does
     cluster = ClusterConfig(image=images["runtime"], trainer_image=images["trainer"], retries=0)
     t0 = time.perf_counter()

@@ -11,7 +11,6 @@ import pytest
 
 from kubetune.monitoring import drift, profile
 from kubetune.monitoring.report import drift_html
-from kubetune.onnx.model import OnnxClassifier
 from kubetune.release import registry
 from kubetune.release.manifests import ServingConfig
 from kubetune.steps.deploy import REPORT_FILE, deploy
@@ -40,9 +39,8 @@ def training_report(tmp_path_factory, trained_model, exported_model, small_token
 
 
 @pytest.fixture(scope="module")
-def drift_report(tmp_path_factory, exported_model, sms_rows):
-    clf = OnnxClassifier(exported_model)
-    reference = profile.build(clf.task, clf, [t for _, t in sms_rows[1000:1400]])
+def drift_report(tmp_path_factory, clf, reference):
+    """SMS (the session's 600-SMS reference profile) against 200 newsgroup posts."""
     rep = drift.report(reference, profile.build(clf.task, clf, newsgroups_posts(200)), about={"model": "sms-spam/test"})
     path = tmp_path_factory.mktemp("drift") / "drift.html"
     path.write_text(drift_html(rep))

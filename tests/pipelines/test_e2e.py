@@ -1,7 +1,9 @@
 """End to end: `kubetune run` runs the whole KFP pipeline under kfp.local (every step a subprocess)
-on 300 rows of the real SMS data with the real model, against a local store and against S3 (a real
-SeaweedFS server over HTTP), then `kubetune serve` on the published model; then the gate rejection path and bad
-inputs, each with its exit code."""
+on 300 rows of the real SMS data with the tiny model (tests/helpers/tiny.py: what is checked here is the
+wiring, not the model), against a local store and against S3 (a real SeaweedFS server over HTTP), then
+`kubetune serve` on the published model; then the gate rejection path and one bad input through the
+whole pipeline (the messages of every other bad input are asserted by the validate and reader tests:
+tests/steps/test_validate.py, tests/storage/test_formats.py)."""
 
 from __future__ import annotations
 
@@ -16,13 +18,12 @@ import pytest
 from kubetune.onnx.model import OnnxClassifier
 from kubetune.pipelines.cli import main
 from kubetune.storage.store import S3Settings, open_store
-from tests.conftest import QUICK, write_csv
+from tests.conftest import TINY, cli_args, write_csv
 from tests.helpers.serve import assert_same_predictions, running_server
 
 pytestmark = pytest.mark.slow
 
-QUICK_ARGS = ["--limit", "300", "--max-length", "64", "--epochs", str(QUICK["epochs"]),
-              "--batch-size", str(QUICK["batch_size"]), "--learning-rate", str(QUICK["learning_rate"])]
+SAMPLE_ARGS = ["--limit", "300", "--max-length", "64", *cli_args(TINY)]
 STEPS = ["validate", "tokenize", "finetune", "evaluate", "export", "deploy"]
 RUN_RECORDS = ["run.json", "validation/report.md", "validation/expectations.json", "evaluation.json", "export.json",
                "deployment.json", "summary.json", "kfp-local.log"] + [f"steps/{s}.json" for s in STEPS]
@@ -48,9 +49,10 @@ def check_deployed(summary: dict) -> None:
     assert summary["deployment"]["manifest_uri"].endswith("/inferenceservice.yaml")
 
 
-def test_local_store_deploys_then_gate_rejects(tmp_path, capsys, sms_rows):
+def test_local_store_deploys_then_gate_rejects(tmp_path, capsys, sms_rows, tiny_model_dir):
     store = tmp_path / "store"
-    code, summary = run([*QUICK_ARGS, "--store", str(store), "--run-id", "first", "--gate-threshold", "0.5", "--keep-kfp-runs", "1"],
+    ARGS = [*SAMPLE_ARGS, "--model", str(tiny_model_dir)]
+    code, summary = run([*ARGS, "--store", str(store), "--run-id", "first", "--gate-threshold", "0.5", "--keep-kfp-runs", "1"],
                         tmp_path / "first.json")
     assert code == 0
     check_deployed(summary)
@@ -58,7 +60,7 @@ def test_local_store_deploys_then_gate_rejects(tmp_path, capsys, sms_rows):
     out = capsys.readouterr().out
     for step in STEPS:  # a line per step with its time, and a progress bar while training
         assert f"[kubetune {step}] done in " in out
-    assert "[kubetune finetune] epoch 2/2 [########################] 100%" in out
+    assert f"[kubetune finetune] epoch 1/{TINY['epochs']} [########################] 100%" in out
     assert "[KFP Executor" not in out  # kfp.local's chatter goes to the log file only
 
     # every artifact: run records, the cache entry, the registry version and alias
@@ -85,7 +87,7 @@ def test_local_store_deploys_then_gate_rejects(tmp_path, capsys, sms_rows):
 
     # same data and seed, impossible threshold, forced (the data is unchanged): the gate rejects,
     # nothing is published, the tokenization comes from the cache and the champion is re-scored on the same test rows
-    code, rejected = run([*QUICK_ARGS, "--store", str(store), "--run-id", "second", "--gate-threshold", "1.01", "--force"],
+    code, rejected = run([*ARGS, "--store", str(store), "--run-id", "second", "--gate-threshold", "1.01", "--force"],
                          tmp_path / "second.json")
     assert code == 3 and rejected["outcome"] == "gate_rejected" and rejected["error"] is None
     assert [s["status"] for s in rejected["steps"]] == ["succeeded"] * 4 + ["skipped", "skipped"]
@@ -104,7 +106,7 @@ def test_local_store_deploys_then_gate_rejects(tmp_path, capsys, sms_rows):
     assert json.loads((store / "models/sms-spam/aliases/production.json").read_text())["version"] == version
 
     # the same data again, not forced: a scheduled run that finds nothing new skips training, exit 0
-    code, skipped = run([*QUICK_ARGS, "--store", str(store), "--run-id", "third"], tmp_path / "third.json")
+    code, skipped = run([*ARGS, "--store", str(store), "--run-id", "third"], tmp_path / "third.json")
     assert code == 0 and skipped["outcome"] == "skipped" and skipped["error"] is None
     assert skipped["skip"]["production_version"] == version and "unchanged since production" in skipped["skip"]["reason"]
     assert [s["status"] for s in skipped["steps"]] == ["succeeded"] + ["skipped"] * 5
@@ -122,17 +124,13 @@ def test_local_store_deploys_then_gate_rejects(tmp_path, capsys, sms_rows):
     assert server.exit_code == 0
 
 
-def test_s3_store_end_to_end(tmp_path, s3_bucket, sms_rows):
+def test_s3_store_end_to_end(s3_run, s3_env):
+    """Data, base model and store on S3 (the session's run, tests/conftest.py: s3_run)."""
     settings = S3Settings.from_env(os.environ)
-    data = open_store(f"s3://{s3_bucket}", settings)
-    data.upload(write_csv(tmp_path / "sms.csv", [(t, l) for l, t in sms_rows[:1200]]), "input/sms.csv")
-    code, summary = run([*QUICK_ARGS, "--train", f"s3://{s3_bucket}/input/sms.csv", "--name", "sms-spam",
-                         "--store", f"s3://{s3_bucket}/kubetune", "--run-id", "s3run", "--gate-threshold", "0.5",
-                         "--onnx-variants", "fp32"],  # the variants are covered by the local-store run
-                        tmp_path / "s3run.json")
+    code, summary = s3_run.code, s3_run.summary
     assert code == 0
     check_deployed(summary)
-    store = open_store(f"s3://{s3_bucket}/kubetune", settings)
+    store = open_store(s3_run.store_uri, settings)
     assert summary["store"] == store.uri
     keys = set(store.list(""))
     for rel in RUN_RECORDS:
@@ -140,55 +138,28 @@ def test_s3_store_end_to_end(tmp_path, s3_bucket, sms_rows):
     version = summary["deployment"]["version"]
     for name in VERSION_FILES:
         assert f"models/sms-spam/{version}/{name}" in keys, name
-    assert summary["deployment"]["model_uri"] == f"s3://{s3_bucket}/kubetune/models/sms-spam/{version}"
+    assert summary["deployment"]["model_uri"] == f"s3://{s3_run.bucket}/kubetune/models/sms-spam/{version}"
     assert store.read_json("models/sms-spam/aliases/production.json")["version"] == version
     assert any(k.startswith("cache/tokenize/") and k.endswith("/_MANIFEST.json") for k in keys)
     isvc = store.read_bytes(f"models/sms-spam/{version}/inferenceservice.yaml").decode()
-    assert f"value: s3://{s3_bucket}/kubetune/models/sms-spam/{version}" in isvc
+    assert f"value: s3://{s3_run.bucket}/kubetune/models/sms-spam/{version}" in isvc
 
 
 # ---- bad input: exit 2, a message naming file/line/column, nothing trained or published ---------
 
 
-def _bad_inputs(tmp: Path, rows):
-    """(case, extra CLI args, expected message) for each kind of broken input."""
-    good = [(t, l) for l, t in rows[:200]]
-    latin = tmp / "latin.csv"
-    latin.write_bytes(("text,label\n" + "".join(f"{t},{l}\n" for t, l in [("ok", "ham"), ("caf\xe9", "spam")])).encode("latin-1"))
-    broken_csv = tmp / "broken.csv"
-    broken_csv.write_text("text,label\nhello,ham\nsee you, then,ham\n")
-    broken_jsonl = tmp / "broken.jsonl"
-    broken_jsonl.write_text('{"text": "hello", "label": "ham"}\n{"text": "oops" "label": "spam"}\n')
-    empty = tmp / "empty.csv"
-    empty.write_text("")
-    blanks = [("", l) if i % 50 == 7 else (t, l) for i, (t, l) in enumerate(good)]
+def test_bad_input_is_rejected(tmp_path, sms_rows, capsys):
+    """One bad input through the whole pipeline: what every rejection shares (exit 2, the outcome,
+    the step statuses, the message on stdout, nothing written). The messages of the other kinds of
+    bad input are asserted where they are made: tests/storage/test_formats.py (missing, empty,
+    non-UTF-8 and malformed files, wrong columns) and tests/steps/test_validate.py (empty texts,
+    unseen eval labels, a single class)."""
+    good = [(t, l) for l, t in sms_rows[:200]]
     unseen = [(t, "promo" if i == 3 else l) for i, (t, l) in enumerate(good[:40])]
-    return [
-        ("missing-file", ["--train", str(tmp / "nope.csv")], "nope.csv: no such file"),
-        ("wrong-columns", ["--train", str(write_csv(tmp / "cols.csv", good, header=("message", "category")))],
-         "column 'text' not found; columns are: message, category"),
-        ("empty-file", ["--train", str(empty)], "empty.csv: file is empty"),
-        ("empty-texts", ["--train", str(write_csv(tmp / "blank.csv", blanks))],
-         "blank.csv: column 'text': 4 of 200 rows are empty or whitespace-only; e.g. line 9: ''"),
-        ("eval-label-unseen", ["--train", str(write_csv(tmp / "train.csv", good)), "--eval", str(write_csv(tmp / "ev.csv", unseen))],
-         "ev.csv: column 'label': 1 of 40 rows have labels that are not in the train labels ['ham', 'spam']; e.g. line 5: 'promo'"),
-        ("single-class", ["--train", str(write_csv(tmp / "ham.csv", [r for r in good if r[1] == "ham"]))],
-         "has 1 distinct label(s) ['ham']"),
-        ("non-utf8", ["--train", str(latin)], "latin.csv: line 3: bytes are not valid UTF-8"),
-        ("malformed-csv", ["--train", str(broken_csv)], "broken.csv: line 3: expected 2 fields (text, label), found 3"),
-        ("malformed-jsonl", ["--train", str(broken_jsonl)], "broken.jsonl: line 2: invalid JSON"),
-    ]
-
-
-CASES = ["missing-file", "wrong-columns", "empty-file", "empty-texts", "eval-label-unseen", "single-class", "non-utf8",
-         "malformed-csv", "malformed-jsonl"]
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_rejected(case, tmp_path, sms_rows, capsys):
-    _, args, message = next(c for c in _bad_inputs(tmp_path, sms_rows) if c[0] == case)
+    args = ["--train", str(write_csv(tmp_path / "train.csv", good)), "--eval", str(write_csv(tmp_path / "ev.csv", unseen))]
+    message = "ev.csv: column 'label': 1 of 40 rows have labels that are not in the train labels ['ham', 'spam']; e.g. line 5: 'promo'"
     store = tmp_path / "store"
-    code, summary = run([*args, "--store", str(store), "--name", "bad", "--run-id", case], tmp_path / "summary.json")
+    code, summary = run([*args, "--store", str(store), "--name", "bad", "--run-id", "bad"], tmp_path / "summary.json")
     assert code == 2 and summary["outcome"] == "input_rejected"
     assert summary["error"]["step"] == "validate" and message in summary["error"]["message"]
     assert message in capsys.readouterr().out  # the user sees it without opening a file

@@ -24,9 +24,8 @@ from kubetune.errors import InputError
 from kubetune.release import registry
 from kubetune.serving.microbatch import MicroBatcher
 from kubetune.serving.protocol import RequestError, decode_json, texts_from_v1, texts_from_v2
-from kubetune.storage.store import LocalStore
 from tests.helpers.serve import ROOT, free_port, running_server
-from tests.serving.test_serve import NAME, VERSION, listening_sockets, publish
+from tests.serving.test_serve import NAME, VERSION, listening_sockets
 
 V1_PATH, V2_PATH = f"/v1/models/{NAME}:predict", f"/v2/models/{NAME}/infer"
 DEEP = b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
@@ -157,10 +156,8 @@ def test_error_log_is_one_line_per_error_and_rate_limited(caplog):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, exported_model):
-    store = LocalStore(tmp_path_factory.mktemp("store"))
-    publish(store, exported_model, tmp_path_factory)
-    return store
+def store(published_store):
+    return published_store
 
 
 @pytest.fixture(scope="module")

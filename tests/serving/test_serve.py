@@ -1,5 +1,5 @@
-"""The model server as a real process (`kubetune serve`, KServe's ModelServer) on the real exported
-MiniLM model, published to a registry folder: v1 and v2 answers equal OnnxClassifier.predict (the
+"""The model server as a real process (`kubetune serve`, KServe's ModelServer) on the exported tiny
+model, published to a registry folder (the session's, tests/conftest.py): v1 and v2 answers equal OnnxClassifier.predict (the
 contract batch inference uses), every bad request gets its 4xx and the server keeps answering,
 health/readiness/metrics, micro-batching of concurrent requests, a clean SIGTERM shutdown. Then
 the pure parts (request parsing, limits, v2 encoding, the batcher, model lookup incl. S3)."""
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import threading
 
 import numpy as np
@@ -19,35 +18,23 @@ from kubetune.errors import ConfigError, InputError
 from kubetune.onnx.model import OnnxClassifier
 from kubetune.pipelines.cli import main as cli_main
 from kubetune.release import registry
-from kubetune.release.manifests import ServingConfig, inference_service, to_yaml
+from kubetune.release.manifests import ServingConfig, inference_service
 from kubetune.serving.microbatch import MicroBatcher, Overloaded, TextFailed
 from kubetune.serving.protocol import RequestError, TextLimits, apply_limits, texts_from_v1, texts_from_v2, v2_outputs
 from kubetune.serving.serve import ServeConfig, locate_model, model_name
-from kubetune.storage.store import LocalStore, S3Settings, open_store
+from kubetune.storage.store import S3Settings, open_store
+from tests.conftest import PUBLISHED_NAME, PUBLISHED_VERSION, publish_version
 from tests.helpers.serve import assert_same_predictions, running_server
 
-NAME = "sms-spam"
-VERSION = "v20261123-000000-test"
+NAME, VERSION = PUBLISHED_NAME, PUBLISHED_VERSION
 LIMITS = ["--max-body-bytes", "65536", "--max-texts", "16", "--max-text-chars", "2000", "--long-texts", "reject",
           "--batch-wait-ms", "50", "--threads", "1", "--grpc-port", "0"]
 
 
-def publish(store, exported_model, tmp_path_factory) -> None:
-    """The exported folder as deploy publishes it: a sealed version plus the production alias."""
-    staging = tmp_path_factory.mktemp("staging") / VERSION
-    shutil.copytree(exported_model, staging)
-    (staging / "metrics.json").write_text(json.dumps({"version": VERSION}))
-    manifest = inference_service(NAME, VERSION, store.url(registry.version_prefix(NAME, VERSION)), "test", ServingConfig())
-    (staging / "inferenceservice.yaml").write_text(to_yaml(manifest))
-    store.publish_dir(staging, registry.version_prefix(NAME, VERSION))
-    registry.set_alias(store, NAME, registry.PRODUCTION, VERSION, "test")
-
-
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, exported_model):
-    store = LocalStore(tmp_path_factory.mktemp("store"))
-    publish(store, exported_model, tmp_path_factory)
-    return store
+def store(published_store):
+    """The session's published model (tests/conftest.py), as deploy publishes it."""
+    return published_store
 
 
 @pytest.fixture(scope="module")
@@ -376,7 +363,7 @@ def test_locate_model_by_folder_registry_path_name_and_s3(store, tmp_path, s3_bu
     assert downloads == []  # local models are served in place: nothing written (read-only root filesystems)
 
     s3 = open_store(f"s3://{s3_bucket}/kt", settings)
-    publish(s3, exported_model, tmp_path_factory)
+    publish_version(s3, exported_model, tmp_path_factory.mktemp("staging"))
     via_alias = locate_model(f"s3://{s3_bucket}/kt/models/{NAME}/production", "", settings, workdir)
     assert via_alias.version == VERSION and (via_alias.path / "model.onnx").read_bytes() == (version_dir / "model.onnx").read_bytes()
     s3.publish_dir(version_dir, "exports/m1")  # any folder with model.onnx, outside a registry

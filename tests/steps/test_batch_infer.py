@@ -1,4 +1,4 @@
-"""Batch inference on real SMS texts with the real exported model: formats, bad rows, the shared
+"""Batch inference on real SMS texts with the exported tiny model (tests/conftest.py): formats, bad rows, the shared
 prediction contract, resume after SIGKILL (a real subprocess), and the batch-inference pipeline
 under kfp.local against S3 (a real SeaweedFS server)."""
 
@@ -198,19 +198,9 @@ def test_batch_pipeline_under_kfp_local_against_s3(tmp_path, s3_bucket, exported
 
 
 @pytest.fixture(scope="module")
-def profiled_store(tmp_path_factory, exported_model, sms_rows) -> Path:
-    """The exported model published with a reference profile of 600 real SMS (what deploy publishes)."""
-    from kubetune.monitoring import profile
-
-    folder = tmp_path_factory.mktemp("with-profile")
-    model = folder / "model"
-    import shutil
-
-    shutil.copytree(exported_model, model)
-    clf = OnnxClassifier(model)
-    (model / "profile.json").write_text(json.dumps(profile.build(clf.task, clf, [t for _, t in sms_rows[1000:1600]])))
-    publish(open_store(str(folder / "store")), model)
-    return folder / "store"
+def profiled_store(published_store) -> Path:
+    """The exported model published with a reference profile of 600 real SMS (the session's, tests/conftest.py)."""
+    return published_store.root
 
 
 def test_each_batch_writes_a_drift_report(tmp_path, profiled_store, sms_rows):

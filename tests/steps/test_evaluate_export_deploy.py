@@ -1,8 +1,9 @@
 """Evaluate (metrics and gate), export (ONNX parity) and deploy (registry, alias, manifest) on the
-real model fine-tuned on real rows."""
+tiny model fine-tuned on real rows (tests/conftest.py)."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -115,10 +116,17 @@ def test_cuda_provider_is_never_a_silent_fallback(exported_model):
 # ---- deploy, registry and the champion -----------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, trained_model, small_tokens, small_dataset):
+    """Evaluate runs once for the deploy tests."""
+    tmp = tmp_path_factory.mktemp("evaluation")
+    return evaluate(trained_model, small_tokens, small_dataset, open_store(str(tmp / "scratch")), "sms-spam",
+                    GateConfig(threshold=0.5), tmp / "evaluate-work")
+
+
 @pytest.fixture
-def evaluation(tmp_path, trained_model, small_tokens, small_dataset):
-    return evaluate(trained_model, small_tokens, small_dataset, open_store(str(tmp_path / "scratch")), "sms-spam",
-                    GateConfig(threshold=0.5), tmp_path / "evaluate-work")
+def evaluation(evaluated):
+    return copy.deepcopy(evaluated)  # deploy takes the profile out of the evaluation it is given
 
 
 def test_deploy_publishes_then_moves_the_alias(tmp_path, exported_model, evaluation, trained_model, small_tokens, small_dataset):

@@ -1,4 +1,5 @@
-"""Fine-tuning the real model on real rows (CPU): outputs, seeding, and clear errors."""
+"""Fine-tuning on real rows (CPU): outputs, seeding, the schedule and clear errors with the tiny
+model; the two tests that assert that training learns use the real all-MiniLM-L6-v2 (slow)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from kubetune.storage.shards import load_split, save_split
 from kubetune.training.modeling import resolve_model_dir
 
 
-def test_output_is_a_labelled_safetensors_model(trained_model, small_tokens):
+@pytest.mark.slow
+def test_output_is_a_labelled_safetensors_model(real_trained_model, small_tokens):
+    """The SMS quality run: all-MiniLM-L6-v2 fine-tuned with QUICK on 240 real rows learns."""
+    trained_model = real_trained_model
     config = json.loads((trained_model / "config.json").read_text())
     assert config["id2label"] == {"0": "ham", "1": "spam"} and config["label2id"] == {"ham": 0, "spam": 1}
     files = {p.name for p in trained_model.iterdir()}
@@ -47,17 +51,17 @@ def weights(folder):
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_same_seed_same_weights(tiny_tokens, model_dir, tmp_path):
+def test_same_seed_same_weights(tiny_tokens, tiny_model_dir, tmp_path):
     cfg = FinetuneConfig(epochs=1, batch_size=8, seed=3)
-    finetune(tiny_tokens, model_dir, tmp_path / "a", cfg)
-    finetune(tiny_tokens, model_dir, tmp_path / "b", cfg)
-    finetune(tiny_tokens, model_dir, tmp_path / "c", FinetuneConfig(epochs=1, batch_size=8, seed=4))
+    finetune(tiny_tokens, tiny_model_dir, tmp_path / "a", cfg)
+    finetune(tiny_tokens, tiny_model_dir, tmp_path / "b", cfg)
+    finetune(tiny_tokens, tiny_model_dir, tmp_path / "c", FinetuneConfig(epochs=1, batch_size=8, seed=4))
     a, b, c = weights(tmp_path / "a"), weights(tmp_path / "b"), weights(tmp_path / "c")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["classifier.weight"], c["classifier.weight"])
 
 
-def test_best_epoch_and_early_stopping(tiny_tokens, model_dir, tmp_path, monkeypatch):
+def test_best_epoch_and_early_stopping(tiny_tokens, tiny_model_dir, tmp_path, monkeypatch):
     import kubetune.steps.finetune as ft
 
     scores = iter([0.5, 0.9, 0.7, 0.6, 0.95])  # best at epoch 2, then two epochs without gain
@@ -67,7 +71,7 @@ def test_best_epoch_and_early_stopping(tiny_tokens, model_dir, tmp_path, monkeyp
         return {"accuracy": v, "macro_f1": v}
 
     monkeypatch.setattr(ft, "eval_scores", fake_scores)
-    result = finetune(tiny_tokens, model_dir, tmp_path / "m", FinetuneConfig(epochs=5, batch_size=16, early_stopping_patience=2))
+    result = finetune(tiny_tokens, tiny_model_dir, tmp_path / "m", FinetuneConfig(epochs=5, batch_size=16, early_stopping_patience=2))
     assert result["epochs_run"] == 4 and result["best_epoch"] == 2 and result["best_eval_macro_f1"] == 0.9
 
 
@@ -83,10 +87,10 @@ def test_epochs_from_the_data_size():
     assert auto_epochs(13, 1) == (1, "set by --epochs") and auto_epochs(500, 4)[0] == 4
 
 
-def test_default_schedule_on_few_steps(tiny_tokens, model_dir):
+def test_default_schedule_on_few_steps(tiny_tokens, tiny_model_dir):
     """48 train rows at batch 8 = 6 steps per epoch: the default trains 10 epochs (60 steps), warms up
     over the first 10% of them, then decays linearly to 0 at the last step."""
-    run = FinetuneRun(tiny_tokens, model_dir, FinetuneConfig(batch_size=8), torch.device("cpu"), ft_world())
+    run = FinetuneRun(tiny_tokens, tiny_model_dir, FinetuneConfig(batch_size=8), torch.device("cpu"), ft_world())
     assert (run.steps_per_epoch, run.epochs) == (6, 10)
     lrs = []
     for _ in range(60):
@@ -99,6 +103,7 @@ def test_default_schedule_on_few_steps(tiny_tokens, model_dir):
     assert run.optimizer.param_groups[0]["lr"] == 0  # reaches 0 after the 60th step, not before
 
 
+@pytest.mark.slow
 def test_the_default_epochs_learn_a_small_split(tiny_tokens, model_dir, tmp_path):
     """1 epoch of a small split is a handful of steps that learns nothing (a 500-row sample trained
     13 steps and always answered "ham"); the default epochs=0 trains enough steps to learn it."""
@@ -109,7 +114,7 @@ def test_the_default_epochs_learn_a_small_split(tiny_tokens, model_dir, tmp_path
     assert result["best_eval_macro_f1"] > 0.8, result["history"]
 
 
-def test_auto_epochs_wait_for_enough_steps_before_early_stopping(tiny_tokens, model_dir, tmp_path, monkeypatch):
+def test_auto_epochs_wait_for_enough_steps_before_early_stopping(tiny_tokens, tiny_model_dir, tmp_path, monkeypatch):
     """A small split may score one class for a few epochs before it learns: with epochs chosen from
     the data size, epochs before AUTO_MIN_STEPS // 2 steps do not count towards early stopping."""
     import kubetune.steps.finetune as ft
@@ -117,9 +122,9 @@ def test_auto_epochs_wait_for_enough_steps_before_early_stopping(tiny_tokens, mo
     monkeypatch.setattr(ft, "eval_scores", lambda *a, **k: {"accuracy": 0.87, "macro_f1": 0.47})  # "always ham", every epoch
     monkeypatch.setattr(ft.FinetuneRun, "train_epoch", lambda self, epoch, save: None)  # what is tested is the stopping rule
     # 48 rows at batch 4: 12 steps per epoch, 9 epochs; epochs 1-4 are < 50 steps, 5 and 6 count, stop after 6
-    auto = finetune(tiny_tokens, model_dir, tmp_path / "a", FinetuneConfig(batch_size=4, checkpoint_steps=0))
+    auto = finetune(tiny_tokens, tiny_model_dir, tmp_path / "a", FinetuneConfig(batch_size=4, checkpoint_steps=0))
     assert (auto["epochs"], auto["epochs_run"], auto["best_epoch"]) == (9, 6, 1)
-    fixed = finetune(tiny_tokens, model_dir, tmp_path / "b", FinetuneConfig(epochs=9, batch_size=4, checkpoint_steps=0))
+    fixed = finetune(tiny_tokens, tiny_model_dir, tmp_path / "b", FinetuneConfig(epochs=9, batch_size=4, checkpoint_steps=0))
     assert (fixed["epochs"], fixed["epochs_run"]) == (9, 3)  # --epochs N: the plain rule, 2 epochs without gain
 
 

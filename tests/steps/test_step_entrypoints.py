@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import QUICK
+from tests.conftest import TINY, cli_args
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ def step(name: str, *args, store: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
-def test_steps_chain_without_kfp(tmp_path):
+def test_steps_chain_without_kfp(tmp_path, tiny_model_dir):
     store, d = tmp_path / "store", tmp_path
     r = step("validate", "--train", "builtin:sms-spam", "--limit", 300, "--out", d / "ds", "--report", d / "report.md",
              "--expectations", d / "exp.json", store=store)
@@ -35,10 +35,9 @@ def test_steps_chain_without_kfp(tmp_path):
     r = step("tokenize", "--dataset", d / "ds", "--model", "builtin:all-minilm-l6-v2", "--out", d / "tok", "--max-length", 64, store=store)
     assert r.returncode == 0, r.stderr
 
-    r = step("finetune", "--tokens", d / "tok", "--model", "builtin:all-minilm-l6-v2", "--out", d / "model",
-             "--epochs", QUICK["epochs"], "--batch-size", QUICK["batch_size"], "--learning-rate", QUICK["learning_rate"], store=store)
+    r = step("finetune", "--tokens", d / "tok", "--model", tiny_model_dir, "--out", d / "model", *cli_args(TINY), store=store)
     assert r.returncode == 0, r.stderr
-    assert "[kubetune finetune] epoch 2/2 [" in r.stdout  # the progress bar
+    assert f"[kubetune finetune] epoch 1/{TINY['epochs']} [" in r.stdout  # the progress bar
 
     common = ["--model", d / "model", "--tokens", d / "tok", "--dataset", d / "ds", "--out", d / "evaluation.json", "--name", "sms-spam"]
     r = step("evaluate", *common, "--threshold", 1.01, store=store)

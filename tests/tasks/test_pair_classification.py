@@ -172,10 +172,10 @@ def test_v1_and_v2_pair_requests():
 
 
 @pytest.mark.slow
-def test_pair_pipeline_end_to_end(tmp_path, capsys, answers):
-    """kfp.local, a small subset (CI): 60 train questions (240 pairs), 20 test questions, 1 epoch,
-    fp32 only. Quality is the benchmark's business (benchmarks/pairs.py); here the figures must be
-    the ones the deployed ONNX model's probabilities give."""
+def test_pair_pipeline_end_to_end(tmp_path, capsys, answers, tiny_model_dir):
+    """kfp.local, a small subset (CI) with the tiny model: 60 train questions (240 pairs), 20 test
+    questions, 1 epoch, fp32 only. Quality is the benchmark's business (benchmarks/pairs.py); here
+    the figures must be the ones the deployed ONNX model's probabilities give."""
     from kubetune.onnx.model import OnnxClassifier
 
     train, test = questions(answers, 60), questions(answers, 20, skip=60)
@@ -183,7 +183,8 @@ def test_pair_pipeline_end_to_end(tmp_path, capsys, answers):
     test.to_parquet(tmp_path / "test.parquet", index=False)
     store = tmp_path / "store"
     args = ["run", "--task", PAIR, "--train", str(tmp_path / "train.csv"), "--test", str(tmp_path / "test.parquet"),
-            "--name", "answers", "--max-length", "64", "--epochs", "1", "--batch-size", "16", "--learning-rate", "1e-4",
+            "--name", "answers", "--model", str(tiny_model_dir), "--max-length", "64", "--epochs", "1", "--batch-size", "16",
+            "--learning-rate", "3e-3",
             "--gate-threshold", "0", "--onnx-variants", "fp32", "--store", str(store), "--run-id", "pairs",
             "--summary", str(tmp_path / "summary.json")]
     assert main(args) == 0, capsys.readouterr().err
@@ -276,12 +277,12 @@ def test_training_and_inference_batches_carry_the_same_segment_ids(pair_tokens):
     assert int(train["token_type_ids"].sum()) > 0 and int((train["token_type_ids"] * (1 - train["attention_mask"])).sum()) == 0
 
 
-def test_lora_fine_tunes_a_pair_classifier(pair_tokens, model_dir, tmp_path):
+def test_lora_fine_tunes_a_pair_classifier(pair_tokens, tiny_model_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     from kubetune.steps.finetune import FinetuneConfig, finetune
 
-    result = finetune(pair_tokens, model_dir, tmp_path / "m", FinetuneConfig(epochs=1, batch_size=16, learning_rate=2e-3, peft="lora",
+    result = finetune(pair_tokens, tiny_model_dir, tmp_path / "m", FinetuneConfig(epochs=1, batch_size=16, learning_rate=2e-3, peft="lora",
                                                                             checkpoint_steps=0))
     assert 0 < result["trainable_parameters"] / result["total_parameters"] < 0.02
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m")
