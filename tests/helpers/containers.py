@@ -88,8 +88,12 @@ def build(image: str, tag: str) -> dict:
     return {"seconds": round(seconds, 1), "size_bytes": size}
 
 
-def remove_image(tag: str) -> None:
-    podman("rmi", "--force", tag, check=False, timeout=120)
+def prune_replaced_builds() -> None:
+    """Remove the untagged images that earlier builds of the project's images left (a rebuild moves
+    the tag; the old image stays dangling). Only dangling images with the project's label: the layer
+    cache of the tagged images and anything else on the machine stay."""
+    for title in ("kubetune", "kubetune-cuda", "kubetune-serving"):  # images/*/Dockerfile's LABEL
+        podman("image", "prune", "--force", "--filter", f"label=org.opencontainers.image.title={title}", check=False, timeout=300)
 
 
 @contextlib.contextmanager

@@ -267,6 +267,7 @@ def test_lock_has_exactly_one_onnx_runtime():
     assert cpu or gpu, "the lock pins no ONNX Runtime"
 
 
+@pytest.mark.slow
 def test_compiled_pipeline_names_the_images(tmp_path):
     from kfp import compiler
 

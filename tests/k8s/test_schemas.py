@@ -22,6 +22,8 @@ from kubetune.steps.finetune import FinetuneConfig
 from tests.helpers import schemas
 from tests.helpers.schemas import KUBERNETES_VERSION, SchemaError
 
+pytestmark = pytest.mark.slow  # loads the Kubernetes/CRD OpenAPI schemas and compiles the pipeline: seconds a test
+
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 # every kustomization under k8s/ (a kustomize Component is rendered through the overlays that use it)

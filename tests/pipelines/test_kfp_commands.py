@@ -9,6 +9,8 @@ from kubetune.pipelines.cli import main
 from kubetune.pipelines.training import PIPELINE_NAME
 from tests.helpers.fake_kfp import FakeKfp
 
+pytestmark = pytest.mark.slow  # compiles the pipelines and talks to a fake KFP API: seconds a test
+
 COMMON = ["--image", "reg.example/kubetune:1.0", "--store", "s3://ml/kubetune"]
 
 

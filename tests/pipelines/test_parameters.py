@@ -79,6 +79,7 @@ def test_wrappers_build_their_configs_from_the_table():
         assert parameters.config(cls, parameters.defaults()) == cls()
 
 
+@pytest.mark.slow
 def test_the_compiled_pipeline_has_exactly_the_table(tmp_path):
     from kfp import compiler
 

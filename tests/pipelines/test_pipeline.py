@@ -20,6 +20,8 @@ from kubetune.pipelines.cli import main
 from kubetune.pipelines.config import GIT_SECRET_KEYS, S3_CONFIG_KEYS, S3_SECRET_KEYS
 from kubetune.pipelines.training import NETWORK_STEPS, RESUMABLE_STEPS
 
+pytestmark = pytest.mark.slow  # compiles the pipelines: seconds a test
+
 GOLDEN = Path(__file__).parent / "golden" / "kubetune-training.yaml"
 STEPS = ("validate", "freshness", "tokenize", "finetune", "evaluate", "export", "deploy", "summarize")
 

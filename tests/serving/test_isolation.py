@@ -278,6 +278,7 @@ def broken_copy(exported_model, tmp_path, name, damage):
     return folder
 
 
+@pytest.mark.slow  # four `kubetune serve` processes
 @pytest.mark.parametrize("case,words", [
     ("junk", "ONNX Runtime cannot load it"),
     ("truncated", "ONNX Runtime cannot load it"),

@@ -56,6 +56,7 @@ def keys(obj) -> set[str]:
     return set().union(*(keys(v) for v in obj)) if isinstance(obj, list) else set()
 
 
+@pytest.mark.slow
 def test_off_by_default_writes_nothing(tmp_path, exported_model, reference, sms_rows):
     store = fresh_store(tmp_path, exported_model, reference)
     before = sorted(p.relative_to(store.root) for p in store.root.rglob("*"))
@@ -66,6 +67,7 @@ def test_off_by_default_writes_nothing(tmp_path, exported_model, reference, sms_
     assert not (store.root / "monitoring").exists()
 
 
+@pytest.mark.slow
 def test_texts_mode_logs_the_texts_and_drift_reads_them(tmp_path, exported_model, reference, sms_rows):
     store = fresh_store(tmp_path, exported_model, reference)
     texts = [t for _, t in sms_rows[4000:4120]]
@@ -91,6 +93,7 @@ def test_texts_mode_logs_the_texts_and_drift_reads_them(tmp_path, exported_model
     assert rep["rows"] == len(texts) and rep["drifted"] is False, rep["drifted_signals"]
 
 
+@pytest.mark.slow
 def test_features_mode_never_writes_the_text_and_drift_uses_the_features(tmp_path, exported_model, reference, sms_rows, clf):
     store = fresh_store(tmp_path, exported_model, reference)
     texts = [t for _, t in sms_rows[4200:4320]]
@@ -124,6 +127,7 @@ def test_features_mode_never_writes_the_text_and_drift_uses_the_features(tmp_pat
                                                      [served[i] for i in order])["counts"]
 
 
+@pytest.mark.slow
 def test_rate_limit_caps_the_logged_texts(tmp_path, exported_model, reference, sms_rows):
     store = fresh_store(tmp_path, exported_model, reference)
     args = [*BASE, "--store", str(store.root), "--request-log", "texts", "--request-log-rate", "1.0",

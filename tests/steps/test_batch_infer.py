@@ -203,6 +203,7 @@ def profiled_store(published_store) -> Path:
     return published_store.root
 
 
+@pytest.mark.slow
 def test_each_batch_writes_a_drift_report(tmp_path, profiled_store, sms_rows):
     from tests.helpers.corpora import newsgroups_posts
 
@@ -226,6 +227,7 @@ def test_a_version_without_a_profile_skips_drift(tmp_path, store_dir, sms_rows):
     assert not (tmp_path / "o" / "drift.json").exists()
 
 
+@pytest.mark.slow
 def test_a_drifted_batch_submits_the_training_pipeline(tmp_path, profiled_store, sms_rows, monkeypatch, capsys):
     """`kubetune infer --retrain-on-drift` against a KFP API server over HTTP (tests/helpers/fake_kfp.py):
     the same submission as `kubetune submit`, for the same store and model name; none without drift."""
@@ -251,6 +253,7 @@ def test_a_drifted_batch_submits_the_training_pipeline(tmp_path, profiled_store,
     assert "DRIFTED" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_batch_pipeline_under_kfp_local_retrains_when_drifted(tmp_path, profiled_store, monkeypatch):
     """The batch-inference pipeline under kfp.local: drift.json written, and with retrain_on_drift its
     batch-retrain task submits the training pipeline to the KFP API (tests/helpers/fake_kfp.py)."""

@@ -98,6 +98,7 @@ def test_parity_check_catches_a_wrong_graph(exported_model, trained_model, small
     assert not bad["passed"] and bad["max_abs_diff"] > 1.0
 
 
+@pytest.mark.slow
 def test_export_fails_loudly_on_parity(tmp_path, trained_model, small_tokens, monkeypatch):
     import kubetune.steps.export as ex
 

@@ -36,6 +36,7 @@ def test_if_match_on_a_deleted_key_is_a_lost_swap(s3_bucket):
     assert store.read_versioned("alias.json") == (None, None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start", ["missing", "existing"])
 def test_concurrent_writers_exactly_one_wins(s3_bucket, start):
     store = open_store(f"s3://{s3_bucket}", S3Settings.from_env(os.environ))
@@ -79,6 +80,7 @@ def publish_model(store, tmp_path, name="sms-spam", version="v20261123-000000-te
     return version
 
 
+@pytest.mark.slow
 def test_cut_bodies_are_read_again_and_then_a_one_line_error(s3_bucket, s3_server, tmp_path, monkeypatch, capsys):
     """A GET whose body is cut mid-transfer (botocore retries only up to the headers) is fetched
     again; when every read is cut the user gets one line naming the key, never a traceback."""

@@ -18,6 +18,7 @@ from kubetune.steps.validate import ValidateConfig, validate
 from kubetune.storage import assets
 from kubetune.storage.shards import token_types
 from kubetune.tasks.pair import positive_label, ranking_metrics
+from tests.conftest import TINY, cli_args
 
 PAIR = "pair-classification"
 
@@ -75,6 +76,7 @@ def test_valid_pairs_pass_and_split_by_question(tmp_path, answers):
     assert meta["splits"]["test"]["questions"] == len(seen[2])
 
 
+@pytest.mark.slow
 def test_missing_pair_column_is_exit_2_naming_it(tmp_path, answers, capsys):
     questions(answers, 10)[["text", "label"]].to_csv(tmp_path / "train.csv", index=False)
     with pytest.raises(InputError, match="text_pair") as e:
@@ -174,7 +176,7 @@ def test_v1_and_v2_pair_requests():
 @pytest.mark.slow
 def test_pair_pipeline_end_to_end(tmp_path, capsys, answers, tiny_model_dir):
     """kfp.local, a small subset (CI) with the tiny model: 60 train questions (240 pairs), 20 test
-    questions, 1 epoch, fp32 only. Quality is the benchmark's business (benchmarks/pairs.py); here
+    questions, TINY settings, fp32 only. Quality is the benchmark's business (benchmarks/pairs.py); here
     the figures must be the ones the deployed ONNX model's probabilities give."""
     from kubetune.onnx.model import OnnxClassifier
 
@@ -183,8 +185,7 @@ def test_pair_pipeline_end_to_end(tmp_path, capsys, answers, tiny_model_dir):
     test.to_parquet(tmp_path / "test.parquet", index=False)
     store = tmp_path / "store"
     args = ["run", "--task", PAIR, "--train", str(tmp_path / "train.csv"), "--test", str(tmp_path / "test.parquet"),
-            "--name", "answers", "--model", str(tiny_model_dir), "--max-length", "64", "--epochs", "1", "--batch-size", "16",
-            "--learning-rate", "3e-3",
+            "--name", "answers", "--model", str(tiny_model_dir), "--max-length", "64", *cli_args(TINY),
             "--gate-threshold", "0", "--onnx-variants", "fp32", "--store", str(store), "--run-id", "pairs",
             "--summary", str(tmp_path / "summary.json")]
     assert main(args) == 0, capsys.readouterr().err
