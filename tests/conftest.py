@@ -6,8 +6,8 @@ random-weight BERT over the real model's tokenizer (tests/helpers/tiny.py), fine
 session on 300 real SMS in seconds: `trained_model`, `exported_model`, `clf`, `reference`,
 `published_store`. The real all-MiniLM-L6-v2 (`model_dir`) is trained only where a test asserts that
 a model learns: `real_trained_model` (tests/steps/test_finetune.py), the small-split default-epochs
-run (same file), NER (tests/tasks/test_token_classification.py) and pairs (tests/tasks/
-test_pair_classification.py); its tokenizer is used everywhere (the tiny model has the same one)."""
+run (same file) and the NER pipeline run (tests/tasks/test_token_classification.py); its tokenizer is
+used everywhere (the tiny model has the same one)."""
 
 from __future__ import annotations
 

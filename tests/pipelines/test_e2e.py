@@ -51,8 +51,8 @@ def check_deployed(summary: dict) -> None:
 
 def test_local_store_deploys_then_gate_rejects(tmp_path, capsys, sms_rows, tiny_model_dir):
     store = tmp_path / "store"
-    ARGS = [*SAMPLE_ARGS, "--model", str(tiny_model_dir)]
-    code, summary = run([*ARGS, "--store", str(store), "--run-id", "first", "--gate-threshold", "0.5", "--keep-kfp-runs", "1"],
+    base = [*SAMPLE_ARGS, "--model", str(tiny_model_dir)]
+    code, summary = run([*base, "--store", str(store), "--run-id", "first", "--gate-threshold", "0.5", "--keep-kfp-runs", "1"],
                         tmp_path / "first.json")
     assert code == 0
     check_deployed(summary)
@@ -87,7 +87,7 @@ def test_local_store_deploys_then_gate_rejects(tmp_path, capsys, sms_rows, tiny_
 
     # same data and seed, impossible threshold, forced (the data is unchanged): the gate rejects,
     # nothing is published, the tokenization comes from the cache and the champion is re-scored on the same test rows
-    code, rejected = run([*ARGS, "--store", str(store), "--run-id", "second", "--gate-threshold", "1.01", "--force"],
+    code, rejected = run([*base, "--store", str(store), "--run-id", "second", "--gate-threshold", "1.01", "--force"],
                          tmp_path / "second.json")
     assert code == 3 and rejected["outcome"] == "gate_rejected" and rejected["error"] is None
     assert [s["status"] for s in rejected["steps"]] == ["succeeded"] * 4 + ["skipped", "skipped"]
@@ -106,7 +106,7 @@ def test_local_store_deploys_then_gate_rejects(tmp_path, capsys, sms_rows, tiny_
     assert json.loads((store / "models/sms-spam/aliases/production.json").read_text())["version"] == version
 
     # the same data again, not forced: a scheduled run that finds nothing new skips training, exit 0
-    code, skipped = run([*ARGS, "--store", str(store), "--run-id", "third"], tmp_path / "third.json")
+    code, skipped = run([*base, "--store", str(store), "--run-id", "third"], tmp_path / "third.json")
     assert code == 0 and skipped["outcome"] == "skipped" and skipped["error"] is None
     assert skipped["skip"]["production_version"] == version and "unchanged since production" in skipped["skip"]["reason"]
     assert [s["status"] for s in skipped["steps"]] == ["succeeded"] + ["skipped"] * 5

@@ -1,6 +1,6 @@
 """The model server as a real process (`kubetune serve`, KServe's ModelServer) on the exported tiny
-model, published to a registry folder (the session's, tests/conftest.py): v1 and v2 answers equal OnnxClassifier.predict (the
-contract batch inference uses), every bad request gets its 4xx and the server keeps answering,
+model, published to a registry folder (the session's, tests/conftest.py): v1 and v2 answers equal
+OnnxClassifier.predict (the contract batch inference uses), every bad request gets its 4xx and the server keeps answering,
 health/readiness/metrics, micro-batching of concurrent requests, a clean SIGTERM shutdown. Then
 the pure parts (request parsing, limits, v2 encoding, the batcher, model lookup incl. S3)."""
 
