@@ -1,5 +1,5 @@
 """Inference speed: the transformers `pipeline("text-classification")` on torch eager (what a user
-would write) against kubetune's ONNX batch path (kubetune.tasks.base.score_texts: length-sorted
+would write) against kubetune's ONNX batch path (kubetune.tasks.predictor.Predictor.score: length-sorted
 batches, tokenization overlapped with ONNX Runtime, all cores) with the fp32, optimized and int8
 variants, on the same texts, in the same run.
 
@@ -27,7 +27,6 @@ import numpy as np
 from kubetune.core.system import usable_cpus
 from kubetune.onnx.model import OnnxClassifier
 from kubetune.storage import assets
-from kubetune.tasks.base import score_texts
 
 TARGETS = {"onnx-fp32": 2.0, "onnx-optimized": 2.0, "onnx-int8": 3.0}
 MAX_ACCURACY_DROP = 0.005
@@ -85,12 +84,12 @@ def run_baseline(model_dir: Path, texts: list[str], batch_size: int, max_length:
 
 def run_onnx(onnx_dir: Path, variant: str, texts: list[str], batch_size: int) -> tuple[list[str], list[float], float]:
     clf = OnnxClassifier(onnx_dir, variant=variant, threads=usable_cpus())
-    score_texts(clf, texts[:batch_size], batch_size)  # warm-up
+    clf.score(texts[:batch_size], batch_size)  # warm-up
     latencies: list[float] = []
     t0 = time.perf_counter()
-    probs, _ = score_texts(clf, texts, batch_size, lambda n, s: latencies.append(s))
+    scored = clf.score(texts, batch_size, lambda n, s: latencies.append(s))
     wall = time.perf_counter() - t0
-    return [clf.labels[k] for k in probs.argmax(-1)], latencies, wall
+    return [s.prediction["label"] for s in scored], latencies, wall
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,14 +13,14 @@ store-heavy steps, and re-running the whole pipeline with the same output prefix
 from kfp import dsl
 
 from kubetune.pipelines.components import make_components
-from kubetune.pipelines.config import ClusterConfig
+from kubetune.pipelines.config import CLUSTER_STORE, ClusterConfig
 from kubetune.pipelines.training import configure
 from kubetune.steps.batch_infer import BatchConfig
 
 PIPELINE_NAME = "kubetune-batch-inference"
 
 
-def build_batch_pipeline(cluster: ClusterConfig | None = None, default_store: str = "s3://kubetune"):
+def build_batch_pipeline(cluster: ClusterConfig | None = None, default_store: str = CLUSTER_STORE):
     cluster = cluster or ClusterConfig()
     ops = make_components(cluster)
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from kubetune import tasks
 from kubetune.core.config import add_config_args, config_from_args
+from kubetune.core.context import add_store_arg
 from kubetune.core.progress import fmt_seconds
 from kubetune.errors import ConfigError, InputError, KubetuneError
 from kubetune.pipelines import cluster, parameters
@@ -46,7 +47,6 @@ from kubetune.steps.validate import resolve_inputs
 from kubetune.storage.records import RunRecord
 from kubetune.storage.store import LocalStore, S3Settings, open_store
 
-DEFAULT_STORE = parameters.DEFAULT_STORE
 PIPELINES = ("training", "batch-inference")
 
 
@@ -80,7 +80,7 @@ def _registry_parsers(sub) -> None:
                                    "the InferenceService, wait for Ready, roll back on failure; gitops: commit it for Argo CD).")
     p.add_argument("name", help="registry name")
     p.add_argument("--version", default=registry.PRODUCTION, help="version or alias to deploy")
-    p.add_argument("--store", default=DEFAULT_STORE, help="local folder or s3://bucket/prefix")
+    add_store_arg(p)
     add_config_args(p, DeployConfig)
     add_config_args(p, ServingConfig)
     p.set_defaults(func=cmd_deploy)
@@ -88,21 +88,21 @@ def _registry_parsers(sub) -> None:
     p = sub.add_parser("rollback", help="move production back to the previous version (and roll it out to a target)", formatter_class=_Help)
     p.add_argument("name", help="registry name")
     p.add_argument("--to", default="", help="version to go back to (default: production's previous)")
-    p.add_argument("--store", default=DEFAULT_STORE, help="local folder or s3://bucket/prefix")
+    add_store_arg(p)
     add_config_args(p, DeployConfig)
     add_config_args(p, ServingConfig)
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("models", help="list a model's published versions and aliases", formatter_class=_Help)
     p.add_argument("name", help="registry name")
-    p.add_argument("--store", default=DEFAULT_STORE, help="local folder or s3://bucket/prefix")
+    add_store_arg(p)
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("gc", help="remove stale leftovers of crashed writers from a store; list old versions", formatter_class=_Help,
                        description="Remove unsealed .tmp- folders/objects and unfinished multipart uploads older than the grace "
                                    "period from a store (nothing outside it, never $TMPDIR); list published versions the retention "
                                    "rule allows deleting (never production, its previous version or canary).")
-    p.add_argument("--store", default=DEFAULT_STORE, help="local folder or s3://bucket/prefix")
+    add_store_arg(p)
     p.add_argument("--grace-hours", type=float, default=24.0, help="leave leftovers younger than this (a publish may be running)")
     p.add_argument("--keep-versions", type=int, default=5, help="newest published versions of each model not listed as old")
     p.add_argument("--dry-run", action="store_true", help="only print what would be removed")
@@ -141,7 +141,7 @@ def _drift_parser(sub) -> None:
 
     p = sub.add_parser("drift", help="a drift report of data against a registry version's reference profile", formatter_class=_Help,
                        description=drift.__doc__)
-    p.add_argument("--store", required=True, help="local folder or s3://bucket/prefix (the registry)")
+    add_store_arg(p, help="the registry")
     drift.add_drift_args(p)
     p.set_defaults(func=cmd_drift)
 
@@ -293,7 +293,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
 
 def cmd_deploy(a: argparse.Namespace) -> int:
-    ref = f"{registry.check_name(a.name)}/{a.version}"  # before the store: a rejected name creates nothing
+    ref = registry.ModelRef(registry.check_name(a.name), a.version)  # before the store: a rejected name creates nothing
     store = open_store(a.store, S3Settings.from_env(), create=False)
     name, version = registry.resolve(store, ref)
     run_id = f"cli-deploy-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"

@@ -28,9 +28,10 @@ from pathlib import Path
 
 import yaml
 
+from kubetune.core.context import add_store_arg
 from kubetune.errors import InputError, KubetuneError
 from kubetune.pipelines import parameters
-from kubetune.pipelines.config import DEFAULT_IMAGE, ClusterConfig
+from kubetune.pipelines.config import CLUSTER_STORE, DEFAULT_IMAGE, ClusterConfig
 
 PIPELINE_DESCRIPTION = "Fine-tune a Hugging Face text classifier, gate it, export it to ONNX and publish it (kubetune)."
 
@@ -40,7 +41,7 @@ def add_compile_args(p, store: bool = True) -> None:
     p.add_argument("--image", default=DEFAULT_IMAGE, help="image of the CPU steps; finetune uses IMAGE-cuda")
     p.add_argument("--trainer-image", default="", help="CUDA image for finetune (default: the --image tag + '-cuda')")
     if store:
-        p.add_argument("--store", default="s3://kubetune", help="default of the pipeline's store parameter")
+        add_store_arg(p, default=CLUSTER_STORE, help="default of the pipeline's store parameter")
     p.add_argument("--pipeline-root", default="", help="KFP artifact root (default: the installation's)")
     p.add_argument("--s3-secret", default=ClusterConfig.s3_secret)
     p.add_argument("--s3-config-map", default=ClusterConfig.s3_config_map)
@@ -184,8 +185,7 @@ def retrain(*, store: str, model_ref: str, train_uri: str, experiment: str, host
     (_KFP_RUNTIME=true), where compiling a pipeline fails on a circular import."""
     from kubetune.release import registry
 
-    parts = model_ref.strip("/").split("/")
-    name = registry.check_name(parts[1] if parts[0] == "models" and len(parts) > 1 else parts[0])
+    name = registry.parse_ref(model_ref).name
     # --flag=value: a value starting with '-' stays a value; no shell is involved
     args = [sys.executable, "-m", "kubetune.pipelines.cli", "submit", f"--store={store}", f"--image={image}",
             f"--s3-secret={s3_secret}", f"--s3-config-map={s3_config_map}", f"--experiment={experiment or 'kubetune'}",

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from kubetune.release.manifests import DEFAULT_IMAGE
 from kubetune.storage.store import S3_CONFIG_KEYS, S3_SECRET_KEYS  # noqa: F401 (the pipeline's pods get these)
 
+# the compiled pipelines' default store (`kubetune compile|upload|submit|schedule --store`): one the
+# cluster reaches, not DEFAULT_STORE (kubetune.core.context), a folder on this machine
+CLUSTER_STORE = "s3://kubetune"
+
 
 def cuda_variant(image: str) -> str:
     """ghcr.io/x/kubetune:0.1.0 -> ghcr.io/x/kubetune:0.1.0-cuda (a digest-pinned image cannot be

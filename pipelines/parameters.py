@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 from kubetune import tasks
 from kubetune.core.config import choices_of, from_params, param, params_of, parse_bool
+from kubetune.core.context import DEFAULT_STORE
 from kubetune.errors import ConfigError
 from kubetune.release.manifests import ServingConfig
 from kubetune.release.rollout import DeployConfig
@@ -34,7 +35,6 @@ from kubetune.steps.finetune import FinetuneConfig
 from kubetune.steps.tokenize import TokenizeConfig
 from kubetune.steps.validate import ValidateConfig
 
-DEFAULT_STORE = "./kubetune-store"
 FINETUNE_BACKENDS = ("pod", *BACKENDS)
 
 

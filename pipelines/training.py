@@ -12,7 +12,7 @@ from kfp import dsl, kubernetes
 
 from kubetune.pipelines import parameters
 from kubetune.pipelines.components import make_components
-from kubetune.pipelines.config import GIT_SECRET_KEYS, S3_CONFIG_KEYS, S3_SECRET_KEYS, ClusterConfig
+from kubetune.pipelines.config import CLUSTER_STORE, GIT_SECRET_KEYS, S3_CONFIG_KEYS, S3_SECRET_KEYS, ClusterConfig
 
 PIPELINE_NAME = "kubetune-training"
 # Retried on failure: their work is mostly store I/O (cache, champion download, registry publish).
@@ -54,7 +54,7 @@ def inputs(op, params: dict, **wired) -> dict:
     return {k: v for k, v in given.items() if k in names}
 
 
-def build_training_pipeline(cluster: ClusterConfig | None = None, default_store: str = "s3://kubetune"):
+def build_training_pipeline(cluster: ClusterConfig | None = None, default_store: str = CLUSTER_STORE):
     cluster = cluster or ClusterConfig()
     ops = make_components(cluster)
 

@@ -194,7 +194,7 @@ def reference(clf, sms_rows):
     """The reference profile of 600 SMS the drift and request-log tests compare against (built once)."""
     from kubetune.monitoring import profile
 
-    return profile.build(clf.task, clf, [t for _, t in sms_rows[1000:1600]])
+    return profile.build(clf, [t for _, t in sms_rows[1000:1600]])
 
 
 # ---- the published sequence model, shared by serving, isolation, batch inference and drift ---------

@@ -5,7 +5,10 @@ A field that is also a pipeline parameter is declared with `param(default, help,
 declaration (name, type, default, one-line help) is the parameter table entry that
 kubetune.pipelines.parameters collects, and from which the `kubetune run` flags, the pipeline
 signature and docstring, and the values each KFP wrapper passes on are derived. A field fed by a
-parameter declared on another config (e.g. the validate step's `seed`) uses `shared("seed", 0)`.
+parameter declared on another config (e.g. the validate step's `seed`) uses `shared("seed", 0, help)`.
+Every other field is declared with `opt(default, help)`: a command-line flag only, with its help (and
+choices), never a pipeline parameter. `add_config_args` renders all three kinds as flags, so every
+entry point's --help documents every field.
 """
 
 from __future__ import annotations
@@ -31,9 +34,21 @@ def param(default: Any, help: str, *, name: str = "", flag: str = "", choices: t
     return dataclasses.field(default=default, metadata={"param": Param(help, name, flag, choices, invert)})
 
 
-def shared(name: str, default: Any):
-    """A config field that takes the value of the pipeline parameter `name`, declared on another config."""
-    return dataclasses.field(default=default, metadata={"param": Param("", name, declared=False)})
+def shared(name: str, default: Any, help: str):
+    """A config field that takes the value of the pipeline parameter `name`, declared on another config;
+    `help` is its --help text as a flag of this config's entry point (the table keeps the declared one)."""
+    return dataclasses.field(default=default, metadata={"param": Param(help, name, declared=False)})
+
+
+@dataclass(frozen=True)
+class Opt:
+    help: str  # shown by --help
+    choices: tuple = ()  # allowed values (argparse rejects others); empty: any value of the field's type
+
+
+def opt(default: Any, help: str, *, choices: tuple = ()):
+    """A config field that is a command-line flag only, not a pipeline parameter (see the module docstring)."""
+    return dataclasses.field(default=default, metadata={"opt": Opt(help, tuple(choices))})
 
 
 def params_of(cls) -> list[tuple[dataclasses.Field, Param]]:
@@ -66,18 +81,22 @@ def flag_type(default: Any):
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One --flag per dataclass field, typed and defaulted from the field (help from its Param)."""
+    """One --flag per dataclass field, typed and defaulted from the field, help and choices from its
+    Param or Opt. The one renderer of config flags: every entry point's config flags come from here."""
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         kind = flag_type(f.default)
-        p = f.metadata.get("param")
-        choices = {"choices": choices_of(p)} if p and p.choices else {}
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, metavar=kind.__name__.upper(),
-                            help=p.help.replace("%", "%%") if p and p.declared else None, **choices)  # argparse formats help with %
+        info = f.metadata.get("param") or f.metadata.get("opt")
+        if info is None:
+            raise TypeError(f"{cls.__name__}.{f.name}: declare the field with param(), shared() or opt() (it needs a help text)")
+        choices = {"choices": choices_of(info)} if info.choices else {}
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=info.help.replace("%", "%%"),
+                            metavar=None if choices else "BOOL" if kind is parse_bool else kind.__name__.upper(),
+                            **choices)  # argparse formats help with %; a field with choices shows them: {a,b}
 
 
-def choices_of(p: Param) -> tuple:
+def choices_of(p: Param | Opt) -> tuple:
     return tuple(p.choices() if callable(p.choices) else p.choices)
 
 

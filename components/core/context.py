@@ -24,6 +24,9 @@ from kubetune.errors import ConfigError, KubetuneError
 from kubetune.storage.records import RunRecord
 from kubetune.storage.store import S3Settings, Store, open_store
 
+DEFAULT_STORE = "./kubetune-store"  # the local commands' store (kubetune run, serve, infer, deploy, ...)
+STORE_HELP = "local folder or s3://bucket/prefix"
+
 
 @dataclass
 class StepContext:
@@ -71,9 +74,17 @@ def step_parser(module: str, doc: str, *, run: bool = True) -> argparse.Argument
     store is and which run the records belong to."""
     p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.strip().split("\n\n")[0])
     if run:
-        p.add_argument("--store", required=True, help="local folder or s3://bucket/prefix")
+        add_store_arg(p, required=True)  # the pipeline always passes it
         p.add_argument("--run-id", required=True, help="records go to <store>/runs/<run-id>/")
     return p
+
+
+def add_store_arg(parser, *, required: bool = False, default: str = DEFAULT_STORE, help: str = "") -> None:
+    """The --store flag of every command (declared here only): `required`, or `default` (DEFAULT_STORE
+    unless a command means another store, e.g. the compiled pipeline's default); `help` adds what the
+    command keeps there."""
+    text = STORE_HELP + (f" ({help})" if help else "")
+    parser.add_argument("--store", **({"required": True} if required else {"default": default}), help=text)
 
 
 def run_main(fn: Callable[[], Any]) -> int:

@@ -11,7 +11,9 @@ new data that a drift report compares with it.
      "embedding":     {"dim", "rows", "sample": [[...], ...]}}       a seeded fixed-size sample (features.embed)
 
 What is particular to a task (which prediction fields, entity rates for NER) comes from its
-`profile_outputs` / `profile_gold` (kubetune.tasks); everything here works on any task.
+`profile_outputs` / `profile_gold` (kubetune.tasks); everything here works on any task. The token
+ids and predictions come from the one prediction path (kubetune.tasks.predictor), so a reference
+profile, a batch's profile and serving's request log all see the inputs the model saw.
 """
 
 from __future__ import annotations
@@ -37,26 +39,19 @@ def histogram(values, edges: list) -> dict:
     return {"edges": list(edges), "counts": np.histogram(v, bins=np.asarray(edges, dtype=np.float64))[0].astype(int).tolist()}
 
 
-def token_rows(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], np.ndarray]:
-    """Token ids per text as the model sees them (truncated to max_length) and which were truncated;
-    a (text, text_pair) tuple is tokenized as the pair the model reads."""
-    enc = tokenizer(texts, truncation=True, max_length=max_length, verbose=False)
-    truncated = np.array([bool(e.overflowing) for e in enc.encodings], dtype=bool) if texts else np.zeros(0, bool)
-    return enc["input_ids"], truncated
-
-
-def build(task, predictor, texts: list[str], *, gold=None, predictions: list[dict] | None = None, batch_size: int = 64,
-          sample: int = EMBED_SAMPLE, seed: int = 0) -> dict:
-    """The profile of `texts` and of `predictor`'s predictions on them (`predictions` when already
-    made). `predictor`: an OnnxClassifier or a TorchClassifier (same interface); `gold`: the split's
-    frame for the reference-only gold distributions."""
-    tokenizer, max_length = predictor.tokenizer, predictor.max_length
-    rows, truncated = token_rows(tokenizer, texts, max_length)
+def build(predictor, texts: list, *, gold=None, scored: list | None = None, batch_size: int = 64, sample: int = EMBED_SAMPLE,
+          seed: int = 0) -> dict:
+    """The profile of `texts` and of `predictor`'s predictions on them (kubetune.tasks.predictor: an
+    exported model or a torch one); `scored`: `predictor.score(texts)` when already run (token ids and
+    predictions are then reused, nothing is tokenized again); `gold`: the split's frame for the
+    reference-only gold distributions."""
+    task, tokenizer, max_length = predictor.task, predictor.tokenizer, predictor.max_length
+    if scored is None:
+        scored = predictor.score(texts, batch_size) if texts else []
+    rows, truncated = [s.ids for s in scored], np.array([s.truncated for s in scored], dtype=bool)
     special = features.special_ids(tokenizer)
     unk, content = features.unknown_counts(rows, tokenizer.unk_token_id, special)
-    if predictions is None:
-        predictions = task.predict(predictor, texts, batch_size) if texts else []
-    outputs = task.profile_outputs(predictions, predictor.labels)
+    outputs = task.profile_outputs([s.prediction for s in scored], predictor.labels)
     pick = np.random.default_rng(seed).permutation(len(rows))[:sample]
     embedding = features.embed([rows[i] for i in sorted(pick)], special)
     return {
@@ -71,16 +66,17 @@ def build(task, predictor, texts: list[str], *, gold=None, predictions: list[dic
     }
 
 
-def text_features(tokenizer, max_length: int, texts: list) -> list[dict]:
-    """Per text, what `build` reads from the text itself, so a profile can be built later without
-    it (serving's features-mode request log): `from_features` of these equals `build` of the texts."""
-    rows, truncated = token_rows(tokenizer, texts, max_length)
+def text_features(tokenizer, texts: list, scored: list) -> list[dict]:
+    """Per input, what `build` reads from the input and its token ids (`scored`: the predictor's
+    Scored items, whose ids are reused), so a profile can be built later without the text (serving's
+    features-mode request log): `from_features` of these equals `build` of the texts."""
+    rows = [s.ids for s in scored]
     special = features.special_ids(tokenizer)
     unk, content = features.unknown_counts(rows, tokenizer.unk_token_id, special)
     emb = np.round(features.embed(rows, special), 4)
-    return [{"token_length": len(r), "truncated": bool(t), "unknown_tokens": int(u), "content_tokens": int(c),
+    return [{"token_length": len(s.ids), "truncated": bool(s.truncated), "unknown_tokens": int(u), "content_tokens": int(c),
              "scripts": {k: v for k, v in features.script_counts([features.flat(x)]).items() if v},
-             "embedding": e.tolist()} for x, r, t, u, c, e in zip(texts, rows, truncated, unk, content, emb)]
+             "embedding": e.tolist()} for x, s, u, c, e in zip(texts, scored, unk, content, emb)]
 
 
 def from_features(task, labels: list[str], max_length: int, feats: list[dict], predictions: list[dict],
@@ -132,33 +128,3 @@ def merge(profiles: list[dict], sample: int = EMBED_SAMPLE, seed: int = 0) -> di
     pick = rng.choice(len(rows), size=min(sample, len(rows)), replace=False, p=weights / weights.sum()) if rows else []
     out["embedding"] = {"dim": first["embedding"]["dim"], "rows": len(pick), "sample": [rows[i][0] for i in sorted(pick)]}
     return out
-
-
-class TorchClassifier:
-    """A fine-tuned torch model behind the interface tasks' `predict` uses on an OnnxClassifier
-    (labels, tokenizer, max_length, tokenize, encode, logits, probabilities), so the reference
-    profile in evaluate comes from the same prediction code as batch inference and serving."""
-
-    def __init__(self, model, tokenizer, labels: list[str], max_length: int, input_names: list[str], device, sep_id: int | None = None):
-        self.model, self.tokenizer, self.labels, self.max_length = model, tokenizer, list(labels), max_length
-        self.input_names, self.device, self.sep_id = input_names, device, sep_id  # sep_id: text pairs' segment ids
-
-    def tokenize(self, texts: list, **kwargs):
-        return self.tokenizer(texts, truncation=True, max_length=self.max_length, **kwargs)
-
-    def encode(self, texts: list[str]):
-        from kubetune.storage.shards import TokenizedSplit
-
-        rows, truncated = token_rows(self.tokenizer, texts, self.max_length)
-        return TokenizedSplit.from_rows(rows), truncated
-
-    def logits(self, split, batch_size: int = 64, per_token: bool = False) -> np.ndarray:
-        from kubetune.training.modeling import predict_logits
-
-        return predict_logits(self.model, split, per_token=per_token, batch_size=batch_size, pad_id=self.tokenizer.pad_token_id,
-                              input_names=self.input_names, device=self.device, sep_id=self.sep_id)
-
-    def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        from kubetune.onnx.model import softmax
-
-        return softmax(logits.astype(np.float64))

@@ -24,7 +24,8 @@ Execution providers are explicit: asking for CUDA on a machine where ONNX Runtim
 (no GPU, missing CUDA/cuDNN libraries) is an error naming the providers it has, never a silent
 fallback to the CPU.
 
-`predict(texts)` is the one prediction path of batch inference and serving; what it answers is
+`OnnxClassifier` is a kubetune.tasks.predictor.Predictor: `predict(texts)` / `score(texts)` are the one
+prediction path of serving, batch inference and the gate's champion scoring; what it answers is
 the task's (kubetune.tasks, from `kubetune.json`'s task): {"label", "score", "probabilities"} for a
 sequence classifier, {"entities": [...]} with character offsets for a token classifier.
 """
@@ -38,6 +39,8 @@ import numpy as np
 
 from kubetune.errors import ConfigError, InputError
 from kubetune.storage.shards import TokenizedSplit, logit_rows, pad_batch, place_logits, sorted_batches, token_types
+from kubetune.tasks.encoding import ModelInputs
+from kubetune.tasks.predictor import Predictor
 
 VARIANTS = ("fp32", "optimized", "fp16", "int8")
 # int8 is never picked automatically: dynamic quantization scales activations per batch, so its
@@ -110,15 +113,32 @@ def pick_variant(model_dir: Path, variant: str, device: str, unchecked: bool = F
     return variant
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+class OnnxBackend:
+    """Logits from an ONNX Runtime session (kubetune.tasks.predictor.Backend)."""
+
+    def __init__(self, session, inputs: ModelInputs, num_labels: int):
+        self.session, self.inputs, self.num_labels = session, inputs, num_labels
+        self.segments = "token_type_ids" in inputs.input_names
+
+    def _run(self, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        feed = {"input_ids": input_ids, "attention_mask": mask}
+        if self.segments:
+            feed["token_type_ids"] = token_types(input_ids, mask, self.inputs.sep_token_id)
+        return self.session.run(["logits"], feed)[0]
+
+    def logits(self, split: TokenizedSplit, batch_size: int = 64, per_token: bool = False) -> np.ndarray:
+        """Logits in row order, [rows, labels]; with `per_token` every real token's logits end to end,
+        [tokens, labels] (row i at split.offsets[i]:split.offsets[i + 1]), as
+        kubetune.training.modeling.predict_logits gives them for the torch model."""
+        out = np.zeros((logit_rows(split, per_token), self.num_labels), dtype=np.float32)
+        for index in sorted_batches(split.lengths, batch_size):
+            place_logits(out, split, index, self._run(*pad_batch(split, index, self.inputs.pad_token_id)), per_token)
+        return out
 
 
-class OnnxClassifier:
-    """An exported model folder with its tokenizer: logits for token ids or texts, and the task's
-    `predict` on top (the contract batch inference and serving share)."""
+class OnnxClassifier(Predictor):
+    """An exported model folder as a Predictor (kubetune.tasks.predictor): its tokenizer, its settings
+    (kubetune.json) and an ONNX Runtime session of one variant."""
 
     def __init__(self, model_dir: Path, device: str = "cpu", threads: int = 0, variant: str = "auto", unchecked: bool = False):
         from transformers import AutoTokenizer
@@ -129,62 +149,15 @@ class OnnxClassifier:
             raise InputError(f"{model_dir}: no model.onnx; expected a folder written by kubetune export")
         self.dir = model_dir
         self.info = read_model_json(model_dir, "kubetune.json")
-        self.labels = read_model_json(model_dir, "labels.json").get("labels")
-        if not isinstance(self.labels, list) or not self.labels:
+        labels = read_model_json(model_dir, "labels.json").get("labels")
+        if not isinstance(labels, list) or not labels:
             raise InputError(f"{model_dir / 'labels.json'}: no \"labels\" list; expected a folder written by kubetune export")
-        self.task = tasks.get(self.info.get("task", tasks.DEFAULT))  # folders exported before task families: sequence
+        task = tasks.get(self.info.get("task", tasks.DEFAULT))  # folders exported before task families: sequence
         self.variant = pick_variant(model_dir, variant, device, unchecked)
         self.session = create_session(model_dir / variant_file(self.variant), device, threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.max_length = int(self.info["max_length"])
-        self.truncation = self.info.get("truncation", "head")  # as tokenize cut the training texts
-        self._edges: tuple[int, int] | None = None
-        self.sep_id = self.info.get("sep_token_id")  # text pairs: segment ids after the first [SEP]
-
-    def _run(self, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        feed = {"input_ids": input_ids, "attention_mask": mask}
-        if "token_type_ids" in self.input_names:
-            feed["token_type_ids"] = token_types(input_ids, mask, self.sep_id)
-        return self.session.run(["logits"], feed)[0]
-
-    def logits(self, split: TokenizedSplit, batch_size: int = 64, per_token: bool = False) -> np.ndarray:
-        """Logits in row order, [rows, labels]; with `per_token` every real token's logits end to end,
-        [tokens, labels] (row i at split.offsets[i]:split.offsets[i + 1]), as
-        kubetune.training.modeling.predict_logits gives them for the torch model."""
-        out = np.zeros((logit_rows(split, per_token), len(self.labels)), dtype=np.float32)
-        for index in sorted_batches(split.lengths, batch_size):
-            place_logits(out, split, index, self._run(*pad_batch(split, index, self.tokenizer.pad_token_id)), per_token)
-        return out
-
-    def tokenize(self, texts: list, **kwargs):
-        """The model's own tokenizer at its training max_length; `kwargs` go to the tokenizer
-        (e.g. is_split_into_words, return_offsets_mapping)."""
-        return self.tokenizer(texts, truncation=True, max_length=self.max_length, **kwargs)
-
-    def encode(self, texts: list) -> tuple[TokenizedSplit, np.ndarray]:
-        """Token ids of `texts` (strings, or (text, text_pair) tuples for a pair task: the tokenizer
-        joins them with [SEP] and truncation cuts the longer side first), and which were truncated."""
-        if self.truncation != "head":
-            # the same cut as tokenize (kubetune.tasks.base.cut_ids) on the untruncated ids (single texts only)
-            from kubetune.tasks.base import cut_ids, special_edges
-
-            full = self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]
-            edges = self._edges = self._edges or special_edges(self.tokenizer)
-            truncated = np.array([len(ids) > self.max_length for ids in full], dtype=bool)
-            return TokenizedSplit.from_rows([cut_ids(ids, self.max_length, self.truncation, edges) for ids in full]), truncated
-        enc = self.tokenize(texts)
-        # a fast tokenizer keeps what truncation cut off in `overflowing`
-        truncated = np.array([bool(e.overflowing) for e in enc.encodings], dtype=bool) if enc.encodings else np.zeros(len(texts), bool)
-        return TokenizedSplit.from_rows(enc["input_ids"]), truncated
-
-    def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """Class probabilities (float64, the model's label order) from logits of any variant."""
-        return softmax(logits.astype(np.float64))
-
-    def predict(self, texts: list[str], batch_size: int = 64) -> list[dict]:
-        """The prediction contract shared by batch inference and serving: one dict per text, shaped
-        by the task (see the module docstring)."""
-        if not texts:
-            return []
-        return self.task.predict(self, texts, batch_size)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        inputs = ModelInputs(max_length=int(self.info["max_length"]), truncation=self.info.get("truncation", "head"),
+                             input_names=tuple(self.input_names), pad_token_id=tokenizer.pad_token_id,
+                             sep_token_id=self.info.get("sep_token_id"))
+        super().__init__(task, tokenizer, labels, inputs, OnnxBackend(self.session, inputs, len(labels)))

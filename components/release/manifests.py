@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from kubetune.core.config import param
+from kubetune.core.config import opt, param
 
 # the project's CPU image: every CPU step and the predictor of the rendered InferenceService
 DEFAULT_IMAGE = "ghcr.io/kubetune/kubetune:0.1.0"
@@ -17,13 +17,14 @@ class ServingConfig:
     namespace: str = param("kubetune", "Namespace of the rendered KServe InferenceService.")
     image: str = param(DEFAULT_IMAGE, "Image of the predictor container in the rendered InferenceService.",
                        name="serving_image")
-    service_account: str = "kubetune-serving"  # carries the S3 credentials for the storage initializer
-    cpu_request: str = "500m"
-    cpu_limit: str = "2"
-    memory_request: str = "1Gi"
-    memory_limit: str = "2Gi"
-    min_replicas: int = 1
-    max_replicas: int = 3
+    service_account: str = opt("kubetune-serving", "ServiceAccount of the predictor pods; it carries the S3 credentials for "
+                                                   "KServe's storage initializer.")
+    cpu_request: str = opt("500m", "CPU request of the predictor container.")
+    cpu_limit: str = opt("2", "CPU limit of the predictor container.")
+    memory_request: str = opt("1Gi", "Memory request of the predictor container.")
+    memory_limit: str = opt("2Gi", "Memory limit of the predictor container.")
+    min_replicas: int = opt(1, "Fewest predictor replicas (the InferenceService's minReplicas).")
+    max_replicas: int = opt(3, "Most predictor replicas the autoscaler may run (maxReplicas).")
 
 
 def inference_service(name: str, version: str, storage_uri: str, run_id: str, cfg: ServingConfig) -> dict:

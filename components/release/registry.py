@@ -19,7 +19,9 @@ ends on one version and `previous` on the other - never a lost update. `previous
 object (two objects cannot move together atomically) but the production document's `previous`
 field; `history` keeps the earlier production versions, newest first, for repeated rollbacks.
 
-A model reference is `models/<name>/<alias or version>`, or `<name>` for its production alias.
+A model reference (`parse_ref`, the one parser of them; REF_FORMS) is `<name>` (its production
+alias), `<name>@<alias or version>`, `<name>/<alias or version>` or `models/<name>/<alias or version>`;
+`kubetune serve --model` also takes `<store>/models/<name>/<alias or version>` (the store written in).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import json
 import random
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +44,8 @@ PRODUCTION = "production"
 PREVIOUS = "previous"  # derived: production's `previous` field
 HISTORY = 20  # earlier production versions kept in the alias document
 CAS_ATTEMPTS = 20
+REF_FORMS = "NAME, NAME@<alias|version> or models/NAME/<alias|version>"  # for --model helps and errors
+_PATH_REF = re.compile(r"^(?:(?P<store>.*)/)?models/(?P<ref>[^/]+(?:/[^/]+)?)/?$")  # [<store>/]models/<name>[/<which>]
 
 
 def check_name(name: str) -> str:
@@ -169,24 +174,52 @@ def versions(store: Store, name: str) -> list[str]:
     return sorted(found)
 
 
-def resolve(store: Store, ref: str) -> tuple[str, str]:
-    """(name, version) for `models/<name>/<alias|version>` or `<name>` (its production alias)."""
-    parts = ref.strip("/").split("/")
-    if parts[0] == "models":
-        parts = parts[1:]
-    if len(parts) == 1:
-        parts.append(PRODUCTION)
-    if len(parts) != 2:
-        raise InputError(f"model reference {ref!r}: use models/<name>/<alias or version>")
-    name, which = check_name(parts[0]), parts[1]
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed model reference: a registry name and an alias or version (`which`, not yet checked:
+    resolve does), and the store it was written with (`<store>/models/...`; "" when none was)."""
+
+    name: str
+    which: str = PRODUCTION
+    store: str = ""
+
+    def __str__(self) -> str:
+        return f"models/{self.name}/{self.which}"
+
+
+def is_path_ref(text: str) -> bool:
+    """Whether `text` is written as a registry path, `[<store>/]models/<name>[/<alias or version>]`."""
+    return _PATH_REF.match(text) is not None
+
+
+def parse_ref(text: str) -> ModelRef:
+    """The model reference `text` (module docstring): `NAME`, `NAME@which`, `NAME/which`,
+    `models/NAME/which` or `<store>/models/NAME/which`; anything else is an InputError."""
+    m = _PATH_REF.match(text)
+    rest, store = (m["ref"], m["store"] or "") if m else (text.strip("/"), "")
+    name, sep, which = rest.partition("/") if "/" in rest else rest.partition("@")
+    if not NAME_RE.match(name) or (sep and not which) or "/" in which:
+        raise InputError(f"model reference {text!r}: use {REF_FORMS} (NAME: 1-40 lowercase letters, digits and '-', "
+                         "starting with a letter)")
+    return ModelRef(name, which or PRODUCTION, store)
+
+
+def resolve(store: Store, ref: str | ModelRef) -> tuple[str, str]:
+    """(name, version) of a model reference in `store`: an alias is read, a version must be published. A
+    text is parsed (parse_ref) and must not name a store; a ModelRef's store is the caller's (it opened `store`)."""
+    parsed, text = (parse_ref(ref), ref) if isinstance(ref, str) else (ref, str(ref))
+    if isinstance(ref, str) and parsed.store:
+        raise InputError(f"model reference {text!r} names a store ({parsed.store}): pass the store with --store and the "
+                         f"model as {REF_FORMS}")
+    name, which = parsed.name, parsed.which
     if VERSION_RE.match(which) and store.is_published(version_prefix(name, which)):
         return name, which
     if not ALIAS_RE.match(which):
-        raise InputError(f"model reference {ref!r}: {which!r} is neither a registry version (v<yyyymmdd>-<HHMMSS>-<run>) "
+        raise InputError(f"model reference {text!r}: {which!r} is neither a registry version (v<yyyymmdd>-<HHMMSS>-<run>) "
                          "nor an alias name (e.g. production)")
     alias = read_alias(store, name, which)
     if alias is None:
-        raise InputError(f"model reference {ref!r}: {name} has no version or alias {which!r} in {store.uri}")
+        raise InputError(f"model reference {text!r}: {name} has no version or alias {which!r} in {store.uri}")
     return name, check_version(alias.get("version"), f"{name}/{which} points at")
 
 

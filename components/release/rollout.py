@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from kubetune.core.config import param
+from kubetune.core.config import opt, param
 from kubetune.core.progress import log
 from kubetune.errors import ConfigError, KubetuneError
 from kubetune.release import kube
@@ -49,10 +49,11 @@ class DeployConfig:
     target: str = param("registry", "registry (move the production alias), kserve (apply, wait for Ready, else roll back) or "
                         "gitops (commit for Argo CD).", name="deploy_target", choices=TARGETS)
     canary_traffic_percent: int = param(0, "kserve only: share of traffic (1-99) for the new model as a canary; 0 = all traffic.")
-    timeout_seconds: int = 600  # kserve: how long to wait for Ready before rolling back
-    poll_seconds: float = 5.0
-    kubeconfig: str = ""  # kserve outside a cluster; empty: in-cluster, else $KUBECONFIG / ~/.kube/config
-    context: str = ""
+    timeout_seconds: int = opt(600, "kserve only: seconds to wait for the InferenceService to be Ready before rolling back.")
+    poll_seconds: float = opt(5.0, "kserve only: seconds between readiness checks.")
+    kubeconfig: str = opt("", "kserve only, outside a cluster: kubeconfig file; empty: in-cluster config in a pod, else "
+                              "$KUBECONFIG or ~/.kube/config.")
+    context: str = opt("", "kserve only: kubeconfig context; empty: its current context.")
     # gitops: clone URL (https://, ssh://, git@host:path or a local path)
     gitops_repo: str = param("", "gitops only: Git URL the Argo CD Application watches (credentials from the kubetune-git Secret).")
     gitops_branch: str = param("main", "gitops only: branch to commit to.")

@@ -93,10 +93,11 @@ class RequestLog:
         self._thread = threading.Thread(target=self._run, name="kubetune-request-log", daemon=True)
         self._thread.start()
 
-    def offer(self, texts: list, results: list[dict]) -> None:
-        """On the request path: sample, rate-limit and queue; never blocks."""
+    def offer(self, texts: list, scored: list) -> None:
+        """On the request path: sample, rate-limit and queue; never blocks. `scored`: the predictor's
+        Scored items (prediction and token ids), so the features need no second tokenizer pass."""
         now = time.time()
-        for text, result in zip(texts, results):
+        for text, result in zip(texts, scored):
             with self._lock:  # requests run on one event loop, but the lock keeps the bucket right for any caller
                 if self.random.random() >= self.rate:
                     continue
@@ -130,11 +131,11 @@ class RequestLog:
 
         texts = [t for _, t, _ in batch]
         try:
-            feats = text_features(self.clf.tokenizer, self.clf.max_length, texts)
+            feats = text_features(self.clf.tokenizer, texts, [s for _, _, s in batch])
             lines = []
-            for (at, text, result), f in zip(batch, feats):
+            for (at, text, scored), f in zip(batch, feats):
                 rec = {"format": FORMAT, "time": round(at, 3), "model": self.model, "version": self.version,
-                       "features": f, "prediction": result}
+                       "features": f, "prediction": scored.prediction}
                 if self.mode == "texts":
                     rec["text"] = text if isinstance(text, str) else list(text)
                 lines.append(json.dumps(rec, ensure_ascii=False, default=_plain))

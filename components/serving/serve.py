@@ -8,7 +8,8 @@ and Open Inference Protocol v2), with health, readiness, Prometheus metrics and 
 
 --model takes a model folder (local, e.g. /mnt/models where KServe's storage initializer puts
 STORAGE_URI, or an s3:// prefix, downloaded first), a registry path `<store>/models/<name>/<alias
-or version>`, or a registry reference `<name>` / `models/<name>/<alias or version>` in --store.
+or version>`, or a registry reference in --store (`<name>`, `<name>@<alias or version>`,
+`models/<name>/<alias or version>`: kubetune.release.registry.parse_ref).
 Answers are `OnnxClassifier.predict`'s, the contract batch inference shares, so a text gets the
 same label and probabilities from both. Limits (413 when exceeded, 400 for malformed requests):
 --max-body-bytes, --max-texts per request, --max-text-chars per text (--long-texts truncate cuts
@@ -21,43 +22,47 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import re
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import yaml
 
+from kubetune.core.config import add_config_args, config_from_args, opt
+from kubetune.core.context import add_store_arg
 from kubetune.core.progress import log
 from kubetune.errors import ConfigError, InputError, KubetuneError
 from kubetune.release import registry
 from kubetune.storage.store import LocalStore, S3Settings, fetch, is_s3, open_store
 
 STEP = "serve"
-DEFAULT_STORE = "./kubetune-store"
-REGISTRY_PATH = re.compile(r"^(?P<store>.*?)/?models/(?P<name>[^/]+)/(?P<which>[^/]+)/?$")
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    max_body_bytes: int = 1 << 20
-    max_texts: int = 256
-    max_text_chars: int = 20_000
-    long_texts: str = "truncate"
-    max_batch_texts: int = 64
-    onnx_batch_size: int = 4
-    batch_wait_ms: float = 2.0
-    max_queue_texts: int = 4096
-    device: str = "cpu"
-    threads: int = 0
-    request_log: str = "off"
-    request_log_rate: float = 0.1
-    request_log_max_per_minute: int = 600
-    request_log_flush_s: float = 60.0
-    request_log_flush_texts: int = 1000
+    max_body_bytes: int = opt(1 << 20, "largest request body accepted; larger: 413")
+    max_texts: int = opt(256, "most texts in one request; more: 413")
+    max_text_chars: int = opt(20_000, "longest text in characters (see --long-texts)")
+    long_texts: str = opt("truncate", "truncate: cut longer texts to --max-text-chars before tokenization; reject: answer 413",
+                          choices=("truncate", "reject"))
+    max_batch_texts: int = opt(64, "most texts per model call; concurrent requests are batched up to this")
+    onnx_batch_size: int = opt(4, "texts per ONNX Runtime run inside a model call, which sorts its texts by length first: small "
+                                  "runs pad little (best on CPU); raise it on a GPU")
+    batch_wait_ms: float = opt(2.0, "how long a model call waits for more requests when its batch is not full; 0: never")
+    max_queue_texts: int = opt(4096, "most texts waiting for a model call; more: 503 (retry later)")
+    device: str = opt("cpu", "ONNX Runtime device: cpu or cuda (onnxruntime-gpu)")
+    threads: int = opt(0, "ONNX Runtime intra-op threads; 0: every CPU this process may use (its cgroup quota counts)")
+    request_log: str = opt("off", "sampled request logging to --store (monitoring/<name>/requests/) for kubetune drift, a privacy "
+                                  "choice: off; features: per-text profile features and the prediction, never the text; texts: "
+                                  "also the texts", choices=("off", "features", "texts"))
+    request_log_rate: float = opt(0.1, "fraction of answered texts sampled into the request log")
+    request_log_max_per_minute: int = opt(600, "most texts logged per minute (token bucket); more are dropped and counted")
+    request_log_flush_s: float = opt(60.0, "seconds between request log part files (also written at --request-log-flush-texts "
+                                           "and on shutdown)")
+    request_log_flush_texts: int = opt(1000, "texts per request log part file at most")
 
     def check(self) -> "ServeConfig":
         for name in ("max_texts", "max_text_chars", "max_batch_texts", "onnx_batch_size"):
@@ -83,26 +88,6 @@ class ServeConfig:
         return self
 
 
-HELP = {
-    "max_body_bytes": "largest request body accepted; larger: 413",
-    "max_texts": "most texts in one request; more: 413",
-    "max_text_chars": "longest text in characters (see --long-texts)",
-    "long_texts": "truncate: cut longer texts to --max-text-chars before tokenization; reject: answer 413",
-    "max_batch_texts": "most texts per model call; concurrent requests are batched up to this",
-    "onnx_batch_size": "texts per ONNX Runtime run inside a model call, which sorts its texts by length first: small runs pad little "
-                       "(best on CPU); raise it on a GPU",
-    "batch_wait_ms": "how long a model call waits for more requests when its batch is not full; 0: never",
-    "max_queue_texts": "most texts waiting for a model call; more: 503 (retry later)",
-    "device": "ONNX Runtime device: cpu or cuda (onnxruntime-gpu)",
-    "threads": "ONNX Runtime intra-op threads; 0: every CPU this process may use (its cgroup quota counts)",
-    "request_log": "sampled request logging to --store (monitoring/<name>/requests/) for kubetune drift, a privacy choice: "
-                   "off; features: per-text profile features and the prediction, never the text; texts: also the texts",
-    "request_log_rate": "fraction of answered texts sampled into the request log",
-    "request_log_max_per_minute": "most texts logged per minute (token bucket); more are dropped and counted",
-    "request_log_flush_s": "seconds between request log part files (also written at --request-log-flush-texts and on shutdown)",
-    "request_log_flush_texts": "texts per request log part file at most",
-}
-CHOICES = {"long_texts": ("truncate", "reject"), "request_log": ("off", "features", "texts")}
 
 
 @dataclass(frozen=True)
@@ -121,11 +106,11 @@ def _unsealed(path: Path) -> bool:
     return any(".tmp-" in part for part in path.resolve().parts)
 
 
-def _from_registry(store_uri: str, name: str, which: str, settings: S3Settings, workdir: Callable[[], Path]) -> ModelSource:
+def _from_registry(store_uri: str, ref: registry.ModelRef, settings: S3Settings, workdir: Callable[[], Path]) -> ModelSource:
     store = open_store(store_uri, settings) if is_s3(store_uri) or Path(store_uri).is_dir() else None
     if store is None:
         raise InputError(f"model store {store_uri!r} does not exist (run kubetune run first, or pass --store)")
-    name, version = registry.resolve(store, f"models/{name}/{which}")
+    name, version = registry.resolve(store, ref)
     if isinstance(store, LocalStore):  # serve in place: a published version never changes
         return ModelSource(store.root / registry.version_prefix(name, version), name, version)
     return ModelSource(registry.download(store, name, version, workdir() / version), name, version)
@@ -135,27 +120,27 @@ def locate_model(model: str, store_uri: str, settings: S3Settings, workdir: Call
     """Where the model folder is; see the module docstring. A remote model is downloaded into
     `workdir()`, called only then: with --model /mnt/models nothing is written, which a pod with a
     read-only root filesystem (the rendered InferenceService's) needs."""
-    local = Path(model).expanduser()
+    local, path_ref = Path(model).expanduser(), registry.is_path_ref(model)
     if not is_s3(model) and local.is_dir():
         if _unsealed(local):
             raise InputError(f"{model}: an unsealed .tmp- folder (a publish in progress, or one that was killed); "
                              "serve a published version (<store>/models/<name>/<version>)")
         if _is_model_dir(local):
             return ModelSource(local, None, None)
-        if not REGISTRY_PATH.match(model):
+        if not path_ref:
             raise InputError(f"{model}: no model.onnx in this folder; pass a model version folder "
                              "(<store>/models/<name>/<version>) or a registry reference with --store")
-    m = REGISTRY_PATH.match(model)
-    if m:
-        return _from_registry(m["store"] or store_uri, m["name"], m["which"], settings, workdir)
-    if is_s3(model):
+    if is_s3(model) and not path_ref:
         path = fetch(model, settings, workdir())
         if not _is_model_dir(path):
             raise InputError(f"{model}: no model.onnx under this prefix; expected a folder published by kubetune deploy")
         return ModelSource(path, None, None)
-    if "/" not in model and registry.NAME_RE.match(model):
-        return _from_registry(store_uri, model, registry.PRODUCTION, settings, workdir)
-    raise InputError(f"--model {model!r}: no such folder, and not a registry reference (<name> or models/<name>/<alias or version>)")
+    try:
+        ref = registry.parse_ref(model)
+    except InputError:
+        raise InputError(f"--model {model!r}: no such folder, and not a registry reference ({registry.REF_FORMS}, "
+                         "or <store>/models/NAME/<alias|version>)") from None
+    return _from_registry(ref.store or store_uri, ref, settings, workdir)
 
 
 def model_name(source: ModelSource, given: str) -> str:
@@ -178,21 +163,20 @@ def model_version(source: ModelSource) -> str:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model folder (local or s3://), <store>/models/<name>/<alias|version>, or a registry name")
+    p.add_argument("--model", required=True, help=f"model folder (local or s3://), <store>/models/NAME/<alias|version>, or a registry "
+                   f"reference in --store: {registry.REF_FORMS}")
     p.add_argument("--name", default="", help="name in the URL paths (/v1/models/NAME); default: the registry name")
-    p.add_argument("--store", default=DEFAULT_STORE, help="registry store for a --model given as a name")
+    add_store_arg(p, help="the registry of a --model given as a reference; --request-log writes there")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (HTTP and gRPC); 127.0.0.1: this machine only. "
                    "In a container or pod pass 0.0.0.0 (the image and the rendered InferenceService do)")
     p.add_argument("--port", type=int, default=8080, help="HTTP port (v1, v2, health, /metrics)")
     p.add_argument("--grpc-port", type=int, default=0, help="also serve v2 over gRPC on this port; 0: off")
-    for f in fields(ServeConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, help=HELP[f.name],
-                       **({"choices": CHOICES[f.name]} if f.name in CHOICES else {}))
+    add_config_args(p, ServeConfig)
 
 
 def serve(a: argparse.Namespace) -> int:
     """Run the server in this process until it is stopped (SIGTERM, Ctrl-C)."""
-    cfg = ServeConfig(**{f.name: getattr(a, f.name) for f in fields(ServeConfig)}).check()
+    cfg = config_from_args(ServeConfig, a).check()
     for flag, port in (("--port", a.port), ("--grpc-port", a.grpc_port)):
         if not 0 <= port <= 65535 or (flag == "--port" and port == 0):
             raise ConfigError(f"{flag} {port}: not a usable port")

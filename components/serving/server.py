@@ -16,7 +16,7 @@ or entity types, so the cardinality is bounded by the label set):
   kubetune_serve_confidence                 histogram of the top-label probability (NER: entity scores), 0.1 buckets
   kubetune_serve_input_tokens               histogram of tokens per text after max_length
   kubetune_serve_unknown_tokens_total / kubetune_serve_content_tokens_total   unknown-token share = their ratio
-They cost one extra tokenizer pass over the request's texts (the model call dominates).
+They reuse the token ids of the prediction (kubetune.tasks.predictor.Scored): a request is tokenized once.
 """
 
 from __future__ import annotations
@@ -133,10 +133,10 @@ class ServeMetrics:
                                    "write_error", ["model_name", "reason"], registry=reg)
         self.model = model
 
-    def observe(self, clf: OnnxClassifier, texts: list[str], results: list[dict]) -> None:
+    def observe(self, clf: OnnxClassifier, scored: list) -> None:
         """The monitoring metrics of one answered request: what was predicted, how confidently, how
-        long the texts were and how much of them the vocabulary covers (one extra tokenizer pass)."""
-        outputs = clf.task.profile_outputs(results, clf.labels)
+        long the texts were and how much of them the vocabulary covers (from the predictor's token ids)."""
+        outputs = clf.task.profile_outputs([s.prediction for s in scored], clf.labels)
         for counts in outputs["distributions"].values():
             for label, n in counts.items():
                 if n:
@@ -145,7 +145,7 @@ class ServeMetrics:
             if name == "confidence":
                 for v in values:
                     self.confidence.observe(v)
-        rows = clf.tokenize(texts)["input_ids"]
+        rows = [s.ids for s in scored]
         unknown, content = features.unknown_counts(rows, clf.tokenizer.unk_token_id, features.special_ids(clf.tokenizer))
         for ids in rows:
             self.input_tokens.observe(len(ids))
@@ -176,8 +176,9 @@ class TextModel(kserve.Model):
     def load(self) -> bool:
         self.classifier = OnnxClassifier(self.model_dir, device=self.cfg.device, threads=self.cfg.threads or usable_cpus())
         self.limits = dataclasses.replace(self.limits, keep=self.classifier.truncation)
-        predict = functools.partial(self.classifier.predict, batch_size=self.cfg.onnx_batch_size)
-        self.batcher = MicroBatcher(predict, max_batch=self.cfg.max_batch_texts,
+        # one Scored per text; a micro-batch is encoded in one tokenizer call, run onnx_batch_size texts at a time
+        score = functools.partial(self.classifier.score, batch_size=self.cfg.onnx_batch_size, chunk=0)
+        self.batcher = MicroBatcher(score, max_batch=self.cfg.max_batch_texts,
                                     max_wait_s=self.cfg.batch_wait_ms / 1000, max_queue=self.cfg.max_queue_texts,
                                     on_batch=self.metrics.batch)
         self.ready = True
@@ -209,7 +210,7 @@ class TextModel(kserve.Model):
     async def predict(self, payload, headers=None):
         try:
             texts, truncated = apply_limits(self._texts(payload), self.limits)
-            results = await self.batcher.submit(texts)
+            scored = await self.batcher.submit(texts)
         except RequestError as e:
             self.metrics.rejected(e.reason)
             raise
@@ -231,9 +232,10 @@ class TextModel(kserve.Model):
         finally:
             self.metrics.queued.set(self.batcher.queued)
         self.metrics.texts.inc(len(texts))
-        self.metrics.observe(self.classifier, texts, results)
+        self.metrics.observe(self.classifier, scored)
         if self.request_log is not None:
-            self.request_log.offer(texts, results)
+            self.request_log.offer(texts, scored)
+        results = [s.prediction for s in scored]
         if truncated:
             self.metrics.truncated.inc(truncated)
         if not isinstance(payload, InferRequest):

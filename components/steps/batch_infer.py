@@ -21,8 +21,8 @@ predictions.parquet: id, source_file, source_row, label, score, prob_<label> for
 truncated (the text was longer than the model's max_length tokens). For a token classifier (NER):
 id, source_file, source_row, entities (a JSON list of {"text", "type", "start", "end", "score"},
 character offsets into the input text), entity_count, truncated. The columns are the task's
-(kubetune.tasks: batch_columns); predictions come from OnnxClassifier, the same code the online
-server answers with.
+(kubetune.tasks: output_columns); predictions come from OnnxClassifier.score (kubetune.tasks.predictor), the
+same path the online server answers with.
 rejects.parquet: id, source_file, source_row, reason, text_head (the first 200 characters).
 """
 
@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kubetune.core.config import config_from_args
-from kubetune.core.context import run_main, step_context
+from kubetune.core.config import add_config_args, config_from_args, opt
+from kubetune.core.context import add_store_arg, run_main, step_context
 from kubetune.core.progress import Progress, log
 from kubetune.core.system import usable_cpus
 from kubetune.errors import ConfigError, InputError
@@ -55,15 +55,17 @@ DRIFT_JSON, DRIFT_HTML = "drift.json", "drift.html"
 
 @dataclass(frozen=True)
 class BatchConfig:
-    text_column: str = "text"
-    text_pair_column: str = ""  # pair classifiers: the column of each row's second text
-    id_column: str = ""  # empty: ids are <file>:<row>
-    variant: str = "auto"  # auto: the best accepted variant for the device (CPU: optimized, fp32); int8 on request
-    shard_rows: int = 50_000
-    batch_size: int = 64
-    max_chars: int = 100_000  # longer texts are rejected; texts over max_length tokens are truncated
-    device: str = "cpu"
-    threads: int = 0  # ONNX Runtime intra-op threads; 0: every CPU this process may use (its cgroup quota counts)
+    text_column: str = opt("text", "column (JSONL: field) holding the text")
+    text_pair_column: str = opt("", "pair classifiers: column (JSONL: field) holding each row's second text")
+    id_column: str = opt("", "column copied to the predictions' id; empty: <file>:<row>")
+    # auto: the best accepted variant for the device (CPU: optimized, fp32); int8 on request
+    variant: str = opt("auto", "ONNX variant: auto (CPU: optimized > fp32), or int8 (fastest on CPU), fp32, ...")
+    shard_rows: int = opt(50_000, "rows per shard (one commit, one pod in the pipeline)")
+    batch_size: int = opt(64, "rows per ONNX Runtime batch (sorted by length first)")
+    max_chars: int = opt(100_000, "longer texts are rejected; over max_length tokens they are truncated")
+    device: str = opt("cpu", "ONNX Runtime provider: cpu or cuda (cuda never falls back silently)", choices=("cpu", "cuda"))
+    # ONNX Runtime intra-op threads; 0: every CPU this process may use (its cgroup quota counts)
+    threads: int = opt(0, "ONNX Runtime threads; 0: every core this process may use")
 
     def check(self) -> None:
         if self.variant != "auto" and self.variant not in VARIANTS:
@@ -214,7 +216,9 @@ class ShardScorer:
         texts = [r.text for r in rows if r.text is not None]
         progress = progress or Progress(STEP, len(rows), "rows", label=f"shard {shard_id}")
         progress.update(len(rows) - len(texts))  # rejects are done too
-        columns, truncated = self.clf.task.batch_columns(self.clf, texts, self.cfg.batch_size, lambda n, _s: progress.update(n))
+        scored = self.clf.score(texts, self.cfg.batch_size, lambda n, _s: progress.update(n))  # the one prediction path
+        columns = self.clf.task.output_columns([s.prediction for s in scored], self.clf.labels)
+        truncated = np.array([s.truncated for s in scored], dtype=bool)
         predictions, rejects = _frames(rows, shard["file"], columns, truncated)
         seconds = time.perf_counter() - t0
         entry = {**shard, "rows": len(rows), "predicted": len(predictions), "rejected": len(rejects), "truncated": int(truncated.sum()),
@@ -227,7 +231,7 @@ class ShardScorer:
         if len(rejects):
             rejects.to_parquet(staging / "rejects.parquet", index=False)
         # the shard's profile: collect merges them into the batch's drift report (no second model pass)
-        shard_profile = profile.build(self.clf.task, self.clf, texts, predictions=self.clf.task.column_predictions(columns))
+        shard_profile = profile.build(self.clf, texts, scored=scored)
         (staging / PROFILE).write_text(json.dumps(shard_profile))
         entry["files"].append(PROFILE)
         (staging / "shard.json").write_text(json.dumps(entry, indent=2))
@@ -341,21 +345,11 @@ def collect_step(*, output_uri: str, html_path: Path | None = None, log_metric=N
 
 
 def add_batch_args(p) -> None:
-    p.add_argument("--store", default="./kubetune-store", help="store holding the model registry (local folder or s3://bucket/prefix)")
-    p.add_argument("--model", required=True, help="models/<name>/<alias or version>, or <name> for its production alias")
+    add_store_arg(p, help="the model registry")
+    p.add_argument("--model", required=True, help=f"registry model: {registry.REF_FORMS} (NAME: its production alias)")
     p.add_argument("--input", required=True, help="a file, folder or s3:// prefix of CSV/TSV/JSONL/Parquet files")
     p.add_argument("--output", required=True, help="folder or s3:// prefix for the predictions (re-use it to resume)")
-    d = BatchConfig
-    p.add_argument("--text-column", default=d.text_column, help="column (JSONL: field) holding the text")
-    p.add_argument("--text-pair-column", default=d.text_pair_column,
-                   help="pair classifiers: column (JSONL: field) holding each row's second text")
-    p.add_argument("--id-column", default=d.id_column, help="column copied to the predictions' id; empty: <file>:<row>")
-    p.add_argument("--variant", default=d.variant, help="ONNX variant: auto (CPU: optimized > fp32), or int8 (fastest on CPU), fp32, ...")
-    p.add_argument("--shard-rows", type=int, default=d.shard_rows, help="rows per shard (one commit, one pod in the pipeline)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per ONNX Runtime batch (sorted by length first)")
-    p.add_argument("--max-chars", type=int, default=d.max_chars, help="longer texts are rejected; over max_length tokens they are truncated")
-    p.add_argument("--device", default=d.device, choices=("cpu", "cuda"), help="ONNX Runtime provider (cuda never falls back silently)")
-    p.add_argument("--threads", type=int, default=d.threads, help="ONNX Runtime threads; 0: every core this process may use")
+    add_config_args(p, BatchConfig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from kubetune.core.config import add_config_args, config_from_args, param
+from kubetune.core.config import add_config_args, config_from_args, opt, param
 from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import log
 from kubetune.errors import ConfigError, KubetuneError
@@ -53,22 +53,25 @@ class JobFailed(KubetuneError):
 
 @dataclass(frozen=True)
 class JobConfig:
-    backend: str = "pytorchjob"  # pytorchjob | trainjob
+    backend: str = opt("pytorchjob", "Job kind: pytorchjob (Kubeflow Training Operator PyTorchJob) or trainjob (Kubeflow "
+                                     "Trainer TrainJob).")
     workers: int = param(1, "Worker pods of the distributed job (pytorchjob/trainjob only).", name="finetune_workers", flag="-")
     # GPUs and torchrun processes per pod; 0 = CPU workers (1 process each)
     gpus_per_worker: int = param(1, "GPUs (one torchrun process each) per worker pod; 0 = CPU workers (pytorchjob/trainjob only).",
                                  name="finetune_gpus_per_worker", flag="-")
-    image: str = "ghcr.io/kubetune/kubetune:0.1.0-cuda"
-    namespace: str = ""  # "" = the launcher pod's own namespace
-    cpu_per_worker: str = "8"
-    memory_per_worker: str = "32Gi"
-    accelerator: str = "nvidia.com/gpu"
-    runtime: str = "torch-distributed"  # TrainJob: the ClusterTrainingRuntime to use
-    s3_secret: str = "kubetune-s3"  # the pipeline passes its own (ClusterConfig, kubetune compile --s3-secret)
-    s3_config_map: str = "kubetune-s3-config"
-    service_account: str = ""  # worker pods' ServiceAccount ("" = namespace default)
-    timeout_s: int = 24 * 3600
-    poll_s: float = 15.0
+    image: str = opt("ghcr.io/kubetune/kubetune:0.1.0-cuda", "Image of the worker pods (the CUDA trainer image).")
+    namespace: str = opt("", "Namespace of the job; empty: the launcher pod's own namespace.")
+    cpu_per_worker: str = opt("8", "CPU request and limit of each worker pod.")
+    memory_per_worker: str = opt("32Gi", "Memory request and limit of each worker pod.")
+    accelerator: str = opt("nvidia.com/gpu", "Resource name of the GPUs a worker pod requests (and whose taint it tolerates).")
+    runtime: str = opt("torch-distributed", "trainjob: the ClusterTrainingRuntime to use.")
+    # the pipeline passes its own (ClusterConfig, kubetune compile --s3-secret)
+    s3_secret: str = opt("kubetune-s3", "Secret with the S3 credentials, put into the workers' environment.")
+    s3_config_map: str = opt("kubetune-s3-config", "ConfigMap with the S3 settings (endpoint, region), put into the workers' "
+                                                   "environment.")
+    service_account: str = opt("", "pytorchjob: ServiceAccount of the worker pods; empty: the namespace's default.")
+    timeout_s: int = opt(24 * 3600, "Seconds to wait for the job to succeed before the step fails.")
+    poll_s: float = opt(15.0, "Seconds between checks of the job's status.")
 
     def check(self) -> None:
         problems = []

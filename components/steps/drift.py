@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kubetune.core.config import add_config_args, config_from_args
+from kubetune.core.config import add_config_args, config_from_args, opt
 from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import log
 from kubetune.errors import ConfigError, InputError
@@ -36,21 +36,15 @@ REPORT_JSON, REPORT_HTML = "drift.json", "drift.html"
 
 @dataclass(frozen=True)
 class DriftConfig:
-    text_column: str = "text"
-    text_pair_column: str = ""  # pair classifiers: the column of each row's second text
-    max_rows: int = 5000  # texts profiled (a seeded sample of the valid rows)
-    max_chars: int = 100_000
-    seed: int = 0
+    text_column: str = opt("text", "column (JSONL: field) holding the text")
+    text_pair_column: str = opt("", "pair classifiers: column (JSONL: field) holding each row's second text")
+    max_rows: int = opt(5000, "texts (or logged requests) profiled at most: a seeded sample of the valid rows when there are more")
+    max_chars: int = opt(100_000, "rows with a longer text are left out, as batch inference rejects them")
+    seed: int = opt(0, "seed of the sample taken when there are more than --max-rows rows")
 
     def check(self) -> None:
         if self.max_rows < 20:
             raise ConfigError(f"max_rows={self.max_rows}: use at least 20 (the domain classifier needs 20 rows a side)")
-
-
-def model_ref(ref: str) -> str:
-    """NAME, NAME@alias, NAME@version or models/NAME/<alias|version> -> registry.resolve's form."""
-    name, _, which = ref.partition("@")
-    return f"models/{registry.check_name(name)}/{which}" if which else ref
 
 
 def read_texts(input_uri: str, cfg: DriftConfig, settings: S3Settings | None, work: Path) -> list[str]:
@@ -69,7 +63,7 @@ def read_texts(input_uri: str, cfg: DriftConfig, settings: S3Settings | None, wo
 
 def load_reference(store: Store, ref: str, work: Path):
     """(name, version, model folder, reference profile) of a registry version."""
-    name, version = registry.resolve(store, model_ref(ref))
+    name, version = registry.resolve(store, ref)
     local = registry.download(store, name, version, work / version)
     if not (local / "profile.json").is_file():
         raise InputError(f"{name} {version} has no profile.json (published before reference profiles existed): "
@@ -77,10 +71,9 @@ def load_reference(store: Store, ref: str, work: Path):
     return name, version, local, json.loads((local / "profile.json").read_text())
 
 
-def check_drift(clf, reference: dict, texts: list[str], thresholds: drift.Thresholds, about: dict,
-                predictions: list[dict] | None = None) -> dict:
-    """The drift report of `texts` (and the model's `predictions` on them, when already made)."""
-    current = profile.build(clf.task, clf, texts, predictions=predictions)
+def check_drift(clf, reference: dict, texts: list[str], thresholds: drift.Thresholds, about: dict) -> dict:
+    """The drift report of `texts` and the model's predictions on them."""
+    current = profile.build(clf, texts)
     rep = drift.report(reference, current, thresholds, about)
     log(STEP, f"{'DRIFTED' if rep['drifted'] else 'no drift'}: {len(texts)} rows vs {rep['reference_rows']} reference rows"
               + (f"; signals over threshold: {', '.join(rep['drifted_signals'])}" if rep["drifted"] else ""))
@@ -151,7 +144,7 @@ def run_step(*, store_uri: str, run_id: str, ref: str, input_uri: str, out_dir: 
 
 
 def add_drift_args(p) -> None:
-    p.add_argument("--model", required=True, help="NAME (its production version), NAME@alias or NAME@version")
+    p.add_argument("--model", required=True, help=f"registry model: {registry.REF_FORMS} (NAME: its production alias)")
     p.add_argument("--input", required=True, help="a data file, folder or s3:// prefix of CSV/TSV/JSONL/Parquet files")
     p.add_argument("--out", required=True, type=Path, help="folder for drift.json and drift.html")
     add_config_args(p, DriftConfig)

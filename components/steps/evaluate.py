@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from kubetune import tasks
-from kubetune.core.config import add_config_args, config_from_args, param
+from kubetune.core.config import add_config_args, config_from_args, opt, param
 from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import log
 from kubetune.errors import ConfigError, GateRejected
@@ -48,8 +48,8 @@ class GateConfig:
                         name="gate_metric", choices=lambda: ("", *tasks.all_metrics()))
     threshold: float = param(0.8, "Minimum gate_metric on the test split.", name="gate_threshold")
     tolerance: float = param(0.01, "How much worse than the current production model the new one may be.", name="gate_tolerance")
-    batch_size: int = 128
-    device: str = "auto"
+    batch_size: int = opt(128, "Rows per batch when scoring the test split (also for the reference profile).")
+    device: str = opt("auto", "Torch device for scoring: auto (cuda when available), cpu or cuda.")
 
     def check(self) -> None:
         known = tasks.all_metrics()
@@ -118,12 +118,17 @@ def reference_profile(task, model, tokens_dir: Path, meta: dict, frame, cfg: Gat
     through the same prediction code as batch inference and serving; deploy publishes it as profile.json."""
     from transformers import AutoTokenizer
 
-    from kubetune.monitoring.profile import TorchClassifier, build
+    from kubetune.monitoring.profile import build
+    from kubetune.tasks.encoding import ModelInputs
+    from kubetune.tasks.predictor import Predictor
+    from kubetune.training.modeling import TorchBackend
 
-    tokenizer = AutoTokenizer.from_pretrained(tokens_dir / "tokenizer")
-    predictor = TorchClassifier(model, tokenizer, meta["labels"], meta["max_length"], meta["model_input_names"], device,
-                                meta.get("sep_token_id"))
-    profile = build(task, predictor, task.profile_texts(frame), gold=frame, batch_size=cfg.batch_size)
+    inputs = ModelInputs(max_length=meta["max_length"], truncation=meta.get("truncation", "head"),
+                         input_names=tuple(meta["model_input_names"]), pad_token_id=meta["pad_token_id"],
+                         sep_token_id=meta.get("sep_token_id"))
+    predictor = Predictor(task, AutoTokenizer.from_pretrained(tokens_dir / "tokenizer"), meta["labels"], inputs,
+                          TorchBackend(model, inputs, device))
+    profile = build(predictor, task.profile_texts(frame), gold=frame, batch_size=cfg.batch_size)
     log(STEP, f"reference profile: {profile['rows']} rows, unknown-token share {profile['shares']['unknown']:.3f}, "
               f"truncated {profile['shares']['truncated']:.3f}")
     return profile

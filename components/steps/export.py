@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from kubetune import tasks
-from kubetune.core.config import add_config_args, config_from_args, param
+from kubetune.core.config import add_config_args, config_from_args, opt, param
 from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import log
 from kubetune.errors import ConfigError, KubetuneError
@@ -53,20 +53,24 @@ class ParityError(KubetuneError):
 
 @dataclass(frozen=True)
 class ExportConfig:
-    opset: int = 18
-    parity_rows: int = 256
-    parity_atol: float = 1e-3  # max |torch logit - onnx logit|, fp32 vs fp32
-    min_agreement: float = 0.995  # share of rows whose argmax agrees
-    device: str = "cpu"  # ONNX Runtime provider for the parity and variant checks: cpu | cuda
+    opset: int = opt(18, "ONNX opset version of the exported graph.")
+    parity_rows: int = opt(256, "Test rows on which torch and ONNX Runtime (fp32) logits are compared, at batch sizes 1 and 32.")
+    parity_atol: float = opt(1e-3, "Largest |torch logit - ONNX logit| (fp32 vs fp32) the parity check allows; more: the export "
+                                   "fails.")
+    min_agreement: float = opt(0.995, "Smallest share of rows (NER: tokens) whose argmax agrees with torch: in the parity check, "
+                                      "and in each variant's check on the rows torch decides by --agreement-margin.")
+    device: str = opt("cpu", "ONNX Runtime provider for the parity and variant checks: cpu or cuda.")
     variants: str = param("fp32,optimized,int8", "Comma-separated ONNX variants: fp32 (required), optimized, int8 (CPU), fp16 (GPU); "
                           "each passes a held-out check.", name="onnx_variants")
     require_variants: bool = param(False, "Fail the export (exit 3, like the gate) when a requested ONNX variant fails its "
                                           "check; default: a failing variant other than fp32 is dropped and reported.")
-    max_accuracy_drop: float = 0.005  # a variant's eval accuracy may be at most 0.5 points below torch's
+    max_accuracy_drop: float = opt(0.005, "How far a variant's eval accuracy may fall below torch's (0.005 = half a point); "
+                                          "more: the variant is rejected.")
     # agreement counts the rows torch decides by at least this softmax margin (top-1 minus top-2): a
     # flip of a near-tie row is harmless; the accuracy bound still covers every row
-    agreement_margin: float = 0.1
-    check_rows: int = 2000  # eval rows for the variant check (all when fewer)
+    agreement_margin: float = opt(0.1, "A variant's argmax agreement counts the rows torch decides by at least this softmax "
+                                       "margin (top-1 minus top-2 probability); its accuracy bound covers every row.")
+    check_rows: int = opt(2000, "Eval rows each variant is checked on (all when fewer).")
 
     def check(self) -> None:
         if self.parity_rows < 1 or self.check_rows < 1:

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from kubetune import tasks
-from kubetune.core.config import add_config_args, config_from_args, param, shared
+from kubetune.core.config import add_config_args, config_from_args, opt, param, shared
 from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import Progress, log
 from kubetune.core.system import resolve_cpu_kernels, usable_cpus
@@ -72,27 +72,30 @@ class FinetuneConfig:
     # per process; the effective batch is batch_size x grad_accum_steps x processes
     batch_size: int = param(32, "Training batch size.")
     learning_rate: float = param(1e-4, "Peak AdamW learning rate (linear warm-up over 10% of steps, then linear decay).")
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    grad_accum_steps: int = 1  # micro-batches per optimizer step (a big effective batch in little memory)
-    early_stopping_patience: int = 2  # epochs without eval improvement before stopping
-    selection_metric: str = ""  # eval metric that picks the best epoch; empty: the task's default
-    seed: int = shared("seed", 0)
-    device: str = "auto"  # auto | cpu | cuda
-    eval_batch_size: int = 128
-    cpu_threads: int = 0  # 0: every core this process may use (split between local DDP processes)
-    pad_multiple: int = 8  # batch widths are rounded up to this: fewer distinct shapes, little pad compute
-    compile: bool = False  # torch.compile the model (pays off on long runs of a big model only)
-    checkpoint_steps: int = 200  # also checkpoint every N optimizer steps (0: only after each epoch)
-    resume: bool = True  # resume from this run's checkpoint when one exists
+    weight_decay: float = opt(0.01, "AdamW weight decay (biases and LayerNorm weights get none).")
+    warmup_ratio: float = opt(0.1, "Share of the optimizer steps with a linear learning-rate warm-up.")
+    max_grad_norm: float = opt(1.0, "Gradients are clipped to this global norm before each optimizer step.")
+    grad_accum_steps: int = opt(1, "Micro-batches per optimizer step: a big effective batch in little memory.")
+    early_stopping_patience: int = opt(2, "Stop after this many epochs without an eval gain in the selection metric.")
+    selection_metric: str = opt("", "Eval metric that picks the best epoch and drives early stopping; empty: the task's default.")
+    seed: int = shared("seed", 0, "Seed of the new head's initialisation, dropout and the batch order (the pipeline passes "
+                                  "its seed parameter).")
+    device: str = opt("auto", "Torch device: auto (cuda when available), cpu or cuda.")
+    eval_batch_size: int = opt(128, "Rows per batch when scoring the eval split after each epoch.")
+    cpu_threads: int = opt(0, "Torch CPU threads; 0: every core this process may use (split between local DDP processes).")
+    pad_multiple: int = opt(8, "Batch widths are rounded up to a multiple of this: fewer distinct shapes, little pad compute.")
+    compile: bool = opt(False, "torch.compile the model (pays off on long runs of a big model only).")
+    checkpoint_steps: int = opt(200, "Also checkpoint to the store every N optimizer steps; 0: only after each epoch.")
+    resume: bool = opt(True, "Resume from this run's checkpoint in the store when one exists.")
     keep_checkpoints: bool = param(False, "Keep the optimizer checkpoints in the store after a successful fine-tune "
                                           "(they only serve to resume a run that failed; hundreds of MB each).")
-    peft: str = "none"  # none | lora
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.1
-    lora_target_modules: str = ""  # comma-separated module names; "" = peft's default for the architecture
+    peft: str = opt("none", "Parameter-efficient fine-tuning: none (every weight trains) or lora (adapters and the head only; "
+                            "merged into the saved model).")
+    lora_rank: int = opt(8, "LoRA: rank of the adapter matrices.")
+    lora_alpha: int = opt(16, "LoRA: scaling alpha (updates are scaled by alpha / rank).")
+    lora_dropout: float = opt(0.1, "LoRA: dropout on the adapters' input.")
+    lora_target_modules: str = opt("", "LoRA: comma-separated names of the linear modules that get adapters; empty: peft's "
+                                       "default for the architecture.")
 
     def check(self) -> None:
         problems = []

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from kubetune import tasks
-from kubetune.core.config import add_config_args, config_from_args, param
+from kubetune.core.config import add_config_args, config_from_args, opt, param
 from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import Progress, log
 from kubetune.errors import ConfigError, InputError
@@ -52,8 +52,8 @@ class TokenizeConfig:
     max_unknown_share: float = param(0.05, "Warn when more than this share of a split's tokens are the tokenizer's unknown token "
                                      "(its vocabulary does not cover the text's script).")
     fail_on_unknown: bool = param(False, "Fail (exit 2) instead of warning when a split exceeds max_unknown_share.")
-    batch_size: int = 1000  # texts per tokenizer call
-    shard_rows: int = 50_000
+    batch_size: int = opt(1000, "Texts (NER: sentences; pairs: text pairs) per tokenizer call.")
+    shard_rows: int = opt(50_000, "Rows per token shard file (<split>-NNNNN.npz); part of the tokenization cache key.")
 
     def check(self) -> None:
         if not 8 <= self.max_length <= 8192:

@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from kubetune import tasks
-from kubetune.core.config import add_config_args, config_from_args, param
+from kubetune.core.config import add_config_args, config_from_args, opt, param
 from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import log
 from kubetune.errors import ConfigError, InputError
@@ -52,17 +52,21 @@ class ValidateConfig:
     seed: int = param(0, "Seed for splitting, sampling and training.")
     eval_fraction: float = param(0.1, "Share of training rows held out for eval when no eval file is given.")
     test_fraction: float = param(0.1, "Share of training rows held out for test when no test file is given.")
-    min_text_chars: int = 1
-    max_text_chars: int = 1_000_000  # a sanity bound (a 1 MB field is not a text); tokenize truncates long texts
-    min_examples_per_class: int = 5
-    imbalance_warning_ratio: float = 0.2  # warn when smallest/largest class count is below this
+    min_text_chars: int = opt(1, "Texts shorter than this many characters fail validation (1: only empty ones).")
+    # a sanity bound (a 1 MB field is not a text); tokenize truncates long texts
+    max_text_chars: int = opt(1_000_000, "Texts longer than this many characters fail validation (a sanity bound; tokenize "
+                                         "truncates long texts).")
+    min_examples_per_class: int = opt(5, "Fail validation when a train class has fewer rows than this.")
+    imbalance_warning_ratio: float = opt(0.2, "Warn when the smallest train class has fewer rows than this share of the "
+                                              "largest.")
     # token classification (see kubetune.validation.tagging)
-    token_column: int = 0  # CoNLL: column of the token
+    token_column: int = opt(0, "NER, CoNLL files: the column holding the token (0-based).")
     tag_column: int = param(-1, "NER, CoNLL files: the column holding the tag (0-based; -1 = the last).")
-    tokens_field: str = "tokens"  # JSONL fields
-    tags_field: str = "tags"
+    tokens_field: str = opt("tokens", "NER, JSONL files: the field holding a sentence's tokens.")
+    tags_field: str = opt("tags", "NER, JSONL files: the field holding a sentence's tags.")
     repair_tags: bool = param(False, "NER: an I-<type> that continues nothing becomes B-<type> instead of an error.")
-    max_sentence_words: int = 128  # longer sentences are reported
+    max_sentence_words: int = opt(128, "NER: warn about sentences with more words than this (tokenize truncates them to "
+                                       "max_length tokens).")
 
     def check(self) -> None:
         tasks.get(self.task)

@@ -9,13 +9,13 @@ registry line. Heavy imports (torch, transformers) stay inside the methods.
 from __future__ import annotations
 
 import json
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
+
+from kubetune.tasks import encoding
 
 
 @dataclass
@@ -29,37 +29,7 @@ class Tokenized:
     stats: dict
 
 
-TRUNCATIONS = ("head", "tail", "head+tail")  # which tokens of a long text are kept (see cut_ids)
-
-
-def special_edges(tokenizer) -> tuple[int, int]:
-    """(leading, trailing) special tokens the tokenizer adds to one sequence: (1, 1) for BERT's
-    [CLS] ... [SEP] and RoBERTa's <s> ... </s>; found by comparing one word with and without them."""
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    for lead in range(len(with_special) - len(plain) + 1):
-        if with_special[lead:lead + len(plain)] == plain:
-            return lead, len(with_special) - lead - len(plain)
-    return 0, 0
-
-
-def cut_ids(ids: list[int], max_length: int, mode: str, edges: tuple[int, int]) -> list[int]:
-    """`ids` (with the special tokens) cut to `max_length`, keeping the special tokens and the text's
-    head, tail, or head+tail (the first quarter of the budget from the start, the rest from the end,
-    as in Sun et al. 2019, "How to Fine-Tune BERT for Text Classification?"). `head` equals the
-    tokenizer's own truncation=True."""
-    if len(ids) <= max_length:
-        return ids
-    lead, trail = edges
-    body, budget = ids[lead:len(ids) - trail], max_length - lead - trail
-    if mode == "head":
-        kept = body[:budget]
-    elif mode == "tail":
-        kept = body[len(body) - budget:]
-    else:
-        head = budget // 4
-        kept = body[:head] + body[len(body) - (budget - head):]
-    return ids[:lead] + kept + ids[len(ids) - trail:]
+TRUNCATIONS = encoding.TRUNCATIONS
 
 
 class Task(Protocol):
@@ -92,21 +62,21 @@ class Task(Protocol):
     def profile_texts(self, frame) -> list[str]: ...
     def profile_outputs(self, predictions: list[dict], labels: list[str]) -> dict: ...
     def profile_gold(self, frame, labels: list[str]) -> dict: ...
-    def column_predictions(self, columns: dict) -> list[dict]: ...
     # train and score
     def model_class(self): ...
     def loss(self, logits, target): ...
     def targets(self, split) -> np.ndarray: ...
     def scores(self, logits: np.ndarray, split, labels: list[str]) -> dict: ...
     def test_metrics(self, logits: np.ndarray, split, frame, labels: list[str]) -> tuple[dict, list, object]: ...
-    def champion_metrics(self, clf, rows: list, gold, labels: list[str]) -> dict: ...
+    def champion_metrics(self, predictor, rows: list, gold, labels: list[str]) -> dict: ...
     # report
     def describe_test(self, metrics: dict) -> str: ...
     def kfp_metrics(self, metrics: dict) -> dict[str, float]: ...
     def card(self, evaluation: dict) -> tuple[str, str, str]: ...
-    # predict (batch inference and serving)
-    def predict(self, clf, texts: list[str], batch_size: int) -> list[dict]: ...
-    def batch_columns(self, clf, texts: list[str], batch_size: int, on_batch=None) -> tuple[dict, np.ndarray]: ...
+    # predict (kubetune.tasks.predictor: serving, batch inference, champion scoring, profiles)
+    def encode(self, tokenizer, inputs: encoding.ModelInputs, texts: list) -> encoding.Encoded: ...
+    def decode(self, encoded: encoding.Encoded, logits, labels: list[str]) -> list[dict]: ...
+    def output_columns(self, predictions: list[dict], labels: list[str]) -> dict: ...
     def output_types(self, labels: list[str]) -> list[dict]: ...
 
 
@@ -124,33 +94,3 @@ def new_meta(task: Task, labels: list[str], sources: dict, made_here: dict, cfg)
 def write_meta(out_dir: Path, meta: dict) -> None:
     (out_dir / "labels.json").write_text(json.dumps({"labels": meta["labels"]}, indent=2))
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
-
-
-def text_chars(item) -> int:
-    """Characters of one prediction input: a text, or a tuple of texts (a pair)."""
-    return len(item) if isinstance(item, str) else sum(len(t) for t in item)
-
-
-def score_texts(clf, texts: list[str], batch_size: int,
-                on_batch: Callable[[int, float], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities [n, classes], truncated [n]) for `texts`, in their order, from row logits.
-    Rows are batched by length (little padding); the next batch is tokenized in a thread while ONNX
-    Runtime runs the current one (both release the GIL). `on_batch(rows, seconds)` after each batch."""
-    probs = np.zeros((len(texts), len(clf.labels)), dtype=np.float64)
-    truncated = np.zeros(len(texts), dtype=bool)
-    order = np.argsort(np.fromiter((text_chars(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if not batches:
-        return probs, truncated
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as pool:
-        pending = pool.submit(clf.encode, [texts[i] for i in batches[0]])
-        for k, index in enumerate(batches):
-            t0 = time.perf_counter()
-            split, cut = pending.result()
-            if k + 1 < len(batches):
-                pending = pool.submit(clf.encode, [texts[i] for i in batches[k + 1]])
-            probs[index] = clf.probabilities(clf.logits(split, batch_size=len(index)))
-            truncated[index] = cut
-            if on_batch:
-                on_batch(len(index), time.perf_counter() - t0)
-    return probs, truncated

@@ -28,8 +28,9 @@ import numpy as np
 import pandas as pd
 
 from kubetune.storage import formats
-from kubetune.tasks import base
+from kubetune.tasks import base, encoding
 from kubetune.tasks.metrics import CLASSIFICATION_METRICS
+from kubetune.tasks.predictor import softmax
 from kubetune.tasks.sequence import SequenceClassification
 from kubetune.validation import tables
 from kubetune.validation.report import EXAMPLES, SPLITS, Check, Report
@@ -109,21 +110,9 @@ class PairClassification(SequenceClassification):
         stats = {"truncated_rows": 0, "truncated_tokens": 0, "truncated_text_tokens": 0, "truncated_pair_tokens": 0}
         for start in range(0, len(texts), cfg.batch_size):
             a, b = texts[start:start + cfg.batch_size], pairs[start:start + cfg.batch_size]
-            # untruncated first, to count what truncation drops per side; redo only the long pairs
-            full = tokenizer(a, b, add_special_tokens=True, truncation=False, verbose=False)
-            ids = full["input_ids"]
-            long = [i for i, r in enumerate(ids) if len(r) > cfg.max_length]
-            if long:
-                cut = tokenizer([a[i] for i in long], [b[i] for i in long], add_special_tokens=True, truncation="longest_first",
-                                max_length=cfg.max_length)
-                for k, i in enumerate(long):
-                    before, after = _side_counts(full.encodings[i]), _side_counts(cut.encodings[k])
-                    stats["truncated_text_tokens"] += before[0] - after[0]
-                    stats["truncated_pair_tokens"] += before[1] - after[1]
-                    stats["truncated_tokens"] += len(ids[i]) - len(cut["input_ids"][k])
-                    ids[i] = cut["input_ids"][k]
-                stats["truncated_rows"] += len(long)
+            ids, _, counts = encoding.encode_pairs(tokenizer, a, b, cfg.max_length)  # the one encoder, as predictors use it
             rows += ids
+            stats = {k: stats[k] + counts[k] for k in stats}
             progress.update(len(a))
         labels = frame["label"].map(label_ids).to_numpy(dtype=np.int64)
         return base.Tokenized(rows, labels, None, stats)
@@ -135,6 +124,12 @@ class PairClassification(SequenceClassification):
                 f"({stats['truncated_tokens']} tokens dropped: {stats['truncated_text_tokens']} from the text, "
                 f"{stats['truncated_pair_tokens']} from the text pair)"]
 
+    # ---- predict -------------------------------------------------------------------------------
+    def encode(self, tokenizer, inputs: encoding.ModelInputs, texts: list) -> encoding.Encoded:
+        """(text, text_pair) inputs, cut longer side first; decode and output_columns are sequence classification's."""
+        rows, truncated, _ = encoding.encode_pairs(tokenizer, [t for t, _ in texts], [p for _, p in texts], inputs.max_length)
+        return encoding.Encoded(rows, truncated)
+
     # ---- evaluate ------------------------------------------------------------------------------
     def profile_texts(self, frame) -> list[tuple[str, str]]:
         """(text, text_pair) per row: what predict takes (coverage check, reference profile)."""
@@ -143,8 +138,6 @@ class PairClassification(SequenceClassification):
     def test_metrics(self, logits: np.ndarray, split, frame, labels: list[str]) -> tuple[dict, list, object]:
         """Classification metrics plus ranking metrics per `text` (answer selection); the champion is
         re-scored on the same pairs."""
-        from kubetune.onnx.model import softmax
-
         metrics = self.scores(logits, split, labels)
         positive = labels.index(positive_label(labels))
         p = softmax(logits.astype(np.float64))[:, positive]
@@ -183,12 +176,6 @@ def _pair_present(split: str, frame: pd.DataFrame, cfg) -> Check:
                  "have no second text (null, empty or whitespace); fill it in or drop those rows",
                  unexpected_count=len(bad), element_count=len(frame),
                  examples=list(zip(bad["source_row"], bad["text_pair"]))[:EXAMPLES])
-
-
-def _side_counts(encoding) -> tuple[int, int]:
-    """(tokens of the first text, tokens of the second) in one encoding, special tokens excluded."""
-    ids = encoding.sequence_ids
-    return sum(1 for s in ids if s == 0), sum(1 for s in ids if s == 1)
 
 
 TASK = PairClassification()

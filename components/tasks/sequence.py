@@ -17,8 +17,9 @@ import numpy as np
 from kubetune.errors import InputError
 from kubetune.monitoring.profile import CONFIDENCE_EDGES
 from kubetune.storage import formats
-from kubetune.tasks import base
+from kubetune.tasks import base, encoding
 from kubetune.tasks.metrics import CLASSIFICATION_METRICS, classification_metrics
+from kubetune.tasks.predictor import softmax
 from kubetune.validation import splits, tables
 from kubetune.validation.report import SPLITS, Report
 
@@ -86,19 +87,13 @@ class SequenceClassification:
         texts = frame["text"].tolist()
         rows: list[list[int]] = []
         truncated = lost = 0
-        edges = base.special_edges(tokenizer)
         for start in range(0, len(texts), cfg.batch_size):
             batch = texts[start:start + cfg.batch_size]
-            # tokenize untruncated, count what truncation drops, cut the long rows (the same cut_ids
-            # as kubetune.onnx.model.OnnxClassifier.encode, so serving sees what training saw)
-            full = tokenizer(batch, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-            long = [i for i, ids in enumerate(full) if len(ids) > cfg.max_length]
-            for i in long:
-                ids = base.cut_ids(full[i], cfg.max_length, cfg.truncation, edges)
-                lost += len(full[i]) - len(ids)
-                full[i] = ids
-            truncated += len(long)
-            rows += full
+            # the one encoder (kubetune.tasks.encoding), so serving and batch inference cut as training did
+            ids, cut, dropped = encoding.encode_texts(tokenizer, batch, cfg.max_length, cfg.truncation)
+            rows += ids
+            truncated += int(cut.sum())
+            lost += dropped
             progress.update(len(batch))
         labels = frame["label"].map(label_ids).to_numpy(dtype=np.int64)
         return base.Tokenized(rows, labels, None, {"truncated_rows": truncated, "truncated_tokens": lost})
@@ -122,10 +117,6 @@ class SequenceClassification:
         return {"distributions": {"predicted_label": counts},
                 "histograms": {"confidence": ([p["score"] for p in predictions], CONFIDENCE_EDGES)}}
 
-    def column_predictions(self, columns: dict) -> list[dict]:
-        """batch_columns' output back as predict's fields the profile reads (label, score)."""
-        return [{"label": label, "score": float(score)} for label, score in zip(columns["label"], columns["score"])]
-
     def profile_gold(self, frame, labels: list[str]) -> dict:
         counts = frame["label"].value_counts()
         return {"label": {k: int(counts.get(k, 0)) for k in labels}}
@@ -138,7 +129,7 @@ class SequenceClassification:
 
     model_purpose = "classify sequences"
 
-    truncations = base.TRUNCATIONS
+    truncations = encoding.TRUNCATIONS
 
     def loss(self, logits, target):
         import torch.nn.functional as F
@@ -158,8 +149,10 @@ class SequenceClassification:
         """(test metrics, the rows a champion is re-scored on, their gold labels)."""
         return self.scores(logits, split, labels), frame["text"].tolist(), split.labels
 
-    def champion_metrics(self, clf, rows: list, gold, labels: list[str]) -> dict:
-        return classification_metrics(gold, clf.logits(clf.encode(rows)[0]).argmax(-1), labels)
+    def champion_metrics(self, predictor, rows: list, gold, labels: list[str]) -> dict:
+        index = {label: k for k, label in enumerate(labels)}
+        predicted = np.array([index[p["label"]] for p in predictor.predict(rows)], dtype=np.int64)
+        return classification_metrics(gold, predicted, labels)
 
     def describe_test(self, m: dict) -> str:
         """One line of test figures, from the run summary's metrics (summary_metrics)."""
@@ -180,21 +173,22 @@ class SequenceClassification:
                 f"accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, weighted F1 {m['weighted_f1']:.4f}", table)
 
     # ---- predict -------------------------------------------------------------------------------
-    def predict(self, clf, texts: list[str], batch_size: int) -> list[dict]:
-        """Per text: the top label, its probability and every class probability ({label: p})."""
-        probs = clf.probabilities(clf.logits(clf.encode(texts)[0], batch_size))
-        top = probs.argmax(-1)
-        return [{"label": clf.labels[k], "score": float(p[k]), "probabilities": dict(zip(clf.labels, map(float, p)))}
-                for k, p in zip(top, probs)]
+    def encode(self, tokenizer, inputs: encoding.ModelInputs, texts: list) -> encoding.Encoded:
+        rows, truncated, _ = encoding.encode_texts(tokenizer, texts, inputs.max_length, inputs.truncation)
+        return encoding.Encoded(rows, truncated)
 
-    def batch_columns(self, clf, texts: list[str], batch_size: int, on_batch=None) -> tuple[dict, np.ndarray]:
-        """Batch inference columns: label, score and prob_<label> for every class; and `truncated`."""
-        probs, truncated = base.score_texts(clf, texts, batch_size, on_batch)
-        top = probs.argmax(-1) if len(probs) else np.zeros(0, dtype=np.int64)
-        out = {"label": [clf.labels[k] for k in top], "score": probs[np.arange(len(probs)), top] if len(probs) else np.zeros(0)}
-        for j, label in enumerate(clf.labels):
-            out[f"prob_{label}"] = probs[:, j]
-        return out, truncated
+    def decode(self, encoded: encoding.Encoded, logits: np.ndarray, labels: list[str]) -> list[dict]:
+        """Per input: the top label, its probability and every class probability ({label: p})."""
+        probs = softmax(logits.astype(np.float64))
+        return [{"label": labels[k], "score": float(p[k]), "probabilities": dict(zip(labels, map(float, p)))}
+                for k, p in zip(probs.argmax(-1), probs)]
+
+    def output_columns(self, predictions: list[dict], labels: list[str]) -> dict:
+        """Batch inference columns: label, score and prob_<label> for every class."""
+        out = {"label": [p["label"] for p in predictions], "score": np.array([p["score"] for p in predictions], dtype=np.float64)}
+        for label in labels:
+            out[f"prob_{label}"] = np.array([p["probabilities"][label] for p in predictions], dtype=np.float64)
+        return out
 
     def output_types(self, labels: list[str]) -> list[dict]:
         """The v2 (Open Inference Protocol) outputs, for the model metadata endpoint."""

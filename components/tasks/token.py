@@ -29,8 +29,9 @@ import numpy as np
 
 from kubetune.monitoring.profile import CONFIDENCE_EDGES
 from kubetune.storage.shards import IGNORE, TokenizedSplit
-from kubetune.tasks import base
+from kubetune.tasks import base, encoding
 from kubetune.tasks.metrics import NER_METRICS, confusion, entity_metrics, entity_spans, per_type_table
+from kubetune.tasks.predictor import softmax
 from kubetune.validation import tagging
 from kubetune.validation.report import SPLITS, Report
 
@@ -131,10 +132,6 @@ class TokenClassification:
                 "histograms": {"entities_per_sentence": ([len(p["entities"]) for p in predictions], ENTITY_COUNT_EDGES),
                                "confidence": ([e["score"] for p in predictions for e in p["entities"]], CONFIDENCE_EDGES)}}
 
-    def column_predictions(self, columns: dict) -> list[dict]:
-        """batch_columns' output back as predict's {"entities": [...]}."""
-        return [{"entities": json.loads(e)} for e in columns["entities"]]
-
     def profile_gold(self, frame, labels: list[str]) -> dict:
         counts = dict.fromkeys(entity_types(labels), 0)
         for tags in frame["tags"]:
@@ -170,8 +167,8 @@ class TokenClassification:
         kept = word_level_tags(split, logits.argmax(-1), labels)[1]
         return test_metrics(gold, kept, labels), [list(t) for t in frame["tokens"]], gold
 
-    def champion_metrics(self, clf, rows: list, gold, labels: list[str]) -> dict:
-        return entity_metrics(gold, tags_for_words(clf, rows))
+    def champion_metrics(self, predictor, rows: list, gold, labels: list[str]) -> dict:
+        return entity_metrics(gold, tags_for_words(predictor, rows))
 
     def describe_test(self, m: dict) -> str:
         """One line of test figures, from the run summary's metrics (summary_metrics)."""
@@ -189,17 +186,36 @@ class TokenClassification:
                 f"token accuracy {m['token_accuracy']:.4f} ({m['entities']} entities)", per_type_table(m))
 
     # ---- predict -------------------------------------------------------------------------------
-    def predict(self, clf, texts: list[str], batch_size: int) -> list[dict]:
-        return [{"entities": e} for e in entities(clf, texts, batch_size)]
+    def encode(self, tokenizer, inputs: encoding.ModelInputs, texts: list[str]) -> encoding.Encoded:
+        """Raw texts split into words (see the module docstring), tokenized as words with offsets; a
+        text without words is its special tokens alone. `extra`: per text (text, (word spans, word ids, offsets) or None)."""
+        spans = [word_spans(t) for t in texts]
+        enc = tokenizer([[t[a:b] for a, b in sp] for t, sp in zip(texts, spans)], is_split_into_words=True, truncation=True,
+                        max_length=inputs.max_length, return_offsets_mapping=True)
+        rows = enc["input_ids"]
+        truncated = np.array([bool(e.overflowing) for e in enc.encodings], dtype=bool)
+        extra = [(spans[i], enc.word_ids(i), enc["offset_mapping"][i]) if spans[i] else None for i in range(len(texts))]
+        return encoding.Encoded(rows, truncated, [(t, e) for t, e in zip(texts, extra)])
 
-    def batch_columns(self, clf, texts: list[str], batch_size: int, on_batch=None) -> tuple[dict, np.ndarray]:
+    def decode(self, encoded: encoding.Encoded, logits: list[np.ndarray], labels: list[str]) -> list[dict]:
+        """Per text {"entities": [...]}: word tags from each word's first sub-token, grouped into entities."""
+        out = []
+        for (text, extra), row in zip(encoded.extra, logits):
+            if extra is None:  # a text without words has no entities
+                out.append({"entities": []})
+                continue
+            spans, word_ids, offsets = extra
+            probs = softmax(row.astype(np.float64))
+            first = [pos for pos, _ in first_subtokens(word_ids)]
+            tags = [labels[int(probs[pos].argmax())] for pos in first]
+            scores = [float(probs[pos].max()) for pos in first]
+            out.append({"entities": group_entities(text, spans, word_ids, offsets, tags, scores)})
+        return out
+
+    def output_columns(self, predictions: list[dict], labels: list[str]) -> dict:
         """Batch inference columns: the entities of each text as JSON (what serving returns) and their count."""
-        found = entities(clf, texts, batch_size)
-        if on_batch:
-            on_batch(len(texts), 0.0)
-        columns = {"entities": [json.dumps(e, ensure_ascii=False) for e in found],
-                   "entity_count": np.array([len(e) for e in found], dtype=np.int64)}
-        return columns, clf.encode(texts)[1]
+        return {"entities": [json.dumps(p["entities"], ensure_ascii=False) for p in predictions],
+                "entity_count": np.array([len(p["entities"]) for p in predictions], dtype=np.int64)}
 
     def output_types(self, labels: list[str]) -> list[dict]:
         return []  # the outputs follow predict's keys (kubetune.serving.protocol)
@@ -285,38 +301,18 @@ def group_entities(text: str, spans: list[tuple[int, int]], word_ids: list[int |
     return found
 
 
-def _row_logits(clf, split: TokenizedSplit, batch_size: int) -> list[np.ndarray]:
-    flat = clf.logits(split, batch_size, per_token=True)
-    return [flat[split.offsets[i]:split.offsets[i + 1]] for i in range(len(split))]
-
-
-def tags_for_words(clf, sentences: list[list[str]], batch_size: int = 64) -> list[list[str]]:
-    """Tags of pre-split words (e.g. a CoNLL test file) by an exported model: a tag per word, from
-    its first sub-token; words past max_length get O."""
+def tags_for_words(predictor, sentences: list[list[str]], batch_size: int = 64) -> list[list[str]]:
+    """Tags of pre-split words (e.g. a CoNLL test file, the gate's champion scoring): a tag per word,
+    from its first sub-token as in training; words past max_length get O."""
     if not sentences:
         return []
-    enc = clf.tokenize([list(s) for s in sentences], is_split_into_words=True)
+    enc = predictor.tokenizer([list(s) for s in sentences], is_split_into_words=True, truncation=True, max_length=predictor.max_length)
+    split = TokenizedSplit.from_rows(enc["input_ids"])
+    flat = predictor.logits(split, batch_size)
     out = []
-    for i, logits in enumerate(_row_logits(clf, TokenizedSplit.from_rows(enc["input_ids"]), batch_size)):
-        tags = ["O"] * len(sentences[i])
+    for i in range(len(split)):
+        logits, tags = flat[split.offsets[i]:split.offsets[i + 1]], ["O"] * len(sentences[i])
         for pos, w in first_subtokens(enc.word_ids(i)):
-            tags[w] = clf.labels[int(logits[pos].argmax())]
+            tags[w] = predictor.labels[int(logits[pos].argmax())]
         out.append(tags)
-    return out
-
-
-def entities(clf, texts: list[str], batch_size: int = 64) -> list[list[dict]]:
-    """Entities of raw texts, with character offsets (see the module docstring)."""
-    spans = [word_spans(t) for t in texts]
-    todo = [i for i, sp in enumerate(spans) if sp]  # a text without words has no entities
-    out: list[list[dict]] = [[] for _ in texts]
-    if not todo:
-        return out
-    enc = clf.tokenize([[texts[i][a:b] for a, b in spans[i]] for i in todo], is_split_into_words=True, return_offsets_mapping=True)
-    for j, logits in enumerate(_row_logits(clf, TokenizedSplit.from_rows(enc["input_ids"]), batch_size)):
-        probs = clf.probabilities(logits)
-        first = [pos for pos, _ in first_subtokens(enc.word_ids(j))]
-        tags = [clf.labels[int(probs[pos].argmax())] for pos in first]
-        scores = [float(probs[pos].max()) for pos in first]
-        out[todo[j]] = group_entities(texts[todo[j]], spans[todo[j]], enc.word_ids(j), enc["offset_mapping"][j], tags, scores)
     return out

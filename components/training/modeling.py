@@ -64,6 +64,18 @@ def predict_logits(model, split: TokenizedSplit, *, per_token: bool = False, bat
     return out
 
 
+class TorchBackend:
+    """Logits from a torch model (kubetune.tasks.predictor.Backend): evaluate's reference profile
+    predicts through the same path as serving and batch inference, on the fine-tuned model."""
+
+    def __init__(self, model, inputs, device):
+        self.model, self.inputs, self.device = model, inputs, device  # inputs: kubetune.tasks.encoding.ModelInputs
+
+    def logits(self, split: TokenizedSplit, batch_size: int = 64, per_token: bool = False) -> np.ndarray:
+        return predict_logits(self.model, split, per_token=per_token, batch_size=batch_size, pad_id=self.inputs.pad_token_id,
+                              input_names=list(self.inputs.input_names), device=self.device, sep_id=self.inputs.sep_token_id)
+
+
 class DeviceSplit:
     """A training split padded once to its longest row and kept on the training device, so a batch
     is a gather on the device: no host collate and no host-to-device copy per step, which is what

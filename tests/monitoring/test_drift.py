@@ -31,7 +31,7 @@ def test_the_profile_describes_the_texts(clf, reference, sms_rows):
     assert sum(reference["histograms"]["confidence"]["counts"]) == 600
     predicted = [p["label"] for p in clf.predict(texts)]
     assert reference["distributions"]["predicted_label"] == {k: predicted.count(k) for k in clf.labels}
-    lengths = [len(r) for r in clf.tokenize(texts)["input_ids"]]
+    lengths = [len(r) for r in clf.tokenizer(texts, truncation=True, max_length=clf.max_length)["input_ids"]]
     assert reference["shares"]["truncated"] == pytest.approx(np.mean([n >= clf.max_length for n in lengths]), abs=0.01)
     assert reference["distributions"]["script"]["latin"] > 0.95 * sum(reference["distributions"]["script"].values())
     sample = np.array(reference["embedding"]["sample"])
@@ -41,7 +41,7 @@ def test_the_profile_describes_the_texts(clf, reference, sms_rows):
 
 
 def test_a_held_out_sms_slice_does_not_drift(clf, reference, sms_rows):
-    rep = drift.report(reference, profile.build(clf.task, clf, [t for _, t in sms_rows[3000:3400]]))
+    rep = drift.report(reference, profile.build(clf, [t for _, t in sms_rows[3000:3400]]))
     show("held-out SMS (400)", rep)
     assert rep["drifted"] is False, rep["drifted_signals"]
     assert signal(rep, "embedding_domain_auc")["auc"] < 0.65  # a classifier cannot tell the two SMS samples apart
@@ -49,7 +49,7 @@ def test_a_held_out_sms_slice_does_not_drift(clf, reference, sms_rows):
 
 
 def test_newsgroup_posts_drift(clf, reference):
-    rep = drift.report(reference, profile.build(clf.task, clf, newsgroups_posts(400)))
+    rep = drift.report(reference, profile.build(clf, newsgroups_posts(400)))
     show("20 Newsgroups (400)", rep)
     assert rep["drifted"] is True
     assert signal(rep, "embedding_domain_auc")["auc"] > 0.9
@@ -58,7 +58,7 @@ def test_newsgroup_posts_drift(clf, reference):
 
 
 def test_chinese_reviews_drift_on_unknown_tokens_and_script(clf, reference):
-    rep = drift.report(reference, profile.build(clf.task, clf, [t for t, _ in chinese_reviews(300)]))
+    rep = drift.report(reference, profile.build(clf, [t for t, _ in chinese_reviews(300)]))
     show("Chinese reviews (300)", rep)
     assert rep["drifted"] is True
     unknown = signal(rep, "unknown_share")
@@ -70,7 +70,7 @@ def test_chinese_reviews_drift_on_unknown_tokens_and_script(clf, reference):
 def test_shuffled_predictions_shift_the_label_distribution(clf, reference, sms_rows):
     """Spam-only SMS: same kind of text, but the predicted-label share moves far."""
     spam = [t for label, t in sms_rows[2000:] if label == "spam"][:200]
-    rep = drift.report(reference, profile.build(clf.task, clf, spam))
+    rep = drift.report(reference, profile.build(clf, spam))
     show("spam-only SMS (200)", rep)
     assert signal(rep, "predicted_label")["drifted"]
     shift = rep["predicted_label_shift"]["spam"]
@@ -89,7 +89,6 @@ def test_kubetune_drift_against_a_registry_version(tmp_path, exported_model, clf
     from kubetune.errors import InputError
     from kubetune.pipelines.cli import main
     from kubetune.release import registry
-    from kubetune.steps.drift import model_ref
     from kubetune.storage.store import open_store
     from tests.conftest import write_csv
 
@@ -109,10 +108,11 @@ def test_kubetune_drift_against_a_registry_version(tmp_path, exported_model, clf
     assert "DRIFTED" in capsys.readouterr().out and "<svg" in (tmp_path / "a" / "drift.html").read_text()
     assert main(["drift", "--store", str(store.uri), "--model", f"sms-spam@{V1}", "--input", str(sms), "--out", str(tmp_path / "b")]) == 0
     assert json.loads((tmp_path / "b" / "drift.json").read_text())["drifted"] is False
-    assert model_ref("sms-spam") == "sms-spam" and model_ref("sms-spam@canary") == "models/sms-spam/canary"
+    assert registry.parse_ref("sms-spam") == registry.ModelRef("sms-spam", "production")
+    assert registry.parse_ref("sms-spam@canary") == registry.parse_ref("models/sms-spam/canary") == registry.ModelRef("sms-spam", "canary")
 
     store.publish_dir(exported_model, registry.version_prefix("sms-spam", V0))  # published before profiles existed
     assert main(["drift", "--store", str(store.uri), "--model", f"sms-spam@{V0}", "--input", str(sms), "--out", str(tmp_path / "c")]) == 2
     assert "has no profile.json" in capsys.readouterr().err
     with pytest.raises(InputError):
-        model_ref("Bad Name@v1")
+        registry.parse_ref("Bad Name@v1")

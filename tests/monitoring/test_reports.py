@@ -41,7 +41,7 @@ def training_report(tmp_path_factory, trained_model, exported_model, small_token
 @pytest.fixture(scope="module")
 def drift_report(tmp_path_factory, clf, reference):
     """SMS (the session's 600-SMS reference profile) against 200 newsgroup posts."""
-    rep = drift.report(reference, profile.build(clf.task, clf, newsgroups_posts(200)), about={"model": "sms-spam/test"})
+    rep = drift.report(reference, profile.build(clf, newsgroups_posts(200)), about={"model": "sms-spam/test"})
     path = tmp_path_factory.mktemp("drift") / "drift.html"
     path.write_text(drift_html(rep))
     return path, rep

@@ -122,7 +122,7 @@ def test_features_mode_never_writes_the_text_and_drift_uses_the_features(tmp_pat
     # the same report as from the texts themselves, with the served predictions
     served = [r["prediction"] for r in got]
     order = sorted(range(len(got)), key=lambda i: got[i]["time"])
-    direct = profile.build(clf.task, clf, texts)
+    direct = profile.build(clf, texts)
     assert direct["counts"] == profile.from_features(clf.task, clf.labels, clf.max_length, [got[i]["features"] for i in order],
                                                      [served[i] for i in order])["counts"]
 
@@ -145,9 +145,10 @@ def test_rate_limit_caps_the_logged_texts(tmp_path, exported_model, reference, s
 
 def test_profile_from_logged_features_equals_the_profile_of_the_texts(clf, sms_rows):
     texts = [t for _, t in sms_rows[2000:2100]] + ["中文评论，模型读不懂", "Привет, как дела?"]
-    predictions = clf.predict(texts)
-    direct = profile.build(clf.task, clf, texts, predictions=predictions, sample=50)
-    feats = json.loads(json.dumps(profile.text_features(clf.tokenizer, clf.max_length, texts)))
+    scored = clf.score(texts)
+    direct = profile.build(clf, texts, scored=scored, sample=50)
+    feats = json.loads(json.dumps(profile.text_features(clf.tokenizer, texts, scored)))
+    predictions = [s.prediction for s in scored]
     assert profile.from_features(clf.task, clf.labels, clf.max_length, feats, predictions, sample=50) == direct
 
 

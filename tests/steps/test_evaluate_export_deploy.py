@@ -76,7 +76,7 @@ def test_onnx_matches_torch_on_raw_texts(exported_model, trained_model, sms_rows
 
     texts = [t for _, t in sms_rows[1000:1003]] + ["ok", "URGENT! You have won a 1 week FREE membership " * 3]
     clf = OnnxClassifier(exported_model, variant="fp32")
-    got = clf.logits(clf.encode(texts)[0], batch_size=2)
+    got = clf.logits(clf.encode(texts).split, batch_size=2)
     model = AutoModelForSequenceClassification.from_pretrained(trained_model).eval()
     tok = AutoTokenizer.from_pretrained(trained_model)
     with torch.no_grad():

@@ -109,9 +109,9 @@ def test_truncation_modes_cut_the_same_in_tokenize_and_inference(mode, tmp_path,
     kt = json.loads((folder / "kubetune.json").read_text())
     (folder / "kubetune.json").write_text(json.dumps({**kt, "truncation": mode, "max_length": 16}))
     clf = OnnxClassifier(folder, variant="fp32")
-    got, truncated = clf.encode(texts)
-    assert [got.row(i).tolist() for i in range(len(texts))] == [split.row(i).tolist() for i in range(len(texts))]
-    assert truncated.tolist() == [len(ids) > 16 for ids in full]
+    got = clf.encode(texts)
+    assert got.rows == [split.row(i).tolist() for i in range(len(texts))]
+    assert got.truncated.tolist() == [len(ids) > 16 for ids in full]
 
 
 def test_token_classification_keeps_the_head_only():

@@ -6,6 +6,7 @@ ids), ranking metrics, serving/batch input shapes, and the whole pipeline under 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -178,7 +179,8 @@ def test_pair_pipeline_end_to_end(tmp_path, capsys, answers, tiny_model_dir):
     """kfp.local, a small subset (CI) with the tiny model: 60 train questions (240 pairs), 20 test
     questions, TINY settings, fp32 only. Quality is the benchmark's business (benchmarks/pairs.py); here
     the figures must be the ones the deployed ONNX model's probabilities give."""
-    from kubetune.onnx.model import OnnxClassifier
+    from kubetune.onnx.model import OnnxBackend, OnnxClassifier
+    from kubetune.tasks.predictor import Predictor
 
     train, test = questions(answers, 60), questions(answers, 20, skip=60)
     train.to_csv(tmp_path / "train.csv", index=False)
@@ -211,9 +213,8 @@ def test_pair_pipeline_end_to_end(tmp_path, capsys, answers, tiny_model_dir):
     results = every[:24]
     assert {r["label"] for r in results} <= {"answer", "other"}
     # the segment ids matter: the same pairs scored as if one segment give other probabilities
-    clf.sep_id = None
-    flat = clf.predict(pairs)
-    clf.sep_id = info["sep_token_id"]
+    one_segment = OnnxBackend(clf.session, replace(clf.inputs, sep_token_id=None), len(clf.labels))
+    flat = Predictor(clf.task, clf.tokenizer, clf.labels, clf.inputs, one_segment).predict(pairs)
     assert max(abs(a["score"] - b["score"]) for a, b in zip(results, flat)) > 1e-3
 
     # batch inference reads the two columns and answers as OnnxClassifier.predict

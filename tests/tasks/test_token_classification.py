@@ -408,6 +408,7 @@ def test_ner_profile_counts_entities_the_same_from_gold_and_from_predictions(mod
     assert sum(per_sentence) == sum(gold.values()) and edges == ENTITY_COUNT_EDGES
     assert sum(histogram(per_sentence, edges)["counts"]) == len(kept)
     assert out["histograms"]["confidence"][0] == [pytest.approx(0.8)] * sum(gold.values())
-    columns = {"entities": [json.dumps(e) for _, e in kept]}
-    assert task.column_predictions(columns) == predictions
+    columns = task.output_columns(predictions, labels)
+    assert columns["entities"] == [json.dumps(e, ensure_ascii=False) for _, e in kept]
+    assert columns["entity_count"].tolist() == [len(e) for _, e in kept]
     assert task.profile_texts(frame)[0] == " ".join(kept[0][0].tokens)
