@@ -24,6 +24,7 @@ from kubetune.steps.evaluate import GateConfig, score_test
 from kubetune.steps.finetune import FinetuneConfig, finetune
 from kubetune.steps.tokenize import TokenizeConfig, tokenize
 from kubetune.steps.validate import ValidateConfig, validate
+from kubetune.storage.contracts import TokensMeta
 from kubetune.storage.shards import load_split
 from kubetune.tasks.metrics import per_type_table
 from kubetune.tasks.token import TASK, test_metrics, word_level_tags
@@ -85,7 +86,8 @@ def main() -> int:
     timings["finetune"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    metrics, _, _ = score_test(work / "model", work / "tokens", work / "dataset", tokens, GateConfig(device=a.device))
+    metrics, _, _, _ = score_test(work / "model", work / "tokens", work / "dataset", TokensMeta.read(work / "tokens"),
+                                  GateConfig(device=a.device))
     timings["test"] = time.perf_counter() - t0
     wall = time.perf_counter() - t_all
 

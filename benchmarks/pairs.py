@@ -35,6 +35,7 @@ from kubetune.steps.finetune import FinetuneConfig, finetune
 from kubetune.steps.tokenize import TokenizeConfig, tokenize
 from kubetune.steps.validate import ValidateConfig, validate
 from kubetune.storage import assets
+from kubetune.storage.contracts import TokensMeta
 from kubetune.tasks.metrics import classification_metrics
 from kubetune.tasks.pair import ranking_metrics
 from kubetune.training.modeling import resolve_model_dir
@@ -110,14 +111,15 @@ def main() -> int:
         print(report.error_message())
         return 2
     model_dir = resolve_model_dir(a.model, None, work)
-    tokens = tokenize(work / "dataset", model_dir, work / "tokens", TokenizeConfig(max_length=a.max_length), store=None)
+    tokenize(work / "dataset", model_dir, work / "tokens", TokenizeConfig(max_length=a.max_length), store=None)
     timings["validate+tokenize"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     training = finetune(work / "tokens", model_dir, work / "model", FinetuneConfig(epochs=a.epochs, batch_size=a.batch_size,
                                                                                   learning_rate=a.learning_rate, device=a.device))
     timings["finetune"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    metrics, _, _ = score_test(work / "model", work / "tokens", work / "dataset", tokens, GateConfig(device=a.device))
+    metrics, _, _, _ = score_test(work / "model", work / "tokens", work / "dataset", TokensMeta.read(work / "tokens"),
+                                  GateConfig(device=a.device))
     timings["test"] = time.perf_counter() - t0
     results["kubetune"] = {k: metrics[k] for k in ("ranked_questions", "mrr", "accuracy_at_1", "accuracy", "macro_f1")}
     wall = time.perf_counter() - t_all

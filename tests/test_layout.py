@@ -99,3 +99,24 @@ def test_steps_do_not_branch_on_task_names():
         found += [f"{path.relative_to(ROOT)}:{n}: {line.strip()}" for n, line in enumerate(path.read_text().splitlines(), 1)
                   if TASK_NAMES.search(line)]
     assert found == []
+
+
+def string_constants(path: Path) -> list[str]:
+    """The string literals of `path`'s code (docstrings left out)."""
+    tree = ast.parse(path.read_text())
+    docs = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
+
+
+def test_the_artifact_files_are_read_and_written_in_one_module():
+    """meta.json, kubetune.json and labels.json are kubetune.storage.contracts' (typed, versioned)."""
+    named = {str(p.relative_to(ROOT)) for p in sources().values()
+             if {"meta.json", "kubetune.json", "labels.json"} & set(string_constants(p))}
+    assert named == {"components/storage/contracts.py"}
+
+
+def test_the_store_flag_is_declared_once():
+    declared = [str(p.relative_to(ROOT)) for p in sources().values() for line in p.read_text().splitlines()
+                if "add_argument(" in line and '"--store"' in line]
+    assert declared == ["components/core/context.py"]

@@ -32,14 +32,14 @@ sequence classifier, {"entities": [...]} with character offsets for a token clas
 
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from kubetune.errors import ConfigError, InputError
+from kubetune.storage.contracts import ModelInputs, ModelSettings, read_labels
 from kubetune.storage.shards import TokenizedSplit, logit_rows, pad_batch, place_logits, sorted_batches, token_types
-from kubetune.tasks.encoding import ModelInputs
 from kubetune.tasks.predictor import Predictor
 
 VARIANTS = ("fp32", "optimized", "fp16", "int8")
@@ -47,20 +47,6 @@ VARIANTS = ("fp32", "optimized", "fp16", "int8")
 # scores depend on which texts share a batch (batch inference vs a server's micro-batches)
 PREFERENCE = {"cpu": ("optimized", "fp32"), "cuda": ("fp16", "optimized", "fp32")}
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-
-
-def read_model_json(model_dir: Path, name: str) -> dict:
-    """One of the model folder's JSON files, or a one-line InputError saying what is wrong with it."""
-    path = model_dir / name
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{model_dir}: no {name}; expected a complete folder written by kubetune export") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not readable JSON ({e}); export or download the model again") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object; export or download the model again")
-    return data
 
 
 def create_session(model_path: Path, device: str = "cpu", threads: int = 0):
@@ -95,8 +81,7 @@ def variant_file(variant: str) -> str:
 
 def accepted_variants(model_dir: Path) -> dict[str, dict]:
     """The variants export accepted for this folder, by name (fp32 alone for older folders)."""
-    info = json.loads((model_dir / "kubetune.json").read_text())
-    return info.get("variants") or {"fp32": {"file": "model.onnx"}}
+    return ModelSettings.read(model_dir).accepted()
 
 
 def pick_variant(model_dir: Path, variant: str, device: str, unchecked: bool = False) -> str:
@@ -148,16 +133,12 @@ class OnnxClassifier(Predictor):
         if not (model_dir / "model.onnx").is_file():
             raise InputError(f"{model_dir}: no model.onnx; expected a folder written by kubetune export")
         self.dir = model_dir
-        self.info = read_model_json(model_dir, "kubetune.json")
-        labels = read_model_json(model_dir, "labels.json").get("labels")
-        if not isinstance(labels, list) or not labels:
-            raise InputError(f"{model_dir / 'labels.json'}: no \"labels\" list; expected a folder written by kubetune export")
-        task = tasks.get(self.info.get("task", tasks.DEFAULT))  # folders exported before task families: sequence
+        self.settings = ModelSettings.read(model_dir, tasks.DEFAULT)  # folders exported before task families: sequence
+        labels = read_labels(model_dir)
+        task = tasks.get(self.settings.task)
         self.variant = pick_variant(model_dir, variant, device, unchecked)
         self.session = create_session(model_dir / variant_file(self.variant), device, threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        inputs = ModelInputs(max_length=int(self.info["max_length"]), truncation=self.info.get("truncation", "head"),
-                             input_names=tuple(self.input_names), pad_token_id=tokenizer.pad_token_id,
-                             sep_token_id=self.info.get("sep_token_id"))
+        inputs = replace(self.settings.inputs, input_names=tuple(self.input_names), pad_token_id=tokenizer.pad_token_id)
         super().__init__(task, tokenizer, labels, inputs, OnnxBackend(self.session, inputs, len(labels)))

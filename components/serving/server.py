@@ -36,13 +36,15 @@ from types import SimpleNamespace
 import kserve
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
+from kubetune import tasks
 from kubetune.core.system import usable_cpus
 from kubetune.monitoring import features
 from kubetune.monitoring.profile import CONFIDENCE_EDGES
-from kubetune.onnx.model import OnnxClassifier, read_model_json
+from kubetune.onnx.model import OnnxClassifier
 from kubetune.serving import protocol
 from kubetune.serving.microbatch import MicroBatcher, Overloaded, TextFailed
 from kubetune.serving.protocol import RequestError, TextLimits, apply_limits, texts_from_v1, texts_from_v2, v2_outputs
+from kubetune.storage.contracts import ModelSettings
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TOKEN_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -370,8 +372,7 @@ def serve_forever(name: str, model_dir: Path, version: str, host: str, port: int
     from fastapi.responses import JSONResponse
     from kserve.model_server import app
 
-    classifier_info = read_model_json(model_dir, "kubetune.json")
-    metrics = ServeMetrics(name, version, classifier_info.get("task", "unknown"))
+    metrics = ServeMetrics(name, version, ModelSettings.read(model_dir, tasks.DEFAULT).task)
     model = TextModel(name, model_dir, version, cfg, metrics)
     model.load()
     if log_store is not None:

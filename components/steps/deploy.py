@@ -32,7 +32,7 @@ from kubetune.onnx.model import accepted_variants
 from kubetune.release import registry
 from kubetune.release.manifests import ServingConfig, inference_service, to_yaml
 from kubetune.release.rollout import DeployConfig, GitAuth, commit_message, rollout_gitops, rollout_kserve
-from kubetune.steps.freshness import data_fingerprint
+from kubetune.storage.contracts import data_fingerprint
 from kubetune.storage.records import RunRecord
 from kubetune.storage.store import Store
 

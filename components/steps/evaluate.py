@@ -35,9 +35,10 @@ from kubetune.core.progress import log
 from kubetune.errors import ConfigError, GateRejected
 from kubetune.onnx.model import OnnxClassifier
 from kubetune.release import registry
+from kubetune.storage.contracts import TokensMeta, read_labels
 from kubetune.storage.shards import load_split
 from kubetune.storage.store import Store
-from kubetune.training.modeling import pick_device, predict_logits
+from kubetune.training.modeling import TorchBackend, pick_device
 
 STEP = "evaluate"
 
@@ -71,7 +72,7 @@ def champion_score(store: Store, name: str, task, labels: list[str], rows: list,
     if metric not in recorded["metrics"]:
         raise ConfigError(f"the production model {name}/{version} is a {recorded.get('task')} model: it has no {metric} "
                           "to compare with; give this model another --name (model_name)")
-    champion_labels = json.loads((local / "labels.json").read_text())["labels"]
+    champion_labels = read_labels(local)
     if champion_labels != labels:
         return {"version": version, "value": recorded["metrics"][metric],
                 "source": f"recorded metric (its labels {champion_labels} differ from {labels}, so it cannot be re-scored)"}
@@ -94,40 +95,34 @@ def decide(value: float, champion: dict | None, cfg: GateConfig) -> dict:
     return {**gate, "passed": True, "reason": f"{cfg.metric} {value:.4f} >= threshold {cfg.threshold}{versus}"}
 
 
-def score_test(model_dir: Path, tokens_dir: Path, dataset_dir: Path, meta: dict, cfg: GateConfig) -> tuple[dict, list, object, dict]:
+def score_test(model_dir: Path, tokens_dir: Path, dataset_dir: Path, meta: TokensMeta, cfg: GateConfig) -> tuple[dict, list, object, dict]:
     """(test metrics, the rows a champion is re-scored on, their gold labels, the reference profile),
     as the task scores them."""
     import pandas as pd
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    task, labels = tasks.get(meta["task"]), meta["labels"]
+    task, labels = tasks.get(meta.task), meta.labels
     test = load_split(tokens_dir, "test")
     device = pick_device(cfg.device)
-    model = task.model_class().from_pretrained(model_dir).to(device)
-    logits = predict_logits(model, test, per_token=task.per_token, batch_size=cfg.batch_size, pad_id=meta["pad_token_id"],
-                            input_names=meta["model_input_names"], device=device, sep_id=meta.get("sep_token_id"))
+    backend = TorchBackend(task.model_class().from_pretrained(model_dir).to(device), meta.inputs, device)
+    logits = backend.logits(test, cfg.batch_size, task.per_token)
     frame = pd.read_parquet(dataset_dir / "test.parquet")
     metrics, rows, gold = task.test_metrics(logits, test, frame, labels)
     log(STEP, f"test ({len(test)} {task.row_unit}): {task.describe_test(metrics)}\n{task.card({'metrics': metrics, 'labels': labels})[2]}")
-    return metrics, rows, gold, reference_profile(task, model, tokens_dir, meta, frame, cfg, device)
+    return metrics, rows, gold, reference_profile(task, backend, tokens_dir, meta, frame, cfg)
 
 
-def reference_profile(task, model, tokens_dir: Path, meta: dict, frame, cfg: GateConfig, device) -> dict:
+def reference_profile(task, backend: TorchBackend, tokens_dir: Path, meta: TokensMeta, frame, cfg: GateConfig) -> dict:
     """The profile of the test split and of this model's predictions on it (kubetune.monitoring.profile),
-    through the same prediction code as batch inference and serving; deploy publishes it as profile.json."""
+    through the one prediction path (kubetune.tasks.predictor) that serving and batch inference use,
+    on the torch model; deploy publishes it as profile.json."""
     from transformers import AutoTokenizer
 
     from kubetune.monitoring.profile import build
-    from kubetune.tasks.encoding import ModelInputs
     from kubetune.tasks.predictor import Predictor
-    from kubetune.training.modeling import TorchBackend
 
-    inputs = ModelInputs(max_length=meta["max_length"], truncation=meta.get("truncation", "head"),
-                         input_names=tuple(meta["model_input_names"]), pad_token_id=meta["pad_token_id"],
-                         sep_token_id=meta.get("sep_token_id"))
-    predictor = Predictor(task, AutoTokenizer.from_pretrained(tokens_dir / "tokenizer"), meta["labels"], inputs,
-                          TorchBackend(model, inputs, device))
+    predictor = Predictor(task, AutoTokenizer.from_pretrained(tokens_dir / "tokenizer"), meta.labels, meta.inputs, backend)
     profile = build(predictor, task.profile_texts(frame), gold=frame, batch_size=cfg.batch_size)
     log(STEP, f"reference profile: {profile['rows']} rows, unknown-token share {profile['shares']['unknown']:.3f}, "
               f"truncated {profile['shares']['truncated']:.3f}")
@@ -136,8 +131,8 @@ def reference_profile(task, model, tokens_dir: Path, meta: dict, frame, cfg: Gat
 
 def evaluate(model_dir: Path, tokens_dir: Path, dataset_dir: Path, store: Store, name: str, cfg: GateConfig, workdir: Path) -> dict:
     cfg.check()
-    meta = json.loads((tokens_dir / "meta.json").read_text())
-    task, labels = tasks.get(meta["task"]), meta["labels"]
+    meta = TokensMeta.read(tokens_dir)
+    task, labels = tasks.get(meta.task), meta.labels
     cfg = replace(cfg, metric=tasks.resolve_metric(task.name, cfg.metric, "gate metric"))
     metrics, rows, gold, profile = score_test(model_dir, tokens_dir, dataset_dir, meta, cfg)
     champion = champion_score(store, name, task, labels, rows, gold, cfg.metric, workdir)

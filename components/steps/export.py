@@ -38,8 +38,9 @@ from kubetune.core.progress import log
 from kubetune.errors import ConfigError, KubetuneError
 from kubetune.onnx.model import OnnxClassifier
 from kubetune.onnx.variants import accept_variants, parse_variants
+from kubetune.storage.contracts import ModelInputs, ModelSettings, TokensMeta, write_labels
 from kubetune.storage.shards import load_split
-from kubetune.training.modeling import predict_logits
+from kubetune.training.modeling import TorchBackend
 
 STEP = "export"
 # what kubetune.json keeps of each variant's check
@@ -105,16 +106,14 @@ def export_onnx(model, input_names: list[str], path: Path, opset: int) -> None:
     program.save(str(path))
 
 
-def check_parity(model, clf: OnnxClassifier, split, cfg: ExportConfig, pad_id: int, input_names: list[str],
-                 sep_id: int | None = None) -> dict:
+def check_parity(model, clf: OnnxClassifier, split, cfg: ExportConfig, inputs: ModelInputs) -> dict:
     """torch vs ONNX Runtime logits on the same rows, at two batch sizes (1 and 32) so both the
     unpadded and the padded paths are covered."""
     import torch
 
     rows = split.take(np.arange(min(cfg.parity_rows, len(split))))
     per_token = clf.task.per_token  # token classification: every real token of every row, end to end
-    reference = predict_logits(model, rows, per_token=per_token, batch_size=32, pad_id=pad_id, input_names=input_names,
-                               device=torch.device("cpu"), sep_id=sep_id)
+    reference = TorchBackend(model, inputs, torch.device("cpu")).logits(rows, 32, per_token)
     report = {"rows": len(rows), "tokens": int(rows.lengths.sum())}
     worst, agree = 0.0, 1.0
     for batch in (1, 32):
@@ -138,9 +137,9 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig, 
     cfg.check()
     wanted = parse_variants(cfg.variants)
     hf_logging.disable_progress_bar()
-    meta = json.loads((tokens_dir / "meta.json").read_text())
-    names, pad_id, task = meta["model_input_names"], meta["pad_token_id"], tasks.get(meta["task"])
-    sep_id = meta.get("sep_token_id")  # text pairs: segment ids after the first [SEP]
+    meta = TokensMeta.read(tokens_dir)
+    inputs, task = meta.inputs, tasks.get(meta.task)
+    names = list(inputs.input_names)
     model = task.model_class().from_pretrained(model_dir).float().to("cpu").eval()
 
     # ---- graph -------------------------------------------------------------------------------
@@ -155,15 +154,13 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig, 
         if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "vocab.txt", "config.json"):
             shutil.copy2(f, out_dir / f.name)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    (out_dir / "labels.json").write_text(json.dumps({"labels": labels}, indent=2))
-    info = {"task": task.name, "max_length": meta["max_length"], "truncation": meta.get("truncation", "head"), "input_names": names,
-            "output": "logits", "opset": cfg.opset, "torch": torch.__version__,
-            "sep_token_id": sep_id}
-    (out_dir / "kubetune.json").write_text(json.dumps(info, indent=2))
+    write_labels(out_dir, labels)
+    settings = ModelSettings(task.name, inputs, opset=cfg.opset, torch=torch.__version__)
+    settings.write(out_dir)
 
     # ---- parity on held-out rows -------------------------------------------------------------
     clf = OnnxClassifier(out_dir, device=cfg.device, variant="fp32")
-    parity = check_parity(model, clf, load_split(tokens_dir, "test"), cfg, pad_id, names, sep_id)
+    parity = check_parity(model, clf, load_split(tokens_dir, "test"), cfg, inputs)
     (out_dir / "parity.json").write_text(json.dumps(parity, indent=2))
     log(STEP, f"parity on {parity['rows']} test rows: max |logit diff| {parity['max_abs_diff']:.2e}, "
               f"argmax agreement {parity['argmax_agreement']:.4f}")
@@ -176,16 +173,13 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig, 
     # ---- variants, each checked on the eval split --------------------------------------------
     held_out = load_split(tokens_dir, "eval")
     held_out = held_out.take(np.arange(min(cfg.check_rows, len(held_out))))
-    reference = predict_logits(model, held_out, per_token=task.per_token, batch_size=32, pad_id=pad_id, input_names=names,
-                               device=torch.device("cpu"), sep_id=sep_id)
+    reference = TorchBackend(model, inputs, torch.device("cpu")).logits(held_out, 32, task.per_token)
     variants, rejected = accept_variants(model, names, out_dir, wanted, held_out, reference, device=cfg.device,
                                          min_agreement=cfg.min_agreement, max_accuracy_drop=cfg.max_accuracy_drop, work=work,
                                          margin=cfg.agreement_margin, required=cfg.require_variants)
-    info["variants"] = {k: {f: v[f] for f in VARIANT_FIELDS} for k, v in variants.items()}
-    if rejected:
-        info["rejected_variants"] = {k: {**{f: v[f] for f in VARIANT_FIELDS if f != "file"}, "problems": v["problems"]}
-                                     for k, v in rejected.items()}
-    (out_dir / "kubetune.json").write_text(json.dumps(info, indent=2))
+    settings.with_variants({k: {f: v[f] for f in VARIANT_FIELDS} for k, v in variants.items()},
+                           {k: {**{f: v[f] for f in VARIANT_FIELDS if f != "file"}, "problems": v["problems"]}
+                            for k, v in rejected.items()}).write(out_dir)
     parity["variants"], parity["rejected_variants"] = variants, rejected
     (out_dir / "parity.json").write_text(json.dumps(parity, indent=2))
     return {**parity, "size_bytes": onnx_path.stat().st_size, "opset": cfg.opset}

@@ -45,10 +45,11 @@ from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import Progress, log
 from kubetune.core.system import resolve_cpu_kernels, usable_cpus
 from kubetune.errors import ConfigError, InputError
+from kubetune.storage.contracts import ModelInputs, TokensMeta
 from kubetune.storage.shards import length_grouped_batches, load_split
 from kubetune.storage.store import fetch, join
 from kubetune.training.checkpoint import Checkpoints, check_compatible
-from kubetune.training.modeling import DeviceSplit, pick_device, predict_logits, resolve_model_dir
+from kubetune.training.modeling import DeviceSplit, TorchBackend, pick_device, resolve_model_dir
 from kubetune.training.parallel import World, barrier, gather, process_group, shard_batches
 
 STEP = "finetune"
@@ -204,11 +205,9 @@ def forward_loss(model, batch: dict, autocast, loss):
     return loss(logits, batch["labels"])
 
 
-def eval_scores(model, split, labels: list[str], meta: dict, cfg: FinetuneConfig, device, task) -> dict:
+def eval_scores(model, split, labels: list[str], inputs: ModelInputs, cfg: FinetuneConfig, device, task) -> dict:
     """The task's metrics of `model` on the eval split (every metric the selection may use)."""
-    logits = predict_logits(model, split, per_token=task.per_token, batch_size=cfg.eval_batch_size, pad_id=meta["pad_token_id"],
-                            input_names=meta["model_input_names"], device=device, sep_id=meta.get("sep_token_id"))
-    return task.scores(logits, split, labels)
+    return task.scores(TorchBackend(model, inputs, device).logits(split, cfg.eval_batch_size, task.per_token), split, labels)
 
 
 def out_of_memory(e: BaseException, cfg: FinetuneConfig, device) -> ConfigError | None:
@@ -254,14 +253,14 @@ class FinetuneRun:
             resolve_cpu_kernels()  # before the first multi-threaded op: see its docstring (bit-exact resume)
         set_seed(cfg.seed)  # python, numpy and torch: the head's init repeats
 
-        self.meta = json.loads((tokens_dir / "meta.json").read_text())
-        self.labels, self.names = self.meta["labels"], self.meta["model_input_names"]
-        self.task = tasks.get(self.meta["task"])
+        self.meta = TokensMeta.read(tokens_dir)
+        self.labels, self.names = self.meta.labels, list(self.meta.inputs.input_names)
+        self.task = tasks.get(self.meta.task)
         self.selection = tasks.resolve_metric(self.task.name, cfg.selection_metric, "selection_metric")
         train = load_split(tokens_dir, "train")
         self.evals = load_split(tokens_dir, "eval")
         self.train_rows = len(train)
-        self.train = DeviceSplit(train, self.meta["pad_token_id"], device, cfg.pad_multiple, sep_id=self.meta.get("sep_token_id"))
+        self.train = DeviceSplit(train, self.meta.inputs.pad_token_id, device, cfg.pad_multiple, sep_id=self.meta.inputs.sep_token_id)
         batches = len(shard_batches(length_grouped_batches(train.lengths, cfg.batch_size, np.random.default_rng(0)), world))
         self.steps_per_epoch = -(-batches // cfg.grad_accum_steps)
         self.epochs, self.epochs_reason = auto_epochs(self.steps_per_epoch, cfg.epochs)
@@ -382,7 +381,7 @@ class FinetuneRun:
         import torch
 
         cfg, st = self.cfg, self.state
-        scores = eval_scores(self.core, self.evals, self.labels, self.meta, cfg, self.device, self.task)
+        scores = eval_scores(self.core, self.evals, self.labels, self.meta.inputs, cfg, self.device, self.task)
         value = scores[self.selection]
         shown = self.task.headline
         st.history.append({"epoch": epoch, "train_loss": round(float(self.loss_sum.item()) / max(st.micro, 1), 5),

@@ -13,8 +13,6 @@ after changing hyperparameters or the base model, which the data fingerprint doe
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 from pathlib import Path
 
@@ -22,18 +20,14 @@ from kubetune.core.config import parse_bool
 from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import log
 from kubetune.release import registry
+from kubetune.storage.contracts import DatasetMeta, data_fingerprint
 
 STEP = "freshness"
 
 
-def data_fingerprint(fingerprints: dict[str, str]) -> str:
-    """One fingerprint for the train/eval/test splits (each a sha256 of its text/label rows, from
-    validate): equal iff every split has the same rows in the same order."""
-    return hashlib.sha256(json.dumps(dict(sorted(fingerprints.items()))).encode()).hexdigest()
-
-
-def decide(store, name: str, meta: dict, force: bool) -> dict:
-    fingerprint = data_fingerprint({s: v["fingerprint"] for s, v in meta["splits"].items()})
+def decide(store, name: str, fingerprints: dict[str, str], force: bool) -> dict:
+    """Train or not: `fingerprints` (the dataset's, per split) against production's recorded one."""
+    fingerprint = data_fingerprint(fingerprints)
     production = registry.read_alias(store, name)
     recorded = (production or {}).get("data_fingerprint")
     decision = {"train": True, "fingerprint": fingerprint, "production_version": (production or {}).get("version"),
@@ -53,8 +47,7 @@ def decide(store, name: str, meta: dict, force: bool) -> dict:
 
 def run_step(*, store_uri: str, run_id: str, model_name: str, dataset_dir: Path, force: bool) -> bool:
     with step_context(STEP, store_uri=store_uri, run_id=run_id, config={"model_name": model_name, "force": force}) as ctx:
-        meta = json.loads((dataset_dir / "meta.json").read_text())
-        decision = decide(ctx.store, registry.check_name(model_name), meta, force)
+        decision = decide(ctx.store, registry.check_name(model_name), DatasetMeta.read(dataset_dir).fingerprints(), force)
         log(STEP, ("training: " if decision["train"] else "SKIPPING training: ") + decision["reason"])
         ctx.outputs.update(decision)
     return decision["train"]

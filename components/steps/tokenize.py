@@ -33,6 +33,7 @@ from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import Progress, log
 from kubetune.errors import ConfigError, InputError
 from kubetune.monitoring.features import coverage
+from kubetune.storage.contracts import META, TOKENS_FORMAT, DatasetMeta, ModelInputs, TokensMeta
 from kubetune.storage.shards import save_split
 from kubetune.storage.store import Store, join
 from kubetune.tasks.base import TRUNCATIONS
@@ -40,7 +41,6 @@ from kubetune.training.modeling import resolve_model_dir
 
 STEP = "tokenize"
 SPLITS = ("train", "eval", "test")
-FORMAT = 2  # bump when the shard layout changes: old cache entries stop matching
 
 
 @dataclass(frozen=True)
@@ -76,12 +76,12 @@ def load_tokenizer(model_dir: Path):
     return tokenizer
 
 
-def cache_key(meta: dict, tokenizer, cfg: TokenizeConfig) -> str:
+def cache_key(meta: DatasetMeta, tokenizer, cfg: TokenizeConfig) -> str:
     spec = {
-        "format": FORMAT,
-        "task": meta["task"],
-        "data": {s: meta["splits"][s]["fingerprint"] for s in SPLITS},
-        "labels": meta["labels"],
+        "format": TOKENS_FORMAT,
+        "task": meta.task,
+        "data": {s: meta.splits[s]["fingerprint"] for s in SPLITS},
+        "labels": meta.labels,
         "tokenizer": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
         "truncation_side": tokenizer.truncation_side,
         "max_length": cfg.max_length,
@@ -96,34 +96,33 @@ def tokenize(dataset_dir: Path, model_dir: Path, out_dir: Path, cfg: TokenizeCon
     import pandas as pd
 
     cfg.check()
-    meta = json.loads((dataset_dir / "meta.json").read_text())
+    meta = DatasetMeta.read(dataset_dir)
     tokenizer = load_tokenizer(model_dir)
     key = cache_key(meta, tokenizer, cfg)
     cache_prefix = join("cache", STEP, key)
     if store is not None and store.is_published(cache_prefix):
-        check_coverage(store.read_json(join(cache_prefix, "meta.json")), cfg, model_dir)  # before anything is written
+        check_coverage(TokensMeta.from_json(store.read_json(join(cache_prefix, META))).splits, cfg, model_dir)  # before anything is written
         store.download_dir(cache_prefix, out_dir)
-        out = json.loads((out_dir / "meta.json").read_text())
+        out = TokensMeta.read(out_dir)
         log(STEP, f"cache hit: {store.url(cache_prefix)} (same data, tokenizer and max_length)")
-        return {**out, "cache": "hit"}
+        return {**out.to_json(), "cache": "hit"}
 
-    task = tasks.get(meta["task"])
+    task = tasks.get(meta.task)
     if cfg.truncation not in task.truncations:
         raise ConfigError(f"truncation={cfg.truncation!r}: a {task.name} model supports {', '.join(task.truncations)}")
-    label_ids = {label: i for i, label in enumerate(meta["labels"])}
+    label_ids = {label: i for i, label in enumerate(meta.labels)}
     frames = {s: pd.read_parquet(dataset_dir / f"{s}.parquet") for s in SPLITS}
     total = sum(len(f) for f in frames.values())
     progress = Progress(STEP, total, task.row_unit, every_s=2.0)
     out_dir.mkdir(parents=True, exist_ok=True)
-    info = {"format": FORMAT, "cache_key": key, "task": task.name, "labels": meta["labels"], "max_length": cfg.max_length,
-            "truncation": cfg.truncation, "pad_token_id": tokenizer.pad_token_id, "model_input_names": list(tokenizer.model_input_names),
-            # text pairs: segment ids are derived from where [SEP] sits (kubetune.storage.shards.token_types)
-            "sep_token_id": tokenizer.sep_token_id if task.segments == 2 else None,
-            "data_fingerprints": {s: meta["splits"][s]["fingerprint"] for s in SPLITS}, "splits": {}}
+    # text pairs: segment ids are derived from where [SEP] sits (kubetune.storage.shards.token_types)
+    inputs = ModelInputs(max_length=cfg.max_length, truncation=cfg.truncation, input_names=tuple(tokenizer.model_input_names),
+                         pad_token_id=tokenizer.pad_token_id, sep_token_id=tokenizer.sep_token_id if task.segments == 2 else None)
+    info = TokensMeta(key, task.name, meta.labels, inputs, meta.fingerprints(), splits={})
     for split, frame in frames.items():
         t = task.tokenize(tokenizer, frame, label_ids, cfg, progress)
         lengths = np.array([len(r) for r in t.rows])
-        info["splits"][split] = {
+        info.splits[split] = {
             "rows": len(t.rows),
             "shards": save_split(out_dir, split, t.rows, t.labels, cfg.shard_rows, t.token_labels),
             "tokens": int(lengths.sum()),
@@ -135,24 +134,24 @@ def tokenize(dataset_dir: Path, model_dir: Path, out_dir: Path, cfg: TokenizeCon
         for note in task.tokenize_notes(split, t.stats, len(t.rows), cfg.max_length):
             log(STEP, f"{note}, keeping the {cfg.truncation}")
     try:
-        check_coverage(info, cfg, model_dir)
+        check_coverage(info.splits, cfg, model_dir)
     except InputError:  # nothing half-written: the shards of this call go
-        for d in info["splits"].values():
+        for d in info.splits.values():
             for name in d["shards"]:
                 (out_dir / name).unlink(missing_ok=True)
         raise
     tokenizer.save_pretrained(out_dir / "tokenizer")
-    (out_dir / "meta.json").write_text(json.dumps(info, indent=2))
+    info.write(out_dir)
     if store is not None and store.publish_dir(out_dir, cache_prefix):
         log(STEP, f"cached as {store.url(cache_prefix)}")
-    return {**info, "cache": "miss"}
+    return {**info.to_json(), "cache": "miss"}
 
 
-def check_coverage(info: dict, cfg: TokenizeConfig, model_dir: Path) -> None:
+def check_coverage(splits: dict, cfg: TokenizeConfig, model_dir: Path) -> None:
     """Warn (or, with fail_on_unknown, fail) when a split's unknown-token share exceeds the
-    threshold: the model would be trained on [UNK]s and nothing else would say why it is poor."""
+    threshold (`splits`: the tokens meta's): the model would be trained on [UNK]s and nothing else would say why it is poor."""
     problems = []
-    for split, d in info["splits"].items():
+    for split, d in splits.items():
         c = d.get("coverage")  # absent in cache entries written before the check existed
         if c is None or c["unknown_share"] <= cfg.max_unknown_share:
             continue
@@ -176,7 +175,7 @@ def run_step(*, store_uri: str, run_id: str, dataset_dir: Path, model_uri: str, 
     with step_context(STEP, store_uri=store_uri, run_id=run_id, config={"model": model_uri, **asdict(cfg)}) as ctx:
         model_dir = resolve_model_dir(model_uri, ctx.settings, ctx.scratch)
         info = tokenize(dataset_dir, model_dir, out_dir, cfg, ctx.store)
-        ctx.outputs.update(cache=info["cache"], cache_key=info["cache_key"], truncation=info.get("truncation", "head"),
+        ctx.outputs.update(cache=info["cache"], cache_key=info["cache_key"], truncation=info["truncation"],
                            splits={s: {k: v for k, v in d.items() if k != "shards"} for s, d in info["splits"].items()})
     return info
 

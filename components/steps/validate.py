@@ -32,6 +32,7 @@ from kubetune.core.progress import log
 from kubetune.errors import ConfigError, InputError
 from kubetune.release import registry
 from kubetune.storage import assets
+from kubetune.storage.contracts import DatasetMeta
 from kubetune.storage.store import S3Settings
 from kubetune.validation.report import SPLITS, Report
 
@@ -104,9 +105,9 @@ def resolve_inputs(task_name: str, train_uri: str, model_name: str) -> tuple[str
     return train, registry.check_name(model_name) if model_name else registry.name_from_uri(train)
 
 
-def load_dataset(dataset_dir: Path) -> tuple[dict[str, pd.DataFrame], dict]:
+def load_dataset(dataset_dir: Path) -> tuple[dict[str, pd.DataFrame], DatasetMeta]:
     """Read back a validated dataset folder (used by later steps)."""
-    meta = json.loads((dataset_dir / "meta.json").read_text())
+    meta = DatasetMeta.read(dataset_dir)
     return {s: pd.read_parquet(dataset_dir / f"{s}.parquet") for s in SPLITS}, meta
 
 

@@ -8,13 +8,13 @@ registry line. Heavy imports (torch, transformers) stay inside the methods.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from kubetune.storage.contracts import DatasetMeta
 from kubetune.tasks import encoding
 
 
@@ -32,52 +32,81 @@ class Tokenized:
 TRUNCATIONS = encoding.TRUNCATIONS
 
 
-class Task(Protocol):
+class TaskData(Protocol):
+    """Its data: read each split, check them all, write the dataset folder (validate)."""
+
     name: str  # the --task value
     summary: str  # one line for --help
     formats: tuple[str, ...]  # input formats it reads (kubetune.storage.formats)
     default_data: str  # what `kubetune run --task NAME` trains on without --train
     row_unit: str  # what a row of its data is called in messages ("rows", "sentences")
-    metrics: tuple[str, ...]  # metrics a gate or the best-epoch selection may use (higher is better)
-    default_metric: str
-    headline: tuple[str, ...]  # the metrics shown in logs, epoch history and step outputs
-    summary_metrics: tuple[str, ...]  # what the run summary keeps of the test metrics
-    peft_task_type: str  # peft.TaskType member for --peft lora
-    per_token: bool  # logits per token ([batch, sequence, labels]) rather than per row
-    model_purpose: str  # "classify sequences": for the error when a model folder cannot
-    truncations: tuple[str, ...]  # the TRUNCATIONS its tokenize supports
-    segments: int  # texts per row the model reads joined by [SEP]: 1, or 2 for text pairs (token_type_ids)
-    input_fields: tuple[str, ...]  # what one prediction input holds: ("text",), ("text", "text_pair"): serving and batch
 
-    # validate: read each split, check them all, write the dataset folder
     def sources(self, train: str, eval_: str, test: str) -> dict[str, str]: ...
     def load(self, split: str, uri: str, cfg, settings, workdir: Path) -> tuple[object, str, list]: ...
     def check(self, data: dict, sources: dict, formats_: dict, files: dict, cfg) -> tuple[object, dict]: ...
     def prepare(self, usable: dict, sources: dict, cfg, out_dir: Path) -> dict: ...
     def describe_splits(self, meta: dict) -> str: ...
-    # tokenize
+
+
+class TaskInputs(Protocol):
+    """How its rows and prediction inputs become token ids (tokenize, and kubetune.tasks.encoding)."""
+
+    truncations: tuple[str, ...]  # the TRUNCATIONS its tokenize supports
+    segments: int  # texts per row the model reads joined by [SEP]: 1, or 2 for text pairs (token_type_ids)
+    input_fields: tuple[str, ...]  # what one prediction input holds: ("text",), ("text", "text_pair"): serving and batch
+
     def tokenize(self, tokenizer, frame, label_ids: dict, cfg, progress) -> Tokenized: ...
     def tokenize_notes(self, split: str, stats: dict, rows: int, max_length: int) -> list[str]: ...
-    # monitor (kubetune.monitoring): coverage check, reference profile, drift
-    def profile_texts(self, frame) -> list[str]: ...
-    def profile_outputs(self, predictions: list[dict], labels: list[str]) -> dict: ...
-    def profile_gold(self, frame, labels: list[str]) -> dict: ...
-    # train and score
+    def encode(self, tokenizer, inputs: encoding.ModelInputs, texts: list) -> encoding.Encoded: ...
+
+
+class TaskHead(Protocol):
+    """Its model head and loss (finetune)."""
+
+    peft_task_type: str  # peft.TaskType member for --peft lora
+    per_token: bool  # logits per token ([batch, sequence, labels]) rather than per row
+    model_purpose: str  # "classify sequences": for the error when a model folder cannot
+
     def model_class(self): ...
     def loss(self, logits, target): ...
     def targets(self, split) -> np.ndarray: ...
+
+
+class TaskMetrics(Protocol):
+    """How it is scored and reported (finetune's selection, evaluate's gate, the run summary, the card)."""
+
+    metrics: tuple[str, ...]  # metrics a gate or the best-epoch selection may use (higher is better)
+    default_metric: str
+    headline: tuple[str, ...]  # the metrics shown in logs, epoch history and step outputs
+    summary_metrics: tuple[str, ...]  # what the run summary keeps of the test metrics
+
     def scores(self, logits: np.ndarray, split, labels: list[str]) -> dict: ...
     def test_metrics(self, logits: np.ndarray, split, frame, labels: list[str]) -> tuple[dict, list, object]: ...
     def champion_metrics(self, predictor, rows: list, gold, labels: list[str]) -> dict: ...
-    # report
     def describe_test(self, metrics: dict) -> str: ...
     def kfp_metrics(self, metrics: dict) -> dict[str, float]: ...
     def card(self, evaluation: dict) -> tuple[str, str, str]: ...
-    # predict (kubetune.tasks.predictor: serving, batch inference, champion scoring, profiles)
-    def encode(self, tokenizer, inputs: encoding.ModelInputs, texts: list) -> encoding.Encoded: ...
+
+
+class TaskOutputs(Protocol):
+    """What its logits mean (kubetune.tasks.predictor: serving, batch inference, champion scoring, profiles)."""
+
     def decode(self, encoded: encoding.Encoded, logits, labels: list[str]) -> list[dict]: ...
     def output_columns(self, predictions: list[dict], labels: list[str]) -> dict: ...
     def output_types(self, labels: list[str]) -> list[dict]: ...
+
+
+class TaskMonitoring(Protocol):
+    """What its profiles read (kubetune.monitoring): coverage check, reference profile, drift."""
+
+    def profile_texts(self, frame) -> list[str]: ...
+    def profile_outputs(self, predictions: list[dict], labels: list[str]) -> dict: ...
+    def profile_gold(self, frame, labels: list[str]) -> dict: ...
+
+
+class Task(TaskData, TaskInputs, TaskHead, TaskMetrics, TaskOutputs, TaskMonitoring, Protocol):
+    """A task family: the six roles above. A family that is another one plus a difference subclasses
+    it and declares only the difference (pair-classification is sequence-classification of pairs)."""
 
 
 def given_sources(train: str, eval_: str, test: str) -> dict[str, str]:
@@ -92,5 +121,5 @@ def new_meta(task: Task, labels: list[str], sources: dict, made_here: dict, cfg)
 
 
 def write_meta(out_dir: Path, meta: dict) -> None:
-    (out_dir / "labels.json").write_text(json.dumps({"labels": meta["labels"]}, indent=2))
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    """The dataset folder's meta.json and labels.json (kubetune.storage.contracts.DatasetMeta)."""
+    DatasetMeta(**meta).write(out_dir)

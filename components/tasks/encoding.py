@@ -5,7 +5,8 @@ model is always fed what it was trained on, truncation included.
 
     rows, truncated, lost = encode_texts(tokenizer, ["a text", ...], max_length=128, truncation="head+tail")
 
-`ModelInputs` is the settings it needs besides the tokenizer; `Encoded` what it gives a predictor.
+`ModelInputs` (kubetune.storage.contracts) is the settings it needs besides the tokenizer; `Encoded`
+what it gives a predictor.
 """
 
 from __future__ import annotations
@@ -15,20 +16,10 @@ from functools import cached_property
 
 import numpy as np
 
+from kubetune.storage.contracts import ModelInputs  # noqa: F401  (the encoder's settings, read from the artifacts)
 from kubetune.storage.shards import TokenizedSplit
 
 TRUNCATIONS = ("head", "tail", "head+tail")  # which tokens of a long text are kept (see cut_ids)
-
-
-@dataclass(frozen=True)
-class ModelInputs:
-    """How inputs become model inputs: written by tokenize (meta.json), carried by export (kubetune.json)."""
-
-    max_length: int
-    truncation: str = "head"
-    input_names: tuple[str, ...] = ("input_ids", "attention_mask")
-    pad_token_id: int = 0
-    sep_token_id: int | None = None  # text pairs: segment 1 starts after the first [SEP] (token_type_ids)
 
 
 @dataclass

@@ -27,9 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kubetune.storage import formats
 from kubetune.tasks import base, encoding
-from kubetune.tasks.metrics import CLASSIFICATION_METRICS
 from kubetune.tasks.predictor import softmax
 from kubetune.tasks.sequence import SequenceClassification
 from kubetune.validation import tables
@@ -62,21 +60,16 @@ def ranking_metrics(groups: np.ndarray, scores: np.ndarray, positive: np.ndarray
 
 
 class PairClassification(SequenceClassification):
+    """Sequence classification of (text, text_pair): what differs is declared here, the rest is inherited
+    (formats, metrics, the gate's default metric, the headline, the PEFT task type, row logits)."""
+
     name = "pair-classification"
     summary = "a label per text pair (answer selection, NLI, paraphrase, relevance)"
-    formats = formats.TABLES
     default_data = "builtin:newsgroups-answers"
     row_unit = "pairs"
-    metrics = CLASSIFICATION_METRICS
-    default_metric = "macro_f1"
-    headline = ("accuracy", "macro_f1")
-    summary_metrics = ("accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix", "mrr", "accuracy_at_1",
-                       "ranked_questions", "positive_label")
-    peft_task_type = "SEQ_CLS"
-    per_token = False
+    summary_metrics = SequenceClassification.summary_metrics + ("mrr", "accuracy_at_1", "ranked_questions", "positive_label")
     segments = 2  # [CLS] text [SEP] text_pair [SEP]
     input_fields = ("text", "text_pair")
-    model_purpose = "classify sequences"
     truncations = ("head",)  # the tokenizer cuts the longer text of the pair first
 
     # ---- validate ------------------------------------------------------------------------------

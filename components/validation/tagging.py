@@ -33,6 +33,7 @@ import pandas as pd
 
 from kubetune.errors import InputError
 from kubetune.storage import assets, formats
+from kubetune.storage.contracts import DatasetMeta
 from kubetune.storage.store import S3Settings
 from kubetune.tasks.metrics import entity_spans
 from kubetune.validation.report import EXAMPLES, SPLITS, Check, Report
@@ -240,8 +241,7 @@ def prepare_sentences(usable: dict[str, list[Sentence]], sources: dict[str, str]
             "class_counts": {k: int(counts.get(k, 0)) for k in labels},
             "fingerprint": fingerprint(pd.DataFrame({"tokens": [r.tokens for r in rows], "tags": [r.tags for r in rows]}), ("tokens", "tags")),
         }
-    (out_dir / "labels.json").write_text(json.dumps({"labels": labels}, indent=2))
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    DatasetMeta(**meta).write(out_dir)
     return meta
 
 

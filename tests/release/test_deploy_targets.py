@@ -294,15 +294,15 @@ def test_unreachable_api_server_is_a_clear_error(store, tmp_path):
 def test_freshness_skips_unchanged_data_unless_forced(store, tmp_path):
     from kubetune.steps.freshness import data_fingerprint, decide
 
-    meta = {"splits": {"train": {"fingerprint": "a"}, "eval": {"fingerprint": "b"}, "test": {"fingerprint": "c"}}}
-    fp = data_fingerprint({"train": "a", "eval": "b", "test": "c"})
+    meta = {"train": "a", "eval": "b", "test": "c"}  # the dataset's fingerprints per split
+    fp = data_fingerprint(meta)
     assert decide(store, NAME, meta, force=False)["train"] is True  # no production model yet
     v1 = publish_version(store, "r1-aaaa", 0.95, tmp_path)
     registry.set_alias(store, NAME, registry.PRODUCTION, v1, "r1", {"data_fingerprint": fp})
     skip = decide(store, NAME, meta, force=False)
     assert skip["train"] is False and skip["production_version"] == v1 and "unchanged since production" in skip["reason"]
     assert decide(store, NAME, meta, force=True)["train"] is True
-    changed = {"splits": {**meta["splits"], "test": {"fingerprint": "d"}}}
+    changed = {**meta, "test": "d"}
     fresh = decide(store, NAME, changed, force=False)
     assert fresh["train"] is True and fresh["reason"] == "the data changed since the production model"
 

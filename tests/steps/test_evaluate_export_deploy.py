@@ -20,6 +20,7 @@ from kubetune.release.manifests import ServingConfig
 from kubetune.steps.deploy import deploy
 from kubetune.steps.evaluate import GateConfig, decide, evaluate
 from kubetune.steps.export import ExportConfig, ParityError, check_parity
+from kubetune.storage.contracts import TokensMeta
 from kubetune.storage.records import RunRecord
 from kubetune.storage.shards import load_split
 from kubetune.storage.store import StoreError, open_store
@@ -88,13 +89,13 @@ def test_parity_check_catches_a_wrong_graph(exported_model, trained_model, small
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(trained_model).eval()
-    meta = json.loads((small_tokens / "meta.json").read_text())
+    inputs = TokensMeta.read(small_tokens).inputs
     split = load_split(small_tokens, "test")
-    ok = check_parity(model, OnnxClassifier(exported_model, variant="fp32"), split, ExportConfig(), meta["pad_token_id"], meta["model_input_names"])
+    ok = check_parity(model, OnnxClassifier(exported_model, variant="fp32"), split, ExportConfig(), inputs)
     assert ok["passed"] and ok["batch_1"]["argmax_agreement"] == 1.0
     with torch.no_grad():
         model.classifier.bias += torch.tensor([5.0, -5.0])  # the torch side now disagrees with the graph
-    bad = check_parity(model, OnnxClassifier(exported_model, variant="fp32"), split, ExportConfig(), meta["pad_token_id"], meta["model_input_names"])
+    bad = check_parity(model, OnnxClassifier(exported_model, variant="fp32"), split, ExportConfig(), inputs)
     assert not bad["passed"] and bad["max_abs_diff"] > 1.0
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from kubetune.errors import ConfigError
 from kubetune.steps.validate import ValidateConfig, load_dataset, validate
+from kubetune.storage.contracts import DatasetMeta
 from kubetune.validation.splits import split_frame, subsample
 from tests.conftest import write_csv
 
@@ -19,7 +20,7 @@ def test_sms_passes_with_warnings_and_splits(tmp_path, sms_rows):
     warned = {c.name for c in report.failures("warning")}
     assert warned == {"expect_column_values_to_be_unique", "class_balance"}  # 403 repeated texts; spam is 13%
     frames, meta2 = load_dataset(tmp_path / "ds")
-    assert meta2 == meta and meta["labels"] == ["ham", "spam"]
+    assert meta2 == DatasetMeta(**meta) and meta["labels"] == ["ham", "spam"]
     assert sum(len(f) for f in frames.values()) == len(sms_rows)
     # stratified: each split keeps the overall spam share (13.4%) within 1.5 points
     for split, frame in frames.items():

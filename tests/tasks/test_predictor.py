@@ -13,7 +13,9 @@ from kubetune import tasks
 from kubetune.monitoring import profile
 from kubetune.onnx.model import OnnxClassifier
 from kubetune.steps.evaluate import GateConfig, reference_profile
+from kubetune.storage.contracts import ModelInputs, TokensMeta
 from kubetune.storage.store import LocalStore
+from kubetune.training.modeling import TorchBackend
 
 MAX_LENGTH = 16  # short enough that most SMS are cut, so head and head+tail keep different tokens
 
@@ -35,11 +37,11 @@ def test_a_head_tail_reference_profile_equals_the_serving_paths_profile(exported
     # evaluate's reference profile: the torch model, the tokenize step's meta (truncation head+tail)
     tokens_dir = tmp_path / "tokens"
     shutil.copytree(exported_model, tokens_dir / "tokenizer")
-    meta = {"labels": served.labels, "max_length": MAX_LENGTH, "truncation": "head+tail", "pad_token_id": served.tokenizer.pad_token_id,
-            "model_input_names": list(served.tokenizer.model_input_names), "sep_token_id": None}
-    model = AutoModelForSequenceClassification.from_pretrained(trained_model).eval()
+    inputs = ModelInputs(MAX_LENGTH, "head+tail", tuple(served.tokenizer.model_input_names), served.tokenizer.pad_token_id)
+    meta = TokensMeta("", "sequence-classification", served.labels, inputs, {}, {})
+    backend = TorchBackend(AutoModelForSequenceClassification.from_pretrained(trained_model).eval(), inputs, "cpu")
     frame = pd.DataFrame({"text": texts, "label": [label for label, _ in sms_rows[1000:1200]]})
-    reference = reference_profile(tasks.get("sequence-classification"), model, tokens_dir, meta, frame, GateConfig(), "cpu")
+    reference = reference_profile(tasks.get("sequence-classification"), backend, tokens_dir, meta, frame, GateConfig())
 
     serving = profile.build(served, texts)  # what serving's request log and batch inference's shard profiles are made of
     assert reference["counts"] == serving["counts"] and reference["counts"]["truncated_rows"] > 50
