@@ -40,8 +40,7 @@ from kubetune.pipelines import cluster, parameters
 from kubetune.pipelines.config import ClusterConfig
 from kubetune.release import registry
 from kubetune.release.manifests import ServingConfig
-from kubetune.release.rollout import DeployConfig, GitAuth
-from kubetune.steps.deploy import release, roll_back
+from kubetune.release.rollout import DeployConfig, GitAuth, release, roll_back
 from kubetune.steps.summary import build_summary
 from kubetune.steps.validate import resolve_inputs
 from kubetune.storage.records import RunRecord

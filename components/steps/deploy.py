@@ -21,23 +21,20 @@ import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 from kubetune import tasks
 from kubetune.core.config import add_config_args, config_from_args
 from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import log
-from kubetune.errors import ConfigError, InputError
+from kubetune.errors import ConfigError
 from kubetune.onnx.model import accepted_variants
 from kubetune.release import registry
 from kubetune.release.manifests import ServingConfig, inference_service, to_yaml
-from kubetune.release.rollout import DeployConfig, GitAuth, commit_message, rollout_gitops, rollout_kserve
+from kubetune.release.rollout import MANIFEST_FILE, DeployConfig, GitAuth, release
 from kubetune.storage.contracts import data_fingerprint
 from kubetune.storage.records import RunRecord
-from kubetune.storage.store import Store
 
 STEP = "deploy"
-MANIFEST_FILE = "inferenceservice.yaml"
 PROFILE_FILE = "profile.json"  # the reference profile drift reports compare with (kubetune.monitoring)
 REPORT_FILE = "report.html"  # the training report, next to MODEL_CARD.md
 
@@ -133,58 +130,6 @@ def publish(record: RunRecord, name: str, onnx_dir: Path, evaluation: dict, cfg:
     store.publish_dir(staging, prefix)
     log(STEP, f"published {storage_uri} (ONNX variants: {', '.join(variants)})")
     return {"version": version, "model_uri": storage_uri, "manifest_uri": store.url(f"{prefix}/{MANIFEST_FILE}"), "variants": variants}
-
-
-def release(store: Store, name: str, version: str, serving: ServingConfig, target: DeployConfig, run_id: str,
-            auth: GitAuth | None = None, move: Callable[[], dict] | None = None) -> dict:
-    """Roll a published version out to `target` and move its alias (production; `canary` for a
-    KServe canary). Shared by the deploy step, `kubetune deploy` and `kubetune rollback` (which
-    passes its own alias `move`). The alias moves only once the target took the version: after
-    Ready (kserve), after the push (gitops)."""
-    target.check()
-    prefix = registry.version_prefix(name, version)
-    if not store.is_published(prefix):
-        raise InputError(f"{name} {version} is not published in {store.uri} (see kubetune models {name})")
-    metrics = store.read_json(f"{prefix}/metrics.json")
-    storage_uri = store.url(prefix)
-    manifest = inference_service(name, version, storage_uri, metrics.get("run_id", run_id), serving)
-    extra = {"target": target.target, "data_fingerprint": metrics.get("data_fingerprint")}
-    move = move or (lambda: registry.set_alias(store, name, target.alias, version, run_id, extra))
-    moved: dict = {}
-
-    def move_alias() -> None:
-        moved.update(move())
-        log(STEP, f"{name}/{target.alias} -> {moved['version']}" + (f" (was {moved['previous']})" if moved.get("previous") else ""))
-
-    if target.target == "kserve":
-        rollout = rollout_kserve(manifest, target, commit=move_alias)
-    elif target.target == "gitops":
-        # versions published before task families existed are sequence classifiers
-        shown = {k: metrics["metrics"][k] for k in tasks.get(metrics.get("task", tasks.DEFAULT)).headline}
-        message = commit_message(name, version, shown, metrics.get("run_id", run_id), storage_uri)
-        rollout = rollout_gitops(manifest, target, auth or GitAuth(), message)
-        move_alias()
-    else:
-        rollout = {"target": "registry"}
-        move_alias()
-    return {"model_name": name, "version": version, "model_uri": storage_uri, "manifest_uri": store.url(f"{prefix}/{MANIFEST_FILE}"),
-            "alias": moved, "rollout": rollout, "manifest": manifest}
-
-
-def roll_back(store: Store, name: str, serving: ServingConfig, target: DeployConfig, run_id: str,
-              auth: GitAuth | None = None, to: str = "") -> dict:
-    """Move production back to its previous version (or `to`), rolling that version out to the
-    target first (re-apply on KServe, a revert commit for GitOps), like a deploy."""
-    current = registry.read_alias(store, name)
-    if current is None:
-        raise InputError(f"{name} has no {registry.PRODUCTION} alias in {store.uri}: nothing to roll back")
-    version = to or current.get("previous")
-    if not version:
-        raise InputError(f"{name}/{registry.PRODUCTION} is {current['version']} and has no previous version to roll back to")
-    if target.canary_traffic_percent:
-        raise ConfigError("a rollback sends all traffic to the previous version: drop --canary-traffic-percent")
-    return release(store, name, version, serving, target, run_id, auth,
-                   move=lambda: registry.rollback(store, name, run_id, to=version))
 
 
 def deploy(record: RunRecord, name: str, onnx_dir: Path, evaluation: dict, cfg: ServingConfig, work: Path,

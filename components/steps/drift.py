@@ -48,7 +48,7 @@ class DriftConfig:
 
 
 def read_texts(input_uri: str, cfg: DriftConfig, settings: S3Settings | None, work: Path) -> list[str]:
-    from kubetune.steps.batch_infer import list_inputs, read_rows
+    from kubetune.storage.inputs import list_inputs, read_rows
 
     texts = [r.text for uri in list_inputs(input_uri, settings)
              for r in read_rows(fetch(uri, settings, work), uri, cfg.text_column, "", cfg.max_chars, cfg.text_pair_column)
@@ -84,7 +84,7 @@ def read_logged_features(input_uri: str, cfg: DriftConfig, settings: S3Settings 
     """The records of a features-mode `kubetune serve --request-log` prefix (up to max_rows, a seeded
     sample), or None when the input is data with texts (a texts-mode log is read as texts)."""
     from kubetune.serving.requestlog import read_feature_records
-    from kubetune.steps.batch_infer import list_inputs
+    from kubetune.storage.inputs import list_inputs
 
     uris = list_inputs(input_uri, settings)
     if not all(u.endswith(".jsonl") for u in uris):

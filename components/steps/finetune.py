@@ -44,12 +44,22 @@ from kubetune.core.config import add_config_args, config_from_args, opt, param, 
 from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import Progress, log
 from kubetune.core.system import resolve_cpu_kernels, usable_cpus
-from kubetune.errors import ConfigError, InputError
+from kubetune.errors import ConfigError
 from kubetune.storage.contracts import ModelInputs, TokensMeta
 from kubetune.storage.shards import length_grouped_batches, load_split
 from kubetune.storage.store import fetch, join
 from kubetune.training.checkpoint import Checkpoints, check_compatible
-from kubetune.training.modeling import DeviceSplit, TorchBackend, pick_device, resolve_model_dir
+from kubetune.training.modeling import (
+    DeviceSplit,
+    TorchBackend,
+    add_lora,
+    load_classifier,
+    load_trainable,
+    param_groups,
+    pick_device,
+    resolve_model_dir,
+    trainable_state,
+)
 from kubetune.training.parallel import World, barrier, gather, process_group, shard_batches
 
 STEP = "finetune"
@@ -135,67 +145,6 @@ def auto_epochs(steps_per_epoch: int, requested: int) -> tuple[int, str]:
     capped = " (capped)" if epochs * steps_per_epoch < AUTO_MIN_STEPS else ""
     return epochs, (f"auto: {steps_per_epoch} steps per epoch < {AUTO_MIN_STEPS}, so {epochs} epochs = "
                     f"{epochs * steps_per_epoch} steps{capped}")
-
-
-def load_classifier(model_dir: Path, labels: list[str], task):
-    """The pretrained encoder with a classification head for `labels` (a new head when the
-    checkpoint has none or one of another size)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # its load report is replaced by the one line below
-    hf_logging.disable_progress_bar()  # tqdm bars with carriage returns garble pod logs
-    try:
-        model, info = task.model_class().from_pretrained(
-            model_dir,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)},
-            ignore_mismatched_sizes=True,
-            output_loading_info=True,
-        )
-    except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"model {model_dir}: not a transformers model that can {task.model_purpose} ({e})") from None
-    fresh = sorted(set(info.get("missing_keys", [])) | {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])})
-    if fresh:
-        log(STEP, f"new classification head for {len(labels)} labels ({len(fresh)} tensors initialised)")
-    return model
-
-
-def add_lora(model, cfg: FinetuneConfig, task):
-    """Wraps `model` so that only LoRA adapters and the classification head train (peft's task type
-    of the task decides which head that is)."""
-    from peft import LoraConfig, TaskType, get_peft_model
-
-    targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()] or None
-    lora = LoraConfig(task_type=TaskType[task.peft_task_type], r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                      lora_dropout=cfg.lora_dropout, target_modules=targets)
-    try:
-        return get_peft_model(model, lora)
-    except ValueError as e:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
-        raise ConfigError(f"lora_target_modules={cfg.lora_target_modules!r}: {e}; this model's linear layers are named "
-                          f"{', '.join(names)}") from None
-
-
-def param_groups(model, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def trainable_state(model) -> dict:
-    """Host copies of the trainable parameters: all of them for a full fine-tune, the adapters and
-    head for LoRA. This is what checkpoints and the best epoch keep (frozen weights never change)."""
-    return {k: p.detach().to("cpu", copy=True) for k, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable(model, state: dict) -> None:
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise ConfigError(f"saved weights do not fit this model (unexpected {result.unexpected_keys[:5]}); "
-                          "use a new run id or --resume false")
 
 
 def forward_loss(model, batch: dict, autocast, loss):

@@ -1,5 +1,7 @@
 """Torch-side helpers shared by finetune, evaluate and export: where the model comes from, which
-device runs it, device-resident training batches, and batched prediction over token shards."""
+device runs it, device-resident training batches, batched prediction over token shards (the torch
+backend of kubetune.tasks.predictor), and the model being fine-tuned (built with its head, wrapped
+for LoRA, its trainable state saved and restored)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kubetune.core.progress import log
 from kubetune.errors import ConfigError, InputError
 from kubetune.storage import assets
 from kubetune.storage.shards import IGNORE, TokenizedSplit, logit_rows, pad_batch, place_logits, sorted_batches, token_types
@@ -132,3 +135,67 @@ class DeviceSplit:
             out = {"inputs": {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()},
                    "labels": out["labels"].to(self.device, non_blocking=True)}
         return out
+
+
+# ---- the model being fine-tuned: built, wrapped for LoRA, its trainable state saved and restored ----
+
+
+def load_classifier(model_dir: Path, labels: list[str], task):
+    """The pretrained encoder with a classification head for `labels` (a new head when the
+    checkpoint has none or one of another size)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its load report is replaced by the one line below
+    hf_logging.disable_progress_bar()  # tqdm bars with carriage returns garble pod logs
+    try:
+        model, info = task.model_class().from_pretrained(
+            model_dir,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"model {model_dir}: not a transformers model that can {task.model_purpose} ({e})") from None
+    fresh = sorted(set(info.get("missing_keys", [])) | {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])})
+    if fresh:
+        log("finetune", f"new classification head for {len(labels)} labels ({len(fresh)} tensors initialised)")
+    return model
+
+
+def add_lora(model, cfg, task):
+    """Wraps `model` so that only LoRA adapters and the classification head train (peft's task type
+    of the task decides which head that is); `cfg`: the lora_* fields of kubetune.steps.finetune.FinetuneConfig."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()] or None
+    lora = LoraConfig(task_type=TaskType[task.peft_task_type], r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout, target_modules=targets)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
+        raise ConfigError(f"lora_target_modules={cfg.lora_target_modules!r}: {e}; this model's linear layers are named "
+                          f"{', '.join(names)}") from None
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def trainable_state(model) -> dict:
+    """Host copies of the trainable parameters: all of them for a full fine-tune, the adapters and
+    head for LoRA. This is what checkpoints and the best epoch keep (frozen weights never change)."""
+    return {k: p.detach().to("cpu", copy=True) for k, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model, state: dict) -> None:
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ConfigError(f"saved weights do not fit this model (unexpected {result.unexpected_keys[:5]}); "
+                          "use a new run id or --resume false")

@@ -22,8 +22,7 @@ from kubetune.pipelines import parameters
 from kubetune.pipelines.cli import main
 from kubetune.release import registry
 from kubetune.release.manifests import ServingConfig
-from kubetune.release.rollout import DeployConfig, GitAuth, RolloutFailed, rollout_gitops
-from kubetune.steps.deploy import release, roll_back
+from kubetune.release.rollout import DeployConfig, GitAuth, RolloutFailed, release, roll_back, rollout_gitops
 from kubetune.storage.store import Conflict, S3Settings, open_store
 from tests.helpers import fake_kube
 

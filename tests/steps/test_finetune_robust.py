@@ -167,9 +167,9 @@ def test_lora_for_ner_uses_the_token_task_type(tmp_path, tiny_model_dir):
     from transformers import AutoModelForTokenClassification
 
     from kubetune import tasks
-    from kubetune.steps.finetune import add_lora, load_classifier
     from kubetune.steps.tokenize import TokenizeConfig, tokenize
     from kubetune.steps.validate import ValidateConfig, validate
+    from kubetune.training.modeling import add_lora, load_classifier
 
     ner = tasks.get("token-classification")
     report, meta = validate("builtin:conll2003", "", "", ValidateConfig(task=ner.name, limit=60), tmp_path / "ds")
