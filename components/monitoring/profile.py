@@ -47,7 +47,7 @@ def build(predictor, texts: list, *, gold=None, scored: list | None = None, batc
     reference-only gold distributions."""
     task, tokenizer, max_length = predictor.task, predictor.tokenizer, predictor.max_length
     if scored is None:
-        scored = predictor.score(texts, batch_size) if texts else []
+        scored = predictor.score(texts, batch_size)
     rows, truncated = [s.ids for s in scored], np.array([s.truncated for s in scored], dtype=bool)
     special = features.special_ids(tokenizer)
     unk, content = features.unknown_counts(rows, tokenizer.unk_token_id, special)

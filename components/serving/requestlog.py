@@ -97,7 +97,7 @@ class RequestLog:
         """On the request path: sample, rate-limit and queue; never blocks. `scored`: the predictor's
         Scored items (prediction and token ids), so the features need no second tokenizer pass."""
         now = time.time()
-        for text, result in zip(texts, scored):
+        for text, item in zip(texts, scored):
             with self._lock:  # requests run on one event loop, but the lock keeps the bucket right for any caller
                 if self.random.random() >= self.rate:
                     continue
@@ -105,7 +105,7 @@ class RequestLog:
                     self.dropped.labels(model_name=self.model, reason="rate_limit").inc()
                     continue
             try:
-                self._queue.put_nowait((now, text, result))
+                self._queue.put_nowait((now, text, item))
             except queue.Full:
                 self.dropped.labels(model_name=self.model, reason="queue_full").inc()
 

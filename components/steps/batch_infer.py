@@ -58,13 +58,11 @@ class BatchConfig:
     text_column: str = opt("text", "column (JSONL: field) holding the text")
     text_pair_column: str = opt("", "pair classifiers: column (JSONL: field) holding each row's second text")
     id_column: str = opt("", "column copied to the predictions' id; empty: <file>:<row>")
-    # auto: the best accepted variant for the device (CPU: optimized, fp32); int8 on request
     variant: str = opt("auto", "ONNX variant: auto (CPU: optimized > fp32), or int8 (fastest on CPU), fp32, ...")
     shard_rows: int = opt(50_000, "rows per shard (one commit, one pod in the pipeline)")
     batch_size: int = opt(64, "rows per ONNX Runtime batch (sorted by length first)")
     max_chars: int = opt(100_000, "longer texts are rejected; over max_length tokens they are truncated")
     device: str = opt("cpu", "ONNX Runtime provider: cpu or cuda (cuda never falls back silently)", choices=("cpu", "cuda"))
-    # ONNX Runtime intra-op threads; 0: every CPU this process may use (its cgroup quota counts)
     threads: int = opt(0, "ONNX Runtime threads; 0: every core this process may use")
 
     def check(self) -> None:

@@ -36,7 +36,7 @@ from kubetune.monitoring.features import coverage
 from kubetune.storage.contracts import META, TOKENS_FORMAT, DatasetMeta, ModelInputs, TokensMeta
 from kubetune.storage.shards import save_split
 from kubetune.storage.store import Store, join
-from kubetune.tasks.base import TRUNCATIONS
+from kubetune.tasks.encoding import TRUNCATIONS
 from kubetune.training.modeling import resolve_model_dir
 
 STEP = "tokenize"
@@ -101,11 +101,11 @@ def tokenize(dataset_dir: Path, model_dir: Path, out_dir: Path, cfg: TokenizeCon
     key = cache_key(meta, tokenizer, cfg)
     cache_prefix = join("cache", STEP, key)
     if store is not None and store.is_published(cache_prefix):
-        check_coverage(TokensMeta.from_json(store.read_json(join(cache_prefix, META))).splits, cfg, model_dir)  # before anything is written
+        cached = TokensMeta.from_json(store.read_json(join(cache_prefix, META)))
+        check_coverage(cached.splits, cfg, model_dir)  # before anything is written
         store.download_dir(cache_prefix, out_dir)
-        out = TokensMeta.read(out_dir)
         log(STEP, f"cache hit: {store.url(cache_prefix)} (same data, tokenizer and max_length)")
-        return {**out.to_json(), "cache": "hit"}
+        return {**cached.to_json(), "cache": "hit"}
 
     task = tasks.get(meta.task)
     if cfg.truncation not in task.truncations:

@@ -147,9 +147,7 @@ class TokensMeta:
 
     @classmethod
     def from_json(cls, data: dict) -> "TokensMeta":
-        inputs = ModelInputs(max_length=int(data["max_length"]), truncation=data.get("truncation", ModelInputs.truncation),
-                             input_names=tuple(data["model_input_names"]), pad_token_id=int(data["pad_token_id"]),
-                             sep_token_id=data.get("sep_token_id"))
+        inputs = _inputs(data, "model_input_names", pad_token_id=int(data["pad_token_id"]))
         return cls(data.get("cache_key", ""), data["task"], list(data["labels"]), inputs, data.get("data_fingerprints", {}),
                    data["splits"])
 
@@ -191,8 +189,12 @@ class ModelSettings:
     def read(cls, folder: Path, default_task: str = "") -> "ModelSettings":
         """`default_task`: the task of a folder exported before task families (kubetune.tasks.DEFAULT)."""
         data = _checked(folder / MODEL_SETTINGS, cls.FIX, 1, ("max_length",))
-        inputs = ModelInputs(max_length=int(data["max_length"]), truncation=data.get("truncation", ModelInputs.truncation),
-                             input_names=tuple(data.get("input_names") or ("input_ids", "attention_mask")),
-                             sep_token_id=data.get("sep_token_id"))
-        return cls(data.get("task", default_task), inputs, data.get("output", "logits"), data.get("opset"), data.get("torch", ""),
-                   data.get("variants") or {}, data.get("rejected_variants") or {})
+        return cls(data.get("task", default_task), _inputs(data, "input_names"), data.get("output", "logits"), data.get("opset"),
+                   data.get("torch", ""), data.get("variants") or {}, data.get("rejected_variants") or {})
+
+
+def _inputs(data: dict, names_key: str, **given) -> ModelInputs:
+    """ModelInputs from a meta.json or kubetune.json (which name the input names differently)."""
+    names = data.get(names_key)
+    return ModelInputs(max_length=int(data["max_length"]), truncation=data.get("truncation", ModelInputs.truncation),
+                       input_names=tuple(names) if names else ModelInputs.input_names, sep_token_id=data.get("sep_token_id"), **given)

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from kubetune.storage.contracts import DatasetMeta
+from kubetune.storage.contracts import DatasetMeta, ModelInputs
 from kubetune.tasks import encoding
 
 
@@ -27,9 +27,6 @@ class Tokenized:
     labels: np.ndarray
     token_labels: list[list[int]] | None
     stats: dict
-
-
-TRUNCATIONS = encoding.TRUNCATIONS
 
 
 class TaskData(Protocol):
@@ -51,13 +48,13 @@ class TaskData(Protocol):
 class TaskInputs(Protocol):
     """How its rows and prediction inputs become token ids (tokenize, and kubetune.tasks.encoding)."""
 
-    truncations: tuple[str, ...]  # the TRUNCATIONS its tokenize supports
+    truncations: tuple[str, ...]  # which of encoding.TRUNCATIONS its tokenize supports
     segments: int  # texts per row the model reads joined by [SEP]: 1, or 2 for text pairs (token_type_ids)
     input_fields: tuple[str, ...]  # what one prediction input holds: ("text",), ("text", "text_pair"): serving and batch
 
     def tokenize(self, tokenizer, frame, label_ids: dict, cfg, progress) -> Tokenized: ...
     def tokenize_notes(self, split: str, stats: dict, rows: int, max_length: int) -> list[str]: ...
-    def encode(self, tokenizer, inputs: encoding.ModelInputs, texts: list) -> encoding.Encoded: ...
+    def encode(self, tokenizer, inputs: ModelInputs, texts: list) -> encoding.Encoded: ...
 
 
 class TaskHead(Protocol):

@@ -16,7 +16,6 @@ from functools import cached_property
 
 import numpy as np
 
-from kubetune.storage.contracts import ModelInputs  # noqa: F401  (the encoder's settings, read from the artifacts)
 from kubetune.storage.shards import TokenizedSplit
 
 TRUNCATIONS = ("head", "tail", "head+tail")  # which tokens of a long text are kept (see cut_ids)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kubetune.storage.contracts import ModelInputs
 from kubetune.tasks import base, encoding
 from kubetune.tasks.predictor import softmax
 from kubetune.tasks.sequence import SequenceClassification
@@ -118,7 +119,7 @@ class PairClassification(SequenceClassification):
                 f"{stats['truncated_pair_tokens']} from the text pair)"]
 
     # ---- predict -------------------------------------------------------------------------------
-    def encode(self, tokenizer, inputs: encoding.ModelInputs, texts: list) -> encoding.Encoded:
+    def encode(self, tokenizer, inputs: ModelInputs, texts: list) -> encoding.Encoded:
         """(text, text_pair) inputs, cut longer side first; decode and output_columns are sequence classification's."""
         rows, truncated, _ = encoding.encode_pairs(tokenizer, [t for t, _ in texts], [p for _, p in texts], inputs.max_length)
         return encoding.Encoded(rows, truncated)

@@ -21,8 +21,9 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from kubetune.storage.contracts import ModelInputs
 from kubetune.storage.shards import TokenizedSplit
-from kubetune.tasks.encoding import Encoded, ModelInputs
+from kubetune.tasks.encoding import Encoded
 
 
 class Backend(Protocol):
@@ -71,10 +72,6 @@ class Predictor:
     def logits(self, split: TokenizedSplit, batch_size: int = 64, per_token: bool | None = None) -> np.ndarray:
         return self.backend.logits(split, batch_size, self.task.per_token if per_token is None else per_token)
 
-    def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """Class probabilities (float64, the model's label order) from logits of any backend or variant."""
-        return softmax(logits.astype(np.float64))
-
     def decode(self, encoded: Encoded, batch_size: int = 64) -> list[dict]:
         """The task's predictions for encoded inputs (per-token logits are handed over per row)."""
         split = encoded.split
@@ -94,15 +91,17 @@ class Predictor:
         encoded in one tokenizer call and run `batch_size` rows at a time sorted by token length
         (little padding). The next chunk is encoded in a thread while the backend runs the current
         one (tokenizers and ONNX Runtime both release the GIL). `on_batch(inputs, seconds)` after each chunk."""
+        if not texts:
+            return []
         order = np.argsort(np.fromiter((input_chars(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
-        step = (chunk if chunk is not None else batch_size) or max(len(texts), 1)
+        step = (chunk if chunk is not None else batch_size) or len(texts)
         chunks = [order[i:i + step] for i in range(0, len(order), step)]
         out: list[Scored | None] = [None] * len(texts)
         if len(chunks) == 1:  # one chunk (a serving micro-batch): no thread to hand it to
             self._run(chunks[0], self.encode([texts[i] for i in chunks[0]]), batch_size, out, on_batch, time.perf_counter())
             return out
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as pool:
-            pending = pool.submit(self.encode, [texts[i] for i in chunks[0]]) if chunks else None
+            pending = pool.submit(self.encode, [texts[i] for i in chunks[0]])
             for k, index in enumerate(chunks):
                 t0 = time.perf_counter()
                 encoded = pending.result()

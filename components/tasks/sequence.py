@@ -17,6 +17,7 @@ import numpy as np
 from kubetune.errors import InputError
 from kubetune.monitoring.profile import CONFIDENCE_EDGES
 from kubetune.storage import formats
+from kubetune.storage.contracts import ModelInputs
 from kubetune.tasks import base, encoding
 from kubetune.tasks.metrics import CLASSIFICATION_METRICS, classification_metrics
 from kubetune.tasks.predictor import softmax
@@ -173,7 +174,7 @@ class SequenceClassification:
                 f"accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, weighted F1 {m['weighted_f1']:.4f}", table)
 
     # ---- predict -------------------------------------------------------------------------------
-    def encode(self, tokenizer, inputs: encoding.ModelInputs, texts: list) -> encoding.Encoded:
+    def encode(self, tokenizer, inputs: ModelInputs, texts: list) -> encoding.Encoded:
         rows, truncated, _ = encoding.encode_texts(tokenizer, texts, inputs.max_length, inputs.truncation)
         return encoding.Encoded(rows, truncated)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from kubetune.monitoring.profile import CONFIDENCE_EDGES
+from kubetune.storage.contracts import ModelInputs
 from kubetune.storage.shards import IGNORE, TokenizedSplit
 from kubetune.tasks import base, encoding
 from kubetune.tasks.metrics import NER_METRICS, confusion, entity_metrics, entity_spans, per_type_table
@@ -186,7 +187,7 @@ class TokenClassification:
                 f"token accuracy {m['token_accuracy']:.4f} ({m['entities']} entities)", per_type_table(m))
 
     # ---- predict -------------------------------------------------------------------------------
-    def encode(self, tokenizer, inputs: encoding.ModelInputs, texts: list[str]) -> encoding.Encoded:
+    def encode(self, tokenizer, inputs: ModelInputs, texts: list[str]) -> encoding.Encoded:
         """Raw texts split into words (see the module docstring), tokenized as words with offsets; a
         text without words is its special tokens alone. `extra`: per text (text, (word spans, word ids, offsets) or None)."""
         spans = [word_spans(t) for t in texts]

@@ -72,7 +72,7 @@ class TorchBackend:
     predicts through the same path as serving and batch inference, on the fine-tuned model."""
 
     def __init__(self, model, inputs, device):
-        self.model, self.inputs, self.device = model, inputs, device  # inputs: kubetune.tasks.encoding.ModelInputs
+        self.model, self.inputs, self.device = model, inputs, device  # inputs: kubetune.storage.contracts.ModelInputs
 
     def logits(self, split: TokenizedSplit, batch_size: int = 64, per_token: bool = False) -> np.ndarray:
         return predict_logits(self.model, split, per_token=per_token, batch_size=batch_size, pad_id=self.inputs.pad_token_id,
