@@ -33,6 +33,8 @@ def build_batch_pipeline(cluster: ClusterConfig | None = None, default_store: st
         store: str = default_store,
         text_column: str = BatchConfig.text_column,
         text_pair_column: str = BatchConfig.text_pair_column,
+        choices_column: str = BatchConfig.choices_column,
+        context_column: str = BatchConfig.context_column,
         id_column: str = BatchConfig.id_column,
         variant: str = BatchConfig.variant,
         shard_rows: int = BatchConfig.shard_rows,
@@ -50,8 +52,10 @@ def build_batch_pipeline(cluster: ClusterConfig | None = None, default_store: st
             output_uri: s3:// prefix for shards/<id>/predictions.parquet, rejects, plan.json, manifest.json; reuse it to resume.
             model: Registry model: models/<name>/<alias or version>, or <name> for its production alias.
             store: The store holding the model registry (s3://bucket/prefix).
-            text_column: Column (JSONL: field) holding the text.
+            text_column: Column (JSONL: field) holding the text (multiple choice: the question; default: text, else question).
             text_pair_column: Pair classifiers: column (field) holding each row's second text; empty for single-text models.
+            choices_column: Multiple-choice models: column (field) with each question's choices (CSV: a JSON list), else choice_0 .. choice_N columns.
+            context_column: Multiple-choice models: optional column (field) with a passage shared by the choices; empty = none.
             id_column: Column (field) with the row id copied to the predictions; empty = <file>:<row>.
             variant: ONNX variant: auto (optimized > fp32 on CPU), int8 (fastest on CPU; scores vary slightly by batch), fp32, optimized.
             shard_rows: Rows per shard; each shard is one pod and one atomic commit.
@@ -66,7 +70,8 @@ def build_batch_pipeline(cluster: ClusterConfig | None = None, default_store: st
             drifted: Whether the batch drifted from the model version's reference profile (false when it has none).
         """
         plan = ops.batch_plan(store=store, model=model, input_uri=input_uri, output_uri=output_uri, text_column=text_column,
-                              text_pair_column=text_pair_column, id_column=id_column, variant=variant, shard_rows=shard_rows,
+                              text_pair_column=text_pair_column, choices_column=choices_column, context_column=context_column,
+                              id_column=id_column, variant=variant, shard_rows=shard_rows,
                               batch_size=batch_size, max_chars=max_chars)
         configure(plan, "batch-plan", cluster)
         with dsl.ParallelFor(plan.output, parallelism=cluster.batch_parallelism, name="shards") as shard_id:

@@ -33,8 +33,9 @@ from kubetune.pipelines.config import ClusterConfig
 
 def validate(
     store: str, run_id: str, job_id: str, task: str, train_uri: str, eval_uri: str, test_uri: str, model_name: str, text_column: str,
-    text_pair_column: str, label_column: str, header: bool, tag_column: int, repair_tags: bool, limit: int, seed: int, eval_fraction: float,
-    test_fraction: float, dataset: Output[Dataset], report: Output[Markdown], expectations: Output[Artifact],
+    text_pair_column: str, label_column: str, choices_column: str, context_column: str, allow_mixed_choices: bool, header: bool,
+    tag_column: int, repair_tags: bool, limit: int, seed: int, eval_fraction: float, test_fraction: float, dataset: Output[Dataset],
+    report: Output[Markdown], expectations: Output[Artifact],
 ) -> str:
     from pathlib import Path
 
@@ -149,13 +150,14 @@ def summarize(store: str, run_id: str, job_id: str, status: dsl.PipelineTaskFina
     run_step(store_uri=store, run_id=run_id or job_id, pipeline_state=status.state)
 
 
-def batch_plan(store: str, model: str, input_uri: str, output_uri: str, text_column: str, text_pair_column: str, id_column: str,
-               variant: str, shard_rows: int, batch_size: int, max_chars: int) -> List[str]:
+def batch_plan(store: str, model: str, input_uri: str, output_uri: str, text_column: str, text_pair_column: str, choices_column: str,
+               context_column: str, id_column: str, variant: str, shard_rows: int, batch_size: int, max_chars: int) -> List[str]:
     from kubetune.steps.batch_infer import BatchConfig, plan_step
 
     return plan_step(store_uri=store, model_ref=model, input_uri=input_uri, output_uri=output_uri,
-                     cfg=BatchConfig(text_column=text_column, text_pair_column=text_pair_column, id_column=id_column, variant=variant,
-                                     shard_rows=shard_rows, batch_size=batch_size, max_chars=max_chars))
+                     cfg=BatchConfig(text_column=text_column, text_pair_column=text_pair_column, choices_column=choices_column,
+                                     context_column=context_column, id_column=id_column, variant=variant, shard_rows=shard_rows,
+                                     batch_size=batch_size, max_chars=max_chars))
 
 
 def batch_score(output_uri: str, shard_id: str) -> str:

@@ -31,8 +31,8 @@ def script_of(ch: str) -> str:
 
 
 def flat(text) -> str:
-    """A text, or a (text, text_pair) tuple of a pair classifier joined for display and script counts."""
-    return text if isinstance(text, str) else " | ".join(text)
+    """A text, or a tuple of texts (a pair; a question, its choices and context) joined for display and script counts."""
+    return text if isinstance(text, str) else " | ".join(flat(t) for t in text if t is not None)
 
 
 def script_counts(texts: list[str]) -> dict[str, int]:

@@ -1,9 +1,10 @@
 """An exported model folder, loaded for inference with ONNX Runtime.
 
 Folder layout (written by kubetune.steps.export, published by kubetune.steps.deploy):
-  model.onnx        inputs input_ids / attention_mask [/ token_type_ids], int64 [batch, sequence];
-                    output logits float32 [batch, num_labels] (token classification:
-                    [batch, sequence, num_labels])
+  model.onnx        inputs input_ids / attention_mask [/ token_type_ids], int64 [batch, sequence]
+                    (multiple choice: [batch, choices, sequence]); output logits float32 [batch,
+                    num_labels] (token classification: [batch, sequence, num_labels]; multiple
+                    choice: [batch, choices])
   tokenizer.json, tokenizer_config.json, ...   the fast tokenizer
   labels.json       {"labels": [...]} in logit order
   kubetune.json     task, max_length, truncation (head | tail | head+tail), input names, base model, opset, and `variants`
@@ -39,7 +40,7 @@ import numpy as np
 
 from kubetune.errors import ConfigError, InputError
 from kubetune.storage.contracts import ModelInputs, ModelSettings, read_labels
-from kubetune.storage.shards import TokenizedSplit, logit_rows, pad_batch, place_logits, sorted_batches, token_types
+from kubetune.storage.shards import TokenizedSplit, logit_rows, logit_width, pad_batch, place_logits, sorted_batches, token_types
 from kubetune.tasks.predictor import Predictor
 
 VARIANTS = ("fp32", "optimized", "fp16", "int8")
@@ -115,7 +116,7 @@ class OnnxBackend:
         """Logits in row order, [rows, labels]; with `per_token` every real token's logits end to end,
         [tokens, labels] (row i at split.offsets[i]:split.offsets[i + 1]), as
         kubetune.training.modeling.predict_logits gives them for the torch model."""
-        out = np.zeros((logit_rows(split, per_token), self.num_labels), dtype=np.float32)
+        out = np.zeros((logit_rows(split, per_token), logit_width(split, self.num_labels)), dtype=np.float32)
         for index in sorted_batches(split.lengths, batch_size):
             place_logits(out, split, index, self._run(*pad_batch(split, index, self.inputs.pad_token_id)), per_token)
         return out

@@ -82,16 +82,29 @@ def parse_variants(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _legacy_export(model, input_names: list[str], path: Path) -> None:
+def example_inputs(input_names: list[str], axes: tuple[str, ...]) -> dict:
+    """Example model inputs for an exporter, shaped by `axes` ([batch, sequence], or [batch, choices,
+    sequence] for multiple choice): rows (and choices) of different lengths, so the exporter
+    specialises on no size (small ids exist in every vocabulary; the values do not shape the graph)."""
+    import torch
+
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 3, 0, 0, 0]], dtype=torch.long)
+    mask = (ids > 0).long()
+    if len(axes) == 3:  # three choices, the middle one shorter
+        ids, mask = ids[:, None, :].repeat(1, 3, 1), mask[:, None, :].repeat(1, 3, 1)
+        ids[:, 1, 4:], mask[:, 1, 4:] = 0, 0
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    return {k: v for k, v in feeds.items() if k in input_names}
+
+
+def _legacy_export(model, input_names: list[str], path: Path, axes: tuple[str, ...]) -> None:
     """The TorchScript exporter's graph: ONNX Runtime's optimizer recognises its attention and
     embedding patterns (6 Attention + EmbedLayerNormalization on MiniLM), which it does not in the
     torch.export graph (SkipLayerNormalization and BiasGelu only). The result is checked against
     torch like every variant, so which exporter produced it does not change what is accepted."""
     import torch
 
-    example = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 3, 0, 0, 0]], dtype=torch.long)
-    feeds = {"input_ids": example, "attention_mask": torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]]), "token_type_ids": torch.zeros_like(example)}
-    feeds = {k: v for k, v in feeds.items() if k in input_names}
+    feeds = example_inputs(input_names, axes)
     # eager attention: SDPA traces to a graph the attention fusion does not match
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
@@ -99,21 +112,23 @@ def _legacy_export(model, input_names: list[str], path: Path) -> None:
         restore.callback(model.set_attn_implementation, previous)
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         with torch.inference_mode():
-            per_token = model(**feeds).logits.ndim == 3  # token classification: [batch, sequence, labels]
-        axes = {k: {0: "batch", 1: "sequence"} for k in feeds}
-        axes["logits"] = {0: "batch", 1: "sequence"} if per_token else {0: "batch"}
+            out_dims = model(**feeds).logits.ndim  # [batch, labels]; token classification [batch, sequence, labels]
+        dims = dict(enumerate(axes))
+        axes_of = {k: dims for k in feeds}
+        # the logits keep the inputs' leading axes: batch, and sequence (per token) or choices
+        axes_of["logits"] = dims if out_dims == 3 else {0: "batch", 1: axes[1]} if len(axes) == 3 else {0: "batch"}
         torch.onnx.export(model, (), str(path), kwargs=feeds, input_names=list(feeds), output_names=["logits"],
-                          dynamic_axes=axes, opset_version=17, dynamo=False)
+                          dynamic_axes=axes_of, opset_version=17, dynamo=False)
 
 
-def _optimize(model, input_names: list[str], fp32: Path, work: Path) -> tuple:
+def _optimize(model, input_names: list[str], fp32: Path, work: Path, axes: tuple[str, ...]) -> tuple:
     """(optimizer model, source, fused op counts): ONNX Runtime's transformer fusions over the
     TorchScript graph, or over the fp32 graph if this torch has no TorchScript exporter."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     source = work / "legacy.onnx"
     try:
-        _legacy_export(model, input_names, source)
+        _legacy_export(model, input_names, source, axes)
         origin = "torchscript exporter"
     except Exception as e:  # noqa: BLE001 - any exporter failure: fall back, and say so in the record
         log(STEP, f"optimized: the TorchScript exporter failed ({type(e).__name__}: {str(e)[:200]}); fusing the fp32 graph instead")
@@ -129,7 +144,8 @@ def _optimize(model, input_names: list[str], fp32: Path, work: Path) -> tuple:
     return opt, origin, fused
 
 
-def build_variants(model, input_names: list[str], out_dir: Path, wanted: list[str], work: Path) -> dict[str, dict]:
+def build_variants(model, input_names: list[str], out_dir: Path, wanted: list[str], work: Path,
+                   axes: tuple[str, ...] = ("batch", "sequence")) -> dict[str, dict]:
     """Write every wanted variant next to model.onnx in `out_dir`; returns {name: build facts}.
     The optimized graph is built whenever a variant derives from it, but only kept when asked for."""
     import onnx
@@ -139,7 +155,7 @@ def build_variants(model, input_names: list[str], out_dir: Path, wanted: list[st
     if wanted == ["fp32"]:
         return facts
     work.mkdir(parents=True, exist_ok=True)
-    opt, origin, fused = _optimize(model, input_names, out_dir / "model.onnx", work)
+    opt, origin, fused = _optimize(model, input_names, out_dir / "model.onnx", work, axes)
     log(STEP, f"optimized ({origin}): fused {', '.join(f'{v} {k}' for k, v in fused.items()) or 'nothing'}")
     optimized = work / variant_file("optimized")
     opt.save_model_to_file(str(optimized))
@@ -195,13 +211,13 @@ def judge_variant(got: np.ndarray, targets: np.ndarray, reference: np.ndarray, m
 
 def accept_variants(model, input_names: list[str], out_dir: Path, wanted: list[str], split: TokenizedSplit, reference: np.ndarray, *,
                     device: str, min_agreement: float, max_accuracy_drop: float, work: Path, margin: float = 0.0,
-                    required: bool = False) -> tuple[dict[str, dict], dict[str, dict]]:
+                    required: bool = False, axes: tuple[str, ...] = ("batch", "sequence")) -> tuple[dict[str, dict], dict[str, dict]]:
     """Build, check and record the variants: (accepted, rejected), each {name: check record}. fp32
     failing raises VariantRejected; another variant failing raises RequiredVariantRejected when
     `required`, else it is dropped (file removed) and returned in `rejected`."""
     if "fp16" in wanted and device != "cuda":
         log(STEP, "fp16 is a GPU variant: its check runs on the CPU provider here (through casts), not on the CUDA kernels it serves with")
-    facts = build_variants(model, input_names, out_dir, wanted, work)
+    facts = build_variants(model, input_names, out_dir, wanted, work, axes)
     return judge_variants(out_dir, facts, split, reference, device=device, min_agreement=min_agreement,
                           max_accuracy_drop=max_accuracy_drop, margin=margin, required=required)
 

@@ -117,6 +117,11 @@ class RequestLog:
                 batch.append(self._queue.get(timeout=0.1))
             except queue.Empty:
                 pass
+            while stopping and len(batch) < self.flush_texts:  # shutting down: what is queued goes into this part, not a part each
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
             due = time.monotonic() - started >= self.flush_s or len(batch) >= self.flush_texts
             if batch and (due or stopping):
                 self._write(batch)

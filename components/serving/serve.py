@@ -15,6 +15,10 @@ same label and probabilities from both. Limits (413 when exceeded, 400 for malfo
 --max-body-bytes, --max-texts per request, --max-text-chars per text (--long-texts truncate cuts
 longer texts there before tokenization; reject answers 413); the model itself reads at most its
 max_length tokens of a text, like batch inference. More than --max-queue-texts waiting: 503.
+A task whose inputs are several fields takes objects with them (kubetune.serving.protocol), e.g. a
+multiple-choice model `{"instances": [{"question": "...", "choices": ["...", "..."], "context": "..."}]}`
+(context optional; 2 to 16 choices), answered with {"answer", "letter", "choice", "score", "scores"};
+a question counts as one text for --max-texts, and each of its texts is cut to --max-text-chars.
 """
 
 from __future__ import annotations

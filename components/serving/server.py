@@ -12,7 +12,7 @@ metrics, and the model repository routes switched off (an unload request would t
 
 Monitoring metrics (per answered text; labels: model_name, and `label` = one of the model's classes
 or entity types, so the cardinality is bounded by the label set):
-  kubetune_serve_predictions_total{label}   predicted labels (NER: entities by type)
+  kubetune_serve_predictions_total{label}   predicted labels (NER: entities by type; multiple choice: answer letters)
   kubetune_serve_confidence                 histogram of the top-label probability (NER: entity scores), 0.1 buckets
   kubetune_serve_input_tokens               histogram of tokens per text after max_length
   kubetune_serve_unknown_tokens_total / kubetune_serve_content_tokens_total   unknown-token share = their ratio
@@ -139,10 +139,11 @@ class ServeMetrics:
         """The monitoring metrics of one answered request: what was predicted, how confidently, how
         long the texts were and how much of them the vocabulary covers (from the predictor's token ids)."""
         outputs = clf.task.profile_outputs([s.prediction for s in scored], clf.labels)
-        for counts in outputs["distributions"].values():
-            for label, n in counts.items():
-                if n:
-                    self._predicted.labels(model_name=self.model, label=label).inc(n)
+        # the first distribution is what was predicted (labels, entity types, answer positions); others
+        # (multiple choice's choice counts) are not predictions
+        for label, n in next(iter(outputs["distributions"].values()), {}).items():
+            if n:
+                self._predicted.labels(model_name=self.model, label=label).inc(n)
         for name, (values, _edges) in outputs["histograms"].items():
             if name == "confidence":
                 for v in values:
@@ -187,13 +188,17 @@ class TextModel(kserve.Model):
         return True
 
     def get_input_types(self) -> list[dict]:
-        fields = self.classifier.task.input_fields if self.classifier else ("text",)
-        return [{"name": f, "datatype": "BYTES", "shape": [-1]} for f in fields]
+        """One BYTES input per field of the task's inputs: [-1], or [-1, -1] for a list field (its
+        flattened form with a `<field>_count` input is accepted too). The metadata schema has no
+        place to mark an optional field (multiple choice's context): it is listed like the others."""
+        spec = protocol.input_spec(self.classifier.task if self.classifier else ("text",))
+        return [{"name": f, "datatype": "BYTES", "shape": [-1, -1] if f in spec.list_fields else [-1]} for f in spec.fields]
 
     def get_output_types(self) -> list[dict]:
         if self.classifier is None:
             return []
-        return self.classifier.task.output_types(self.classifier.labels)  # [] : the outputs follow predict's keys
+        # [] : the outputs follow predict's keys. Only the metadata tensor's fields: REST drops the rest, gRPC refuses them
+        return [{k: o[k] for k in ("name", "datatype", "shape")} for o in self.classifier.task.output_types(self.classifier.labels)]
 
     def validate(self, payload):
         """All checks happen in predict (kubetune.serving.protocol), with kubetune's messages; KServe's
@@ -206,8 +211,8 @@ class TextModel(kserve.Model):
             inputs = [SimpleNamespace(name=i.name, datatype=i.datatype, shape=i.shape,
                                       data=i.as_numpy().reshape(-1).tolist() if i._raw_data is not None else i.data)
                       for i in payload.inputs]
-            return texts_from_v2(inputs, self.classifier.task.input_fields)
-        return texts_from_v1(payload, self.classifier.task.input_fields)
+            return texts_from_v2(inputs, self.classifier.task)
+        return texts_from_v1(payload, self.classifier.task)
 
     async def predict(self, payload, headers=None):
         try:

@@ -20,7 +20,10 @@ point and `kubetune infer` run them in one process):
 predictions.parquet: id, source_file, source_row, label, score, prob_<label> for every class,
 truncated (the text was longer than the model's max_length tokens). For a token classifier (NER):
 id, source_file, source_row, entities (a JSON list of {"text", "type", "start", "end", "score"},
-character offsets into the input text), entity_count, truncated. The columns are the task's
+character offsets into the input text), entity_count, truncated. For a multiple-choice model (rows
+of a question, its choices and an optional context: kubetune.storage.inputs): id, source_file,
+source_row, answer (0-based), letter, choice, score, prob_A .. (empty past a row's choices),
+truncated. The columns are the task's
 (kubetune.tasks: output_columns); predictions come from OnnxClassifier.score (kubetune.tasks.predictor), the
 same path the online server answers with.
 rejects.parquet: id, source_file, source_row, reason, text_head (the first 200 characters).
@@ -45,18 +48,26 @@ from kubetune.errors import ConfigError, InputError
 from kubetune.monitoring import profile
 from kubetune.onnx.model import VARIANTS, OnnxClassifier
 from kubetune.release import registry
-from kubetune.storage.inputs import Row, list_inputs, read_rows
+from kubetune.storage.contracts import MODEL_SETTINGS, ModelSettings
+from kubetune.storage.inputs import CHOICES_DEFAULT, Row, columns_problem, list_inputs, read_rows
 from kubetune.storage.store import NotFound, S3Settings, Store, fetch, join, open_store
 
 STEP = "infer"
 PLAN, MANIFEST, PROFILE = "plan.json", "manifest.json", "profile.json"
 DRIFT_JSON, DRIFT_HTML = "drift.json", "drift.html"
+# settings added after plans were first written: left out of a plan's config at their defaults, so a
+# plan written before them keeps its fingerprint (its batch can still be resumed)
+LATER_FIELDS = ("choices_column", "context_column")
 
 
 @dataclass(frozen=True)
 class BatchConfig:
     text_column: str = opt("text", "column (JSONL: field) holding the text")
     text_pair_column: str = opt("", "pair classifiers: column (JSONL: field) holding each row's second text")
+    choices_column: str = opt(CHOICES_DEFAULT, "multiple-choice models: column (JSONL: field) holding each question's list of "
+                              "choices (CSV: a JSON list), or choice_0 .. choice_N columns when there is no such column; the "
+                              "question is --text-column (`question` when that is left at `text` and there is no `text`)")
+    context_column: str = opt("", "multiple-choice models: optional column (field) with a passage shared by the choices")
     id_column: str = opt("", "column copied to the predictions' id; empty: <file>:<row>")
     variant: str = opt("auto", "ONNX variant: auto (CPU: optimized > fp32), or int8 (fastest on CPU), fp32, ...")
     shard_rows: int = opt(50_000, "rows per shard (one commit, one pod in the pipeline)")
@@ -83,14 +94,18 @@ def make_plan(store: Store, model_ref: str, input_uri: str, output: Store, cfg: 
     the same plan (a re-run), refused when it has a different one."""
     cfg.check()
     name, version = registry.resolve(store, model_ref)
+    task = model_task(store, name, version, settings, work)
+    if task is not None:
+        check_columns(task, cfg, name)
     shards = []
     for uri in list_inputs(input_uri, settings):
-        rows = len(read_rows(fetch(uri, settings, work), uri, cfg.text_column, cfg.id_column, cfg.max_chars, cfg.text_pair_column))
+        rows = len(_read(fetch(uri, settings, work), uri, cfg, task))
         for start in range(0, rows, cfg.shard_rows):
             shards.append({"id": f"{len(shards):05d}", "file": uri, "start": start, "stop": min(start + cfg.shard_rows, rows)})
     if not shards:
         raise InputError(f"{input_uri}: the input files hold no data rows")
-    plan = {"input": input_uri, "model_ref": model_ref, "config": asdict(cfg), "shards": shards}
+    config = {k: v for k, v in asdict(cfg).items() if k not in LATER_FIELDS or v != getattr(BatchConfig, k)}
+    plan = {"input": input_uri, "model_ref": model_ref, "config": config, "shards": shards}
     plan["fingerprint"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
     plan["model"] = {"name": name, "version": version, "uri": store.url(registry.version_prefix(name, version))}
     try:
@@ -107,6 +122,30 @@ def make_plan(store: Store, model_ref: str, input_uri: str, output: Store, cfg: 
     log(STEP, f"plan: {len(shards)} shards of <= {cfg.shard_rows} rows from {len({s['file'] for s in shards})} files; "
               f"model {name} {version}")
     return plan
+
+
+def model_task(store: Store, name: str, version: str, settings: S3Settings | None, work: Path):
+    """The task (kubetune.tasks) of a registry version, from its settings file alone (the plan needs
+    it to read the rows, not the model); None when the version has none (the scorer then says why)."""
+    from kubetune import tasks
+
+    try:
+        path = fetch(store.url(join(registry.version_prefix(name, version), MODEL_SETTINGS)), settings, work)
+    except (InputError, NotFound):
+        return None
+    return tasks.get(ModelSettings.read(path.parent, tasks.DEFAULT).task)
+
+
+def check_columns(task, cfg: BatchConfig, model: str) -> None:
+    """The column options must fit what the model reads (a second text for a pair classifier, ...)."""
+    fix = columns_problem(task, cfg.text_pair_column, cfg.choices_column, cfg.context_column)
+    if fix:
+        raise InputError(f"model {model} is a {task.name} model, which reads {' and '.join(task.input_fields)}: {fix}")
+
+
+def _read(path: Path, uri: str, cfg: BatchConfig, task) -> list[Row]:
+    return read_rows(path, uri, cfg.text_column, cfg.id_column, cfg.max_chars, cfg.text_pair_column, task=task,
+                     choices_column=cfg.choices_column, context_column=cfg.context_column)
 
 
 # ---- score ---------------------------------------------------------------------------------------
@@ -141,11 +180,7 @@ class ShardScorer:
             model_dir = fetch(self.plan["model"]["uri"], self.settings, self.work)
             threads = self.cfg.threads or usable_cpus()
             self._clf = OnnxClassifier(model_dir, device=self.cfg.device, threads=threads, variant=self.cfg.variant)
-            fields = self._clf.task.input_fields
-            if len(fields) != 1 + bool(self.cfg.text_pair_column):
-                raise InputError(f"model {self.plan['model']['name']} is a {self._clf.task.name} model, which reads "
-                                 f"{' and '.join(fields)}: " + ("give the second text's column with --text-pair-column"
-                                                                if len(fields) > 1 else "drop --text-pair-column"))
+            check_columns(self._clf.task, self.cfg, self.plan["model"]["name"])
             log(STEP, f"model {self.plan['model']['name']} {self.plan['model']['version']}, variant {self._clf.variant}, "
                       f"{self._clf.session.get_providers()[0]}, {threads} threads")
         return self._clf
@@ -153,8 +188,7 @@ class ShardScorer:
     def rows(self, file: str) -> list[Row]:
         if self._file is None or self._file[0] != file:
             path = fetch(file, self.settings, self.work)
-            self._file = (file, read_rows(path, file, self.cfg.text_column, self.cfg.id_column, self.cfg.max_chars,
-                                          self.cfg.text_pair_column))
+            self._file = (file, _read(path, file, self.cfg, self.clf.task))
         return self._file[1]
 
     def score(self, shard_id: str, progress: Progress | None = None) -> dict:

@@ -11,6 +11,9 @@ ROC AUC, the predicted-label shift and the verdict `drifted`) and <out>/drift.ht
 self-contained: inline SVG, no external resources). Signals and thresholds: kubetune.monitoring.drift.
 Up to `max_rows` texts are profiled (a seeded sample of the valid rows); the model's own predictions
 on them (the exported ONNX model, as batch inference and serving answer) feed the prediction signals.
+Rows are read as batch inference reads them (kubetune.storage.inputs): a pair classifier's with
+--text-pair-column, a multiple-choice model's question, choices (--choices-column, or choice_0 ..
+choice_N columns) and optional context (--context-column).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from kubetune.core.progress import log
 from kubetune.errors import ConfigError, InputError
 from kubetune.monitoring import drift, profile
 from kubetune.release import registry
+from kubetune.storage.inputs import CHOICES_DEFAULT, columns_problem
 from kubetune.storage.store import S3Settings, Store, fetch
 
 STEP = "drift"
@@ -38,6 +42,10 @@ REPORT_JSON, REPORT_HTML = "drift.json", "drift.html"
 class DriftConfig:
     text_column: str = opt("text", "column (JSONL: field) holding the text")
     text_pair_column: str = opt("", "pair classifiers: column (JSONL: field) holding each row's second text")
+    choices_column: str = opt(CHOICES_DEFAULT, "multiple-choice models: column (JSONL: field) holding each question's list of "
+                              "choices (CSV: a JSON list), or choice_0 .. choice_N columns when there is no such column; the "
+                              "question is --text-column (`question` when that is left at `text` and there is no `text`)")
+    context_column: str = opt("", "multiple-choice models: optional column (field) with a passage shared by the choices")
     max_rows: int = opt(5000, "texts (or logged requests) profiled at most: a seeded sample of the valid rows when there are more")
     max_chars: int = opt(100_000, "rows with a longer text are left out, as batch inference rejects them")
     seed: int = opt(0, "seed of the sample taken when there are more than --max-rows rows")
@@ -47,11 +55,14 @@ class DriftConfig:
             raise ConfigError(f"max_rows={self.max_rows}: use at least 20 (the domain classifier needs 20 rows a side)")
 
 
-def read_texts(input_uri: str, cfg: DriftConfig, settings: S3Settings | None, work: Path) -> list[str]:
+def read_texts(input_uri: str, cfg: DriftConfig, settings: S3Settings | None, work: Path, task=None) -> list:
+    """The valid rows' inputs (texts; tuples for a model that reads several fields: `task`, kubetune.tasks),
+    a seeded sample of max_rows when there are more."""
     from kubetune.storage.inputs import list_inputs, read_rows
 
     texts = [r.text for uri in list_inputs(input_uri, settings)
-             for r in read_rows(fetch(uri, settings, work), uri, cfg.text_column, "", cfg.max_chars, cfg.text_pair_column)
+             for r in read_rows(fetch(uri, settings, work), uri, cfg.text_column, "", cfg.max_chars, cfg.text_pair_column, task=task,
+                                choices_column=cfg.choices_column, context_column=cfg.context_column)
              if r.text is not None]
     if not texts:
         raise InputError(f"{input_uri}: no valid text in column {cfg.text_column!r} (see --text-column)")
@@ -130,7 +141,9 @@ def run_drift(store: Store, ref: str, input_uri: str, out_dir: Path, cfg: DriftC
     if logged is not None:  # a features-mode serving request log: the texts were never stored
         rep = drift_of_features(clf, reference, logged, thresholds, about)
     else:
-        rep = check_drift(clf, reference, read_texts(input_uri, cfg, settings, work), thresholds, about)
+        if fix := columns_problem(clf.task, cfg.text_pair_column, cfg.choices_column, cfg.context_column):
+            raise InputError(f"model {name} is a {clf.task.name} model, which reads {' and '.join(clf.task.input_fields)}: {fix}")
+        rep = check_drift(clf, reference, read_texts(input_uri, cfg, settings, work, clf.task), thresholds, about)
     write_report(rep, out_dir)
     return rep
 

@@ -37,7 +37,7 @@ from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import log
 from kubetune.errors import ConfigError, KubetuneError
 from kubetune.onnx.model import OnnxClassifier
-from kubetune.onnx.variants import accept_variants, parse_variants
+from kubetune.onnx.variants import accept_variants, example_inputs, parse_variants
 from kubetune.storage.contracts import ModelInputs, ModelSettings, TokensMeta, write_labels
 from kubetune.storage.shards import load_split
 from kubetune.training.modeling import TorchBackend
@@ -85,22 +85,18 @@ class ExportConfig:
         parse_variants(self.variants)
 
 
-def export_onnx(model, input_names: list[str], path: Path, opset: int) -> None:
+def export_onnx(model, input_names: list[str], path: Path, opset: int, axes: tuple[str, ...] = ("batch", "sequence")) -> None:
+    """The model as an ONNX graph with dynamic `axes` (the task's input_axes) on every input."""
     import torch
 
-    # two rows of different lengths: the exporter must not specialise on batch 1 or on one length
-    # (small ids exist in every vocabulary; the values do not shape the graph)
-    example = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 3, 0, 0, 0]], dtype=torch.long)
-    kwargs = {"input_ids": example, "attention_mask": torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]])}
-    if "token_type_ids" in input_names:
-        kwargs["token_type_ids"] = torch.zeros_like(example)
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    kwargs = example_inputs(input_names, axes)
+    dims = [torch.export.Dim(a) for a in axes]
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" x4
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter deprecation chatter; failures still raise
         program = torch.onnx.export(
             model.eval(), (), kwargs=kwargs, input_names=list(kwargs), output_names=["logits"],
-            dynamic_shapes={k: {0: batch, 1: seq} for k in kwargs}, opset_version=opset, dynamo=True,
+            dynamic_shapes={k: dict(enumerate(dims)) for k in kwargs}, opset_version=opset, dynamo=True,
             external_data=False, verbose=False,
         )
     program.save(str(path))
@@ -145,9 +141,9 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig, 
     # ---- graph -------------------------------------------------------------------------------
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / "model.onnx"
-    export_onnx(model, names, onnx_path, cfg.opset)
+    export_onnx(model, names, onnx_path, cfg.opset, task.input_axes)
     onnx.checker.check_model(str(onnx_path))
-    log(STEP, f"exported {onnx_path.stat().st_size / 2**20:.1f} MiB, opset {cfg.opset}, dynamic batch and sequence axes")
+    log(STEP, f"exported {onnx_path.stat().st_size / 2**20:.1f} MiB, opset {cfg.opset}, dynamic {', '.join(task.input_axes)} axes")
 
     # ---- what travels with the graph ---------------------------------------------------------
     for f in model_dir.iterdir():
@@ -176,7 +172,7 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig, 
     reference = TorchBackend(model, inputs, torch.device("cpu")).logits(held_out, 32, task.per_token)
     variants, rejected = accept_variants(model, names, out_dir, wanted, held_out, reference, device=cfg.device,
                                          min_agreement=cfg.min_agreement, max_accuracy_drop=cfg.max_accuracy_drop, work=work,
-                                         margin=cfg.agreement_margin, required=cfg.require_variants)
+                                         margin=cfg.agreement_margin, required=cfg.require_variants, axes=task.input_axes)
     settings.with_variants({k: {f: v[f] for f in VARIANT_FIELDS} for k, v in variants.items()},
                            {k: {**{f: v[f] for f in VARIANT_FIELDS if f != "file"}, "problems": v["problems"]}
                             for k, v in rejected.items()}).write(out_dir)

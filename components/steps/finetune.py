@@ -148,10 +148,10 @@ def auto_epochs(steps_per_epoch: int, requested: int) -> tuple[int, str]:
 
 
 def forward_loss(model, batch: dict, autocast, loss):
-    """Loss of one batch; `loss(logits, labels)` is the task's."""
+    """Loss of one batch; `loss(logits, labels, inputs)` is the task's."""
     with autocast:
         logits = model(**batch["inputs"]).logits
-    return loss(logits, batch["labels"])
+    return loss(logits, batch["labels"], batch["inputs"])
 
 
 def eval_scores(model, split, labels: list[str], inputs: ModelInputs, cfg: FinetuneConfig, device, task) -> dict:
@@ -239,7 +239,7 @@ class FinetuneRun:
         self.loss_sum = torch.zeros((), device=device)
         config_hash = hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()[:16]
         self.fingerprint = {"labels": self.labels, "world_size": world.size, "train_rows": self.train_rows,
-                            "train_tokens": int(train.lengths.sum()), "model_config": config_hash,
+                            "train_tokens": int(train.tokens.sum()), "model_config": config_hash,
                             **{k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY}}
 
     # ---- checkpoints ---------------------------------------------------------------------------
@@ -280,7 +280,7 @@ class FinetuneRun:
         flat = torch.from_numpy(np.concatenate(batches)).to(self.train.home)  # one copy for the whole epoch
         out, start = [], 0
         for b in batches:
-            out.append((flat[start:start + len(b)], self.train.width(b), int(self.train.lengths[b].sum())))
+            out.append((flat[start:start + len(b)], self.train.width(b), int(self.train.tokens[b].sum())))
             start += len(b)
         return out
 

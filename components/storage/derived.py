@@ -9,6 +9,10 @@ question has 1 + NEGATIVES candidates and ranking metrics (MRR, accuracy@1) appl
 post without its headers and without quoted lines (">" and "... writes:"), whitespace collapsed, cut
 to BODY_CHARS characters. Seeded: the same package gives the same rows.
 
+newsgroups-choice (multiple-choice): the same questions, one row each: `question` (the subject),
+`choices` (its own body and the NEGATIVES other bodies, in the same seeded order) and `answer`
+(the position of its own body); the few questions whose candidates repeat a body are left out.
+
 Reading the pickle needs no scikit-learn: its Bunch objects are read as dicts.
 """
 
@@ -56,10 +60,9 @@ def split_post(post: str) -> tuple[str, str]:
     return subject, re.sub(r"\s+", " ", " ".join(lines)).strip()[:BODY_CHARS]
 
 
-def newsgroup_answers(home: Path, out: Path) -> Path:
-    """Write the answer-selection pairs (text, text_pair, label, newsgroup) to `out` (Parquet)."""
-    import pandas as pd
-
+def _questions(home: Path) -> list[tuple[str, list[str], int, str]]:
+    """(subject, candidate bodies, index of its own body, newsgroup) per post with a new subject: its
+    own body and NEGATIVES bodies of other posts of the same newsgroup, in a seeded random order."""
     posts, groups = read_newsgroups(home)
     seen, items = set(), []
     for post, group in zip(posts, groups):
@@ -72,16 +75,37 @@ def newsgroup_answers(home: Path, out: Path) -> Path:
     by_group: dict[str, list[int]] = {}
     for i, (_, _, group) in enumerate(items):
         by_group.setdefault(group, []).append(i)
-    rows = []
+    out = []
     for i, (subject, body, group) in enumerate(items):
         pool = by_group[group]
         others = rng.choice(len(pool), size=NEGATIVES + 1, replace=False)
-        negatives = [pool[k] for k in others if pool[k] != i][:NEGATIVES]
-        candidates = [(subject, body, "answer", group)] + [(subject, items[k][1], "other", group) for k in negatives]
-        rows += [candidates[k] for k in rng.permutation(len(candidates))]  # the answer's place says nothing
-    frame = pd.DataFrame(rows, columns=["text", "text_pair", "label", "newsgroup"])
+        candidates = [body] + [items[pool[k]][1] for k in others if pool[k] != i][:NEGATIVES]
+        order = rng.permutation(len(candidates))  # the answer's place says nothing
+        out.append((subject, [candidates[k] for k in order], int(np.flatnonzero(order == 0)[0]), group))
+    return out
+
+
+def _write(frame, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     frame.to_parquet(tmp, index=False)
     tmp.replace(out)  # a reader never sees half a file
     return out
+
+
+def newsgroup_answers(home: Path, out: Path) -> Path:
+    """Write the answer-selection pairs (text, text_pair, label, newsgroup) to `out` (Parquet)."""
+    import pandas as pd
+
+    rows = [(subject, body, "answer" if k == answer else "other", group)
+            for subject, bodies, answer, group in _questions(home) for k, body in enumerate(bodies)]
+    return _write(pd.DataFrame(rows, columns=["text", "text_pair", "label", "newsgroup"]), out)
+
+
+def newsgroup_choices(home: Path, out: Path) -> Path:
+    """Write the multiple-choice questions (question, choices, answer, newsgroup) to `out` (Parquet)."""
+    import pandas as pd
+
+    # a body cross-posted under two subjects can be a question's answer and a distractor: such questions go
+    rows = [q for q in _questions(home) if len({b.lower() for b in q[1]}) == len(q[1])]
+    return _write(pd.DataFrame(rows, columns=["question", "choices", "answer", "newsgroup"]), out)

@@ -4,9 +4,11 @@ A split is a list of `<split>-NNNNN.npz` files, each holding `ids` (all rows' to
 int32), `offsets` (row i is ids[offsets[i]:offsets[i+1]]) and `labels` (int64). Token-classification
 shards also hold `token_labels` (int32, aligned with `ids` through the same offsets: the word's tag
 id on its first sub-token, IGNORE (-100) on the others and on special tokens); their `labels` are
-IGNORE (a sentence has no single label). Padding happens per
-batch, at collate time, to the longest row of the batch: rows of similar length are batched together,
-so little compute goes to pad tokens.
+IGNORE (a sentence has no single label). Multiple-choice shards hold `choices` (C) too: a row is then
+C sequences in a row (one per (question, choice) pair; an absent choice of a question with fewer is an
+empty sequence), and `offsets` index sequences; `pad_batch` is the one place where such rows become
+`[batch, choices, sequence]` arrays. Padding happens per batch, at collate time, to the longest row
+of the batch: rows of similar length are batched together, so little compute goes to pad tokens.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 IGNORE = -100  # torch cross_entropy's ignore_index: positions that carry no label
+ABSENT = -1e9  # the logit of an absent choice (multiple choice): no probability after a softmax
 
 
 @dataclass
@@ -25,37 +28,61 @@ class TokenizedSplit:
     offsets: np.ndarray
     labels: np.ndarray
     token_labels: np.ndarray | None = None  # token classification only, aligned with ids
+    choices: int = 1  # sequences per row (multiple choice: one per choice); offsets index sequences
 
     def __len__(self) -> int:
         return len(self.labels)
 
     @property
+    def seq_lengths(self) -> np.ndarray:
+        """Tokens per sequence: [rows], or [rows, choices] for multiple choice (0: an absent choice)."""
+        lengths = np.diff(self.offsets)
+        return lengths if self.choices == 1 else lengths.reshape(-1, self.choices)
+
+    @property
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        """The padded width each row needs: its (longest) sequence's length."""
+        lengths = self.seq_lengths
+        return lengths if self.choices == 1 else lengths.max(axis=1, initial=0)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """Real tokens per row (all its choices')."""
+        lengths = self.seq_lengths
+        return lengths if self.choices == 1 else lengths.sum(axis=1)
+
+    def sequences(self, index: np.ndarray) -> np.ndarray:
+        """The sequence numbers of rows `index`, choices of one row together."""
+        index = np.asarray(index, dtype=np.int64)
+        return index if self.choices == 1 else (index[:, None] * self.choices + np.arange(self.choices)).ravel()
 
     def row(self, i: int) -> np.ndarray:
+        """Sequence i's token ids (row i unless the split has choices)."""
         return self.ids[self.offsets[i]:self.offsets[i + 1]]
 
     def row_labels(self, i: int) -> np.ndarray:
         return self.token_labels[self.offsets[i]:self.offsets[i + 1]]
 
     @classmethod
-    def from_rows(cls, rows: list[list[int]], labels: np.ndarray | None = None) -> "TokenizedSplit":
-        """A split of `rows` (token id lists), e.g. texts tokenized for inference (labels: zeros)."""
+    def from_rows(cls, rows: list[list[int]], labels: np.ndarray | None = None, choices: int = 1) -> "TokenizedSplit":
+        """A split of `rows` (token id lists; `choices` consecutive ones per row for multiple choice),
+        e.g. inputs encoded for inference (labels: zeros)."""
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum([len(r) for r in rows], out=offsets[1:])
         ids = np.concatenate([np.asarray(r, dtype=np.int32) for r in rows]) if rows else np.zeros(0, dtype=np.int32)
-        return cls(ids, offsets, np.zeros(len(rows), dtype=np.int64) if labels is None else labels)
+        return cls(ids, offsets, np.zeros(len(rows) // choices, dtype=np.int64) if labels is None else labels, choices=choices)
 
     def take(self, index: np.ndarray) -> "TokenizedSplit":
-        rows = [self.row(i) for i in index]
+        index = np.asarray(index, dtype=np.int64)
+        seqs = self.sequences(index)
+        rows = [self.row(i) for i in seqs]
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum([len(r) for r in rows], out=offsets[1:])
         ids = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int32)
         token_labels = None
         if self.token_labels is not None:
-            token_labels = np.concatenate([self.row_labels(i) for i in index]) if rows else np.zeros(0, dtype=np.int32)
-        return TokenizedSplit(ids, offsets, self.labels[index], token_labels)
+            token_labels = np.concatenate([self.row_labels(i) for i in seqs]) if rows else np.zeros(0, dtype=np.int32)
+        return TokenizedSplit(ids, offsets, self.labels[index], token_labels, self.choices)
 
 
 def logit_rows(split: TokenizedSplit, per_token: bool) -> int:
@@ -63,11 +90,17 @@ def logit_rows(split: TokenizedSplit, per_token: bool) -> int:
     return int(split.offsets[-1]) if per_token else len(split)
 
 
+def logit_width(split: TokenizedSplit, num_labels: int) -> int:
+    """Logits per row: one per label, or for multiple choice one per choice."""
+    return split.choices if split.choices > 1 else num_labels
+
+
 def place_logits(out: np.ndarray, split: TokenizedSplit, index: np.ndarray, logits: np.ndarray, per_token: bool) -> None:
     """Put a batch's logits (rows `index`, padded) into `out` in the split's order: a row each, or
     with `per_token` each row's real tokens at split.offsets[i]:split.offsets[i + 1]."""
     if not per_token:
-        out[index] = logits
+        # an absent choice (an empty sequence) scores ABSENT whatever the model made of its padding
+        out[index] = logits if split.choices == 1 else np.where(split.seq_lengths[index] > 0, logits, ABSENT)
         return
     for j, i in enumerate(index):
         out[split.offsets[i]:split.offsets[i + 1]] = logits[j, : split.lengths[i]]
@@ -78,17 +111,22 @@ def _concat(rows: list[list[int]], total: int) -> np.ndarray:
 
 
 def save_split(out_dir: Path, split: str, rows: list[list[int]], labels: np.ndarray, shard_rows: int,
-               token_labels: list[list[int]] | None = None) -> list[str]:
+               token_labels: list[list[int]] | None = None, choices: int = 1) -> list[str]:
+    """`rows`: token ids per sequence (`choices` consecutive sequences per row); `labels`: one per row;
+    a shard holds `shard_rows` rows, never part of one."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = []
+    shard_rows *= choices  # counted in sequences below
     for n, start in enumerate(range(0, max(len(rows), 1), shard_rows)):
         chunk = rows[start:start + shard_rows]
         offsets = np.zeros(len(chunk) + 1, dtype=np.int64)
         np.cumsum([len(r) for r in chunk], out=offsets[1:])
         arrays = {"ids": _concat(chunk, int(offsets[-1])), "offsets": offsets,
-                  "labels": np.asarray(labels[start:start + shard_rows], dtype=np.int64)}
+                  "labels": np.asarray(labels[start // choices:(start + shard_rows) // choices], dtype=np.int64)}
         if token_labels is not None:
             arrays["token_labels"] = _concat(token_labels[start:start + shard_rows], int(offsets[-1]))
+        if choices > 1:
+            arrays["choices"] = np.int64(choices)
         name = f"{split}-{n:05d}.npz"
         np.savez(out_dir / name, **arrays)
         names.append(name)
@@ -99,9 +137,10 @@ def load_split(tokens_dir: Path, split: str) -> TokenizedSplit:
     files = sorted(tokens_dir.glob(f"{split}-*.npz"))
     if not files:
         raise FileNotFoundError(f"no {split} shards in {tokens_dir}")
-    ids, offsets, labels, token_labels, base = [], [np.zeros(1, dtype=np.int64)], [], [], 0
+    ids, offsets, labels, token_labels, base, choices = [], [np.zeros(1, dtype=np.int64)], [], [], 0, 1
     for f in files:
         with np.load(f) as z:
+            choices = int(z["choices"]) if "choices" in z else 1
             ids.append(z["ids"])
             offsets.append(z["offsets"][1:] + base)
             labels.append(z["labels"])
@@ -109,7 +148,7 @@ def load_split(tokens_dir: Path, split: str) -> TokenizedSplit:
                 token_labels.append(z["token_labels"])
             base += int(z["offsets"][-1])
     return TokenizedSplit(np.concatenate(ids), np.concatenate(offsets), np.concatenate(labels),
-                          np.concatenate(token_labels) if token_labels else None)
+                          np.concatenate(token_labels) if token_labels else None, choices)
 
 
 def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, group: int = 50) -> list[np.ndarray]:
@@ -142,18 +181,21 @@ def token_types(input_ids: np.ndarray, mask: np.ndarray, sep_id: int | None) -> 
     if sep_id is None:
         return np.zeros_like(input_ids)
     sep = input_ids == sep_id
-    return ((np.cumsum(sep, axis=1) - sep) > 0).astype(input_ids.dtype) * mask
+    return ((np.cumsum(sep, axis=-1) - sep) > 0).astype(input_ids.dtype) * mask
 
 
 def pad_batch(split: TokenizedSplit, index: np.ndarray, pad_id: int, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids, attention_mask) int64 arrays for rows `index`, padded on the right to the batch's
-    longest row rounded up to `multiple` (fewer distinct shapes, friendlier to GPU kernels)."""
-    lengths = split.lengths[index]
-    width = batch_width(lengths, multiple)
-    input_ids = np.full((len(index), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(index), width), dtype=np.int64)
-    for j, i in enumerate(index):
+    longest row rounded up to `multiple` (fewer distinct shapes, friendlier to GPU kernels):
+    [batch, sequence], or [batch, choices, sequence] for a split with choices."""
+    seqs = split.sequences(index)
+    width = batch_width(np.maximum(split.lengths[index], 1), multiple)
+    input_ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for j, i in enumerate(seqs):
         row = split.row(i)
         input_ids[j, : len(row)] = row
         mask[j, : len(row)] = 1
+    if split.choices > 1:
+        return input_ids.reshape(len(index), split.choices, width), mask.reshape(len(index), split.choices, width)
     return input_ids, mask

@@ -16,6 +16,7 @@ REGISTRY = {
     "sequence-classification": "kubetune.tasks.sequence",
     "token-classification": "kubetune.tasks.token",
     "pair-classification": "kubetune.tasks.pair",
+    "multiple-choice": "kubetune.tasks.choice",
 }
 DEFAULT = "sequence-classification"
 

@@ -27,6 +27,7 @@ class Tokenized:
     labels: np.ndarray
     token_labels: list[list[int]] | None
     stats: dict
+    choices: int = 1  # sequences per row (multiple choice), consecutive in `rows`
 
 
 class TaskData(Protocol):
@@ -51,21 +52,26 @@ class TaskInputs(Protocol):
     truncations: tuple[str, ...]  # which of encoding.TRUNCATIONS its tokenize supports
     segments: int  # texts per row the model reads joined by [SEP]: 1, or 2 for text pairs (token_type_ids)
     input_fields: tuple[str, ...]  # what one prediction input holds: ("text",), ("text", "text_pair"): serving and batch
+    list_fields: tuple[str, ...]  # of those, the ones holding a list of texts (multiple choice: "choices")
+    optional_fields: tuple[str, ...]  # of those, the ones a request may leave out (None)
 
     def tokenize(self, tokenizer, frame, label_ids: dict, cfg, progress) -> Tokenized: ...
     def tokenize_notes(self, split: str, stats: dict, rows: int, max_length: int) -> list[str]: ...
     def encode(self, tokenizer, inputs: ModelInputs, texts: list) -> encoding.Encoded: ...
+    def input_problem(self, item) -> str: ...  # why an input cannot be scored beyond its texts' checks, or ""
 
 
 class TaskHead(Protocol):
     """Its model head and loss (finetune)."""
 
-    peft_task_type: str  # peft.TaskType member for --peft lora
+    peft_task_type: str  # peft.TaskType member for --peft lora; empty: none fits, `head_modules` stay trainable
+    head_modules: tuple[str, ...]  # without a peft task type: the modules LoRA keeps trainable (the new head)
+    input_axes: tuple[str, ...]  # the model inputs' axes: ("batch", "sequence"), or with "choices" between
     per_token: bool  # logits per token ([batch, sequence, labels]) rather than per row
     model_purpose: str  # "classify sequences": for the error when a model folder cannot
 
     def model_class(self): ...
-    def loss(self, logits, target): ...
+    def loss(self, logits, target, inputs=None): ...
     def targets(self, split) -> np.ndarray: ...
 
 

@@ -23,16 +23,29 @@ TRUNCATIONS = ("head", "tail", "head+tail")  # which tokens of a long text are k
 
 @dataclass
 class Encoded:
-    """Inputs encoded for a model: token ids per input (special tokens included, cut to max_length),
-    which inputs were truncated, and what the task's `decode` needs besides the logits (`extra`)."""
+    """Inputs encoded for a model: token ids per input (special tokens included, cut to max_length;
+    multiple choice: `choices` sequences per input), which inputs were truncated, and what the task's
+    `decode` needs besides the logits (`extra`)."""
 
     rows: list[list[int]]
     truncated: np.ndarray
     extra: list | None = None
+    choices: int = 1
 
     @cached_property
     def split(self) -> TokenizedSplit:
-        return TokenizedSplit.from_rows(self.rows)
+        return TokenizedSplit.from_rows(self.rows, choices=self.choices)
+
+    def input_ids(self) -> list[list[int]]:
+        """The token ids each input was read as (a multiple-choice input's sequences end to end)."""
+        return per_input(self.rows, self.choices)
+
+
+def per_input(rows: list[list[int]], choices: int) -> list[list[int]]:
+    """`rows` grouped `choices` at a time, each group's ids end to end (one list per input)."""
+    if choices == 1:
+        return rows
+    return [[t for r in rows[i:i + choices] for t in r] for i in range(0, len(rows), choices)]
 
 
 def special_edges(tokenizer) -> tuple[int, int]:

@@ -48,8 +48,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def input_chars(item) -> int:
-    """Characters of one prediction input: a text, or a tuple of texts (a pair)."""
-    return len(item) if isinstance(item, str) else sum(len(t) for t in item)
+    """Characters of one prediction input: a text, or a tuple of texts (a pair; a question, its choices, a context)."""
+    if isinstance(item, str):
+        return len(item)
+    return sum(input_chars(t) for t in item if t is not None)
 
 
 class Predictor:
@@ -111,7 +113,7 @@ class Predictor:
         return out
 
     def _run(self, index: np.ndarray, encoded: Encoded, batch_size: int, out: list, on_batch, t0: float) -> None:
-        for i, p, ids, cut in zip(index, self.decode(encoded, batch_size), encoded.rows, encoded.truncated):
+        for i, p, ids, cut in zip(index, self.decode(encoded, batch_size), encoded.input_ids(), encoded.truncated):
             out[i] = Scored(p, ids, bool(cut))
         if on_batch:
             on_batch(len(index), time.perf_counter() - t0)

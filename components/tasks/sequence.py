@@ -36,9 +36,13 @@ class SequenceClassification:
     headline = ("accuracy", "macro_f1")  # logs, the epoch history, step outputs, commit messages
     summary_metrics = ("accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix")
     peft_task_type = "SEQ_CLS"
+    head_modules = ()
+    input_axes = ("batch", "sequence")
     per_token = False  # one logit row per text
     segments = 1  # one text per row
     input_fields = ("text",)
+    list_fields: tuple[str, ...] = ()  # input fields holding a list of texts (multiple choice's choices)
+    optional_fields: tuple[str, ...] = ()  # input fields that may be absent
 
     # ---- validate ------------------------------------------------------------------------------
     def sources(self, train: str, eval_: str, test: str) -> dict[str, str]:
@@ -59,7 +63,7 @@ class SequenceClassification:
         missing = {s: getattr(cfg, f"{s}_fraction") for s in ("eval", "test") if s not in frames}
         if missing:
             frames = {**frames, **splits.split_frame(frames["train"], missing, cfg.seed)}
-        labels = sorted(frames["train"]["label"].unique().tolist())
+        labels = self.label_set(frames)
         meta = base.new_meta(self, labels, sources, missing, cfg)
         out_dir.mkdir(parents=True, exist_ok=True)
         for split in SPLITS:
@@ -74,6 +78,10 @@ class SequenceClassification:
             }
         base.write_meta(out_dir, meta)
         return meta
+
+    def label_set(self, frames: dict) -> list[str]:
+        """The model's labels, in logit order: the train split's, sorted."""
+        return sorted(frames["train"]["label"].unique().tolist())
 
     def split_counts(self, frame) -> dict:
         """Counts a split's meta carries beside its rows and classes (none for single texts)."""
@@ -132,7 +140,7 @@ class SequenceClassification:
 
     truncations = encoding.TRUNCATIONS
 
-    def loss(self, logits, target):
+    def loss(self, logits, target, inputs=None):
         import torch.nn.functional as F
 
         return F.cross_entropy(logits.float(), target)
@@ -177,6 +185,10 @@ class SequenceClassification:
     def encode(self, tokenizer, inputs: ModelInputs, texts: list) -> encoding.Encoded:
         rows, truncated, _ = encoding.encode_texts(tokenizer, texts, inputs.max_length, inputs.truncation)
         return encoding.Encoded(rows, truncated)
+
+    def input_problem(self, item) -> str:
+        """Why a prediction input cannot be scored beyond its texts' own checks, or "" (none for texts)."""
+        return ""
 
     def decode(self, encoded: encoding.Encoded, logits: np.ndarray, labels: list[str]) -> list[dict]:
         """Per input: the top label, its probability and every class probability ({label: p})."""

@@ -52,9 +52,13 @@ class TokenClassification:
     summary_metrics = ("entity_micro_f1", "entity_macro_f1", "entity_micro_precision", "entity_micro_recall",
                        "token_accuracy", "per_type", "confusion_matrix")
     peft_task_type = "TOKEN_CLS"
+    head_modules = ()
+    input_axes = ("batch", "sequence")
     per_token = True  # logits [batch, sequence, labels]
     segments = 1  # one text per row
     input_fields = ("text",)
+    list_fields: tuple[str, ...] = ()
+    optional_fields: tuple[str, ...] = ()
     model_purpose = "tag tokens"
     truncations = ("head",)  # words past max_length are dropped; their entities count as missed
 
@@ -146,7 +150,7 @@ class TokenClassification:
 
         return transformers.AutoModelForTokenClassification
 
-    def loss(self, logits, target):
+    def loss(self, logits, target, inputs=None):
         """Cross-entropy per labelled token: IGNORE on padding, continuation sub-tokens and special tokens."""
         import torch.nn.functional as F
 
@@ -187,6 +191,9 @@ class TokenClassification:
                 f"token accuracy {m['token_accuracy']:.4f} ({m['entities']} entities)", per_type_table(m))
 
     # ---- predict -------------------------------------------------------------------------------
+    def input_problem(self, item) -> str:
+        return ""
+
     def encode(self, tokenizer, inputs: ModelInputs, texts: list[str]) -> encoding.Encoded:
         """Raw texts split into words (see the module docstring), tokenized as words with offsets; a
         text without words is its special tokens alone. `extra`: per text (text, (word spans, word ids, offsets) or None)."""

@@ -12,7 +12,7 @@ import numpy as np
 from kubetune.core.progress import log
 from kubetune.errors import ConfigError, InputError
 from kubetune.storage import assets
-from kubetune.storage.shards import IGNORE, TokenizedSplit, logit_rows, pad_batch, place_logits, sorted_batches, token_types
+from kubetune.storage.shards import IGNORE, TokenizedSplit, logit_rows, logit_width, pad_batch, place_logits, sorted_batches, token_types
 from kubetune.storage.store import S3Settings, fetch
 
 
@@ -59,7 +59,7 @@ def predict_logits(model, split: TokenizedSplit, *, per_token: bool = False, bat
     import torch
 
     model.eval()
-    out = np.zeros((logit_rows(split, per_token), model.config.num_labels), dtype=np.float32)
+    out = np.zeros((logit_rows(split, per_token), logit_width(split, model.config.num_labels)), dtype=np.float32)
     with torch.inference_mode():
         for index in sorted_batches(split.lengths, batch_size):
             logits = model(**batch_inputs(split, index, pad_id, input_names, device, sep_id)).logits.float().cpu().numpy()
@@ -90,16 +90,18 @@ class DeviceSplit:
         import torch
 
         self.sep_id = sep_id  # text pairs: token_type_ids 1 after the first [SEP] (see batch_inputs)
-        lengths = split.lengths
+        lengths, seq_lengths = split.lengths, np.diff(split.offsets)
         width = int(-(-max(int(lengths.max()), 1) // pad_multiple) * pad_multiple)
-        ids = np.full((len(split), width), pad_id, dtype=np.int32)
-        ids[np.arange(width) < lengths[:, None]] = split.ids  # rows are stored end to end, row-major
+        ids = np.full((len(seq_lengths), width), pad_id, dtype=np.int32)
+        ids[np.arange(width) < seq_lengths[:, None]] = split.ids  # sequences are stored end to end, row-major
+        if split.choices > 1:  # multiple choice: [rows, choices, width], a row's choices together
+            ids = ids.reshape(len(split), split.choices, width)
         self.device, self.pad_multiple = device, pad_multiple
-        self.lengths = lengths
+        self.lengths, self.tokens = lengths, split.tokens
         home = device if ids.nbytes <= max_bytes else torch.device("cpu")
         pin = home.type == "cpu" and device.type == "cuda"
         self.ids = self._put(torch.from_numpy(ids), home, pin)
-        self.row_lengths = self._put(torch.from_numpy(lengths.astype(np.int64)), home, pin)
+        self.row_lengths = self._put(torch.from_numpy(split.seq_lengths.astype(np.int64)), home, pin)
         labels = split.labels
         if split.token_labels is not None:  # token classification: a label per token, IGNORE on padding
             labels = np.full((len(split), width), IGNORE, dtype=np.int64)
@@ -121,15 +123,15 @@ class DeviceSplit:
         split's home device), padded to `width`."""
         import torch
 
-        ids = self.ids[index, :width].long()
-        mask = (torch.arange(width, device=ids.device) < self.row_lengths[index, None]).long()
+        ids = self.ids[index, ..., :width].long()
+        mask = (torch.arange(width, device=ids.device) < self.row_lengths[index][..., None]).long()
         inputs = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in input_names:
             if self.sep_id is None:
                 inputs["token_type_ids"] = torch.zeros_like(ids)
             else:  # as kubetune.storage.shards.token_types, on the device
                 sep = (ids == self.sep_id).long()
-                inputs["token_type_ids"] = ((sep.cumsum(1) - sep) > 0).long() * mask
+                inputs["token_type_ids"] = ((sep.cumsum(-1) - sep) > 0).long() * mask
         out = {"inputs": inputs, "labels": self.labels[index, :width] if self.token_level else self.labels[index]}
         if self.home != self.device:
             out = {"inputs": {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()},
@@ -170,8 +172,11 @@ def add_lora(model, cfg, task):
     from peft import LoraConfig, TaskType, get_peft_model
 
     targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()] or None
-    lora = LoraConfig(task_type=TaskType[task.peft_task_type], r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                      lora_dropout=cfg.lora_dropout, target_modules=targets)
+    # a head peft has no task type for (multiple choice) is kept trainable by name instead
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    kind = ({"task_type": TaskType[task.peft_task_type]} if task.peft_task_type else
+            {"modules_to_save": [m for m in task.head_modules if m in names]})
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, **kind)
     try:
         return get_peft_model(model, lora)
     except ValueError as e:

@@ -142,7 +142,7 @@ def test_not_parquet(tmp_path):
 def test_unknown_extension_and_builtin(tmp_path):
     with pytest.raises(InputError, match=r"unknown file type; name it \.csv, \.tsv, \.tab, \.jsonl, \.ndjson, \.parquet, \.pq"):
         load(tmp_path / "data.xlsx", tmp_path)
-    known = "builtin:all-minilm-l6-v2, builtin:conll2003, builtin:newsgroups-answers, builtin:sms-spam"
+    known = "builtin:all-minilm-l6-v2, builtin:conll2003, builtin:newsgroups-answers, builtin:newsgroups-choice, builtin:sms-spam"
     with pytest.raises(InputError, match=rf"'builtin:nope' is not a built-in; known: {known}"):
         load("builtin:nope", tmp_path)
 
