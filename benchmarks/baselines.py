@@ -5,10 +5,15 @@ benchmarks/choice.py): no fine-tuning, so they say what fine-tuning must beat.
   embedding_cosine(model, a, b)  cosine of the base model's mean-pooled last hidden states (the
                               zero-shot bi-encoder: all-MiniLM-L6-v2 is a sentence-embedding model,
                               so this is the strongest thing it does without training)
+
+and `run_steps`, what they are compared with: kubetune's own steps in one process (validate ->
+tokenize -> finetune -> test scoring, as `kubetune run` runs them) on work/train.parquet and
+work/test.parquet.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,3 +49,31 @@ def embed(model_dir: Path, texts: list[str], max_length: int, batch_size: int = 
 def embedding_cosine(model_dir: Path, a: list[str], b: list[str], max_length: int) -> np.ndarray:
     ea, eb = embed(model_dir, a, max_length), embed(model_dir, b, max_length)
     return (ea * eb).sum(-1)
+
+
+def run_steps(task: str, work: Path, model_dir: Path, a, timings: dict) -> tuple[dict, dict, dict]:
+    """(dataset meta, training result, test metrics) of kubetune on the benchmark's split; `a`: the
+    benchmark's arguments (epochs, batch_size, learning_rate, max_length, device); seconds per phase
+    go to `timings`. Exits 2 when validation rejects the data."""
+    from kubetune.steps.evaluate import GateConfig, score_test
+    from kubetune.steps.finetune import FinetuneConfig, finetune
+    from kubetune.steps.tokenize import TokenizeConfig, tokenize
+    from kubetune.steps.validate import ValidateConfig, validate
+    from kubetune.storage.contracts import TokensMeta
+
+    t0 = time.perf_counter()
+    report, meta = validate(str(work / "train.parquet"), "", str(work / "test.parquet"), ValidateConfig(task=task), work / "dataset")
+    if not report.passed:
+        print(report.error_message())
+        raise SystemExit(2)
+    tokenize(work / "dataset", model_dir, work / "tokens", TokenizeConfig(max_length=a.max_length), store=None)
+    timings["validate+tokenize"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    training = finetune(work / "tokens", model_dir, work / "model", FinetuneConfig(epochs=a.epochs, batch_size=a.batch_size,
+                                                                                  learning_rate=a.learning_rate, device=a.device))
+    timings["finetune"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    metrics, _, _, _ = score_test(work / "model", work / "tokens", work / "dataset", TokensMeta.read(work / "tokens"),
+                                  GateConfig(device=a.device))
+    timings["test"] = time.perf_counter() - t0
+    return meta, training, metrics

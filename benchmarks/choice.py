@@ -33,14 +33,10 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import embedding_cosine, tfidf_cosine  # noqa: E402
+from baselines import embedding_cosine, run_steps, tfidf_cosine  # noqa: E402
 
-from kubetune.steps.evaluate import GateConfig, score_test  # noqa: E402
-from kubetune.steps.finetune import FinetuneConfig, finetune  # noqa: E402
-from kubetune.steps.tokenize import TokenizeConfig, tokenize  # noqa: E402
-from kubetune.steps.validate import ValidateConfig, validate  # noqa: E402
+from kubetune.steps.finetune import FinetuneConfig  # noqa: E402
 from kubetune.storage import assets  # noqa: E402
-from kubetune.storage.contracts import TokensMeta  # noqa: E402
 from kubetune.tasks.choice import LETTERS  # noqa: E402
 from kubetune.training.modeling import resolve_model_dir  # noqa: E402
 
@@ -91,22 +87,7 @@ def main() -> int:
     timings["baselines"] = time.perf_counter() - t0
 
     # ---- kubetune: the pipeline's steps ------------------------------------------------------------
-    t0 = time.perf_counter()
-    report, meta = validate(str(work / "train.parquet"), "", str(work / "test.parquet"), ValidateConfig(task="multiple-choice"),
-                            work / "dataset")
-    if not report.passed:
-        print(report.error_message())
-        return 2
-    tokenize(work / "dataset", model_dir, work / "tokens", TokenizeConfig(max_length=a.max_length), store=None)
-    timings["validate+tokenize"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    training = finetune(work / "tokens", model_dir, work / "model", FinetuneConfig(epochs=a.epochs, batch_size=a.batch_size,
-                                                                                  learning_rate=a.learning_rate, device=a.device))
-    timings["finetune"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    metrics, _, _, _ = score_test(work / "model", work / "tokens", work / "dataset", TokensMeta.read(work / "tokens"),
-                                  GateConfig(device=a.device))
-    timings["test"] = time.perf_counter() - t0
+    meta, training, metrics = run_steps("multiple-choice", work, model_dir, a, timings)
     results["kubetune"] = {"accuracy": metrics["accuracy"], "per_position": metrics["per_position_accuracy"]}
     wall = time.perf_counter() - t_all
 

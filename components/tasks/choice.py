@@ -14,8 +14,9 @@ A row is encoded as one (context + question, choice) pair per choice, with the p
 kubetune.tasks.encoding (longer side cut first, segment ids where the model has them), so a row is
 `choices` sequences: kubetune.storage.shards keeps them together and pads them to
 [batch, choices, sequence]; an absent choice is an empty sequence. Model:
-AutoModelForMultipleChoice (one score per choice, softmax over the choices); absent choices get
-no probability. Labels are the positions (A, B, ...), so the classification metrics apply:
+AutoModelForMultipleChoice's class for the checkpoint plus a score initialised to the base model's
+own question-choice similarity (kubetune.training.choice_head says why); a softmax over the choices;
+absent choices get no probability. Labels are the positions (A, B, ...), so the classification metrics apply:
 accuracy (the gate's default), per-position accuracy (each position's recall) and the predicted
 positions, which expose a model that always answers "A".
 
@@ -93,7 +94,7 @@ class MultipleChoice(SequenceClassification):
     summary_metrics = ("accuracy", "macro_f1", "per_class", "confusion_matrix", "per_position_accuracy", "predicted_positions",
                        "mean_confidence")
     peft_task_type = ""  # peft has no multiple-choice task type: the head is kept trainable by name
-    head_modules = ("pooler", "classifier")
+    head_modules = ("pooler", "classifier", "choice_scale")
     segments = 2  # [CLS] context + question [SEP] choice [SEP]
     input_fields = ("question", "choices", "context")  # a prediction input: (question, tuple of choices, context or None)
     list_fields = ("choices",)  # input fields that hold a list of texts
@@ -199,9 +200,9 @@ class MultipleChoice(SequenceClassification):
 
     # ---- model ---------------------------------------------------------------------------------
     def model_class(self):
-        import transformers
+        from kubetune.training.choice_head import ChoiceModel  # the stock head plus a score that starts at the base model's similarity
 
-        return transformers.AutoModelForMultipleChoice
+        return ChoiceModel
 
     def loss(self, logits, target, inputs=None):
         """Cross-entropy over each question's choices; an absent choice (no real token) takes no part."""

@@ -189,15 +189,20 @@ def test_lora_for_ner_uses_the_token_task_type(tmp_path, tiny_model_dir):
     assert second < first, result["history"]
 
 
+def torchrun_finetune(tokens: Path, model: Path, out: Path, store: Path, *flags: str) -> subprocess.CompletedProcess:
+    """The finetune step as 2 torchrun CPU processes (gloo), run id "ddp"; it must succeed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kubetune.steps.finetune",
+           "--tokens", str(tokens), "--model", str(model), "--out", str(out), "--store", str(store), "--run-id", "ddp", *flags]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**run_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes(tokens64, tiny_model_dir, tmp_path):
     out, store = tmp_path / "ddp", tmp_path / "store"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kubetune.steps.finetune",
-           "--tokens", str(tokens64), "--model", str(tiny_model_dir), "--out", str(out), "--store", str(store), "--run-id", "ddp",
-           "--epochs", "1", "--batch-size", "8", "--learning-rate", "2e-4", "--checkpoint-steps", "2",
-           "--keep-checkpoints", "true"]  # the test reads the gathered checkpoint afterwards
-    proc = subprocess.run(cmd, cwd=ROOT, env={**run_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc = torchrun_finetune(tokens64, tiny_model_dir, out, store, "--epochs", "1", "--batch-size", "8", "--learning-rate", "2e-4",
+                             "--checkpoint-steps", "2", "--keep-checkpoints", "true")  # the test reads the gathered checkpoint afterwards
     assert "batch 8 x 2 processes" in proc.stdout and "4 steps" in proc.stdout  # 8 batches shared by 2 ranks
     training = json.loads((out / "training.json").read_text())
     assert training["processes"] == 2 and training["epochs_run"] == 1

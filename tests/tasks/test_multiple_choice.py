@@ -21,7 +21,7 @@ from kubetune.steps.validate import ValidateConfig, validate
 from kubetune.storage import assets
 from kubetune.storage.shards import load_split, pad_batch
 from kubetune.tasks.choice import LETTERS, answer_index
-from tests.steps.test_finetune_robust import ROOT, run_env, weights
+from tests.steps.test_finetune_robust import ROOT, run_env, torchrun_finetune, weights
 
 MC = "multiple-choice"
 
@@ -336,3 +336,38 @@ def test_multiple_choice_pipeline_end_to_end(tmp_path, capsys, mcq, tiny_model_d
     assert [s["scores"] for s in served] == [pytest.approx(p["scores"], abs=1e-5) for p in answers[:6]]
     outputs = {o["name"]: o for o in v2.json()["outputs"]}
     assert [int(x) for x in outputs["answer"]["data"]] == [p["answer"] for p in answers[:2]]
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_train_whole_questions(mc_tokens, tiny_model_dir, tmp_path):
+    out = tmp_path / "ddp"
+    torchrun_finetune(mc_tokens, tiny_model_dir, out, tmp_path / "store", "--epochs", "1", "--batch-size", "8", "--learning-rate", "2e-3",
+                      "--checkpoint-steps", "0")
+    training = json.loads((out / "training.json").read_text())
+    assert training["processes"] == 2 and training["task"] == MC and 0 <= training["history"][0]["eval_accuracy"] <= 1
+
+
+def test_the_new_model_starts_from_the_question_choice_similarity(tiny_model_dir, model_dir):
+    """Before training, a choice's logit is SCALE x the cosine of the mean question and choice token
+    states (the stock head starts at zero), read from the joint sequence; saved and loaded it keeps its scale."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from kubetune.training.choice_head import SCALE, ChoiceModel
+
+    model = ChoiceModel.from_pretrained(tiny_model_dir, num_labels=3).eval()
+    assert float(model.classifier.weight.abs().sum()) == 0 and float(model.choice_scale.weight) == SCALE
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    enc = tokenizer(["which is a fruit?"] * 3, ["a pear", "a car", "the moon"], padding=True, return_tensors="pt")
+    inputs = {k: v[None] for k, v in enc.items()}  # [1 question, 3 choices, sequence]
+    with torch.inference_mode():
+        logits = model(**inputs).logits
+        hidden = model.bert(**{k: v[0] for k, v in inputs.items()}).last_hidden_state
+    tt, mask = enc["token_type_ids"], enc["attention_mask"]
+
+    def mean(where):
+        w = where.unsqueeze(-1).float()
+        return torch.nn.functional.normalize((hidden * w).sum(1) / w.sum(1), dim=-1)
+
+    cosine = (mean((tt == 0) & (mask > 0)) * mean((tt == 1) & (mask > 0))).sum(-1)
+    assert torch.allclose(logits[0], SCALE * cosine, atol=1e-4)

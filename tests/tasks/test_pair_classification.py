@@ -289,3 +289,28 @@ def test_lora_fine_tunes_a_pair_classifier(pair_tokens, tiny_model_dir, tmp_path
     assert 0 < result["trainable_parameters"] / result["total_parameters"] < 0.02
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m")
     assert model.config.id2label == {0: "answer", 1: "other"}
+
+
+@pytest.mark.slow
+def test_pairs_on_the_optimized_and_int8_variants_and_two_ddp_processes(pair_tokens, tiny_model_dir, tmp_path):
+    """The pair model through the other backends: 2-process DDP (gloo on CPU) trains it, and export checks
+    the optimized and int8 graphs (with token_type_ids from [SEP]) against torch like fp32."""
+    from kubetune.onnx.model import OnnxClassifier
+    from kubetune.steps.export import ExportConfig, export
+    from tests.steps.test_finetune_robust import torchrun_finetune
+
+    out = tmp_path / "ddp"
+    torchrun_finetune(pair_tokens, tiny_model_dir, out, tmp_path / "store", "--epochs", "2", "--batch-size", "8", "--learning-rate", "2e-3",
+                      "--checkpoint-steps", "0")
+    training = json.loads((out / "training.json").read_text())
+    assert training["processes"] == 2 and training["task"] == PAIR and training["epochs_run"] == 2
+
+    facts = export(out, pair_tokens, tmp_path / "onnx", ExportConfig(variants="fp32,optimized,int8", max_accuracy_drop=0.05,
+                                                                     min_agreement=0.9), tmp_path / "work")
+    assert {"fp32", "optimized"} <= set(facts["variants"]), facts["rejected_variants"]
+    assert "int8" in set(facts["variants"]) | set(facts["rejected_variants"])  # built and checked (accepted or dropped with why)
+    fp32, optimized = OnnxClassifier(tmp_path / "onnx", variant="fp32"), OnnxClassifier(tmp_path / "onnx", variant="optimized")
+    assert "token_type_ids" in optimized.input_names
+    pairs = [("Cubs behind Marlins?", "The Cubs lost again last night."), ("Cubs behind Marlins?", "My disk drive makes noise.")]
+    a, b = fp32.predict(pairs), optimized.predict(pairs)
+    assert [x["label"] for x in a] == [x["label"] for x in b] and max(abs(x["score"] - y["score"]) for x, y in zip(a, b)) < 1e-3
