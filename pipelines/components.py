@@ -33,8 +33,8 @@ from kubetune.pipelines.config import ClusterConfig
 
 def validate(
     store: str, run_id: str, job_id: str, task: str, train_uri: str, eval_uri: str, test_uri: str, model_name: str, text_column: str,
-    text_pair_column: str, label_column: str, choices_column: str, context_column: str, allow_mixed_choices: bool, header: bool,
-    tag_column: int, repair_tags: bool, limit: int, seed: int, eval_fraction: float, test_fraction: float, dataset: Output[Dataset],
+    text_pair_column: str, label_column: str, choices_column: str, context_column: str, allow_mixed_choices: bool, positive_label: str,
+    header: bool, tag_column: int, repair_tags: bool, limit: int, seed: int, eval_fraction: float, test_fraction: float, dataset: Output[Dataset],
     report: Output[Markdown], expectations: Output[Artifact],
 ) -> str:
     from pathlib import Path

@@ -125,7 +125,7 @@ def check(values: Mapping[str, Any]) -> None:
         cfg = config(cls, full)
         if hasattr(cfg, "check"):
             cfg.check()
-    tasks.resolve_metric(full["task"], full["gate_metric"], "gate_metric")  # e.g. macro_f1 for NER: rejected now, not after training
+    tasks.resolve_metric(full["task"], full["gate_metric"], "gate_metric", gate=True)  # e.g. macro_f1 for NER: rejected now, not after training
     supported = tasks.get(full["task"]).truncations
     if full["truncation"] not in supported:
         raise ConfigError(f"truncation={full['truncation']!r}: a {full['task']} model supports {', '.join(supported)}")

@@ -32,10 +32,10 @@ from kubetune import tasks
 from kubetune.core.config import add_config_args, config_from_args, opt, param
 from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import log
-from kubetune.errors import ConfigError, GateRejected
+from kubetune.errors import ConfigError, GateRejected, InputError
 from kubetune.onnx.model import OnnxClassifier
 from kubetune.release import registry
-from kubetune.storage.contracts import TokensMeta, read_labels
+from kubetune.storage.contracts import DatasetMeta, TokensMeta, read_labels
 from kubetune.storage.shards import load_split
 from kubetune.storage.store import Store
 from kubetune.training.modeling import TorchBackend, pick_device
@@ -45,15 +45,16 @@ STEP = "evaluate"
 
 @dataclass(frozen=True)
 class GateConfig:
-    metric: str = param("", "Test metric the gate checks; empty = the task's default (macro_f1; entity_micro_f1 for NER).",
-                        name="gate_metric", choices=lambda: ("", *tasks.all_metrics()))
+    metric: str = param("", "Test metric the gate checks; empty = the task's default (macro_f1; entity_micro_f1 for NER; accuracy "
+                        "for multiple choice). Sentence pairs may also gate on mrr or accuracy_at_1 (ranking a text's candidates).",
+                        name="gate_metric", choices=lambda: ("", *tasks.all_metrics(gate=True)))
     threshold: float = param(0.8, "Minimum gate_metric on the test split.", name="gate_threshold")
     tolerance: float = param(0.01, "How much worse than the current production model the new one may be.", name="gate_tolerance")
     batch_size: int = opt(128, "Rows per batch when scoring the test split (also for the reference profile).")
     device: str = opt("auto", "Torch device for scoring: auto (cuda when available), cpu or cuda.")
 
     def check(self) -> None:
-        known = tasks.all_metrics()
+        known = tasks.all_metrics(gate=True)
         if self.metric and self.metric not in known:
             raise ConfigError(f"gate metric {self.metric!r}: use one of {', '.join(known)} (empty: the task's default)")
         if self.tolerance < 0:
@@ -108,7 +109,7 @@ def score_test(model_dir: Path, tokens_dir: Path, dataset_dir: Path, meta: Token
     backend = TorchBackend(task.model_class().from_pretrained(model_dir).to(device), meta.inputs, device)
     logits = backend.logits(test, cfg.batch_size, task.per_token)
     frame = pd.read_parquet(dataset_dir / "test.parquet")
-    metrics, rows, gold = task.test_metrics(logits, test, frame, labels)
+    metrics, rows, gold = task.test_metrics(logits, test, frame, labels, DatasetMeta.read(dataset_dir).config)
     log(STEP, f"test ({len(test)} {task.row_unit}): {task.describe_test(metrics)}\n{task.card({'metrics': metrics, 'labels': labels})[2]}")
     return metrics, rows, gold, reference_profile(task, backend, tokens_dir, meta, frame, cfg)
 
@@ -133,8 +134,12 @@ def evaluate(model_dir: Path, tokens_dir: Path, dataset_dir: Path, store: Store,
     cfg.check()
     meta = TokensMeta.read(tokens_dir)
     task, labels = tasks.get(meta.task), meta.labels
-    cfg = replace(cfg, metric=tasks.resolve_metric(task.name, cfg.metric, "gate metric"))
+    cfg = replace(cfg, metric=tasks.resolve_metric(task.name, cfg.metric, "gate metric", gate=True))
     metrics, rows, gold, profile = score_test(model_dir, tokens_dir, dataset_dir, meta, cfg)
+    if metrics[cfg.metric] is None:  # a ranking metric over a test split without a whole candidate list
+        raise InputError(f"gate metric {cfg.metric}: the test split ({dataset_dir / 'test.parquet'}) has no text with 2 or more "
+                         "candidates of which one is positive, so it cannot be ranked; give a test file that keeps each text's "
+                         f"candidates, or gate on {task.default_metric}")
     champion = champion_score(store, name, task, labels, rows, gold, cfg.metric, workdir)
     gate = decide(metrics[cfg.metric], champion, cfg)
     log(STEP, f"gate {'PASSED' if gate['passed'] else 'REJECTED'}: {gate['reason']}")

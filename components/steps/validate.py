@@ -51,6 +51,9 @@ class ValidateConfig:
                                 "without it, choice_0 .. choice_N columns.")
     context_column: str = param("", "multiple-choice: optional column (field) with a passage shared by the choices, read before "
                                 "the question.")
+    positive_label: str = param("", "pair-classification: the label of a matching pair, whose probability ranks a text's "
+                                "candidates (MRR, accuracy@1); empty: the label named 1/true/yes/positive/relevant/..., else the "
+                                "last in sorted order.")
     allow_mixed_choices: bool = param(False, "multiple-choice: accept questions with different choice counts (absent choices are "
                                              "masked); default: every question must have the same count.")
     header: bool = param(True, "Whether CSV/TSV files start with a header row (else columns are named 0, 1, ...).",

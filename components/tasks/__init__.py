@@ -32,18 +32,25 @@ def get(name: str):
     return importlib.import_module(REGISTRY[name]).TASK
 
 
-def all_metrics() -> list[str]:
-    """Every metric any task can gate or select on, in registry order."""
-    return list(dict.fromkeys(m for name in REGISTRY for m in get(name).metrics))
+def _usable(task, gate: bool) -> tuple[str, ...]:
+    return task.metrics + (task.gate_only_metrics if gate else ())
 
 
-def resolve_metric(task_name: str, metric: str, what: str) -> str:
-    """`metric`, or the task's default when empty; a ConfigError when the task cannot score it."""
+def all_metrics(gate: bool = False) -> list[str]:
+    """Every metric any task can select on (`gate`: or gate on), in registry order."""
+    return list(dict.fromkeys(m for name in REGISTRY for m in _usable(get(name), gate)))
+
+
+def resolve_metric(task_name: str, metric: str, what: str, gate: bool = False) -> str:
+    """`metric`, or the task's default when empty; a ConfigError when the task cannot score it (on
+    the eval split; `gate`: on the test split, where ranking metrics see whole candidate lists)."""
     task = get(task_name)
     metric = metric or task.default_metric
-    if metric not in task.metrics:
-        other = next((n for n in REGISTRY if metric in get(n).metrics), None)
-        why = f"it is a {other} metric" if other else "it is not a known metric"
-        raise ConfigError(f"{what}={metric!r} cannot score a {task.name} model: {why}; use one of {', '.join(task.metrics)} "
+    usable = _usable(task, gate)
+    if metric not in usable:
+        other = next((n for n in REGISTRY if metric in _usable(get(n), gate)), None)
+        why = (f"it is a {other} metric" if other else
+               "it is a test-split metric only the gate can use" if metric in task.gate_only_metrics else "it is not a known metric")
+        raise ConfigError(f"{what}={metric!r} cannot score a {task.name} model: {why}; use one of {', '.join(usable)} "
                           f"(empty: {task.default_metric})")
     return metric

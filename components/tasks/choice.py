@@ -14,8 +14,9 @@ A row is encoded as one (context + question, choice) pair per choice, with the p
 kubetune.tasks.encoding (longer side cut first, segment ids where the model has them), so a row is
 `choices` sequences: kubetune.storage.shards keeps them together and pads them to
 [batch, choices, sequence]; an absent choice is an empty sequence. Model:
-AutoModelForMultipleChoice's class for the checkpoint plus a score initialised to the base model's
-own question-choice similarity (kubetune.training.choice_head says why); a softmax over the choices;
+AutoModelForMultipleChoice's class for the checkpoint, scoring each choice by the cosine of the
+question and the choice encoded apart within the joint sequence, so that it starts at the base
+model's own similarity (kubetune.training.choice_head says why); a softmax over the choices;
 absent choices get no probability. Labels are the positions (A, B, ...), so the classification metrics apply:
 accuracy (the gate's default), per-position accuracy (each position's recall) and the predicted
 positions, which expose a model that always answers "A".
@@ -200,7 +201,7 @@ class MultipleChoice(SequenceClassification):
 
     # ---- model ---------------------------------------------------------------------------------
     def model_class(self):
-        from kubetune.training.choice_head import ChoiceModel  # the stock head plus a score that starts at the base model's similarity
+        from kubetune.training.choice_head import ChoiceModel  # scores from the base model's own similarity on
 
         return ChoiceModel
 
@@ -216,7 +217,7 @@ class MultipleChoice(SequenceClassification):
         return position_metrics(split.labels, softmax(logits.astype(np.float64)), labels)
 
     # ---- evaluate ------------------------------------------------------------------------------
-    def test_metrics(self, logits: np.ndarray, split, frame, labels: list[str]) -> tuple[dict, list, object]:
+    def test_metrics(self, logits: np.ndarray, split, frame, labels: list[str], settings: dict) -> tuple[dict, list, object]:
         return self.scores(logits, split, labels), self.profile_texts(frame), split.labels
 
     def champion_metrics(self, predictor, rows: list, gold, labels: list[str]) -> dict:

@@ -14,8 +14,10 @@ get segment 1 on the second text (kubetune.storage.shards.token_types).
 
 Metrics: those of sequence classification; the test metrics add ranking metrics when a `text`
 has several candidates of which at least one is positive (answer selection): MRR and accuracy@1
-over those questions, ranking candidates by P(positive). The positive label is the one named
-1/true/yes/positive/relevant/entailment/duplicate/paraphrase, else the last in sorted order.
+over those questions, ranking candidates by P(positive); the gate may use them (--gate-metric mrr or
+accuracy_at_1; best-epoch selection may not: the eval split is scored without its texts). The positive
+label is --positive-label, else the one named 1/true/yes/positive/relevant/entailment/duplicate/
+paraphrase/match/answer, else the last in sorted order.
 Predictions: as sequence classification, for inputs (text, text_pair); serving takes
 {"text": ..., "text_pair": ...} objects (v2: BYTES inputs "text" and "text_pair").
 """
@@ -29,6 +31,7 @@ import pandas as pd
 
 from kubetune.storage.contracts import ModelInputs
 from kubetune.tasks import base, encoding
+from kubetune.tasks.metrics import classification_metrics
 from kubetune.tasks.predictor import softmax
 from kubetune.tasks.sequence import SequenceClassification
 from kubetune.validation import tables
@@ -38,8 +41,11 @@ POSITIVE_NAMES = ("1", "true", "yes", "positive", "relevant", "entailment", "dup
 PAIR_JOIN = "\n\u241e\n"  # joins the two texts into the key duplicates, conflicts and leakage are checked on
 
 
-def positive_label(labels: list[str]) -> str:
-    """The label whose probability ranks candidates (see the module docstring)."""
+def positive_label(labels: list[str], configured: str = "") -> str:
+    """The label whose probability ranks candidates: `configured` (--positive-label) when given, else
+    guessed by name (see the module docstring)."""
+    if configured:
+        return configured
     return next((lab for lab in labels if lab.strip().lower() in POSITIVE_NAMES), sorted(labels)[-1])
 
 
@@ -68,6 +74,7 @@ class PairClassification(SequenceClassification):
     summary = "a label per text pair (answer selection, NLI, paraphrase, relevance)"
     default_data = "builtin:newsgroups-answers"
     row_unit = "pairs"
+    gate_only_metrics = ("mrr", "accuracy_at_1")  # ranking needs a text's candidates together: the test split has them
     summary_metrics = SequenceClassification.summary_metrics + ("mrr", "accuracy_at_1", "ranked_questions", "positive_label")
     segments = 2  # [CLS] text [SEP] text_pair [SEP]
     input_fields = ("text", "text_pair")
@@ -83,6 +90,8 @@ class PairClassification(SequenceClassification):
         keyed = {s: f.assign(text=[_key(t, p) for t, p in zip(f["text"], f["text_pair"])]) for s, f in data.items()}
         report = tables.check_tables(keyed, sources, formats_, cfg, files)
         report.checks += [_pair_present(s, f, cfg) for s, f in data.items()]
+        if cfg.positive_label:
+            report.checks.append(_positive_known(data["train"], cfg))
         return report, data
 
     # prepare (the subclassed one) splits grouped by text: every row of one question lands in one split
@@ -129,14 +138,20 @@ class PairClassification(SequenceClassification):
         """(text, text_pair) per row: what predict takes (coverage check, reference profile)."""
         return list(zip(frame["text"].astype(str), frame["text_pair"].astype(str)))
 
-    def test_metrics(self, logits: np.ndarray, split, frame, labels: list[str]) -> tuple[dict, list, object]:
+    def test_metrics(self, logits: np.ndarray, split, frame, labels: list[str], settings: dict) -> tuple[dict, list, object]:
         """Classification metrics plus ranking metrics per `text` (answer selection); the champion is
-        re-scored on the same pairs."""
-        metrics = self.scores(logits, split, labels)
-        positive = labels.index(positive_label(labels))
-        p = softmax(logits.astype(np.float64))[:, positive]
-        metrics.update(ranking_metrics(frame["text"].to_numpy(), p, split.labels == positive), positive_label=labels[positive])
-        return metrics, list(zip(frame["text"], frame["text_pair"])), split.labels
+        re-scored on the same pairs and ranked by the same positive label."""
+        positive = labels.index(positive_label(labels, settings.get("positive_label", "")))
+        probs = softmax(logits.astype(np.float64))
+        metrics = {**self.scores(logits, split, labels), **_ranked(frame["text"].to_numpy(), probs, split.labels, positive),
+                   "positive_label": labels[positive]}
+        return metrics, list(zip(frame["text"], frame["text_pair"])), (split.labels, positive)
+
+    def champion_metrics(self, predictor, rows: list, gold, labels: list[str]) -> dict:
+        gold, positive = gold
+        probs = np.array([[p["probabilities"][lab] for lab in labels] for p in predictor.predict(rows)], dtype=np.float64)
+        texts = np.array([t for t, _ in rows], dtype=object)
+        return {**classification_metrics(gold, probs.argmax(-1), labels), **_ranked(texts, probs, gold, positive)}
 
     def describe_test(self, m: dict) -> str:
         line = super().describe_test(m)
@@ -154,6 +169,20 @@ class PairClassification(SequenceClassification):
         if m.get("mrr") is not None:
             figures += f"; MRR {m['mrr']:.4f}, accuracy@1 {m['accuracy_at_1']:.4f} over {m['ranked_questions']} texts"
         return f"Sentence-pair classifier ({', '.join(evaluation['labels'])})", figures, table
+
+
+def _ranked(texts: np.ndarray, probs: np.ndarray, gold: np.ndarray, positive: int) -> dict:
+    """Ranking metrics of each text's candidates by P(positive) (`probs`: [rows, labels])."""
+    return ranking_metrics(texts, probs[:, positive], gold == positive)
+
+
+def _positive_known(train: pd.DataFrame, cfg) -> Check:
+    labels = sorted(map(str, train["label"].unique()))
+    known = cfg.positive_label in labels
+    return Check("train", "positive_label_known", cfg.label_column, "critical", known,
+                 f"have labels {labels}, none of them the --positive-label {cfg.positive_label!r}; name one of them "
+                 "(or leave it empty to take the label named 1/true/yes/relevant/...)",
+                 unexpected_count=0 if known else len(train), element_count=len(train))
 
 
 def _key(text, pair):

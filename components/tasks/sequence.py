@@ -32,6 +32,7 @@ class SequenceClassification:
     default_data = "builtin:sms-spam"
     row_unit = "rows"
     metrics = CLASSIFICATION_METRICS
+    gate_only_metrics = ()
     default_metric = "macro_f1"
     headline = ("accuracy", "macro_f1")  # logs, the epoch history, step outputs, commit messages
     summary_metrics = ("accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix")
@@ -154,8 +155,9 @@ class SequenceClassification:
         return classification_metrics(split.labels, logits.argmax(-1), labels)
 
     # ---- evaluate ------------------------------------------------------------------------------
-    def test_metrics(self, logits: np.ndarray, split, frame, labels: list[str]) -> tuple[dict, list, object]:
-        """(test metrics, the rows a champion is re-scored on, their gold labels)."""
+    def test_metrics(self, logits: np.ndarray, split, frame, labels: list[str], settings: dict) -> tuple[dict, list, object]:
+        """(test metrics, the rows a champion is re-scored on, their gold labels); `settings`: validate's
+        configuration as the dataset's meta.json records it."""
         return self.scores(logits, split, labels), frame["text"].tolist(), split.labels
 
     def champion_metrics(self, predictor, rows: list, gold, labels: list[str]) -> dict:

@@ -47,6 +47,7 @@ class TokenClassification:
     default_data = "builtin:conll2003"
     row_unit = "sentences"
     metrics = NER_METRICS
+    gate_only_metrics = ()
     default_metric = "entity_micro_f1"
     headline = ("entity_micro_f1", "entity_macro_f1", "token_accuracy")  # logs, epoch history, step outputs, commits
     summary_metrics = ("entity_micro_f1", "entity_macro_f1", "entity_micro_precision", "entity_micro_recall",
@@ -165,7 +166,7 @@ class TokenClassification:
         return entity_metrics(*word_level_tags(split, logits.argmax(-1), labels))
 
     # ---- evaluate ------------------------------------------------------------------------------
-    def test_metrics(self, logits: np.ndarray, split, frame, labels: list[str]) -> tuple[dict, list, object]:
+    def test_metrics(self, logits: np.ndarray, split, frame, labels: list[str], settings: dict) -> tuple[dict, list, object]:
         """Entity metrics against the full gold sentences (words lost to truncation count as
         predicted O); the rows a champion is re-scored on are the word lists."""
         gold = [list(t) for t in frame["tags"]]

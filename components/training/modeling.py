@@ -172,8 +172,9 @@ def add_lora(model, cfg, task):
     from peft import LoraConfig, TaskType, get_peft_model
 
     targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()] or None
-    # a head peft has no task type for (multiple choice) is kept trainable by name instead
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    # a head peft has no task type for (multiple choice) is kept trainable by name instead (those of its
+    # modules the model trains at all: a frozen one would get no gradient, which DDP rejects)
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if any(p.requires_grad for p in m.parameters())}
     kind = ({"task_type": TaskType[task.peft_task_type]} if task.peft_task_type else
             {"modules_to_save": [m for m in task.head_modules if m in names]})
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, **kind)

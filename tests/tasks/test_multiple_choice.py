@@ -347,27 +347,29 @@ def test_two_ddp_processes_train_whole_questions(mc_tokens, tiny_model_dir, tmp_
     assert training["processes"] == 2 and training["task"] == MC and 0 <= training["history"][0]["eval_accuracy"] <= 1
 
 
-def test_the_new_model_starts_from_the_question_choice_similarity(tiny_model_dir, model_dir):
-    """Before training, a choice's logit is SCALE x the cosine of the mean question and choice token
-    states (the stock head starts at zero), read from the joint sequence; saved and loaded it keeps its scale."""
+def test_the_new_model_scores_question_and_choice_encoded_apart(tiny_model_dir, model_dir):
+    """A choice's logit is SCALE x the cosine of the mean states of the question encoded alone
+    ([CLS] q [SEP]) and of the choice encoded alone (c [SEP], positions from 1), read from one joint
+    sequence; the [CLS] head and pooler are frozen (they would see the question only)."""
     import torch
     from transformers import AutoTokenizer
 
     from kubetune.training.choice_head import SCALE, ChoiceModel
 
     model = ChoiceModel.from_pretrained(tiny_model_dir, num_labels=3).eval()
-    assert float(model.classifier.weight.abs().sum()) == 0 and float(model.choice_scale.weight) == SCALE
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert float(model.choice_scale.weight.detach()) == SCALE and {"choice_scale.weight", "bert.embeddings.word_embeddings.weight"} <= trainable
+    assert not any(n.startswith(("classifier.", "bert.pooler.")) for n in trainable)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    enc = tokenizer(["which is a fruit?"] * 3, ["a pear", "a car", "the moon"], padding=True, return_tensors="pt")
-    inputs = {k: v[None] for k, v in enc.items()}  # [1 question, 3 choices, sequence]
+    question, choices = "which is a fruit?", ["a pear", "a car that is long", "the moon"]
+    enc = tokenizer([question] * 3, choices, padding=True, return_tensors="pt")
     with torch.inference_mode():
-        logits = model(**inputs).logits
-        hidden = model.bert(**{k: v[0] for k, v in inputs.items()}).last_hidden_state
-    tt, mask = enc["token_type_ids"], enc["attention_mask"]
+        logits = model(**{k: v[None] for k, v in enc.items()}).logits[0]  # [1 question, 3 choices, sequence]
 
-    def mean(where):
-        w = where.unsqueeze(-1).float()
-        return torch.nn.functional.normalize((hidden * w).sum(1) / w.sum(1), dim=-1)
+        def mean_state(ids, start):
+            states = model.bert(input_ids=torch.tensor([ids]), position_ids=torch.arange(start, start + len(ids))[None]).last_hidden_state
+            return torch.nn.functional.normalize(states[0].mean(0), dim=-1)
 
-    cosine = (mean((tt == 0) & (mask > 0)) * mean((tt == 1) & (mask > 0))).sum(-1)
-    assert torch.allclose(logits[0], SCALE * cosine, atol=1e-4)
+        q = mean_state(tokenizer(question)["input_ids"], 0)
+        expected = [SCALE * float(q @ mean_state(tokenizer(c)["input_ids"][1:], 1)) for c in choices]
+    assert torch.allclose(logits, torch.tensor(expected), atol=1e-4), (logits, expected)

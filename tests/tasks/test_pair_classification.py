@@ -148,6 +148,47 @@ def test_ranking_metrics_hand_checked():
     assert positive_label(["contradiction", "entailment", "neutral"]) == "entailment"
 
 
+def test_positive_label_is_checked_recorded_and_ranks_the_test_split(tmp_path, answers):
+    """--positive-label: validate rejects one that is no train label (naming it and the labels) and
+    records a known one in meta.json, and the test metrics rank the candidates by that label's
+    probability, not by the name guess."""
+    from types import SimpleNamespace
+
+    from kubetune.storage.contracts import DatasetMeta
+
+    data = questions(answers, 30).assign(label=lambda f: f["label"].map({"answer": "keep", "other": "skip"}))
+    data.to_csv(tmp_path / "train.csv", index=False)
+    report, meta = validate(str(tmp_path / "train.csv"), "", "", cfg(positive_label="answer"), tmp_path / "bad")
+    assert meta is None and not report.passed
+    assert "none of them the --positive-label 'answer'" in report.error_message() and "['keep', 'skip']" in report.error_message()
+    report, meta = validate(str(tmp_path / "train.csv"), "", "", cfg(positive_label="keep"), tmp_path / "ds")
+    assert report.passed and DatasetMeta.read(tmp_path / "ds").config["positive_label"] == "keep"
+
+    labels = ["keep", "skip"]  # the name guess would take "skip" (no known name; the last in sorted order)
+    assert positive_label(labels) == "skip" and positive_label(labels, "keep") == "keep"
+    frame = pd.DataFrame({"text": ["q1"] * 3 + ["q2"] * 3, "text_pair": list("abcdef")})
+    gold = np.array([0, 0, 1, 1, 0, 1])  # q1: a and b are keep pairs, q2: e is
+    logits = np.log(np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.4, 0.6], [0.5, 0.5], [0.1, 0.9]]))
+    split = SimpleNamespace(labels=gold)
+    m, rows, kept = tasks.get(PAIR).test_metrics(logits, split, frame, labels, {"positive_label": "keep"})
+    assert m["positive_label"] == "keep" and m["ranked_questions"] == 2
+    assert m["accuracy_at_1"] == 1.0 and m["mrr"] == 1.0  # P(keep) puts the keep pair first for both texts
+    guessed, _, _ = tasks.get(PAIR).test_metrics(logits, split, frame, labels, {})
+    assert guessed["positive_label"] == "skip" and guessed["mrr"] == 0.75  # by P(skip), q1's skip pair c ranks behind b
+    assert rows[0] == ("q1", "a") and kept[1] == 0
+
+
+def test_ranking_metrics_are_gate_metrics_for_pairs_only():
+    from kubetune.errors import ConfigError
+
+    assert tasks.resolve_metric(PAIR, "mrr", "gate metric", gate=True) == "mrr"
+    assert tasks.resolve_metric(PAIR, "accuracy_at_1", "gate metric", gate=True) == "accuracy_at_1"
+    with pytest.raises(ConfigError, match="selection_metric='mrr'.*a test-split metric only the gate can use"):
+        tasks.resolve_metric(PAIR, "mrr", "selection_metric")  # the eval split is scored without its texts
+    with pytest.raises(ConfigError, match="gate metric='mrr' cannot score a sequence-classification model: it is a pair-"):
+        tasks.resolve_metric("sequence-classification", "mrr", "gate metric", gate=True)
+
+
 # ---- serving request shapes -----------------------------------------------------------------
 
 
@@ -188,13 +229,15 @@ def test_pair_pipeline_end_to_end(tmp_path, capsys, answers, tiny_model_dir):
     store = tmp_path / "store"
     args = ["run", "--task", PAIR, "--train", str(tmp_path / "train.csv"), "--test", str(tmp_path / "test.parquet"),
             "--name", "answers", "--model", str(tiny_model_dir), "--max-length", "64", *cli_args(TINY),
-            "--gate-threshold", "0", "--onnx-variants", "fp32", "--store", str(store), "--run-id", "pairs",
+            "--gate-metric", "mrr", "--gate-threshold", "0", "--onnx-variants", "fp32", "--store", str(store), "--run-id", "pairs",
             "--summary", str(tmp_path / "summary.json")]
     assert main(args) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "ranking over 20 texts: MRR" in out
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["outcome"] == "deployed" and summary["task"] == PAIR
+    evaluation = json.loads((store / "runs/pairs/evaluation.json").read_text())
+    assert evaluation["gate"]["metric"] == "mrr" and evaluation["gate"]["value"] == summary["metrics"]["mrr"]
     m = summary["metrics"]
     assert m["ranked_questions"] == 20 and m["positive_label"] == "answer"
     assert summary["onnx"]["max_abs_diff"] < 1e-3 and summary["onnx"]["argmax_agreement"] >= 0.995
