@@ -85,13 +85,35 @@ def embed(rows: list[list[int]], special: set[int], dim: int = EMBED_DIM) -> np.
 def coverage(tokenizer, texts: list[str], rows: list[list[int]], examples: int = 3) -> dict:
     """How much of `texts` the tokenizer's vocabulary covers: the unknown-token share, the texts
     with the most unknown tokens and the character-script mix (what the fix depends on)."""
-    special = special_ids(tokenizer)
-    unk, content = unknown_counts(rows, tokenizer.unk_token_id, special)
-    share = float(unk.sum() / content.sum()) if content.sum() else 0.0
-    worst = [int(i) for i in np.argsort(-(unk / np.maximum(content, 1)), kind="stable")[:examples] if unk[i]]
-    texts = [flat(t) for t in texts]
-    scripts = script_counts(texts)
-    name, part = main_script(scripts)
-    return {"unknown_tokens": int(unk.sum()), "content_tokens": int(content.sum()), "unknown_share": round(share, 4),
-            "main_script": name, "main_script_share": round(part, 4),
-            "examples": [{"text": texts[i][:80], "unknown_share": round(float(unk[i] / max(content[i], 1)), 3)} for i in worst]}
+    return Coverage(tokenizer, examples).add(texts, rows).result()
+
+
+class Coverage:
+    """`coverage` over chunks of one split (tokenize streams it): counts add up, and the examples
+    are the worst texts of all chunks, so the result equals that of the whole split at once."""
+
+    def __init__(self, tokenizer, examples: int = 3):
+        self.special, self.unk_id, self.examples = special_ids(tokenizer), tokenizer.unk_token_id, examples
+        self.unknown = self.content = self.seen = 0
+        self.scripts: dict[str, int] = {}
+        self.worst: list[tuple[float, int, str]] = []  # (-unknown share, row number, text[:80])
+
+    def add(self, texts: list, rows: list[list[int]]) -> "Coverage":
+        unk, content = unknown_counts(rows, self.unk_id, self.special)
+        self.unknown, self.content = self.unknown + int(unk.sum()), self.content + int(content.sum())
+        texts = [flat(t) for t in texts]
+        for name, n in script_counts(texts).items():
+            self.scripts[name] = self.scripts.get(name, 0) + n
+        shares = unk / np.maximum(content, 1)
+        self.worst += [(-float(shares[i]), self.seen + int(i), texts[i][:80])
+                       for i in np.argsort(-shares, kind="stable")[:self.examples] if unk[i]]
+        self.worst = sorted(self.worst)[:self.examples]
+        self.seen += len(texts)
+        return self
+
+    def result(self) -> dict:
+        share = self.unknown / self.content if self.content else 0.0
+        name, part = main_script(self.scripts)
+        return {"unknown_tokens": self.unknown, "content_tokens": self.content, "unknown_share": round(share, 4),
+                "main_script": name, "main_script_share": round(part, 4),
+                "examples": [{"text": text, "unknown_share": round(-neg, 3)} for neg, _, text in self.worst]}

@@ -11,6 +11,10 @@ Coverage: when more than `max_unknown_share` of a split's tokens are the tokeniz
 (e.g. Chinese text and an English-vocabulary model), the step warns with the share, examples and
 the fix; `fail_on_unknown` makes that an input error (exit 2).
 
+Memory: each split is read, tokenized and written `shard_rows` rows at a time (one Parquet record
+batch, one shard), so the step's memory holds one shard's rows whatever the split's size; the
+statistics are gathered as it goes (length percentiles from a histogram: exact).
+
 Cache: the result is keyed by the content of the data (validate's fingerprints), the tokenizer's
 full definition (its tokenizer.json), max_length and the shard format, and published to
 <store>/cache/tokenize/<key>/. A re-run with the same inputs copies the cached folder instead of
@@ -32,7 +36,7 @@ from kubetune.core.config import add_config_args, config_from_args, opt, param
 from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import Progress, log
 from kubetune.errors import ConfigError, InputError
-from kubetune.monitoring.features import coverage
+from kubetune.monitoring.features import Coverage
 from kubetune.storage.contracts import META, TOKENS_FORMAT, DatasetMeta, ModelInputs, TokensMeta
 from kubetune.storage.shards import save_split
 from kubetune.storage.store import Store, join
@@ -93,8 +97,6 @@ def cache_key(meta: DatasetMeta, tokenizer, cfg: TokenizeConfig) -> str:
 
 def tokenize(dataset_dir: Path, model_dir: Path, out_dir: Path, cfg: TokenizeConfig, store: Store | None) -> dict:
     """Write the tokens folder for a validated dataset (from the cache when possible)."""
-    import pandas as pd
-
     cfg.check()
     meta = DatasetMeta.read(dataset_dir)
     tokenizer = load_tokenizer(model_dir)
@@ -111,27 +113,15 @@ def tokenize(dataset_dir: Path, model_dir: Path, out_dir: Path, cfg: TokenizeCon
     if cfg.truncation not in task.truncations:
         raise ConfigError(f"truncation={cfg.truncation!r}: a {task.name} model supports {', '.join(task.truncations)}")
     label_ids = {label: i for i, label in enumerate(meta.labels)}
-    frames = {s: pd.read_parquet(dataset_dir / f"{s}.parquet") for s in SPLITS}
-    total = sum(len(f) for f in frames.values())
-    progress = Progress(STEP, total, task.row_unit, every_s=2.0)
+    progress = Progress(STEP, sum(meta.splits[s]["rows"] for s in SPLITS), task.row_unit, every_s=2.0)
     out_dir.mkdir(parents=True, exist_ok=True)
     # text pairs: segment ids are derived from where [SEP] sits (kubetune.storage.shards.token_types)
     inputs = ModelInputs(max_length=cfg.max_length, truncation=cfg.truncation, input_names=tuple(tokenizer.model_input_names),
                          pad_token_id=tokenizer.pad_token_id, sep_token_id=tokenizer.sep_token_id if task.segments == 2 else None)
     info = TokensMeta(key, task.name, meta.labels, inputs, meta.fingerprints(), splits={})
-    for split, frame in frames.items():
-        t = task.tokenize(tokenizer, frame, label_ids, cfg, progress)
-        lengths = np.array([len(r) for r in t.rows if r])  # per sequence (a multiple-choice row has several)
-        info.splits[split] = {
-            "rows": len(t.labels),
-            "shards": save_split(out_dir, split, t.rows, t.labels, cfg.shard_rows, t.token_labels, t.choices),
-            "tokens": int(lengths.sum()),
-            "length": {"mean": round(float(lengths.mean()), 2), "p50": int(np.percentile(lengths, 50)),
-                       "p95": int(np.percentile(lengths, 95)), "max": int(lengths.max())},
-            **t.stats,
-            "coverage": coverage(tokenizer, task.profile_texts(frame), per_input(t.rows, t.choices)),
-        }
-        for note in task.tokenize_notes(split, t.stats, len(t.labels), cfg.max_length):
+    for split in SPLITS:
+        info.splits[split] = tokenize_split(task, tokenizer, dataset_dir / f"{split}.parquet", split, label_ids, cfg, progress, out_dir)
+        for note in task.tokenize_notes(split, info.splits[split], info.splits[split]["rows"], cfg.max_length):
             log(STEP, f"{note}, keeping the {cfg.truncation}")
     try:
         check_coverage(info.splits, cfg, model_dir)
@@ -145,6 +135,50 @@ def tokenize(dataset_dir: Path, model_dir: Path, out_dir: Path, cfg: TokenizeCon
     if store is not None and store.publish_dir(out_dir, cache_prefix):
         log(STEP, f"cached as {store.url(cache_prefix)}")
     return {**info.to_json(), "cache": "miss"}
+
+
+def tokenize_split(task, tokenizer, path: Path, split: str, label_ids: dict, cfg: TokenizeConfig, progress, out_dir: Path) -> dict:
+    """The tokens meta of one split, written shard by shard: each record batch of `shard_rows` rows
+    of the validated Parquet file is tokenized and saved before the next is read."""
+    import pyarrow.parquet as pq
+
+    shards: list[str] = []
+    rows, stats, histogram, coverage = 0, {}, np.zeros(cfg.max_length + 1, dtype=np.int64), Coverage(tokenizer)
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=cfg.shard_rows):
+        frame = batch.to_pandas()
+        t = task.tokenize(tokenizer, frame, label_ids, cfg, progress)
+        shards += save_split(out_dir, split, t.rows, t.labels, cfg.shard_rows, t.token_labels, t.choices, first=len(shards))
+        rows += len(t.labels)
+        stats = {k: stats.get(k, 0) + v for k, v in t.stats.items()}
+        lengths = np.fromiter((len(r) for r in t.rows if r), dtype=np.int64)  # per sequence (a multiple-choice row has several)
+        counts = np.bincount(lengths, minlength=len(histogram))
+        histogram = np.pad(histogram, (0, len(counts) - len(histogram))) + counts
+        coverage.add(task.profile_texts(frame), per_input(t.rows, t.choices))
+    if not shards:  # no rows: one empty shard, as for a split tokenized at once
+        shards = save_split(out_dir, split, [], np.zeros(0, dtype=np.int64), cfg.shard_rows)
+    return {"rows": rows, "shards": shards, "tokens": int(histogram @ np.arange(len(histogram))), "length": length_stats(histogram),
+            **stats, "coverage": coverage.result()}
+
+
+def length_stats(histogram: np.ndarray) -> dict:
+    """Mean, p50, p95 and max of the lengths counted in `histogram` (index = length), the
+    percentiles interpolated as numpy's default does on the sorted lengths."""
+    n = int(histogram.sum())
+    if not n:
+        return {"mean": float("nan"), "p50": 0, "p95": 0, "max": 0}
+    ends = np.cumsum(histogram)  # the sorted lengths: value v fills positions ends[v-1] .. ends[v]-1
+
+    def at(k: int) -> int:
+        return int(np.searchsorted(ends, k, side="right"))
+
+    def percentile(q: float) -> int:
+        pos = (n - 1) * (q / 100)
+        low = int(np.floor(pos))
+        a, b, t = at(low), at(min(low + 1, n - 1)), pos - low
+        return int(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t)  # numpy's linear interpolation, same rounding
+
+    return {"mean": round(float(histogram @ np.arange(len(histogram)) / n), 2), "p50": percentile(50), "p95": percentile(95),
+            "max": int(np.nonzero(histogram)[0][-1])}
 
 
 def check_coverage(splits: dict, cfg: TokenizeConfig, model_dir: Path) -> None:

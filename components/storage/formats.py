@@ -41,6 +41,7 @@ FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndj
 TABLES = ("csv", "tsv", "jsonl", "parquet")  # formats with named columns
 DOCSTART = "-DOCSTART-"
 PARQUET_BATCH = 10_000
+SPLIT_ROW_GROUP = 50_000  # rows per Parquet row group of a validated split: readers stream it a group at a time
 
 
 @dataclass(frozen=True)

@@ -111,9 +111,10 @@ def _concat(rows: list[list[int]], total: int) -> np.ndarray:
 
 
 def save_split(out_dir: Path, split: str, rows: list[list[int]], labels: np.ndarray, shard_rows: int,
-               token_labels: list[list[int]] | None = None, choices: int = 1) -> list[str]:
+               token_labels: list[list[int]] | None = None, choices: int = 1, first: int = 0) -> list[str]:
     """`rows`: token ids per sequence (`choices` consecutive sequences per row); `labels`: one per row;
-    a shard holds `shard_rows` rows, never part of one."""
+    a shard holds `shard_rows` rows, never part of one; shards are numbered from `first` (a split
+    written a chunk at a time)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = []
     shard_rows *= choices  # counted in sequences below
@@ -127,7 +128,7 @@ def save_split(out_dir: Path, split: str, rows: list[list[int]], labels: np.ndar
             arrays["token_labels"] = _concat(token_labels[start:start + shard_rows], int(offsets[-1]))
         if choices > 1:
             arrays["choices"] = np.int64(choices)
-        name = f"{split}-{n:05d}.npz"
+        name = f"{split}-{first + n:05d}.npz"
         np.savez(out_dir / name, **arrays)
         names.append(name)
     return names

@@ -71,7 +71,8 @@ class SequenceClassification:
             frame = frames[split]
             if frame.empty:
                 raise InputError(f"the {split} split is empty; give more data or a {split} file")
-            frame[[*self.columns, "source_row"]].reset_index(drop=True).to_parquet(out_dir / f"{split}.parquet", index=False)
+            frame[[*self.columns, "source_row"]].reset_index(drop=True).to_parquet(out_dir / f"{split}.parquet", index=False,
+                                                                              row_group_size=formats.SPLIT_ROW_GROUP)
             meta["splits"][split] = {
                 "rows": len(frame), **self.split_counts(frame),
                 "class_counts": {k: int(v) for k, v in frame["label"].value_counts().sort_index().items()},

@@ -232,7 +232,8 @@ def prepare_sentences(usable: dict[str, list[Sentence]], sources: dict[str, str]
         if not rows:
             raise InputError(f"the {split} split is empty; give more data or a {split} file")
         pd.DataFrame({"tokens": [s.tokens for s in rows], "tags": [s.tags for s in rows],
-                      "source_row": [s.line for s in rows]}).to_parquet(out_dir / f"{split}.parquet", index=False)
+                      "source_row": [s.line for s in rows]}).to_parquet(out_dir / f"{split}.parquet", index=False,
+                                                                        row_group_size=formats.SPLIT_ROW_GROUP)
         counts = pd.Series([t for s in rows for t in s.tags]).value_counts()
         meta["splits"][split] = {
             "rows": len(rows),

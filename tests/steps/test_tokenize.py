@@ -180,3 +180,30 @@ def test_coverage_is_checked_on_a_cache_hit_too(tmp_path, chinese_dataset, model
     with pytest.raises(InputError, match="vocabulary coverage"):
         tokenize(chinese_dataset, model_dir, tmp_path / "b", TokenizeConfig(max_length=64, fail_on_unknown=True), store)
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("data", ["small_dataset", "chinese_dataset"])
+def test_a_split_tokenized_a_shard_at_a_time_equals_it_tokenized_at_once(data, tmp_path, model_dir, monkeypatch, request):
+    """Tokenize reads, tokenizes and writes `shard_rows` rows at a time (its memory is one shard's,
+    whatever the split's size): the tokens, labels and every statistic (length percentiles, truncation,
+    the coverage examples) equal those of one pass over the whole split."""
+    dataset = request.getfixturevalue(data)
+    whole = tokenize(dataset, model_dir, tmp_path / "whole", TokenizeConfig(max_length=32, shard_rows=1_000_000), store=None)
+    task_type = type(tasks.get("sequence-classification"))
+    seen, original = [], task_type.tokenize
+
+    def counting(self, tokenizer, frame, *args):
+        seen.append(len(frame))
+        return original(self, tokenizer, frame, *args)
+
+    monkeypatch.setattr(task_type, "tokenize", counting)
+    chunked = tokenize(dataset, model_dir, tmp_path / "chunked", TokenizeConfig(max_length=32, shard_rows=7), store=None)
+    assert max(seen) == 7 and sum(seen) == sum(d["rows"] for d in whole["splits"].values())
+    for split, d in whole["splits"].items():
+        c = chunked["splits"][split]
+        assert len(c["shards"]) == -(-d["rows"] // 7) and len(d["shards"]) == 1
+        assert {k: v for k, v in c.items() if k != "shards"} == {k: v for k, v in d.items() if k != "shards"}
+        a, b = load_split(tmp_path / "whole", split), load_split(tmp_path / "chunked", split)
+        assert np.array_equal(a.ids, b.ids) and np.array_equal(a.offsets, b.offsets) and np.array_equal(a.labels, b.labels)
+    if data == "chinese_dataset":
+        assert whole["splits"]["train"]["coverage"]["examples"]  # the worst texts were picked across chunks

@@ -1,0 +1,105 @@
+"""Scale: rows/s and peak memory of each data step as the data grows; the target is memory flat in
+the data's size and time linear in it.
+
+    .venv/bin/python benchmarks/scale.py                                   # 50k and 250k rows
+    .venv/bin/python benchmarks/scale.py --sizes 250000,1000000,2000000    # the issue's sizes
+
+Data: the SMS Spam Collection's 5,574 texts repeated and made unique (each row ends in its serial
+number, so no row is a duplicate of another), CSV with text,label, written once per size.
+
+Each step runs standalone in its own process, as a pipeline pod runs it (`python -m
+kubetune.steps.<step>`); its peak RSS is that process's maxrss (os.wait4), its time the wall
+clock. Steps: validate (the train file alone: eval and test are split off here) and tokenize (every
+split, all-MiniLM-L6-v2's tokenizer, max_length 128).
+
+Baseline: the smallest size, measured in the same run. Printed per step and size: rows/s, peak RSS
+(MB), and against the baseline the RSS ratio (1.0: flat) and the time per row ratio (1.0: linear).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kubetune.storage import assets
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sms_rows() -> list[tuple[str, str]]:
+    """(text, label) of the SMS Spam Collection (tab-separated label, text; read without quoting)."""
+    with open(assets.resolve("builtin:sms-spam")[0], encoding="utf-8", newline="") as f:
+        return [(r[1], r[0]) for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+
+
+def write_data(path: Path, rows: int, source: list[tuple[str, str]]) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(("text", "label"))
+        for i in range(rows):
+            text, label = source[i % len(source)]
+            out.writerow((f"{text} #{i}", label))
+
+
+def measure(args: list[str], log: Path) -> dict:
+    """Wall seconds and peak RSS (MB) of one step process; exits with its log when it fails."""
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        sys.exit(f"{args[0]} failed (exit {proc.returncode}); its log: {log}\n{log.read_text()[-3000:]}")
+    return {"seconds": time.perf_counter() - t0, "peak_mb": usage.ru_maxrss / 1024}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sizes", default="50000,250000", help="comma-separated row counts, smallest first (the baseline)")
+    p.add_argument("--model", default="builtin:all-minilm-l6-v2")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--workdir", type=Path, default=None, help="where data and outputs go (default: a new temporary folder)")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    a = p.parse_args()
+    sizes = sorted(int(s) for s in a.sizes.split(","))
+    work = a.workdir or Path(tempfile.mkdtemp(prefix="kubetune-scale-"))
+    source, results = sms_rows(), {}
+    for rows in sizes:
+        d = work / str(rows)
+        d.mkdir(parents=True, exist_ok=True)
+        write_data(d / "train.csv", rows, source)
+        common = ["--store", str(d / "store"), "--run-id", "scale"]
+        results[rows] = {
+            "validate": measure(["kubetune.steps.validate", "--train", str(d / "train.csv"), "--out", str(d / "dataset"),
+                                 "--report", str(d / "report.md"), "--expectations", str(d / "expectations.json"), *common],
+                                d / "validate.log"),
+            "tokenize": measure(["kubetune.steps.tokenize", "--dataset", str(d / "dataset"), "--model", a.model,
+                                 "--out", str(d / "tokens"), "--max-length", str(a.max_length), *common], d / "tokenize.log"),
+        }
+        for step, r in results[rows].items():
+            print(f"{rows:>9,} rows  {step:<9} {r['seconds']:7.1f} s  {rows / r['seconds']:8,.0f} rows/s  peak {r['peak_mb']:7,.0f} MB",
+                  flush=True)
+
+    base = sizes[0]
+    print(f"\nagainst the baseline ({base:,} rows, same run): peak RSS ratio (1.0 = flat), time per row ratio (1.0 = linear)")
+    print(f"{'step':<9} " + " ".join(f"{n:>18,}" for n in sizes))
+    for step in results[base]:
+        cells = []
+        for n in sizes:
+            r, b = results[n][step], results[base][step]
+            cells.append(f"{r['peak_mb'] / b['peak_mb']:7.2f} / {r['seconds'] / n / (b['seconds'] / base):6.2f}")
+        print(f"{step:<9} " + " ".join(f"{c:>18}" for c in cells))
+    if a.out:
+        a.out.write_text(json.dumps({"sizes": sizes, "results": {str(k): v for k, v in results.items()}}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
