@@ -119,16 +119,17 @@ def tokenize(dataset_dir: Path, model_dir: Path, out_dir: Path, cfg: TokenizeCon
     inputs = ModelInputs(max_length=cfg.max_length, truncation=cfg.truncation, input_names=tuple(tokenizer.model_input_names),
                          pad_token_id=tokenizer.pad_token_id, sep_token_id=tokenizer.sep_token_id if task.segments == 2 else None)
     info = TokensMeta(key, task.name, meta.labels, inputs, meta.fingerprints(), splits={})
-    for split in SPLITS:
-        info.splits[split] = tokenize_split(task, tokenizer, dataset_dir / f"{split}.parquet", split, label_ids, cfg, progress, out_dir)
-        for note in task.tokenize_notes(split, info.splits[split], info.splits[split]["rows"], cfg.max_length):
-            log(STEP, f"{note}, keeping the {cfg.truncation}")
+    before = set(out_dir.glob("*.npz"))
     try:
+        for split in SPLITS:
+            info.splits[split] = tokenize_split(task, tokenizer, dataset_dir / f"{split}.parquet", split, label_ids, cfg, progress,
+                                                out_dir)
+            for note in task.tokenize_notes(split, info.splits[split], info.splits[split]["rows"], cfg.max_length):
+                log(STEP, f"{note}, keeping the {cfg.truncation}")
         check_coverage(info.splits, cfg, model_dir)
-    except InputError:  # nothing half-written: the shards of this call go
-        for d in info.splits.values():
-            for name in d["shards"]:
-                (out_dir / name).unlink(missing_ok=True)
+    except BaseException:  # nothing half-written: the shards this call wrote go, whatever stopped it (re-raised)
+        for path in set(out_dir.glob("*.npz")) - before:
+            path.unlink(missing_ok=True)
         raise
     tokenizer.save_pretrained(out_dir / "tokenizer")
     info.write(out_dir)

@@ -207,3 +207,21 @@ def test_a_split_tokenized_a_shard_at_a_time_equals_it_tokenized_at_once(data, t
         assert np.array_equal(a.ids, b.ids) and np.array_equal(a.offsets, b.offsets) and np.array_equal(a.labels, b.labels)
     if data == "chinese_dataset":
         assert whole["splits"]["train"]["coverage"]["examples"]  # the worst texts were picked across chunks
+
+
+def test_a_failure_in_a_later_shard_leaves_no_shard_behind(tmp_path, small_dataset, model_dir, monkeypatch):
+    """Shards are written as tokenize goes: when a later chunk fails, those already written go too."""
+    task_type = type(tasks.get("sequence-classification"))
+    calls, original = [], task_type.tokenize
+
+    def failing(self, tokenizer, frame, *args):
+        calls.append(len(frame))
+        if len(calls) == 3:
+            raise RuntimeError("tokenizer crashed")
+        return original(self, tokenizer, frame, *args)
+
+    monkeypatch.setattr(task_type, "tokenize", failing)
+    out = tmp_path / "t"
+    with pytest.raises(RuntimeError, match="tokenizer crashed"):
+        tokenize(small_dataset, model_dir, out, TokenizeConfig(max_length=32, shard_rows=10), store=None)
+    assert len(calls) == 3 and not list(out.glob("*.npz")) and not (out / "meta.json").exists()
