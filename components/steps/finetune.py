@@ -9,10 +9,12 @@ The recipe: AdamW (no weight decay on biases and LayerNorm; fused), linear warm-
 decay, gradient accumulation and clipping, length-grouped dynamic-padding batches. The training
 split is padded once and kept on the device (kubetune.training.modeling.DeviceSplit): a step is a gather
 plus forward/backward, with no host collate, no host-to-device copy and no host sync (the loss is
-read only when a progress line is due). bf16 autocast on CUDA with fp32 master weights, fp32 on
-CPU with every usable core. Optional `torch.compile`. After each epoch the eval split is scored;
-the best epoch by `selection_metric` is kept and training stops early after `patience` epochs
-without improvement. Everything random is seeded; a batch order depends only on (seed, epoch).
+read only when a progress line is due). A split too big for that (padded over 2 GiB) stays unpadded in
+host memory and each batch is padded when drawn (modeling.DEVICE_SPLIT_BYTES); the log says which.
+bf16 autocast on CUDA with fp32 master weights, fp32 on CPU with every usable core. Optional
+`torch.compile`. After each epoch the eval split is scored; the best epoch by `selection_metric` is
+kept and training stops early after `patience` epochs without improvement. Everything random is
+seeded; a batch order depends only on (seed, epoch).
 
 Checkpoints (kubetune.training.checkpoint) go to <store>/runs/<run_id>/checkpoints/finetune/ every
 `checkpoint_steps` optimizer steps and after every epoch; the same command re-run after a crash
@@ -412,6 +414,10 @@ def finetune(tokens_dir: Path, model_dir: Path, out_dir: Path, cfg: FinetuneConf
                   f"{run.steps_per_epoch} steps, batch {cfg.batch_size}" + (f" x {world.size} processes" if world.distributed else "")
                   + f", lr {cfg.learning_rate}, trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
                   + (f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""))
+        padded = f"train split padded to its longest row: {run.train.padded_bytes / 2**20:,.0f} MB"
+        log(STEP, f"{padded}, kept on {device}: a batch is a gather there" if run.train.resident else
+                  f"{padded} > {run.train.max_bytes / 2**20:,.0f} MB: kept unpadded in host memory "
+                  f"({run.train.tokens.sum() * 4 / 2**20:,.0f} MB of token ids), each batch padded when drawn")
         try:
             resumed = run.fit(checkpoints)
         except (RuntimeError, torch.OutOfMemoryError) as e:

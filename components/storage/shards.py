@@ -185,12 +185,13 @@ def token_types(input_ids: np.ndarray, mask: np.ndarray, sep_id: int | None) -> 
     return ((np.cumsum(sep, axis=-1) - sep) > 0).astype(input_ids.dtype) * mask
 
 
-def pad_batch(split: TokenizedSplit, index: np.ndarray, pad_id: int, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, attention_mask) int64 arrays for rows `index`, padded on the right to the batch's
-    longest row rounded up to `multiple` (fewer distinct shapes, friendlier to GPU kernels):
-    [batch, sequence], or [batch, choices, sequence] for a split with choices."""
+def pad_batch(split: TokenizedSplit, index: np.ndarray, pad_id: int, multiple: int = 8,
+              width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) int64 arrays for rows `index`, padded on the right to `width`, by
+    default the batch's longest row rounded up to `multiple` (fewer distinct shapes, friendlier to
+    GPU kernels): [batch, sequence], or [batch, choices, sequence] for a split with choices."""
     seqs = split.sequences(index)
-    width = batch_width(np.maximum(split.lengths[index], 1), multiple)
+    width = width or batch_width(np.maximum(split.lengths[index], 1), multiple)
     input_ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), width), dtype=np.int64)
     for j, i in enumerate(seqs):

@@ -79,40 +79,44 @@ class TorchBackend:
                               input_names=list(self.inputs.input_names), device=self.device, sep_id=self.inputs.sep_token_id)
 
 
+DEVICE_SPLIT_BYTES = 2 << 30  # the largest training split (padded, int32) kept on the training device
+
+
 class DeviceSplit:
     """A training split padded once to its longest row and kept on the training device, so a batch
     is a gather on the device: no host collate and no host-to-device copy per step, which is what
-    keeps a small model from being launch/host-bound on a fast GPU. Splits bigger than `max_bytes`
-    stay in (pinned) host memory and each batch is copied asynchronously instead."""
+    keeps a small model from being launch/host-bound on a fast GPU. A split whose padded ids would
+    take more than `max_bytes` stays unpadded in host memory (4 bytes a token, not a row's padded
+    width) and each batch is padded when it is drawn, then copied to the device (`resident` says
+    which; the fine-tune logs it)."""
 
-    def __init__(self, split: TokenizedSplit, pad_id: int, device, pad_multiple: int = 16, max_bytes: int = 2 << 30,
+    def __init__(self, split: TokenizedSplit, pad_id: int, device, pad_multiple: int = 16, max_bytes: int | None = None,
                  sep_id: int | None = None):
         import torch
 
         self.sep_id = sep_id  # text pairs: token_type_ids 1 after the first [SEP] (see batch_inputs)
         lengths, seq_lengths = split.lengths, np.diff(split.offsets)
         width = int(-(-max(int(lengths.max()), 1) // pad_multiple) * pad_multiple)
+        self.device, self.pad_multiple, self.pad_id = device, pad_multiple, pad_id
+        self.lengths, self.tokens = lengths, split.tokens
+        self.token_level = split.token_labels is not None
+        self.padded_bytes, self.max_bytes = len(seq_lengths) * width * 4, DEVICE_SPLIT_BYTES if max_bytes is None else max_bytes
+        self.resident = self.padded_bytes <= self.max_bytes
+        if not self.resident:
+            self.split, self.home = split, torch.device("cpu")
+            return
         ids = np.full((len(seq_lengths), width), pad_id, dtype=np.int32)
         ids[np.arange(width) < seq_lengths[:, None]] = split.ids  # sequences are stored end to end, row-major
         if split.choices > 1:  # multiple choice: [rows, choices, width], a row's choices together
             ids = ids.reshape(len(split), split.choices, width)
-        self.device, self.pad_multiple = device, pad_multiple
-        self.lengths, self.tokens = lengths, split.tokens
-        home = device if ids.nbytes <= max_bytes else torch.device("cpu")
-        pin = home.type == "cpu" and device.type == "cuda"
-        self.ids = self._put(torch.from_numpy(ids), home, pin)
-        self.row_lengths = self._put(torch.from_numpy(split.seq_lengths.astype(np.int64)), home, pin)
+        self.ids = torch.from_numpy(ids).to(device)
+        self.row_lengths = torch.from_numpy(split.seq_lengths.astype(np.int64)).to(device)
         labels = split.labels
-        if split.token_labels is not None:  # token classification: a label per token, IGNORE on padding
+        if self.token_level:  # token classification: a label per token, IGNORE on padding
             labels = np.full((len(split), width), IGNORE, dtype=np.int64)
             labels[np.arange(width) < lengths[:, None]] = split.token_labels
-        self.token_level = split.token_labels is not None
-        self.labels = self._put(torch.from_numpy(labels), home, pin)
-        self.home = home
-
-    @staticmethod
-    def _put(t, home, pin: bool):
-        return t.pin_memory() if pin else t.to(home)
+        self.labels = torch.from_numpy(labels).to(device)
+        self.home = device
 
     def width(self, index: np.ndarray) -> int:
         """Padded width of a batch, from the host-side lengths (no device sync)."""
@@ -123,8 +127,8 @@ class DeviceSplit:
         split's home device), padded to `width`."""
         import torch
 
-        ids = self.ids[index, ..., :width].long()
-        mask = (torch.arange(width, device=ids.device) < self.row_lengths[index][..., None]).long()
+        ids, row_lengths, labels = self._rows(index, width)
+        mask = (torch.arange(width, device=ids.device) < row_lengths[..., None]).long()
         inputs = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in input_names:
             if self.sep_id is None:
@@ -132,11 +136,32 @@ class DeviceSplit:
             else:  # as kubetune.storage.shards.token_types, on the device
                 sep = (ids == self.sep_id).long()
                 inputs["token_type_ids"] = ((sep.cumsum(-1) - sep) > 0).long() * mask
-        out = {"inputs": inputs, "labels": self.labels[index, :width] if self.token_level else self.labels[index]}
         if self.home != self.device:
-            out = {"inputs": {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()},
-                   "labels": out["labels"].to(self.device, non_blocking=True)}
-        return out
+            return {"inputs": {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()},
+                    "labels": labels.to(self.device, non_blocking=True)}
+        return {"inputs": inputs, "labels": labels}
+
+    def _rows(self, index, width: int):
+        """(ids, row lengths, labels) of rows `index`, padded to `width`: gathered on the device, or
+        padded from the host split now."""
+        import torch
+
+        if self.resident:
+            return (self.ids[index, ..., :width].long(), self.row_lengths[index],
+                    self.labels[index, :width] if self.token_level else self.labels[index])
+        rows = index.numpy()
+        ids, _ = pad_batch(self.split, rows, self.pad_id, width=width)
+        labels = _token_labels(self.split, rows, width) if self.token_level else self.split.labels[rows]
+        return torch.from_numpy(ids), torch.from_numpy(self.split.seq_lengths[rows].astype(np.int64)), torch.from_numpy(labels)
+
+
+def _token_labels(split: TokenizedSplit, rows: np.ndarray, width: int) -> np.ndarray:
+    """[rows, width] per-token labels of rows `rows`, IGNORE on padding."""
+    labels = np.full((len(rows), width), IGNORE, dtype=np.int64)
+    for j, i in enumerate(rows):
+        row = split.row_labels(i)
+        labels[j, :len(row)] = row
+    return labels
 
 
 # ---- the model being fine-tuned: built, wrapped for LoRA, its trainable state saved and restored ----

@@ -61,6 +61,21 @@ def test_same_seed_same_weights(tiny_tokens, tiny_model_dir, tmp_path):
     assert not torch.equal(a["classifier.weight"], c["classifier.weight"])
 
 
+def test_a_split_too_big_to_keep_padded_trains_to_the_same_weights(tiny_tokens, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Over DEVICE_SPLIT_BYTES the train split stays unpadded in host memory and each batch is padded
+    when drawn (memory 4 bytes a token, not a row's padded width): the same batches, the same weights."""
+    from kubetune.training import modeling
+
+    cfg = FinetuneConfig(epochs=1, batch_size=8, seed=3, checkpoint_steps=0)
+    finetune(tiny_tokens, tiny_model_dir, tmp_path / "resident", cfg)
+    assert "kept on cpu: a batch is a gather there" in capsys.readouterr().out
+    monkeypatch.setattr(modeling, "DEVICE_SPLIT_BYTES", 1024)
+    finetune(tiny_tokens, tiny_model_dir, tmp_path / "per-batch", cfg)
+    assert "> 0 MB: kept unpadded in host memory" in capsys.readouterr().out
+    a, b = weights(tmp_path / "resident"), weights(tmp_path / "per-batch")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_best_epoch_and_early_stopping(tiny_tokens, tiny_model_dir, tmp_path, monkeypatch):
     import kubetune.steps.finetune as ft
 

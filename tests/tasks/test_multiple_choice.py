@@ -165,6 +165,24 @@ def mc_tokens(tmp_path_factory, mcq, model_dir):
     return work / "tokens"
 
 
+def test_a_split_padded_per_batch_gives_the_device_resident_batches(mc_tokens):
+    import torch
+
+    from kubetune.storage.contracts import TokensMeta
+    from kubetune.training.modeling import DeviceSplit
+
+    meta = TokensMeta.read(mc_tokens)
+    split = load_split(mc_tokens, "train")
+    resident = DeviceSplit(split, meta.inputs.pad_token_id, torch.device("cpu"), sep_id=meta.inputs.sep_token_id)
+    per_batch = DeviceSplit(split, meta.inputs.pad_token_id, torch.device("cpu"), max_bytes=0, sep_id=meta.inputs.sep_token_id)
+    assert resident.resident and not per_batch.resident
+    index = np.array([3, 0, 7, 1])
+    a, b = (s.batch(torch.from_numpy(index), resident.width(index), list(meta.inputs.input_names)) for s in (resident, per_batch))
+    assert a["inputs"]["input_ids"].shape[:2] == (4, split.choices)
+    assert a["inputs"].keys() == b["inputs"].keys() and all(torch.equal(a["inputs"][k], b["inputs"][k]) for k in a["inputs"])
+    assert torch.equal(a["labels"], b["labels"])
+
+
 def test_shards_keep_a_question_s_choices_together(mc_tokens):
     split = load_split(mc_tokens, "train")
     assert split.choices == 4 and len(split.offsets) - 1 == 4 * len(split)

@@ -231,6 +231,11 @@ def test_alignment_labels_first_subtoken_of_each_word(tmp_path, ner_dataset, mod
     assert target.shape == ids.shape and (target[mask == 0] == IGNORE).all()
     assert (target[0, : split.lengths[0]] == split.row_labels(0)).all()
     assert (ids[0, : split.lengths[0]] == split.row(0)).all()
+    # a split too big to keep padded is padded per batch: the same batch
+    per_batch = DeviceSplit(split, info["pad_token_id"], torch.device("cpu"), max_bytes=0)
+    assert not per_batch.resident and data.resident
+    again = per_batch.batch(torch.from_numpy(index), data.width(index), info["model_input_names"])
+    assert all(torch.equal(batch["inputs"][k], again["inputs"][k]) for k in batch["inputs"]) and torch.equal(batch["labels"], again["labels"])
 
 
 def test_token_loss_averages_over_labelled_tokens_only():
