@@ -93,6 +93,10 @@ class ValidateConfig:
             problems.append(f"limit={self.limit}: use 0 (all rows) or a positive row count")
         if not 0 <= self.min_text_chars <= self.max_text_chars:
             problems.append(f"text length bounds [{self.min_text_chars}, {self.max_text_chars}] are not a range")
+        if self.positive_label and not tasks.get(self.task).gate_only_metrics:
+            ranking = [n for n in tasks.names() if tasks.get(n).gate_only_metrics]
+            problems.append(f"positive_label={self.positive_label!r}: only {' and '.join(ranking)} ranks candidates by a positive "
+                            f"label; a {self.task} run has none, so leave it empty")
         if problems:
             raise ConfigError("; ".join(problems))
 

@@ -357,3 +357,11 @@ def test_pairs_on_the_optimized_and_int8_variants_and_two_ddp_processes(pair_tok
     pairs = [("Cubs behind Marlins?", "The Cubs lost again last night."), ("Cubs behind Marlins?", "My disk drive makes noise.")]
     a, b = fp32.predict(pairs), optimized.predict(pairs)
     assert [x["label"] for x in a] == [x["label"] for x in b] and max(abs(x["score"] - y["score"]) for x, y in zip(a, b)) < 1e-3
+
+
+def test_positive_label_with_a_task_that_does_not_rank_is_rejected_before_reading_data():
+    from kubetune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="positive_label='spam': only pair-classification ranks candidates.*leave it empty"):
+        ValidateConfig(task="sequence-classification", positive_label="spam").check()
+    ValidateConfig(task=PAIR, positive_label="answer").check()
