@@ -9,8 +9,11 @@ number, so no row is a duplicate of another), CSV with text,label, written once 
 
 Each step runs standalone in its own process, as a pipeline pod runs it (`python -m
 kubetune.steps.<step>`); its peak RSS is that process's maxrss (os.wait4), its time the wall
-clock. Steps: validate (the train file alone: eval and test are split off here) and tokenize (every
-split, all-MiniLM-L6-v2's tokenizer, max_length 128).
+clock. Steps: validate (the train file alone: eval and test are split off here), tokenize (every
+split, all-MiniLM-L6-v2's tokenizer, max_length 128) and the fine-tune data path without the model
+(`finetune-data`: the train split loaded as the fine-tune loads it, its `DeviceSplit` built, and 20
+length-grouped batches of 32 drawn on the CPU; `finetune-data-per-batch`: the same with the split
+kept unpadded and padded per batch, as for a split over DEVICE_SPLIT_BYTES).
 
 Baseline: the smallest size, measured in the same run. Printed per step and size: rows/s, peak RSS
 (MB), and against the baseline the RSS ratio (1.0: flat) and the time per row ratio (1.0: linear).
@@ -48,11 +51,29 @@ def write_data(path: Path, rows: int, source: list[tuple[str, str]]) -> None:
             out.writerow((f"{text} #{i}", label))
 
 
+def finetune_data(tokens: Path, max_bytes: int | None, steps: int = 20, batch_size: int = 32) -> None:
+    """What the fine-tune holds and does for its data, without the model (run in its own process)."""
+    import numpy as np
+    import torch
+
+    from kubetune.storage.contracts import TokensMeta
+    from kubetune.storage.shards import length_grouped_batches, load_split
+    from kubetune.training.modeling import DeviceSplit
+
+    meta = TokensMeta.read(tokens)
+    split = load_split(tokens, "train")
+    data = DeviceSplit(split, meta.inputs.pad_token_id, torch.device("cpu"), max_bytes=max_bytes, sep_id=meta.inputs.sep_token_id)
+    for index in length_grouped_batches(split.lengths, batch_size, np.random.default_rng(0))[:steps]:
+        data.batch(torch.from_numpy(index), data.width(index), list(meta.inputs.input_names))
+    print(f"resident {data.resident}, padded {data.padded_bytes / 2**20:.0f} MB, {len(split)} rows")
+
+
 def measure(args: list[str], log: Path) -> dict:
-    """Wall seconds and peak RSS (MB) of one step process; exits with its log when it fails."""
+    """Wall seconds and peak RSS (MB) of one step process (`args`: after `python`); exits with its
+    log when it fails."""
     t0 = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
@@ -67,7 +88,12 @@ def main() -> int:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--workdir", type=Path, default=None, help="where data and outputs go (default: a new temporary folder)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    p.add_argument("--finetune-data", type=Path, default=None, help=argparse.SUPPRESS)  # a tokens folder: the data path alone
+    p.add_argument("--per-batch", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.finetune_data:
+        finetune_data(a.finetune_data, 0 if a.per_batch else None)
+        return 0
     sizes = sorted(int(s) for s in a.sizes.split(","))
     work = a.workdir or Path(tempfile.mkdtemp(prefix="kubetune-scale-"))
     source, results = sms_rows(), {}
@@ -77,25 +103,28 @@ def main() -> int:
         write_data(d / "train.csv", rows, source)
         common = ["--store", str(d / "store"), "--run-id", "scale"]
         results[rows] = {
-            "validate": measure(["kubetune.steps.validate", "--train", str(d / "train.csv"), "--out", str(d / "dataset"),
+            "validate": measure(["-m", "kubetune.steps.validate", "--train", str(d / "train.csv"), "--out", str(d / "dataset"),
                                  "--report", str(d / "report.md"), "--expectations", str(d / "expectations.json"), *common],
                                 d / "validate.log"),
-            "tokenize": measure(["kubetune.steps.tokenize", "--dataset", str(d / "dataset"), "--model", a.model,
+            "tokenize": measure(["-m", "kubetune.steps.tokenize", "--dataset", str(d / "dataset"), "--model", a.model,
                                  "--out", str(d / "tokens"), "--max-length", str(a.max_length), *common], d / "tokenize.log"),
+            "finetune-data": measure([__file__, "--finetune-data", str(d / "tokens")], d / "finetune-data.log"),
+            "finetune-data-per-batch": measure([__file__, "--finetune-data", str(d / "tokens"), "--per-batch"],
+                                               d / "finetune-data-per-batch.log"),
         }
         for step, r in results[rows].items():
-            print(f"{rows:>9,} rows  {step:<9} {r['seconds']:7.1f} s  {rows / r['seconds']:8,.0f} rows/s  peak {r['peak_mb']:7,.0f} MB",
+            print(f"{rows:>9,} rows  {step:<23} {r['seconds']:7.1f} s  {rows / r['seconds']:8,.0f} rows/s  peak {r['peak_mb']:7,.0f} MB",
                   flush=True)
 
     base = sizes[0]
     print(f"\nagainst the baseline ({base:,} rows, same run): peak RSS ratio (1.0 = flat), time per row ratio (1.0 = linear)")
-    print(f"{'step':<9} " + " ".join(f"{n:>18,}" for n in sizes))
+    print(f"{'step':<23} " + " ".join(f"{n:>18,}" for n in sizes))
     for step in results[base]:
         cells = []
         for n in sizes:
             r, b = results[n][step], results[base][step]
             cells.append(f"{r['peak_mb'] / b['peak_mb']:7.2f} / {r['seconds'] / n / (b['seconds'] / base):6.2f}")
-        print(f"{step:<9} " + " ".join(f"{c:>18}" for c in cells))
+        print(f"{step:<23} " + " ".join(f"{c:>18}" for c in cells))
     if a.out:
         a.out.write_text(json.dumps({"sizes": sizes, "results": {str(k): v for k, v in results.items()}}, indent=2))
     return 0
