@@ -102,8 +102,8 @@ class DeviceSplit:
         self.token_level = split.token_labels is not None
         self.padded_bytes, self.max_bytes = len(seq_lengths) * width * 4, DEVICE_SPLIT_BYTES if max_bytes is None else max_bytes
         self.resident = self.padded_bytes <= self.max_bytes
-        if not self.resident:
-            self.split, self.home = split, torch.device("cpu")
+        if not self.resident:  # per-row lengths computed once here, not per batch (split.seq_lengths diffs every offset)
+            self.split, self.home, self.host_lengths = split, torch.device("cpu"), split.seq_lengths.astype(np.int64)
             return
         ids = np.full((len(seq_lengths), width), pad_id, dtype=np.int32)
         ids[np.arange(width) < seq_lengths[:, None]] = split.ids  # sequences are stored end to end, row-major
@@ -152,7 +152,7 @@ class DeviceSplit:
         rows = index.numpy()
         ids, _ = pad_batch(self.split, rows, self.pad_id, width=width)
         labels = _token_labels(self.split, rows, width) if self.token_level else self.split.labels[rows]
-        return torch.from_numpy(ids), torch.from_numpy(self.split.seq_lengths[rows].astype(np.int64)), torch.from_numpy(labels)
+        return torch.from_numpy(ids), torch.from_numpy(self.host_lengths[rows]), torch.from_numpy(labels)
 
 
 def _token_labels(split: TokenizedSplit, rows: np.ndarray, width: int) -> np.ndarray:
