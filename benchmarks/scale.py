@@ -3,6 +3,7 @@ the data's size and time linear in it.
 
     .venv/bin/python benchmarks/scale.py                                   # 50k and 250k rows
     .venv/bin/python benchmarks/scale.py --sizes 250000,1000000,2000000    # the sizes
+    .venv/bin/python benchmarks/scale.py --steps validate                  # one step (a step reads the one before)
 
 Data: the SMS Spam Collection's 5,574 texts repeated and made unique (each row ends in its serial
 number, so no row is a duplicate of another), CSV with text,label, written once per size.
@@ -34,6 +35,7 @@ from pathlib import Path
 from kubetune.storage import assets
 
 ROOT = Path(__file__).resolve().parent.parent
+STEPS = ("validate", "tokenize", "finetune-data", "finetune-data-per-batch")
 
 
 def sms_rows() -> list[tuple[str, str]]:
@@ -86,6 +88,7 @@ def main() -> int:
     p.add_argument("--sizes", default="50000,250000", help="comma-separated row counts, smallest first (the baseline)")
     p.add_argument("--model", default="builtin:all-minilm-l6-v2")
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--steps", default=",".join(STEPS), help="comma-separated steps to run, in order (a step reads the one before)")
     p.add_argument("--workdir", type=Path, default=None, help="where data and outputs go (default: a new temporary folder)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     p.add_argument("--finetune-data", type=Path, default=None, help=argparse.SUPPRESS)  # a tokens folder: the data path alone
@@ -95,6 +98,9 @@ def main() -> int:
         finetune_data(a.finetune_data, 0 if a.per_batch else None)
         return 0
     sizes = sorted(int(s) for s in a.sizes.split(","))
+    steps = a.steps.split(",")
+    if unknown := set(steps) - set(STEPS):
+        p.error(f"--steps: unknown {sorted(unknown)}; choose from {', '.join(STEPS)}")
     work = a.workdir or Path(tempfile.mkdtemp(prefix="kubetune-scale-"))
     source, results = sms_rows(), {}
     for rows in sizes:
@@ -102,16 +108,15 @@ def main() -> int:
         d.mkdir(parents=True, exist_ok=True)
         write_data(d / "train.csv", rows, source)
         common = ["--store", str(d / "store"), "--run-id", "scale"]
-        results[rows] = {
-            "validate": measure(["-m", "kubetune.steps.validate", "--train", str(d / "train.csv"), "--out", str(d / "dataset"),
-                                 "--report", str(d / "report.md"), "--expectations", str(d / "expectations.json"), *common],
-                                d / "validate.log"),
-            "tokenize": measure(["-m", "kubetune.steps.tokenize", "--dataset", str(d / "dataset"), "--model", a.model,
-                                 "--out", str(d / "tokens"), "--max-length", str(a.max_length), *common], d / "tokenize.log"),
-            "finetune-data": measure([__file__, "--finetune-data", str(d / "tokens")], d / "finetune-data.log"),
-            "finetune-data-per-batch": measure([__file__, "--finetune-data", str(d / "tokens"), "--per-batch"],
-                                               d / "finetune-data-per-batch.log"),
+        commands = {
+            "validate": ["-m", "kubetune.steps.validate", "--train", str(d / "train.csv"), "--out", str(d / "dataset"),
+                         "--report", str(d / "report.md"), "--expectations", str(d / "expectations.json"), *common],
+            "tokenize": ["-m", "kubetune.steps.tokenize", "--dataset", str(d / "dataset"), "--model", a.model,
+                         "--out", str(d / "tokens"), "--max-length", str(a.max_length), *common],
+            "finetune-data": [__file__, "--finetune-data", str(d / "tokens")],
+            "finetune-data-per-batch": [__file__, "--finetune-data", str(d / "tokens"), "--per-batch"],
         }
+        results[rows] = {step: measure(args, d / f"{step}.log") for step, args in commands.items() if step in steps}
         for step, r in results[rows].items():
             print(f"{rows:>9,} rows  {step:<23} {r['seconds']:7.1f} s  {rows / r['seconds']:8,.0f} rows/s  peak {r['peak_mb']:7,.0f} MB",
                   flush=True)

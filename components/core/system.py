@@ -41,3 +41,20 @@ def resolve_cpu_kernels() -> None:
     one = torch.full((1,), 0.5)
     for name in _VML_OPS:
         getattr(torch, name)(one)
+
+
+def return_freed_memory() -> None:
+    """Make memory a data step frees go back to the OS, so its RSS (what a pod's memory limit counts)
+    follows what it holds. Two allocators keep freed memory by default: glibc raises its mmap threshold
+    after each large free (later arrays up to 32 MB then come from a heap that fragments and is never
+    returned), and Arrow's jemalloc pool keeps freed pages. Called by the steps that stream data
+    (validate, tokenize); measured in benchmarks/scale.py."""
+    import ctypes
+    import ctypes.util
+
+    import pyarrow as pa
+
+    pa.set_memory_pool(pa.system_memory_pool())
+    libc = ctypes.util.find_library("c")
+    if libc and hasattr(ctypes.CDLL(libc), "mallopt"):  # glibc (musl has none: it has no such threshold)
+        ctypes.CDLL(libc).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD, fixed at its default: no dynamic raise

@@ -416,8 +416,9 @@ def finetune(tokens_dir: Path, model_dir: Path, out_dir: Path, cfg: FinetuneConf
                   + (f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""))
         padded = f"train split padded to its longest row: {run.train.padded_bytes / 2**20:,.0f} MB"
         log(STEP, f"{padded}, kept on {device}: a batch is a gather there" if run.train.resident else
-                  f"{padded} > {run.train.max_bytes / 2**20:,.0f} MB: kept unpadded in host memory "
-                  f"({run.train.tokens.sum() * 4 / 2**20:,.0f} MB of token ids), each batch padded when drawn")
+                  f"{padded} > {run.train.max_bytes / 2**20:,.0f} MB: kept unpadded "
+                  f"({run.train.tokens.sum() * 4 / 2**20:,.0f} MB of token ids, "
+                  f"{'memory-mapped' if run.train.mapped else 'in host memory'}), each batch padded when drawn")
         try:
             resumed = run.fit(checkpoints)
         except (RuntimeError, torch.OutOfMemoryError) as e:

@@ -35,6 +35,7 @@ from kubetune import tasks
 from kubetune.core.config import add_config_args, config_from_args, opt, param
 from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import Progress, log
+from kubetune.core.system import return_freed_memory
 from kubetune.errors import ConfigError, InputError
 from kubetune.monitoring.features import Coverage
 from kubetune.storage.contracts import META, TOKENS_FORMAT, DatasetMeta, ModelInputs, TokensMeta
@@ -207,6 +208,7 @@ def check_coverage(splits: dict, cfg: TokenizeConfig, model_dir: Path) -> None:
 
 
 def run_step(*, store_uri: str, run_id: str, dataset_dir: Path, model_uri: str, out_dir: Path, cfg: TokenizeConfig) -> dict:
+    return_freed_memory()  # RSS follows what the step holds (it streams the data)
     with step_context(STEP, store_uri=store_uri, run_id=run_id, config={"model": model_uri, **asdict(cfg)}) as ctx:
         model_dir = resolve_model_dir(model_uri, ctx.settings, ctx.scratch)
         info = tokenize(dataset_dir, model_dir, out_dir, cfg, ctx.store)

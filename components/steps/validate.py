@@ -29,6 +29,7 @@ from kubetune import tasks
 from kubetune.core.config import add_config_args, config_from_args, opt, param
 from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import log
+from kubetune.core.system import return_freed_memory
 from kubetune.errors import ConfigError, InputError
 from kubetune.release import registry
 from kubetune.storage import assets
@@ -136,8 +137,10 @@ def validate(train_uri: str, eval_uri: str, test_uri: str, cfg: ValidateConfig, 
     data, formats, files = {}, {}, {}
     for split, uri in sources.items():
         data[split], formats[split], files[split] = task.load(split, uri, cfg, settings, workdir or out_dir.parent)
-        log(STEP, f"{split}: {len(data[split])} {task.row_unit} from {uri}" + (f" ({len(files[split])} files)" if len(files[split]) > 1 else ""))
     report, usable = task.check(data, sources, formats, files, cfg)
+    for split, uri in sources.items():
+        parts = len(report.files.get(split) or files[split])
+        log(STEP, f"{split}: {report.rows(split)} {task.row_unit} from {uri}" + (f" ({parts} files)" if parts > 1 else ""))
     for c in report.failures("warning"):
         log(STEP, f"warning: {report.describe(c, examples=2)}")
     if not report.passed:
@@ -153,6 +156,7 @@ def run_step(
 ) -> dict:
     """The step as the pipeline runs it; returns the dataset meta, with the registry name the run
     publishes under as "model_name" (given, or derived from the data)."""
+    return_freed_memory()  # RSS follows what the step holds (it streams the data)
     train_uri, model_name = resolve_inputs(cfg.task, train_uri, model_name)
     config = {"train": train_uri, "eval": eval_uri, "test": test_uri, "model_name": model_name, **asdict(cfg)}
     with step_context(STEP, store_uri=store_uri, run_id=run_id, config=config) as ctx:

@@ -134,22 +134,49 @@ def save_split(out_dir: Path, split: str, rows: list[list[int]], labels: np.ndar
     return names
 
 
-def load_split(tokens_dir: Path, split: str) -> TokenizedSplit:
+def load_split(tokens_dir: Path, split: str, mmap_bytes: int | None = None) -> TokenizedSplit:
+    """A split's shards as one TokenizedSplit. Offsets and labels (16 bytes a row) are read into
+    memory; the token ids (and per-token labels) too while they take at most `mmap_bytes` (default
+    MMAP_BYTES), else they are copied shard by shard into an unlinked temporary file and memory-mapped,
+    so memory stays flat in the split's tokens: a batch reads only its rows' pages, and nothing is
+    left behind on disk when the process ends, however it ends."""
     files = sorted(tokens_dir.glob(f"{split}-*.npz"))
     if not files:
         raise FileNotFoundError(f"no {split} shards in {tokens_dir}")
-    ids, offsets, labels, token_labels, base, choices = [], [np.zeros(1, dtype=np.int64)], [], [], 0, 1
+    offsets, labels, base, choices, token_level = [np.zeros(1, dtype=np.int64)], [], 0, 1, False
     for f in files:
         with np.load(f) as z:
             choices = int(z["choices"]) if "choices" in z else 1
-            ids.append(z["ids"])
+            token_level = "token_labels" in z
             offsets.append(z["offsets"][1:] + base)
             labels.append(z["labels"])
-            if "token_labels" in z:
-                token_labels.append(z["token_labels"])
             base += int(z["offsets"][-1])
-    return TokenizedSplit(np.concatenate(ids), np.concatenate(offsets), np.concatenate(labels),
-                          np.concatenate(token_labels) if token_labels else None, choices)
+    in_memory = base * 4 * (2 if token_level else 1) <= (MMAP_BYTES if mmap_bytes is None else mmap_bytes)
+    ids = _joined(files, "ids", base, in_memory)
+    token_labels = _joined(files, "token_labels", base, in_memory) if token_level else None
+    return TokenizedSplit(ids, np.concatenate(offsets), np.concatenate(labels), token_labels, choices)
+
+
+MMAP_BYTES = 256 << 20  # token ids held in memory up to this size; a bigger split's are memory-mapped
+
+
+def _joined(files: list[Path], name: str, total: int, in_memory: bool) -> np.ndarray:
+    """One int32 array of every shard's `name`, end to end: in memory, or memory-mapped from an
+    unlinked temporary file (the mapping keeps it alive; the OS reclaims it with the process)."""
+    import tempfile
+
+    if in_memory:
+        parts = []
+        for f in files:
+            with np.load(f) as z:
+                parts.append(z[name])
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    with tempfile.TemporaryFile(prefix="kubetune-tokens-") as out:
+        for f in files:
+            with np.load(f) as z:
+                out.write(np.ascontiguousarray(z[name], dtype=np.int32).tobytes())
+        out.flush()
+        return np.memmap(out, dtype=np.int32, mode="r", shape=(total,)) if total else np.zeros(0, dtype=np.int32)
 
 
 def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, group: int = 50) -> list[np.ndarray]:

@@ -44,7 +44,7 @@ from kubetune.tasks import base, encoding
 from kubetune.tasks.metrics import classification_metrics
 from kubetune.tasks.predictor import softmax
 from kubetune.tasks.sequence import SequenceClassification
-from kubetune.validation import tables
+from kubetune.validation import splits, tables
 from kubetune.validation.report import EXAMPLES, Check, Report
 
 MIN_CHOICES, MAX_CHOICES = 2, 16
@@ -154,15 +154,25 @@ class MultipleChoice(SequenceClassification):
             labelled = frame.assign(label=[_letter(a, c) for a, c in zip(frame["answer"], frame["choices"])])
             checks += _choice_checks(split, labelled, counts[split], common, cfg)
             usable[split] = labelled.drop(columns="answer")
-        keyed = {s: f.assign(text=[_key(q, c, x) for q, c, x in zip(f["text"], f["choices"], f["context"])]) for s, f in usable.items()}
+        # checked on question + choices (+ context); a question's rows split together
+        keyed = {s: f.assign(group=f["text"], text=[_key(q, c, x) for q, c, x in zip(f["text"], f["choices"], f["context"])])
+                 for s, f in usable.items()}
         named = replace(cfg, text_column=column(cfg, "text"), label_column=column(cfg, "label"))  # messages name the user's columns
-        report = tables.check_tables(keyed, sources, formats_, named, files)
+        report, _ = tables.check_tables(keyed, sources, formats_, named, files)
         # the position balance replaces the class checks' imbalance wording; answer_among_choices says
         # more than a null label (an answer that names no choice has none)
         report.checks = [c for c in report.checks if c.name != "class_balance" and not (c.column == named.label_column and "null" in c.name)]
         report.checks.append(_position_balance(usable["train"], cfg))
         report.checks += checks
         return report, usable
+
+    def prepare(self, usable: dict, sources: dict, cfg, out_dir: Path) -> dict:
+        """As sequence classification's, on the frames in memory (rows hold lists of choices)."""
+        frames, missing = splits.split_frames(usable, cfg)
+        meta = base.new_meta(self, self.label_set(frames), sources, missing, cfg)
+        meta["splits"] = splits.write_frames(self, frames, out_dir)
+        base.write_meta(out_dir, meta)
+        return meta
 
     def label_set(self, frames: dict) -> list[str]:
         """The positions of the widest row anywhere (a position no train answer uses still gets a letter)."""

@@ -34,8 +34,8 @@ from kubetune.tasks import base, encoding
 from kubetune.tasks.metrics import classification_metrics
 from kubetune.tasks.predictor import softmax
 from kubetune.tasks.sequence import SequenceClassification
-from kubetune.validation import tables
-from kubetune.validation.report import EXAMPLES, SPLITS, Check, Report
+from kubetune.validation import splits, tables
+from kubetune.validation.report import SPLITS, Check, Report
 
 POSITIVE_NAMES = ("1", "true", "yes", "positive", "relevant", "entailment", "duplicate", "paraphrase", "match", "answer")
 PAIR_JOIN = "\n\u241e\n"  # joins the two texts into the key duplicates, conflicts and leakage are checked on
@@ -82,17 +82,18 @@ class PairClassification(SequenceClassification):
 
     # ---- validate ------------------------------------------------------------------------------
     def load(self, split: str, uri: str, cfg, settings, workdir: Path):
-        return tables.load_table(uri, columns={"text": cfg.text_column, "text_pair": cfg.text_pair_column, "label": cfg.label_column},
-                                 header=cfg.header, settings=settings, workdir=workdir)
+        source, fmt = tables.table_source(uri, columns={"text": cfg.text_column, "text_pair": cfg.text_pair_column,
+                                                        "label": cfg.label_column}, header=cfg.header, settings=settings, workdir=workdir)
+        return source, fmt, []
 
     def check(self, data: dict, sources: dict, formats_: dict, files: dict, cfg) -> tuple[Report, dict]:
-        """The table checks on the pair (joined texts), plus: every row has a non-empty second text."""
-        keyed = {s: f.assign(text=[_key(t, p) for t, p in zip(f["text"], f["text_pair"])]) for s, f in data.items()}
-        report = tables.check_tables(keyed, sources, formats_, cfg, files)
-        report.checks += [_pair_present(s, f, cfg) for s, f in data.items()]
+        """The table checks on the pair (joined texts; the first text keeps a question's rows in one
+        split), plus: every row has a non-empty second text."""
+        keyed = {s: tables.MappedSource(src, _keyed) for s, src in data.items()}
+        report, indexes = tables.check_tables(keyed, sources, formats_, cfg, files, row_checks=(_pair_present(cfg),))
         if cfg.positive_label:
-            report.checks.append(_positive_known(data["train"], cfg))
-        return report, data
+            report.checks.append(_positive_known(indexes["train"], cfg))
+        return report, {s: splits.CheckedTable(data[s], indexes[s]) for s in data}
 
     # prepare (the subclassed one) splits grouped by text: every row of one question lands in one split
     columns = ("text", "text_pair", "label")
@@ -176,8 +177,8 @@ def _ranked(texts: np.ndarray, probs: np.ndarray, gold: np.ndarray, positive: in
     return ranking_metrics(texts, probs[:, positive], gold == positive)
 
 
-def _positive_known(train: pd.DataFrame, cfg) -> Check:
-    labels = sorted(map(str, train["label"].unique()))
+def _positive_known(train, cfg) -> Check:
+    labels = sorted(map(str, train.class_counts().index))
     known = cfg.positive_label in labels
     return Check("train", "positive_label_known", cfg.label_column, "critical", known,
                  f"have labels {labels}, none of them the --positive-label {cfg.positive_label!r}; name one of them "
@@ -193,12 +194,16 @@ def _key(text, pair):
     return text + PAIR_JOIN + (pair if isinstance(pair, str) else "")
 
 
-def _pair_present(split: str, frame: pd.DataFrame, cfg) -> Check:
-    bad = frame[[not (isinstance(p, str) and p.strip()) for p in frame["text_pair"]]]
-    return Check(split, "text_pair_present", cfg.text_pair_column, "critical", bad.empty,
-                 "have no second text (null, empty or whitespace); fill it in or drop those rows",
-                 unexpected_count=len(bad), element_count=len(frame),
-                 examples=list(zip(bad["source_row"], bad["text_pair"]))[:EXAMPLES])
+def _keyed(batch: pd.DataFrame) -> pd.DataFrame:
+    """A batch as the table checks see it: the pair as the text, the first text as the split group."""
+    return batch.assign(group=batch["text"], text=[_key(t, p) for t, p in zip(batch["text"], batch["text_pair"])])
+
+
+def _pair_present(cfg) -> tables.RowCheck:
+    return tables.RowCheck("text_pair_present", cfg.text_pair_column,
+                           "have no second text (null, empty or whitespace); fill it in or drop those rows",
+                           lambda batch: np.array([not (isinstance(p, str) and p.strip()) for p in batch["text_pair"]], dtype=bool),
+                           "text_pair")
 
 
 TASK = PairClassification()

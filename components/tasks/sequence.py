@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from kubetune.errors import InputError
 from kubetune.monitoring.profile import CONFIDENCE_EDGES
 from kubetune.storage import formats
 from kubetune.storage.contracts import ModelInputs
@@ -50,43 +49,29 @@ class SequenceClassification:
         return base.given_sources(train, eval_, test)
 
     def load(self, split: str, uri: str, cfg, settings, workdir: Path):
-        return tables.load_table(uri, columns={"text": cfg.text_column, "label": cfg.label_column}, header=cfg.header,
-                                 settings=settings, workdir=workdir)
+        """The split's table as a source of record batches (read by check, and again by prepare)."""
+        source, fmt = tables.table_source(uri, columns={"text": cfg.text_column, "label": cfg.label_column}, header=cfg.header,
+                                          settings=settings, workdir=workdir)
+        return source, fmt, []
 
     def check(self, data: dict, sources: dict, formats_: dict, files: dict, cfg) -> tuple[Report, dict]:
-        return tables.check_tables(data, sources, formats_, cfg, files), data
+        report, indexes = tables.check_tables(data, sources, formats_, cfg, files)
+        return report, {s: splits.CheckedTable(data[s], indexes[s]) for s in data}
 
     columns = ("text", "label")  # what a split's Parquet file holds (with source_row) and its fingerprint covers
 
     def prepare(self, usable: dict, sources: dict, cfg, out_dir: Path) -> dict:
-        """Subsample, split (stratified, seeded, grouped by text) and write the dataset folder."""
-        frames = {s: splits.subsample(f, cfg.limit, cfg.seed) for s, f in usable.items()}
-        missing = {s: getattr(cfg, f"{s}_fraction") for s in ("eval", "test") if s not in frames}
-        if missing:
-            frames = {**frames, **splits.split_frame(frames["train"], missing, cfg.seed)}
-        labels = self.label_set(frames)
-        meta = base.new_meta(self, labels, sources, missing, cfg)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for split in SPLITS:
-            frame = frames[split]
-            if frame.empty:
-                raise InputError(f"the {split} split is empty; give more data or a {split} file")
-            frame[[*self.columns, "source_row"]].reset_index(drop=True).to_parquet(out_dir / f"{split}.parquet", index=False,
-                                                                              row_group_size=formats.SPLIT_ROW_GROUP)
-            meta["splits"][split] = {
-                "rows": len(frame), **self.split_counts(frame),
-                "class_counts": {k: int(v) for k, v in frame["label"].value_counts().sort_index().items()},
-                "fingerprint": splits.fingerprint(frame, self.columns),
-            }
+        """Subsample, split (stratified, seeded, grouped by text) and write the dataset folder, a
+        record batch at a time (kubetune.validation.splits)."""
+        plan = splits.plan_tables(usable, cfg)
+        meta = base.new_meta(self, plan.labels, sources, plan.missing, cfg)
+        meta["splits"] = splits.write_tables(self, usable, plan, out_dir)
         base.write_meta(out_dir, meta)
         return meta
 
-    def label_set(self, frames: dict) -> list[str]:
-        """The model's labels, in logit order: the train split's, sorted."""
-        return sorted(frames["train"]["label"].unique().tolist())
-
     def split_counts(self, frame) -> dict:
-        """Counts a split's meta carries beside its rows and classes (none for single texts)."""
+        """Counts a split's meta carries beside its rows and classes (none for single texts). `frame`:
+        the split's grouping texts ("text", as 8-byte hashes)."""
         return {}
 
     def describe_splits(self, meta: dict) -> str:

@@ -59,6 +59,10 @@ class Report:
         uri, offset = next((f for f in reversed(files) if f[1] < row), files[0])
         return f"{uri.rsplit('/', 1)[-1]} {unit} {row - offset}"
 
+    def rows(self, split: str) -> int | None:
+        """The rows the checks saw in a split."""
+        return next((c.element_count for c in self.checks if c.split == split and c.element_count), None)
+
     def error_message(self) -> str:
         lines = [self.describe(c) for c in self.failures("critical")]
         return "input rejected by validation:\n  - " + "\n  - ".join(lines)
@@ -76,8 +80,7 @@ class Report:
         out = [f"# Data validation: {status}", ""]
         out += ["| split | source | rows |", "|---|---|---|"]
         for split, src in self.sources.items():
-            n = next((c.element_count for c in self.checks if c.split == split and c.element_count), "")
-            out.append(f"| {split} | `{src}` | {n} |")
+            out.append(f"| {split} | `{src}` | {self.rows(split) or ''} |")
         for severity, title in (("critical", "Errors"), ("warning", "Warnings")):
             failed = self.failures(severity)
             if failed:

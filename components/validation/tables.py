@@ -1,23 +1,34 @@
 """Checks of labelled text tables (sequence classification, and any task whose rows are texts
 with a label): great-expectations on each split, class counts, conflicting labels and leakage; and
-the loader that reads such a table from any format, folder or prefix (kubetune.storage.formats).
+the reader that streams such a table from any format, folder or prefix (kubetune.storage.formats).
 
     python -c "from kubetune.validation.tables import load_table as t; print(t('builtin:sms-spam', columns={'text': 'text'})[0])"
 
+Memory stays flat in the data size: a split is read in record batches of BATCH_ROWS rows (`TableSource`),
+as often as needed (the files stay on local disk), and what the checks and the splits need of the whole
+split is kept per row in a few bytes (`SplitIndex`: an 8-byte hash of the text, a label code, the row
+number), not the rows themselves.
+
 Checks, per split (critical ones stop the run with exit code 2, warnings go to the report):
-  critical  text not null, not empty/whitespace, length within [min, max] characters
-  critical  label not null; eval/test labels are a subset of the train labels
-  critical  train has >= 2 classes, and each class has >= min_examples_per_class rows
+  critical  text not null, not empty/whitespace, length within [min, max] characters   (GE, per batch)
+  critical  label not null; eval/test labels are a subset of the train labels          (GE, per batch)
+  critical  train has >= 2 classes, and each class has >= min_examples_per_class rows   (exact counts)
   warning   duplicate texts, identical texts with different labels, class imbalance,
-            eval/test texts that also occur in train (leakage)
+            eval/test texts that also occur in train (leakage)                          (by text hash)
+great-expectations runs the row-level expectations on every batch (every row checked, counts summed,
+the first examples kept); the whole-column rules (uniqueness, the number of distinct labels) need the
+whole column at once, so kubetune checks them exactly over the split's hashes and label counts.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
+import numpy as np
 import pandas as pd
 
 from kubetune.errors import InputError, KubetuneError
@@ -25,8 +36,10 @@ from kubetune.storage import assets, formats
 from kubetune.storage.store import S3Settings
 from kubetune.validation.report import EXAMPLES, Check, Report
 
+BATCH_ROWS = 100_000  # rows per record batch: what validate holds of a split at a time
+
 # ---------------------------------------------------------------------------------------------
-# loading
+# reading
 
 
 def label_str(value) -> str | None:
@@ -38,44 +51,193 @@ def label_str(value) -> str | None:
     return s or None
 
 
-def load_table(uri: str, *, columns: dict[str, str], header: bool = True, settings: S3Settings | None = None,
-               workdir: Path | None = None, label: str = "label") -> tuple[pd.DataFrame, str, list[tuple[str, int]]]:
-    """Read `uri` (a file, folder or prefix, or builtin:) into (frame, format, files). `columns` maps
-    each frame column (role) to the user's column name, e.g. {"text": "review", "label": "stars"};
+@dataclass
+class TableSource:
+    """One split's table (a file, folder or prefix, or builtin:), read in record batches. `columns`
+    maps each frame column (role) to the user's column name, e.g. {"text": "review", "label": "stars"};
     every role but `label` must hold text. `source_row` numbers rows across files: file k's rows are
-    offset by files[k][1] (its line numbers stay readable in messages, see Report.where)."""
+    offset by located[k][1] (its line numbers stay readable in messages, see Report.where)."""
+
+    uri: str
+    fmt: str
+    files: list  # [(file URI, local path)]
+    columns: dict
+    header: bool = True
+    names: list | None = None
+    label: str = "label"
+    located: list = field(default_factory=list)  # [(file URI, row offset)], known once read
+
+    def batches(self, rows: int | None = None) -> Iterator[pd.DataFrame]:
+        """The table, `rows` rows (default BATCH_ROWS) at a time, each a frame of the roles and source_row."""
+        rows = rows or BATCH_ROWS
+        wanted = tuple(self.columns.values())
+        flags = {col: f"--{role.replace('_', '-')}-column" for role, col in self.columns.items()}
+        data, located, offset, seen = self._empty(), [], 0, 0
+        for file_uri, path in self.files:
+            located.append((file_uri, offset))
+            last = 0
+            for rec in formats.read_records(path, file_uri, self.fmt, header=self.header, names=self.names, columns=wanted,
+                                            flags=flags, strict=True):
+                for role, col in self.columns.items():
+                    value = rec.fields[col]
+                    if role != self.label and value is not None and not isinstance(value, str):
+                        raise InputError(f"{file_uri}: {formats.unit(self.fmt)} {rec.row}: column {col!r} must hold text, "
+                                         f"got {type(value).__name__} {value!r}")
+                    data[role].append(label_str(value) if role == self.label else value)
+                data["source_row"].append(offset + rec.row)
+                last = rec.row
+                if len(data["source_row"]) == rows:
+                    seen += rows
+                    yield self._frame(data)
+                    data = self._empty()
+            offset += last
+        self.located = located
+        if data["source_row"] or not seen:
+            if not seen and not data["source_row"]:
+                raise InputError(f"{self.uri}: file is empty (a header but no data rows)" if len(self.files) == 1
+                                 else f"{self.uri}: the files hold no data rows")
+            yield self._frame(data)
+
+    def _empty(self) -> dict:
+        return {**{role: [] for role in self.columns}, "source_row": []}
+
+    def _frame(self, data: dict) -> pd.DataFrame:
+        frame = pd.DataFrame({role: pd.Series(v, dtype=object) for role, v in data.items() if role != "source_row"})
+        frame["source_row"] = pd.Series(data["source_row"], dtype="int64")
+        return frame
+
+
+@dataclass
+class FrameSource:
+    """A table already in memory (multiple choice's lists of choices), in the same batches."""
+
+    frame: pd.DataFrame
+    located: list = field(default_factory=list)
+
+    def batches(self, rows: int | None = None) -> Iterator[pd.DataFrame]:
+        rows = rows or BATCH_ROWS
+        for start in range(0, len(self.frame), rows):
+            yield self.frame.iloc[start:start + rows]
+
+
+@dataclass
+class MappedSource:
+    """Another source's batches through `fn` (a task's view of its rows, e.g. the pair as one key)."""
+
+    source: object
+    fn: Callable[[pd.DataFrame], pd.DataFrame]
+
+    @property
+    def located(self) -> list:
+        return self.source.located
+
+    def batches(self, rows: int | None = None) -> Iterator[pd.DataFrame]:
+        return map(self.fn, self.source.batches(rows))
+
+
+def table_source(uri: str, *, columns: dict[str, str], header: bool = True, settings: S3Settings | None = None,
+                 workdir: Path | None = None, label: str = "label") -> tuple[TableSource, str]:
+    """The source of `uri` and its format; s3:// objects are downloaded under `workdir` (disk, not memory)."""
     names = None
     if assets.is_builtin(uri):
-        path, asset = assets.resolve(uri)
+        _, asset = assets.resolve(uri)
         path = assets.materialize(uri, workdir or Path("."))
         fmt, header, names = asset.reader["format"], asset.reader["header"], asset.reader["names"]
         files = [(uri, path)]
     else:
         uris, fmt = formats.split_files(uri, settings)
         files = formats.local_files(uris, settings, workdir or Path("."))
-    data = {role: [] for role in columns}
-    data["source_row"] = []
-    located, offset = [], 0
-    wanted = tuple(columns.values())
-    flags = {col: f"--{role.replace('_', '-')}-column" for role, col in columns.items()}
-    for file_uri, path in files:
-        located.append((file_uri, offset))
-        last = 0
-        for rec in formats.read_records(path, file_uri, fmt, header=header, names=names, columns=wanted, flags=flags, strict=True):
-            for role, col in columns.items():
-                value = rec.fields[col]
-                if role != label and value is not None and not isinstance(value, str):
-                    raise InputError(f"{file_uri}: {formats.unit(fmt)} {rec.row}: column {col!r} must hold text, "
-                                     f"got {type(value).__name__} {value!r}")
-                data[role].append(label_str(value) if role == label else value)
-            data["source_row"].append(offset + rec.row)
-            last = rec.row
-        offset += last
-    frame = pd.DataFrame({role: pd.Series(v, dtype=object) for role, v in data.items() if role != "source_row"})
-    frame["source_row"] = pd.Series(data["source_row"], dtype="int64")
-    if frame.empty:
-        raise InputError(f"{uri}: file is empty (a header but no data rows)" if len(files) == 1 else f"{uri}: the files hold no data rows")
-    return frame, fmt, located
+    return TableSource(uri, fmt, files, columns, header, names, label), fmt
+
+
+def load_table(uri: str, **kw) -> tuple[pd.DataFrame, str, list[tuple[str, int]]]:
+    """The whole table in memory: (frame, format, [(file URI, row offset)]) (tests, small tables)."""
+    source, fmt = table_source(uri, **kw)
+    frame = pd.concat(list(source.batches()), ignore_index=True)
+    return frame, fmt, source.located
+
+
+def text_hashes(values) -> np.ndarray:
+    """An 8-byte hash per text (None hashes to a constant: mask nulls yourself). Duplicates, conflicts,
+    leakage and the splits' grouping compare these instead of holding every text."""
+    values = np.asarray(values, dtype=object)
+    try:
+        return pd.util.hash_array(values)
+    except UnicodeEncodeError:  # a lone surrogate (a JSON escape): hash its bytes as they are
+        return pd.util.hash_array(np.array([v.encode("utf-8", "surrogatepass") if isinstance(v, str) else v for v in values],
+                                           dtype=object))
+
+
+def values_at(source, positions: list[int], columns: tuple[str, ...]) -> list[tuple]:
+    """The values of `columns` at the given 0-based row positions, read again up to the last one."""
+    wanted, out, start = sorted(set(positions)), {}, 0
+    for batch in source.batches():
+        end = start + len(batch)
+        for p in wanted:
+            if start <= p < end:
+                out[p] = tuple(batch[c].iloc[p - start] for c in columns)
+        start = end
+        if start > wanted[-1]:
+            break
+    return [out[p] for p in positions]
+
+
+# ---------------------------------------------------------------------------------------------
+# the per-row index a split keeps
+
+
+@dataclass
+class SplitIndex:
+    """What the checks and the splits need of a whole split, per row in the source's order: 13 bytes
+    a row (21 when the split group differs from the checked text). Row numbers and texts for messages
+    are read again from the source for the few example rows (`examples`)."""
+
+    key: np.ndarray  # uint64 hash of the checked text (a task's key: the pair, question + choices)
+    has_text: np.ndarray  # bool: the text is not null
+    label: np.ndarray  # int32 code into `labels`, -1 for a null label
+    labels: list  # label names by code, in first-seen order
+    group_key: np.ndarray | None = None  # uint64 hash of the text that keeps rows together in one split (None: `key`)
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+    @property
+    def group(self) -> np.ndarray:
+        return self.key if self.group_key is None else self.group_key
+
+    def label_names(self, mask=None) -> np.ndarray:
+        names = np.array(self.labels + [None], dtype=object)
+        codes = self.label if mask is None else self.label[mask]
+        return names[codes]  # -1 (null) indexes the trailing None
+
+    def class_counts(self) -> pd.Series:
+        """Rows per label, largest first (as pandas' value_counts)."""
+        counts = np.bincount(self.label[self.label >= 0], minlength=len(self.labels))
+        return pd.Series(counts, index=self.labels, dtype="int64").loc[lambda s: s > 0].sort_values(ascending=False, kind="stable")
+
+
+class _IndexBuilder:
+    def __init__(self):
+        self.parts: dict[str, list] = {k: [] for k in ("key", "group_key", "has_text", "label")}
+        self.codes: dict[str, int] = {}
+
+    def add(self, batch: pd.DataFrame) -> None:
+        key = text_hashes(batch["text"].to_numpy())
+        label = np.array([-1 if v is None else self.codes.setdefault(v, len(self.codes)) for v in batch["label"]], dtype=np.int32)
+        self.parts["key"].append(key)
+        if "group" in batch:
+            self.parts["group_key"].append(text_hashes(batch["group"].to_numpy()))
+        self.parts["has_text"].append(batch["text"].notna().to_numpy())
+        self.parts["label"].append(label)
+
+    def build(self) -> SplitIndex:
+        # one array at a time, its parts freed before the next: the peak is the index plus one array
+        arrays = {}
+        for name in list(self.parts):
+            parts = self.parts.pop(name)
+            arrays[name] = np.concatenate(parts) if parts else None
+            del parts
+        return SplitIndex(**arrays, labels=list(self.codes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +262,7 @@ def _ge_context():
 
 
 def _expectations(gx, split: str, train_labels: list[str], cfg):
-    """(expectation, user column, description of failing rows) for one split."""
+    """(expectation, user column, description of failing rows) for one split: the row-level rules."""
     E = gx.expectations
     text, label = cfg.text_column, cfg.label_column
     items = [
@@ -112,61 +274,95 @@ def _expectations(gx, split: str, train_labels: list[str], cfg):
          text, (f"are shorter than {cfg.min_text_chars} or " if cfg.min_text_chars > 1 else "are ")
          + f"longer than {cfg.max_text_chars} characters"),
         (E.ExpectColumnValuesToNotBeNull(column="label"), label, "have no label"),
-        (E.ExpectColumnValuesToBeUnique(column="text", severity="warning"), text, "repeat another row's text"),
     ]
-    if split == "train":
-        items.append((E.ExpectColumnUniqueValueCountToBeBetween(column="label", min_value=2), label,
-                      "has fewer than 2 distinct labels: a classifier needs at least two classes"))
-    else:
+    if split != "train":
         items.append((E.ExpectColumnValuesToBeInSet(column="label", value_set=train_labels), label,
                       f"have labels that are not in the train labels {train_labels}"))
     return items
 
 
-def _run_ge(gx, context, split: str, frame: pd.DataFrame, train_labels: list[str], cfg):
-    items = _expectations(gx, split, train_labels, cfg)
-    suite = gx.ExpectationSuite(name=f"kubetune-{split}")
-    for expectation, _, _ in items:
-        suite.add_expectation(expectation)
-    batch = (
-        context.data_sources.add_pandas(f"input-{split}")
-        .add_dataframe_asset(split)
-        .add_batch_definition_whole_dataframe("all")
-        .get_batch(batch_parameters={"dataframe": frame.reset_index(drop=True)})
-    )
-    result = batch.validate(
-        suite, result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["source_row"]}
-    ).to_json_dict()
-    by_type = {}
-    for r in result["results"]:
-        conf = r["expectation_config"]
-        if r.get("exception_info", {}).get("raised_exception"):
-            raise KubetuneError(f"great-expectations failed on {conf['type']}: {r['exception_info']['exception_message']}")
-        by_type[(conf["type"], json.dumps(conf["kwargs"].get("regex") or conf["kwargs"].get("column")))] = r
-    checks = []
-    for expectation, column, description in items:
-        conf = expectation.configuration
-        r = by_type[(conf.type, json.dumps(conf.kwargs.get("regex") or conf.kwargs.get("column")))]
-        res = r["result"]
-        col = conf.kwargs.get("column")
-        examples = [(x["source_row"], x.get(col)) for x in (res.get("unexpected_index_list") or [])[:EXAMPLES]]
-        if conf.type == "expect_column_unique_value_count_to_be_between" and not r["success"]:
-            labels = sorted(frame["label"].dropna().unique().tolist())
-            description = f"has {len(labels)} distinct label(s) {labels}: a classifier needs at least two classes"
-        checks.append(Check(
-            split=split, name=conf.type, column=column, severity=r["expectation_config"].get("severity", "critical"),
-            success=bool(r["success"]), description=description,
-            unexpected_count=int(res.get("unexpected_count") or 0),
-            element_count=int(res.get("element_count") or len(frame)), examples=examples,
-        ))
-    return checks, result
+@dataclass(frozen=True)
+class RowCheck:
+    """A task's own row-level rule, streamed like the expectations: `bad(batch)` marks failing rows."""
+
+    name: str
+    column: str  # the user's column name
+    description: str
+    bad: Callable[[pd.DataFrame], np.ndarray]
+    value: str  # the frame column quoted in examples
 
 
-def _class_checks(split: str, frame: pd.DataFrame, cfg) -> list[Check]:
-    counts = frame["label"].value_counts()
-    checks = []
-    small = counts[counts < cfg.min_examples_per_class]
+class _SplitChecks:
+    """The checks of one split, fed a batch at a time."""
+
+    def __init__(self, gx, context, split: str, train_labels: list[str], cfg, row_checks: tuple[RowCheck, ...]):
+        self.split, self.cfg = split, cfg
+        self.items = _expectations(gx, split, train_labels, cfg)
+        suite = gx.ExpectationSuite(name=f"kubetune-{split}")
+        for expectation, _, _ in self.items:
+            suite.add_expectation(expectation)
+        self.suite = suite
+        self.definition = (context.data_sources.add_pandas(f"input-{split}").add_dataframe_asset(split)
+                           .add_batch_definition_whole_dataframe("batch"))
+        self.checks = [Check(split, e.configuration.type, column, "critical", True, description)
+                       for e, column, description in self.items]
+        self.row_checks = row_checks
+        self.checks += [Check(split, rc.name, rc.column, "critical", True, rc.description) for rc in row_checks]
+        self.ge_summary = [{"type": e.configuration.type, "kwargs": dict(e.configuration.kwargs), "success": True, "element_count": 0,
+                            "unexpected_count": 0} for e, _, _ in self.items]
+        self.batches = 0
+
+    def add(self, batch: pd.DataFrame) -> None:
+        self.batches += 1
+        result = self.definition.get_batch(batch_parameters={"dataframe": batch.reset_index(drop=True)}).validate(
+            self.suite, result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["source_row"]}).to_json_dict()
+        by_type = {}
+        for r in result["results"]:
+            conf = r["expectation_config"]
+            if r.get("exception_info", {}).get("raised_exception"):
+                raise KubetuneError(f"great-expectations failed on {conf['type']}: {r['exception_info']['exception_message']}")
+            by_type[(conf["type"], json.dumps(conf["kwargs"].get("regex") or conf["kwargs"].get("column")))] = r
+        for (expectation, _, _), check, summary in zip(self.items, self.checks, self.ge_summary):
+            conf = expectation.configuration
+            r = by_type[(conf.type, json.dumps(conf.kwargs.get("regex") or conf.kwargs.get("column")))]
+            res = r["result"]
+            col = conf.kwargs.get("column")
+            examples = [(x["source_row"], x.get(col)) for x in (res.get("unexpected_index_list") or [])[:EXAMPLES]]
+            self._count(check, bool(r["success"]), int(res.get("unexpected_count") or 0), int(res.get("element_count") or len(batch)),
+                        examples)
+            summary["success"] &= bool(r["success"])
+            summary["element_count"] += int(res.get("element_count") or 0)
+            summary["unexpected_count"] += int(res.get("unexpected_count") or 0)
+        for rc, check in zip(self.row_checks, self.checks[len(self.items):]):
+            bad = np.asarray(rc.bad(batch), dtype=bool)
+            rows = batch[bad]
+            self._count(check, not bad.any(), int(bad.sum()), len(batch), list(zip(rows["source_row"], rows[rc.value]))[:EXAMPLES])
+
+    @staticmethod
+    def _count(check: Check, success: bool, unexpected: int, elements: int, examples: list) -> None:
+        check.success &= success
+        check.unexpected_count += unexpected
+        check.element_count += elements
+        check.examples = (check.examples + examples)[:EXAMPLES]
+
+    def ge_result(self) -> dict:
+        return {"batches": self.batches, "results": self.ge_summary}
+
+
+def _whole_split_checks(split: str, index: SplitIndex, source, cfg, train: SplitIndex | None) -> list[Check]:
+    """The rules that need the whole split: duplicates, distinct labels, class counts, conflicting
+    labels (all by hash and counts), and for eval/test the overlap with train."""
+    n = len(index)
+    repeated = _repeated(index)
+    checks = [Check(split, "unique_text", cfg.text_column, "warning", not repeated.any(), "repeat another row's text",
+                    unexpected_count=int(repeated.sum()), element_count=n, examples=example_rows(source, repeated, "text"))]
+    counts = index.class_counts()
     if split == "train":
+        labels = sorted(counts.index)
+        checks.append(Check(split, "distinct_labels", cfg.label_column, "critical", len(labels) >= 2,
+                            f"has {len(labels)} distinct label(s) {labels}: a classifier needs at least two classes",
+                            unexpected_count=0, element_count=n))
+        small = counts[counts < cfg.min_examples_per_class]
         checks.append(Check(
             split, "min_examples_per_class", cfg.label_column, "critical", small.empty,
             f"has classes with fewer than {cfg.min_examples_per_class} rows: "
@@ -179,36 +375,63 @@ def _class_checks(split: str, frame: pd.DataFrame, cfg) -> list[Check]:
                 f"is imbalanced: smallest class {counts.idxmin()!r} has {counts.min()} rows, largest {counts.idxmax()!r} "
                 f"{counts.max()} (ratio {ratio:.2f} < {cfg.imbalance_warning_ratio}); watch macro-F1, not accuracy",
             ))
-    labelled = frame.dropna(subset=["text", "label"])
-    per_text = labelled.groupby("text")["label"].nunique()
-    conflicting = per_text[per_text > 1]
-    rows = labelled[labelled["text"].isin(conflicting.index)]
+    # a text with two labels is a repeated text: look for conflicts among the repeated rows only
+    rows = np.zeros(n, dtype=bool)
+    candidates = np.flatnonzero(repeated & (index.label >= 0))
+    if len(candidates):
+        pairs = pd.DataFrame({"key": index.key[candidates], "label": index.label[candidates]}).drop_duplicates()
+        rows[candidates] = np.isin(index.key[candidates], pairs["key"][pairs["key"].duplicated()].unique())
     checks.append(Check(
-        split, "consistent_labels", cfg.label_column, "warning", conflicting.empty,
-        "share their text with a row of a different label", unexpected_count=len(rows), element_count=len(frame),
-        examples=list(zip(rows["source_row"], rows["label"]))[:EXAMPLES],
+        split, "consistent_labels", cfg.label_column, "warning", not rows.any(),
+        "share their text with a row of a different label", unexpected_count=int(rows.sum()), element_count=n,
+        examples=example_rows(source, rows, "label"),
     ))
+    if train is not None:
+        seen = np.sort(train.key[train.has_text])
+        at = np.minimum(np.searchsorted(seen, index.key), max(len(seen) - 1, 0))
+        leaked = index.has_text & (seen[at] == index.key) if len(seen) else np.zeros(n, dtype=bool)
+        checks.append(Check(
+            split, "no_train_overlap", cfg.text_column, "warning", not leaked.any(),
+            "also occur in the train file (evaluation on seen texts overstates quality)",
+            unexpected_count=int(leaked.sum()), element_count=n, examples=example_rows(source, leaked, "text"),
+        ))
     return checks
 
 
-def _leakage_check(split: str, frame: pd.DataFrame, train: pd.DataFrame, cfg) -> Check:
-    leaked = frame[frame["text"].isin(set(train["text"].dropna()))]
-    return Check(
-        split, "no_train_overlap", cfg.text_column, "warning", leaked.empty,
-        "also occur in the train file (evaluation on seen texts overstates quality)",
-        unexpected_count=len(leaked), element_count=len(frame),
-        examples=list(zip(leaked["source_row"], leaked["text"]))[:EXAMPLES],
-    )
+def _repeated(index: SplitIndex) -> np.ndarray:
+    """Rows whose text another row repeats (every row of such a group, as great-expectations counts)."""
+    keys = np.sort(index.key[index.has_text])  # sorted in place of a hash table: 8 bytes a row
+    twice = keys[1:][keys[1:] == keys[:-1]]
+    del keys
+    return index.has_text & np.isin(index.key, np.unique(twice))
 
 
-def check_tables(frames: dict[str, pd.DataFrame], sources: dict[str, str], formats: dict[str, str], cfg, files: dict | None = None) -> Report:
+def example_rows(source, mask: np.ndarray, column: str) -> list:
+    """(row, value of `column`) of the first EXAMPLES rows in `mask`, read again from the source."""
+    positions = np.flatnonzero(mask)[:EXAMPLES].tolist()
+    return [(int(row), value) for row, value in values_at(source, positions, ("source_row", column))] if positions else []
+
+
+def check_tables(sources: dict, source_uris: dict[str, str], formats: dict[str, str], cfg, files: dict | None = None,
+                 row_checks: tuple[RowCheck, ...] = ()) -> tuple[Report, dict[str, SplitIndex]]:
+    """Check each split (a source, or a frame) a batch at a time, train first; returns the report and
+    each split's index (kubetune.validation.splits makes and writes the splits from it). A batch may
+    carry a "group" column: the text that keeps rows together when splitting (default: "text")."""
     gx, context = _ge_context()
-    train_labels = sorted(frames["train"]["label"].dropna().unique().tolist())
-    checks, ge_results = [], {}
-    for split, frame in frames.items():
-        split_checks, ge_results[split] = _run_ge(gx, context, split, frame, train_labels, cfg)
-        checks += split_checks + _class_checks(split, frame, cfg)
-        if split != "train":
-            checks.append(_leakage_check(split, frame, frames["train"], cfg))
-    return Report(sources=sources, formats=formats, checks=checks, ge_results=ge_results, files=files or {})
+    sources = {s: FrameSource(src) if isinstance(src, pd.DataFrame) else src for s, src in sources.items()}
+    checks, ge_results, indexes = [], {}, {}
+    for split in sorted(sources, key=lambda s: s != "train"):
+        source = sources[split]
+        train_labels = sorted(indexes["train"].class_counts().index) if split != "train" else []
+        split_checks, builder = _SplitChecks(gx, context, split, train_labels, cfg, row_checks), _IndexBuilder()
+        for batch in source.batches():
+            split_checks.add(batch)
+            builder.add(batch)
+            del batch  # the next batch is read while this one would still be held
+        indexes[split] = index = builder.build()
+        ge_results[split] = split_checks.ge_result()
+        checks += split_checks.checks + _whole_split_checks(split, index, source, cfg, indexes.get("train") if split != "train" else None)
+    located = {s: src.located for s, src in sources.items() if src.located}
+    report = Report(sources=source_uris, formats=formats, checks=checks, ge_results=ge_results, files={**(files or {}), **located})
+    return report, indexes
 

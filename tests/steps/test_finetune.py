@@ -64,6 +64,7 @@ def test_same_seed_same_weights(tiny_tokens, tiny_model_dir, tmp_path):
 def test_a_split_too_big_to_keep_padded_trains_to_the_same_weights(tiny_tokens, tiny_model_dir, tmp_path, monkeypatch, capsys):
     """Over DEVICE_SPLIT_BYTES the train split stays unpadded in host memory and each batch is padded
     when drawn (memory 4 bytes a token, not a row's padded width): the same batches, the same weights."""
+    from kubetune.storage import shards
     from kubetune.training import modeling
 
     cfg = FinetuneConfig(epochs=1, batch_size=8, seed=3, checkpoint_steps=0)
@@ -71,9 +72,31 @@ def test_a_split_too_big_to_keep_padded_trains_to_the_same_weights(tiny_tokens, 
     assert "kept on cpu: a batch is a gather there" in capsys.readouterr().out
     monkeypatch.setattr(modeling, "DEVICE_SPLIT_BYTES", 1024)
     finetune(tiny_tokens, tiny_model_dir, tmp_path / "per-batch", cfg)
-    assert "> 0 MB: kept unpadded in host memory" in capsys.readouterr().out
-    a, b = weights(tmp_path / "resident"), weights(tmp_path / "per-batch")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "> 0 MB: kept unpadded (0 MB of token ids, in host memory)" in capsys.readouterr().out
+    monkeypatch.setattr(shards, "MMAP_BYTES", 0)  # the ids memory-mapped from an unlinked file
+    finetune(tiny_tokens, tiny_model_dir, tmp_path / "mapped", cfg)
+    assert "of token ids, memory-mapped), each batch padded when drawn" in capsys.readouterr().out
+    a, b, c = weights(tmp_path / "resident"), weights(tmp_path / "per-batch"), weights(tmp_path / "mapped")
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_memory_mapped_split_is_the_same_split(small_tokens, monkeypatch):
+    """Over MMAP_BYTES the ids (and per-token labels) are memory-mapped from an unlinked temporary
+    file: equal to the in-memory split, and nothing is left in the temporary folder."""
+    import os
+    import tempfile
+
+    import numpy as np
+
+    from kubetune.storage import shards
+
+    before = set(os.listdir(tempfile.gettempdir()))
+    plain = shards.load_split(small_tokens, "train")
+    mapped = shards.load_split(small_tokens, "train", mmap_bytes=0)
+    assert isinstance(mapped.ids, np.memmap) and not isinstance(plain.ids, np.memmap)
+    assert np.array_equal(plain.ids, mapped.ids) and np.array_equal(plain.offsets, mapped.offsets)
+    assert np.array_equal(plain.labels, mapped.labels)
+    assert set(os.listdir(tempfile.gettempdir())) == before
 
 
 def test_best_epoch_and_early_stopping(tiny_tokens, tiny_model_dir, tmp_path, monkeypatch):

@@ -105,7 +105,7 @@ def test_custom_column_names_and_pair_level_duplicates(tmp_path, answers):
     report, meta = validate(str(tmp_path / "train.jsonl"), "", "", cfg(text_column="question", text_pair_column="passage",
                                                                           label_column="relevant"), tmp_path / "ds")
     assert report.passed
-    dup = next(c for c in report.checks if c.split == "train" and c.name == "expect_column_values_to_be_unique")
+    dup = next(c for c in report.checks if c.split == "train" and c.name == "unique_text")
     assert dup.unexpected_count == 2  # the two copies; the 4 candidates of a question are no duplicates
 
 
