@@ -32,11 +32,13 @@ rejects.parquet: id, source_file, source_row, reason, text_head (the first 200 c
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -49,7 +51,7 @@ from kubetune.monitoring import profile
 from kubetune.onnx.model import VARIANTS, OnnxClassifier
 from kubetune.release import registry
 from kubetune.storage.contracts import MODEL_SETTINGS, ModelSettings
-from kubetune.storage.inputs import CHOICES_DEFAULT, Row, columns_problem, list_inputs, read_rows
+from kubetune.storage.inputs import CHOICES_DEFAULT, Row, columns_problem, iter_rows, list_inputs
 from kubetune.storage.store import NotFound, S3Settings, Store, fetch, join, open_store
 
 STEP = "infer"
@@ -99,7 +101,7 @@ def make_plan(store: Store, model_ref: str, input_uri: str, output: Store, cfg: 
         check_columns(task, cfg, name)
     shards = []
     for uri in list_inputs(input_uri, settings):
-        rows = len(_read(fetch(uri, settings, work), uri, cfg, task))
+        rows = sum(1 for _ in _read(fetch(uri, settings, work), uri, cfg, task))  # counted as read: memory flat in the file
         for start in range(0, rows, cfg.shard_rows):
             shards.append({"id": f"{len(shards):05d}", "file": uri, "start": start, "stop": min(start + cfg.shard_rows, rows)})
     if not shards:
@@ -143,8 +145,8 @@ def check_columns(task, cfg: BatchConfig, model: str) -> None:
         raise InputError(f"model {model} is a {task.name} model, which reads {' and '.join(task.input_fields)}: {fix}")
 
 
-def _read(path: Path, uri: str, cfg: BatchConfig, task) -> list[Row]:
-    return read_rows(path, uri, cfg.text_column, cfg.id_column, cfg.max_chars, cfg.text_pair_column, task=task,
+def _read(path: Path, uri: str, cfg: BatchConfig, task) -> Iterator[Row]:
+    return iter_rows(path, uri, cfg.text_column, cfg.id_column, cfg.max_chars, cfg.text_pair_column, task=task,
                      choices_column=cfg.choices_column, context_column=cfg.context_column)
 
 
@@ -165,14 +167,15 @@ def _frames(rows: list[Row], file: str, columns: dict, truncated: np.ndarray):
 
 
 class ShardScorer:
-    """Scores the shards of one plan; loads the model once and keeps the last input file parsed
-    (consecutive shards usually share a file)."""
+    """Scores the shards of one plan; loads the model once. Only a shard's rows are held: the input
+    file is read on from where the last shard ended (consecutive shards usually share a file), or
+    from its start for a shard before that (a pod scoring one shard skips the rows before it)."""
 
     def __init__(self, plan: dict, output: Store, settings: S3Settings | None, work: Path):
         self.plan, self.output, self.settings, self.work = plan, output, settings, work
         self.cfg = BatchConfig(**plan["config"])
         self._clf: OnnxClassifier | None = None
-        self._file: tuple[str, list[Row]] | None = None
+        self._reading: tuple[str, int, Iterator[Row]] | None = None  # (file, next row's position, rows)
 
     @property
     def clf(self) -> OnnxClassifier:
@@ -185,11 +188,16 @@ class ShardScorer:
                       f"{self._clf.session.get_providers()[0]}, {threads} threads")
         return self._clf
 
-    def rows(self, file: str) -> list[Row]:
-        if self._file is None or self._file[0] != file:
-            path = fetch(file, self.settings, self.work)
-            self._file = (file, _read(path, file, self.cfg, self.clf.task))
-        return self._file[1]
+    def rows(self, file: str, start: int, stop: int) -> list[Row]:
+        """Rows [start, stop) of `file` (positions among its data rows, as the plan counted them)."""
+        if self._reading is None or self._reading[0] != file or self._reading[1] > start:
+            self._reading = (file, 0, _read(fetch(file, self.settings, self.work), file, self.cfg, self.clf.task))
+        _, at, rows = self._reading
+        for _ in itertools.islice(rows, start - at):  # skipped, not kept
+            pass
+        shard = list(itertools.islice(rows, stop - start))
+        self._reading = (file, start + len(shard), rows)
+        return shard
 
     def score(self, shard_id: str, progress: Progress | None = None) -> dict:
         prefix = join("shards", shard_id)
@@ -200,7 +208,7 @@ class ShardScorer:
         if shard is None:
             raise InputError(f"shard {shard_id!r} is not in {self.output.url(PLAN)}")
         t0 = time.perf_counter()
-        rows = self.rows(shard["file"])[shard["start"]:shard["stop"]]
+        rows = self.rows(shard["file"], shard["start"], shard["stop"])
         texts = [r.text for r in rows if r.text is not None]
         progress = progress or Progress(STEP, len(rows), "rows", label=f"shard {shard_id}")
         progress.update(len(rows) - len(texts))  # rejects are done too

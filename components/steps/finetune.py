@@ -418,7 +418,7 @@ def finetune(tokens_dir: Path, model_dir: Path, out_dir: Path, cfg: FinetuneConf
         log(STEP, f"{padded}, kept on {device}: a batch is a gather there" if run.train.resident else
                   f"{padded} > {run.train.max_bytes / 2**20:,.0f} MB: kept unpadded "
                   f"({run.train.tokens.sum() * 4 / 2**20:,.0f} MB of token ids, "
-                  f"{'memory-mapped' if run.train.mapped else 'in host memory'}), each batch padded when drawn")
+                  f"{'on disk' if run.train.on_disk else 'in host memory'}), each batch padded when drawn")
         try:
             resumed = run.fit(checkpoints)
         except (RuntimeError, torch.OutOfMemoryError) as e:

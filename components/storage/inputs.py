@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from kubetune.errors import InputError
 from kubetune.storage import formats
@@ -63,17 +64,24 @@ def columns_problem(task, pair_column: str, choices_column: str = CHOICES_DEFAUL
 
 def read_rows(path: Path, name: str, text_column: str, id_column: str, max_chars: int, pair_column: str = "", *,
               task=None, choices_column: str = CHOICES_DEFAULT, context_column: str = "") -> list[Row]:
-    """Every data row of one file, read leniently (kubetune.storage.formats): a bad row is a reject
+    """Every data row of one file as a list (iter_rows: one at a time)."""
+    return list(iter_rows(path, name, text_column, id_column, max_chars, pair_column, task=task, choices_column=choices_column,
+                          context_column=context_column))
+
+
+def iter_rows(path: Path, name: str, text_column: str, id_column: str, max_chars: int, pair_column: str = "", *,
+              task=None, choices_column: str = CHOICES_DEFAULT, context_column: str = "") -> Iterator[Row]:
+    """Every data row of one file, in order, read leniently (kubetune.storage.formats): a bad row is a reject
     with a reason, never an error for the whole file; only a missing column or an unreadable
     Parquet file raise. `name` (the file's URI) makes the default ids `<name>:<row>`. With
     `pair_column` a row's text is the tuple (text, text pair), rejected when either is bad. With a
     `task` whose inputs have list fields, a row's text is its item (see the module docstring)."""
     if task is not None and getattr(task, "list_fields", ()):
-        return _list_rows(path, name, text_column, id_column, max_chars, task, choices_column, context_column)
+        yield from _list_rows(path, name, text_column, id_column, max_chars, task, choices_column, context_column)
+        return
     texts = (text_column, pair_column) if pair_column else (text_column,)
     columns = texts + ((id_column,) if id_column else ())
     fmt = formats.format_of(name)
-    rows = []
     flags = {text_column: "--text-column", id_column: "--id-column", pair_column: "--text-pair-column"}
     for n, rec in enumerate(formats.read_records(path, name, fmt, columns=columns, flags=flags, strict=False), start=1):
         rid = rec.fields.get(id_column) if id_column else None
@@ -87,19 +95,17 @@ def read_rows(path: Path, name: str, text_column: str, id_column: str, max_chars
                 break
             values.append(text)
         text = None if problem else (tuple(values) if pair_column else values[0])
-        rows.append(Row(n, rid, text, problem, formats.head(value) if problem else ""))
-    return rows
+        yield Row(n, rid, text, problem, formats.head(value) if problem else "")
 
 
 def _list_rows(path: Path, name: str, text_column: str, id_column: str, max_chars: int, task, choices_column: str,
-               context_column: str) -> list[Row]:
-    """read_rows for a task with list fields: (question, choices, context) items (the module docstring)."""
+               context_column: str) -> Iterator[Row]:
+    """iter_rows for a task with list fields: (question, choices, context) items (the module docstring)."""
     from kubetune.tasks.choice import choices_of
 
     fmt = formats.format_of(name)
     flags = {text_column: "--text-column", id_column: "--id-column", context_column: "--context-column"}
     question_column = ""  # picked at the first readable row: the text column, or `question` in its place
-    rows = []
     # every column is read: the choices may be choice_0 .. choice_N
     for n, rec in enumerate(formats.read_records(path, name, fmt, flags=flags, strict=False), start=1):
         if not question_column and rec.fields:
@@ -111,11 +117,10 @@ def _list_rows(path: Path, name: str, text_column: str, id_column: str, max_char
         rid = rec.fields.get(id_column) if id_column else None
         rid = f"{name}:{n}" if rid is None or rid == "" else str(rid)
         if rec.problem:
-            rows.append(Row(n, rid, None, rec.problem))
+            yield Row(n, rid, None, rec.problem)
             continue
         item, problem, shown = _list_item(rec.fields, question_column, choices_column, context_column, max_chars, task, choices_of)
-        rows.append(Row(n, rid, item, problem, formats.head(shown) if problem else ""))
-    return rows
+        yield Row(n, rid, item, problem, formats.head(shown) if problem else "")
 
 
 def _check_columns(name: str, columns: list, wanted: tuple[str, ...], choices_column: str, flags: dict, choices_of) -> None:

@@ -13,6 +13,7 @@ of the batch: rows of similar length are batched together, so little compute goe
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,9 +138,9 @@ def save_split(out_dir: Path, split: str, rows: list[list[int]], labels: np.ndar
 def load_split(tokens_dir: Path, split: str, mmap_bytes: int | None = None) -> TokenizedSplit:
     """A split's shards as one TokenizedSplit. Offsets and labels (16 bytes a row) are read into
     memory; the token ids (and per-token labels) too while they take at most `mmap_bytes` (default
-    MMAP_BYTES), else they are copied shard by shard into an unlinked temporary file and memory-mapped,
-    so memory stays flat in the split's tokens: a batch reads only its rows' pages, and nothing is
-    left behind on disk when the process ends, however it ends."""
+    MMAP_BYTES), else they are copied shard by shard into an unlinked temporary file (`DiskArray`), so
+    memory stays flat in the split's tokens: a batch reads only its rows, and nothing is left behind
+    on disk when the process ends, however it ends."""
     files = sorted(tokens_dir.glob(f"{split}-*.npz"))
     if not files:
         raise FileNotFoundError(f"no {split} shards in {tokens_dir}")
@@ -157,26 +158,52 @@ def load_split(tokens_dir: Path, split: str, mmap_bytes: int | None = None) -> T
     return TokenizedSplit(ids, np.concatenate(offsets), np.concatenate(labels), token_labels, choices)
 
 
-MMAP_BYTES = 256 << 20  # token ids held in memory up to this size; a bigger split's are memory-mapped
+MMAP_BYTES = 32 << 20  # token ids held in memory up to this size (~250k texts); a bigger split's are read from disk
 
 
-def _joined(files: list[Path], name: str, total: int, in_memory: bool) -> np.ndarray:
-    """One int32 array of every shard's `name`, end to end: in memory, or memory-mapped from an
-    unlinked temporary file (the mapping keeps it alive; the OS reclaims it with the process)."""
+class DiskArray:
+    """An int32 array in an unlinked temporary file, read a slice at a time (pread): a batch's rows
+    cost their own bytes only. (A memory map costs more: each page fault maps the whole page-cache
+    folio around it, up to 2 MB, so the resident memory grows with the rows touched.) Anything but a
+    plain slice, and numpy's np.asarray, read the whole array."""
+
+    dtype = np.dtype(np.int32)
+
+    def __init__(self, file, size: int):
+        self._file, self.shape = file, (size,)  # the open file keeps the unlinked data alive
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, slice) and key.step in (None, 1):
+            start, stop, _ = key.indices(len(self))
+            count = max(stop - start, 0)
+            return np.frombuffer(os.pread(self._file.fileno(), count * 4, start * 4), dtype=np.int32, count=count)
+        return np.asarray(self)[key]
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self[0:len(self)]
+        return whole.astype(dtype) if dtype is not None else whole.copy()
+
+
+def _joined(files: list[Path], name: str, total: int, in_memory: bool):
+    """One int32 array of every shard's `name`, end to end: in memory, or a DiskArray in an unlinked
+    temporary file (the OS reclaims it with the process, however it ends)."""
     import tempfile
 
-    if in_memory:
+    if in_memory or not total:
         parts = []
         for f in files:
             with np.load(f) as z:
                 parts.append(z[name])
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-    with tempfile.TemporaryFile(prefix="kubetune-tokens-") as out:
-        for f in files:
-            with np.load(f) as z:
-                out.write(np.ascontiguousarray(z[name], dtype=np.int32).tobytes())
-        out.flush()
-        return np.memmap(out, dtype=np.int32, mode="r", shape=(total,)) if total else np.zeros(0, dtype=np.int32)
+    out = tempfile.TemporaryFile(prefix="kubetune-tokens-")
+    for f in files:
+        with np.load(f) as z:
+            out.write(np.ascontiguousarray(z[name], dtype=np.int32).tobytes())
+    out.flush()
+    return DiskArray(out, total)
 
 
 def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, group: int = 50) -> list[np.ndarray]:

@@ -159,7 +159,7 @@ class TokenClassification:
 
     def targets(self, split) -> np.ndarray:
         """The gold tag id of each logit row (every real token; IGNORE where a token carries no tag)."""
-        return split.token_labels
+        return np.asarray(split.token_labels)  # a big split's are on disk (kubetune.storage.shards.DiskArray)
 
     def scores(self, logits: np.ndarray, split, labels: list[str]) -> dict:
         """Entity-level scores of token logits against the split's own (truncated) word labels."""

@@ -12,7 +12,7 @@ import numpy as np
 from kubetune.core.progress import log
 from kubetune.errors import ConfigError, InputError
 from kubetune.storage import assets
-from kubetune.storage.shards import IGNORE, TokenizedSplit, logit_rows, logit_width, pad_batch, place_logits, sorted_batches, token_types
+from kubetune.storage.shards import IGNORE, DiskArray, TokenizedSplit, logit_rows, logit_width, pad_batch, place_logits, sorted_batches, token_types
 from kubetune.storage.store import S3Settings, fetch
 
 
@@ -88,9 +88,8 @@ class DeviceSplit:
     keeps a small model from being launch/host-bound on a fast GPU. A split whose padded ids would
     take more than `max_bytes` stays unpadded in host memory (4 bytes a token, not a row's padded
     width) and each batch is padded when it is drawn, then copied to the device (`resident` says
-    which; the fine-tune logs it). A split over shards.MMAP_BYTES of ids arrives memory-mapped
-    (`mapped`): host memory then holds its offsets and labels, 16 bytes a row, and a batch reads only
-    its rows' pages."""
+    which; the fine-tune logs it). A split over shards.MMAP_BYTES of ids arrives on disk (`on_disk`):
+    host memory then holds its offsets and labels, 16 bytes a row, and a batch reads only its rows."""
 
     def __init__(self, split: TokenizedSplit, pad_id: int, device, pad_multiple: int = 16, max_bytes: int | None = None,
                  sep_id: int | None = None):
@@ -104,7 +103,7 @@ class DeviceSplit:
         self.token_level = split.token_labels is not None
         self.padded_bytes, self.max_bytes = len(seq_lengths) * width * 4, DEVICE_SPLIT_BYTES if max_bytes is None else max_bytes
         self.resident = self.padded_bytes <= self.max_bytes
-        self.mapped = isinstance(split.ids, np.memmap)  # a big split's ids stay on disk (kubetune.storage.shards.load_split)
+        self.on_disk = isinstance(split.ids, DiskArray)  # a big split's ids stay on disk (kubetune.storage.shards.load_split)
         if not self.resident:  # per-row lengths computed once here, not per batch (split.seq_lengths diffs every offset)
             self.split, self.home, self.host_lengths = split, torch.device("cpu"), split.seq_lengths.astype(np.int64)
             return

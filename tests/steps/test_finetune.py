@@ -73,16 +73,18 @@ def test_a_split_too_big_to_keep_padded_trains_to_the_same_weights(tiny_tokens, 
     monkeypatch.setattr(modeling, "DEVICE_SPLIT_BYTES", 1024)
     finetune(tiny_tokens, tiny_model_dir, tmp_path / "per-batch", cfg)
     assert "> 0 MB: kept unpadded (0 MB of token ids, in host memory)" in capsys.readouterr().out
-    monkeypatch.setattr(shards, "MMAP_BYTES", 0)  # the ids memory-mapped from an unlinked file
+    monkeypatch.setattr(shards, "MMAP_BYTES", 0)  # the ids read per batch from an unlinked file
     finetune(tiny_tokens, tiny_model_dir, tmp_path / "mapped", cfg)
-    assert "of token ids, memory-mapped), each batch padded when drawn" in capsys.readouterr().out
-    a, b, c = weights(tmp_path / "resident"), weights(tmp_path / "per-batch"), weights(tmp_path / "mapped")
-    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+    assert "of token ids, on disk), each batch padded when drawn" in capsys.readouterr().out
+    monkeypatch.setattr(modeling, "DEVICE_SPLIT_BYTES", 2**31)
+    finetune(tiny_tokens, tiny_model_dir, tmp_path / "resident-from-disk", cfg)
+    runs = [weights(tmp_path / name) for name in ("resident", "per-batch", "mapped", "resident-from-disk")]
+    assert all(torch.equal(runs[0][k], other[k]) for other in runs[1:] for k in runs[0])
 
 
-def test_a_memory_mapped_split_is_the_same_split(small_tokens, monkeypatch):
-    """Over MMAP_BYTES the ids (and per-token labels) are memory-mapped from an unlinked temporary
-    file: equal to the in-memory split, and nothing is left in the temporary folder."""
+def test_a_split_on_disk_is_the_same_split(small_tokens, monkeypatch):
+    """Over MMAP_BYTES the ids (and per-token labels) stay in an unlinked temporary file, read a slice
+    at a time: equal to the in-memory split, and nothing is left in the temporary folder."""
     import os
     import tempfile
 
@@ -93,8 +95,9 @@ def test_a_memory_mapped_split_is_the_same_split(small_tokens, monkeypatch):
     before = set(os.listdir(tempfile.gettempdir()))
     plain = shards.load_split(small_tokens, "train")
     mapped = shards.load_split(small_tokens, "train", mmap_bytes=0)
-    assert isinstance(mapped.ids, np.memmap) and not isinstance(plain.ids, np.memmap)
-    assert np.array_equal(plain.ids, mapped.ids) and np.array_equal(plain.offsets, mapped.offsets)
+    assert isinstance(mapped.ids, shards.DiskArray) and isinstance(plain.ids, np.ndarray)
+    assert np.array_equal(plain.ids, np.asarray(mapped.ids)) and np.array_equal(plain.offsets, mapped.offsets)
+    assert all(np.array_equal(plain.row(i), mapped.row(i)) for i in (0, 7, len(plain) - 1))
     assert np.array_equal(plain.labels, mapped.labels)
     assert set(os.listdir(tempfile.gettempdir())) == before
 
