@@ -14,7 +14,11 @@ clock. Steps: validate (the train file alone: eval and test are split off here),
 split, all-MiniLM-L6-v2's tokenizer, max_length 128) and the fine-tune data path without the model
 (`finetune-data`: the train split loaded as the fine-tune loads it, its `DeviceSplit` built, and 20
 length-grouped batches of 32 drawn on the CPU; `finetune-data-per-batch`: the same with the split
-kept unpadded and padded per batch, as for a split over DEVICE_SPLIT_BYTES).
+kept unpadded and padded per batch, as for a split over CPU_SPLIT_BYTES) and batch inference
+(`batch-infer`: the plan over the whole file, then its last shard of --infer-shard-rows rows scored,
+as one pipeline pod does: its rows/s counts every row read, while only one shard is scored; the model:
+all-MiniLM-L6-v2 fine-tuned for one epoch on 400 rows by `kubetune run`, built once under the work
+folder, served in the variant that run published).
 
 Baseline: the smallest size, measured in the same run. Printed per step and size: rows/s, peak RSS
 (MB), and against the baseline the RSS ratio (1.0: flat) and the time per row ratio (1.0: linear).
@@ -26,6 +30,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,7 +40,7 @@ from pathlib import Path
 from kubetune.storage import assets
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ("validate", "tokenize", "finetune-data", "finetune-data-per-batch")
+STEPS = ("validate", "tokenize", "finetune-data", "finetune-data-per-batch", "batch-infer")
 
 
 def sms_rows() -> list[tuple[str, str]]:
@@ -70,6 +75,31 @@ def finetune_data(tokens: Path, max_bytes: int | None, steps: int = 20, batch_si
     print(f"resident {data.resident}, padded {data.padded_bytes / 2**20:.0f} MB, {len(split)} rows")
 
 
+def batch_infer(store: str, data: Path, output: Path, shard_rows: int) -> None:
+    """What one batch-inference pod holds (run in its own process): the plan over the whole input
+    file, then the file's last shard scored (its rows read on past all the others)."""
+    from kubetune.steps.batch_infer import PLAN, BatchConfig, ShardScorer, make_plan
+    from kubetune.storage.store import open_store
+
+    out = open_store(str(output))
+    work = output.parent / f"{output.name}-work"
+    work.mkdir(parents=True, exist_ok=True)
+    plan = make_plan(open_store(store), "scale", str(data), out, BatchConfig(shard_rows=shard_rows), None, work)
+    entry = ShardScorer(out.read_json(PLAN), out, None, work).score(plan["shards"][-1]["id"])
+    print(f"{len(plan['shards'])} shards; scored shard {entry['id']}: {entry['rows']} rows at {entry['rows_per_s']} rows/s")
+
+
+def model_store(work: Path) -> str:
+    """A store whose production model `scale` is the real model fine-tuned for one epoch on 400 SMS
+    rows (`kubetune run`): batch inference needs one; its quality does not matter here."""
+    store = work / "model-store"
+    if not (store / "models/scale").exists():
+        # the gate at 0: the model is published whatever one epoch on 400 rows makes of it
+        subprocess.run([sys.executable, "-m", "kubetune.pipelines.cli", "run", "--store", str(store), "--name", "scale",
+                        "--limit", "400", "--epochs", "1", "--gate-threshold", "0"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return str(store)
+
+
 def measure(args: list[str], log: Path) -> dict:
     """Wall seconds and peak RSS (MB) of one step process (`args`: after `python`); exits with its
     log when it fails."""
@@ -93,9 +123,14 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     p.add_argument("--finetune-data", type=Path, default=None, help=argparse.SUPPRESS)  # a tokens folder: the data path alone
     p.add_argument("--per-batch", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--infer-shard-rows", type=int, default=2_000, help="batch-infer: rows per shard (one shard is scored)")
+    p.add_argument("--batch-infer", nargs=3, default=None, help=argparse.SUPPRESS)  # store, data, output: one pod alone
     a = p.parse_args()
     if a.finetune_data:
         finetune_data(a.finetune_data, 0 if a.per_batch else None)
+        return 0
+    if a.batch_infer:
+        batch_infer(a.batch_infer[0], Path(a.batch_infer[1]), Path(a.batch_infer[2]), a.infer_shard_rows)
         return 0
     sizes = sorted(int(s) for s in a.sizes.split(","))
     steps = a.steps.split(",")
@@ -103,6 +138,7 @@ def main() -> int:
         p.error(f"--steps: unknown {sorted(unknown)}; choose from {', '.join(STEPS)}")
     work = a.workdir or Path(tempfile.mkdtemp(prefix="kubetune-scale-"))
     source, results = sms_rows(), {}
+    store = model_store(work) if "batch-infer" in steps else ""
     for rows in sizes:
         d = work / str(rows)
         d.mkdir(parents=True, exist_ok=True)
@@ -115,7 +151,11 @@ def main() -> int:
                          "--out", str(d / "tokens"), "--max-length", str(a.max_length), *common],
             "finetune-data": [__file__, "--finetune-data", str(d / "tokens")],
             "finetune-data-per-batch": [__file__, "--finetune-data", str(d / "tokens"), "--per-batch"],
+            "batch-infer": [__file__, "--batch-infer", store, str(d / "train.csv"), str(d / "scored"),
+                            "--infer-shard-rows", str(a.infer_shard_rows)],
         }
+        for done in ("scored", "store"):  # a new batch, and tokenize without its cache, each time
+            shutil.rmtree(d / done, ignore_errors=True)
         results[rows] = {step: measure(args, d / f"{step}.log") for step, args in commands.items() if step in steps}
         for step, r in results[rows].items():
             print(f"{rows:>9,} rows  {step:<23} {r['seconds']:7.1f} s  {rows / r['seconds']:8,.0f} rows/s  peak {r['peak_mb']:7,.0f} MB",

@@ -9,8 +9,9 @@ The recipe: AdamW (no weight decay on biases and LayerNorm; fused), linear warm-
 decay, gradient accumulation and clipping, length-grouped dynamic-padding batches. The training
 split is padded once and kept on the device (kubetune.training.modeling.DeviceSplit): a step is a gather
 plus forward/backward, with no host collate, no host-to-device copy and no host sync (the loss is
-read only when a progress line is due). A split too big for that (padded over 2 GiB) stays unpadded in
-host memory and each batch is padded when drawn (modeling.DEVICE_SPLIT_BYTES); the log says which.
+read only when a progress line is due). A split too big for that (padded over 2 GiB on an accelerator,
+256 MB on the CPU: modeling.DEVICE_SPLIT_BYTES, CPU_SPLIT_BYTES) stays unpadded and each batch is padded
+when drawn; its token ids stay on disk when over shards.MMAP_BYTES. The log says which.
 bf16 autocast on CUDA with fp32 master weights, fp32 on CPU with every usable core. Optional
 `torch.compile`. After each epoch the eval split is scored; the best epoch by `selection_metric` is
 kept and training stops early after `patience` epochs without improvement. Everything random is

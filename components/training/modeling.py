@@ -79,7 +79,10 @@ class TorchBackend:
                               input_names=list(self.inputs.input_names), device=self.device, sep_id=self.inputs.sep_token_id)
 
 
-DEVICE_SPLIT_BYTES = 2 << 30  # the largest training split (padded, int32) kept on the training device
+DEVICE_SPLIT_BYTES = 2 << 30  # the largest training split (padded, int32) kept on an accelerator
+# on the CPU the gather saves only the per-batch padding, a small part of a step there, so a split is
+# kept padded only while that is small: host memory stays flat in the data's size
+CPU_SPLIT_BYTES = 256 << 20
 
 
 class DeviceSplit:
@@ -99,13 +102,14 @@ class DeviceSplit:
         lengths, seq_lengths = split.lengths, np.diff(split.offsets)
         width = int(-(-max(int(lengths.max()), 1) // pad_multiple) * pad_multiple)
         self.device, self.pad_multiple, self.pad_id = device, pad_multiple, pad_id
-        self.lengths, self.tokens = lengths, split.tokens
+        self.lengths, self.tokens = lengths.astype(np.int32), split.tokens.astype(np.int32)  # per row: 4 bytes will do
         self.token_level = split.token_labels is not None
-        self.padded_bytes, self.max_bytes = len(seq_lengths) * width * 4, DEVICE_SPLIT_BYTES if max_bytes is None else max_bytes
+        budget = CPU_SPLIT_BYTES if getattr(device, "type", device) == "cpu" else DEVICE_SPLIT_BYTES
+        self.padded_bytes, self.max_bytes = len(seq_lengths) * width * 4, budget if max_bytes is None else max_bytes
         self.resident = self.padded_bytes <= self.max_bytes
         self.on_disk = isinstance(split.ids, DiskArray)  # a big split's ids stay on disk (kubetune.storage.shards.load_split)
         if not self.resident:  # per-row lengths computed once here, not per batch (split.seq_lengths diffs every offset)
-            self.split, self.home, self.host_lengths = split, torch.device("cpu"), split.seq_lengths.astype(np.int64)
+            self.split, self.home, self.host_lengths = split, torch.device("cpu"), split.seq_lengths.astype(np.int32)
             return
         ids = np.full((len(seq_lengths), width), pad_id, dtype=np.int32)
         ids[np.arange(width) < seq_lengths[:, None]] = split.ids  # sequences are stored end to end, row-major

@@ -62,7 +62,7 @@ def test_same_seed_same_weights(tiny_tokens, tiny_model_dir, tmp_path):
 
 
 def test_a_split_too_big_to_keep_padded_trains_to_the_same_weights(tiny_tokens, tiny_model_dir, tmp_path, monkeypatch, capsys):
-    """Over DEVICE_SPLIT_BYTES the train split stays unpadded in host memory and each batch is padded
+    """Over CPU_SPLIT_BYTES (DEVICE_SPLIT_BYTES on an accelerator) the train split stays unpadded in host memory and each batch is padded
     when drawn (memory 4 bytes a token, not a row's padded width): the same batches, the same weights."""
     from kubetune.storage import shards
     from kubetune.training import modeling
@@ -70,13 +70,13 @@ def test_a_split_too_big_to_keep_padded_trains_to_the_same_weights(tiny_tokens, 
     cfg = FinetuneConfig(epochs=1, batch_size=8, seed=3, checkpoint_steps=0)
     finetune(tiny_tokens, tiny_model_dir, tmp_path / "resident", cfg)
     assert "kept on cpu: a batch is a gather there" in capsys.readouterr().out
-    monkeypatch.setattr(modeling, "DEVICE_SPLIT_BYTES", 1024)
+    monkeypatch.setattr(modeling, "CPU_SPLIT_BYTES", 1024)
     finetune(tiny_tokens, tiny_model_dir, tmp_path / "per-batch", cfg)
     assert "> 0 MB: kept unpadded (0 MB of token ids, in host memory)" in capsys.readouterr().out
     monkeypatch.setattr(shards, "MMAP_BYTES", 0)  # the ids read per batch from an unlinked file
     finetune(tiny_tokens, tiny_model_dir, tmp_path / "mapped", cfg)
     assert "of token ids, on disk), each batch padded when drawn" in capsys.readouterr().out
-    monkeypatch.setattr(modeling, "DEVICE_SPLIT_BYTES", 2**31)
+    monkeypatch.setattr(modeling, "CPU_SPLIT_BYTES", 2**31)
     finetune(tiny_tokens, tiny_model_dir, tmp_path / "resident-from-disk", cfg)
     runs = [weights(tmp_path / name) for name in ("resident", "per-batch", "mapped", "resident-from-disk")]
     assert all(torch.equal(runs[0][k], other[k]) for other in runs[1:] for k in runs[0])
