@@ -50,11 +50,10 @@ def return_freed_memory() -> None:
     returned), and Arrow's jemalloc pool keeps freed pages. Called by the steps that stream data
     (validate, tokenize); measured in benchmarks/scale.py."""
     import ctypes
-    import ctypes.util
 
     import pyarrow as pa
 
     pa.set_memory_pool(pa.system_memory_pool())
-    libc = ctypes.util.find_library("c")
-    if libc and hasattr(ctypes.CDLL(libc), "mallopt"):  # glibc (musl has none: it has no such threshold)
-        ctypes.CDLL(libc).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD, fixed at its default: no dynamic raise
+    libc = ctypes.CDLL(None)  # the C library this process runs on (found without ldconfig, as in slim images)
+    if hasattr(libc, "mallopt"):  # glibc (musl has none: it has no such threshold)
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD, fixed at its default: no dynamic raise

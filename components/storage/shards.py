@@ -178,13 +178,19 @@ class DiskArray:
     def __getitem__(self, key):
         if isinstance(key, slice) and key.step in (None, 1):
             start, stop, _ = key.indices(len(self))
-            count = max(stop - start, 0)
-            return np.frombuffer(os.pread(self._file.fileno(), count * 4, start * 4), dtype=np.int32, count=count)
+            out = np.empty(max(stop - start, 0), dtype=np.int32)
+            view, done = memoryview(out).cast("B"), 0
+            while done < len(view):  # one pread returns at most ~2 GB (Linux): read on until all of it is there
+                got = os.preadv(self._file.fileno(), [view[done:]], start * 4 + done)
+                if not got:
+                    raise EOFError(f"token file ended at byte {start * 4 + done}")
+                done += got
+            return out
         return np.asarray(self)[key]
 
     def __array__(self, dtype=None, copy=None):
         whole = self[0:len(self)]
-        return whole.astype(dtype) if dtype is not None else whole.copy()
+        return whole.astype(dtype) if dtype is not None else whole
 
 
 def _joined(files: list[Path], name: str, total: int, in_memory: bool):

@@ -139,12 +139,13 @@ class CheckedTable:
 
 class _SplitWriter:
     """One split's Parquet file, written in row groups of formats.SPLIT_ROW_GROUP rows as rows arrive,
-    with its fingerprint and class counts."""
+    with its fingerprint and class counts: to a hidden partial file, renamed into place by `publish`
+    (an input that is the output, a dataset validated again in place, is read to its end first)."""
 
     def __init__(self, path: Path, columns: tuple[str, ...]):
         import pyarrow as pa
 
-        self.path, self.columns = path, (*columns, "source_row")
+        self.path, self.partial, self.columns = path, path.with_name(f".{path.name}.partial"), (*columns, "source_row")
         self.schema = pa.schema([(c, pa.string()) for c in columns] + [("source_row", pa.int64())])
         self.writer, self.pending, self.rows = None, [], 0
         self.hash, self.classes = hashlib.sha256(), Counter()
@@ -170,7 +171,7 @@ class _SplitWriter:
 
         if self.writer is None:
             # texts are nearly all distinct: a dictionary for them costs memory and saves nothing
-            self.writer = pq.ParquetWriter(self.path, self.schema, use_dictionary=["label"])
+            self.writer = pq.ParquetWriter(self.partial, self.schema, use_dictionary=["label"])
         if self.pending:
             self.writer.write_table(pa.concat_tables(self.pending), row_group_size=formats.SPLIT_ROW_GROUP)
         self.pending = []
@@ -179,6 +180,14 @@ class _SplitWriter:
         self._flush()
         self.writer.close()
         return {"rows": self.rows, "class_counts": dict(sorted(self.classes.items())), "fingerprint": self.hash.hexdigest()}
+
+    def publish(self) -> None:
+        self.partial.replace(self.path)
+
+    def discard(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.partial.unlink(missing_ok=True)
 
 
 @dataclass
@@ -229,21 +238,29 @@ def write_tables(task, usable: dict[str, CheckedTable], plan: Plan, out_dir: Pat
     returns each split's meta (rows, the task's split_counts, class counts, fingerprint)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     writers = {s: _SplitWriter(out_dir / f"{s}.parquet", task.columns) for s in SPLITS}
-    for split, table in usable.items():
-        start = 0
-        for batch in table.source.batches():
-            target = plan.targets[split][start:start + len(batch)]
-            start += len(batch)
-            for k in np.unique(target[target >= 0]):
-                writers[SPLITS[k]].add(batch[target == k])
-    out = {}
-    for k, split in enumerate(SPLITS):
-        source_split = split if split in usable else "train"
-        index, rows = usable[source_split].index, plan.targets[source_split] == k
-        # the task's counts see the split's group texts as 8-byte hashes (kubetune.tasks: split_counts)
-        counts = task.split_counts(pd.DataFrame({"text": index.group[rows]}))
-        written = writers[split].close()
-        out[split] = {"rows": written["rows"], **counts, "class_counts": written["class_counts"], "fingerprint": written["fingerprint"]}
+    try:
+        for split, table in usable.items():
+            start = 0
+            for batch in table.source.batches():
+                target = plan.targets[split][start:start + len(batch)]
+                start += len(batch)
+                for k in np.unique(target[target >= 0]):
+                    writers[SPLITS[k]].add(batch[target == k])
+        out = {}
+        for k, split in enumerate(SPLITS):
+            source_split = split if split in usable else "train"
+            index, rows = usable[source_split].index, plan.targets[source_split] == k
+            # the task's counts see the split's group texts as 8-byte hashes (kubetune.tasks: split_counts)
+            counts = task.split_counts(pd.DataFrame({"text": index.group[rows]}))
+            written = writers[split].close()
+            out[split] = {"rows": written["rows"], **counts, "class_counts": written["class_counts"],
+                          "fingerprint": written["fingerprint"]}
+    except BaseException:
+        for writer in writers.values():
+            writer.discard()
+        raise
+    for writer in writers.values():  # every split written: only now do they replace anything
+        writer.publish()
     return out
 
 

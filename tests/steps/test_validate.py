@@ -167,3 +167,38 @@ def test_a_bad_row_deep_in_a_later_batch_is_named(tmp_path, sms_rows, monkeypatc
     rows[371] = ("  ", "ham")
     report, msg = rejected(tmp_path, rows)
     assert "column 'text': 1 of 400 rows are empty or whitespace-only; e.g. line 373: '  '" in msg
+
+
+def test_a_dataset_validated_again_in_place(tmp_path, monkeypatch):
+    """The splits are written to hidden partial files and renamed when all are written, so an input
+    that is also the output (a dataset folder validated again) is read whole first; a failure while
+    writing leaves the folder as it was."""
+    from kubetune.storage import formats
+    from kubetune.validation import splits, tables
+
+    # small row groups, read a few rows at a time: the new train.parquet is opened (truncated, were it
+    # written in place) while the old one is still being read
+    monkeypatch.setattr(formats, "SPLIT_ROW_GROUP", 500)
+    monkeypatch.setattr(formats, "PARQUET_BATCH", 100)
+    monkeypatch.setattr(tables, "BATCH_ROWS", 400)
+    ds = tmp_path / "ds"
+    _, meta = validate("builtin:sms-spam", "", "", ValidateConfig(), ds)
+    before = pd.read_parquet(ds / "train.parquet")
+    _, again = validate(str(ds / "train.parquet"), str(ds / "eval.parquet"), str(ds / "test.parquet"), ValidateConfig(), ds)
+    assert pd.read_parquet(ds / "train.parquet")[["text", "label"]].equals(before[["text", "label"]])
+    assert {s: again["splits"][s]["fingerprint"] for s in again["splits"]} == {s: meta["splits"][s]["fingerprint"] for s in meta["splits"]}
+    assert not list(ds.glob(".*partial"))
+
+    add, calls = splits._SplitWriter.add, []
+
+    def broken(self, frame):  # the disk fills up after some row groups were written
+        calls.append(1)
+        if len(calls) == 6:
+            raise OSError(28, "No space left on device")
+        add(self, frame)
+
+    monkeypatch.setattr(splits._SplitWriter, "add", broken)
+    with pytest.raises(OSError, match="No space left"):
+        validate(str(ds / "train.parquet"), str(ds / "eval.parquet"), str(ds / "test.parquet"), ValidateConfig(), ds)
+    assert pd.read_parquet(ds / "train.parquet")[["text", "label"]].equals(before[["text", "label"]])
+    assert not list(ds.glob(".*partial"))
