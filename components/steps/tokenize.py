@@ -38,6 +38,7 @@ from kubetune.core.progress import Progress, log
 from kubetune.core.system import return_freed_memory
 from kubetune.errors import ConfigError, InputError
 from kubetune.monitoring.features import Coverage
+from kubetune.storage import formats
 from kubetune.storage.contracts import META, TOKENS_FORMAT, DatasetMeta, ModelInputs, TokensMeta
 from kubetune.storage.shards import save_split
 from kubetune.storage.store import Store, join
@@ -146,7 +147,7 @@ def tokenize_split(task, tokenizer, path: Path, split: str, label_ids: dict, cfg
 
     shards: list[str] = []
     rows, stats, histogram, coverage = 0, {}, np.zeros(cfg.max_length + 1, dtype=np.int64), Coverage(tokenizer)
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=cfg.shard_rows):
+    for batch in formats.parquet_batches(pq.ParquetFile(path), cfg.shard_rows):
         frame = batch.to_pandas()
         t = task.tokenize(tokenizer, frame, label_ids, cfg, progress)
         shards += save_split(out_dir, split, t.rows, t.labels, cfg.shard_rows, t.token_labels, t.choices, first=len(shards))

@@ -240,6 +240,27 @@ def _jsonl(path: Path, uri: str, columns: tuple[str, ...], strict: bool) -> Iter
             yield Record(n, obj)
 
 
+def parquet_batches(parquet, rows: int, columns: list[str] | None = None) -> Iterator:
+    """A Parquet file's rows as Arrow tables of `rows` rows (the last may be shorter), read one row
+    group at a time: memory holds a row group and the rows carried to the next batch. (pyarrow's
+    iter_batches holds on to memory until its reader is dropped: over a 1.6M-row split of 40 row
+    groups RSS went from 229 to 300 MB with it and stayed at ~200 MB read this way.)"""
+    import pyarrow as pa
+
+    carry = []
+    for group in range(parquet.num_row_groups):
+        carry.append(parquet.read_row_group(group, columns=columns))
+        table = pa.concat_tables(carry)
+        start = 0
+        while table.num_rows - start >= rows:
+            yield table.slice(start, rows)
+            start += rows
+        carry = [table.slice(start)] if start < table.num_rows else []
+        del table
+    if carry and carry[0].num_rows:
+        yield carry[0]
+
+
 def _parquet(path: Path, uri: str, columns: tuple[str, ...], flags: dict[str, str]) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
@@ -251,7 +272,7 @@ def _parquet(path: Path, uri: str, columns: tuple[str, ...], flags: dict[str, st
         raise err
     n = 0
     try:
-        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH, columns=list(columns) or None):
+        for batch in parquet_batches(parquet, PARQUET_BATCH, list(columns) or None):
             for values in batch.to_pylist():
                 n += 1
                 yield Record(n, values)

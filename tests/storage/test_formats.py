@@ -220,3 +220,17 @@ def test_fields_of_any_size_20_newsgroups_as_pandas_writes_it(tmp_path):
     longest = max(news.data, key=len)
     assert len(longest) > 131_072 and longest in set(frame["text"])
     assert frame["text"].str.len().max() <= ValidateConfig().max_text_chars  # and validate's sanity bound lets it through
+
+
+def test_parquet_batches_cut_across_row_groups(tmp_path):
+    """Batches of exactly `rows` rows whatever the row groups are (tokenize's shards depend on it),
+    read one row group at a time, in order, with only the columns asked for."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kubetune.storage.formats import parquet_batches
+
+    pq.write_table(pa.table({"text": [f"t{i}" for i in range(23)], "n": list(range(23))}), tmp_path / "x.parquet", row_group_size=7)
+    batches = list(parquet_batches(pq.ParquetFile(tmp_path / "x.parquet"), 5, ["n"]))
+    assert [b.num_rows for b in batches] == [5, 5, 5, 5, 3]
+    assert [v for b in batches for v in b.column("n").to_pylist()] == list(range(23)) and batches[0].column_names == ["n"]
