@@ -296,7 +296,6 @@ class _SplitChecks:
     """The checks of one split, fed a batch at a time."""
 
     def __init__(self, gx, context, split: str, train_labels: list[str], cfg, row_checks: tuple[RowCheck, ...]):
-        self.split, self.cfg = split, cfg
         self.items = _expectations(gx, split, train_labels, cfg)
         suite = gx.ExpectationSuite(name=f"kubetune-{split}")
         for expectation, _, _ in self.items:
@@ -308,8 +307,6 @@ class _SplitChecks:
                        for e, column, description in self.items]
         self.row_checks = row_checks
         self.checks += [Check(split, rc.name, rc.column, "critical", True, rc.description) for rc in row_checks]
-        self.ge_summary = [{"type": e.configuration.type, "kwargs": dict(e.configuration.kwargs), "success": True, "element_count": 0,
-                            "unexpected_count": 0} for e, _, _ in self.items]
         self.batches = 0
 
     def add(self, batch: pd.DataFrame) -> None:
@@ -322,7 +319,7 @@ class _SplitChecks:
             if r.get("exception_info", {}).get("raised_exception"):
                 raise KubetuneError(f"great-expectations failed on {conf['type']}: {r['exception_info']['exception_message']}")
             by_type[(conf["type"], json.dumps(conf["kwargs"].get("regex") or conf["kwargs"].get("column")))] = r
-        for (expectation, _, _), check, summary in zip(self.items, self.checks, self.ge_summary):
+        for (expectation, _, _), check in zip(self.items, self.checks):
             conf = expectation.configuration
             r = by_type[(conf.type, json.dumps(conf.kwargs.get("regex") or conf.kwargs.get("column")))]
             res = r["result"]
@@ -330,9 +327,6 @@ class _SplitChecks:
             examples = [(x["source_row"], x.get(col)) for x in (res.get("unexpected_index_list") or [])[:EXAMPLES]]
             self._count(check, bool(r["success"]), int(res.get("unexpected_count") or 0), int(res.get("element_count") or len(batch)),
                         examples)
-            summary["success"] &= bool(r["success"])
-            summary["element_count"] += int(res.get("element_count") or 0)
-            summary["unexpected_count"] += int(res.get("unexpected_count") or 0)
         for rc, check in zip(self.row_checks, self.checks[len(self.items):]):
             bad = np.asarray(rc.bad(batch), dtype=bool)
             rows = batch[bad]
@@ -346,7 +340,10 @@ class _SplitChecks:
         check.examples = (check.examples + examples)[:EXAMPLES]
 
     def ge_result(self) -> dict:
-        return {"batches": self.batches, "results": self.ge_summary}
+        """The expectations' outcome over every batch (their checks hold the sums)."""
+        return {"batches": self.batches, "results": [
+            {"type": e.configuration.type, "kwargs": dict(e.configuration.kwargs), "success": c.success,
+             "element_count": c.element_count, "unexpected_count": c.unexpected_count} for (e, _, _), c in zip(self.items, self.checks)]}
 
 
 def _whole_split_checks(split: str, index: SplitIndex, source, cfg, train: SplitIndex | None) -> list[Check]:
