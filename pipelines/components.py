@@ -34,18 +34,20 @@ from kubetune.pipelines.config import ClusterConfig
 def validate(
     store: str, run_id: str, job_id: str, task: str, train_uri: str, eval_uri: str, test_uri: str, model_name: str, text_column: str,
     text_pair_column: str, label_column: str, choices_column: str, context_column: str, allow_mixed_choices: bool, positive_label: str,
-    header: bool, tag_column: int, repair_tags: bool, limit: int, seed: int, eval_fraction: float, test_fraction: float, dataset: Output[Dataset],
-    report: Output[Markdown], expectations: Output[Artifact],
-) -> str:
+    header: bool, tag_column: int, repair_tags: bool, limit: int, seed: int, eval_fraction: float, test_fraction: float, fanout_rows: int,
+    dataset: Output[Dataset], report: Output[Markdown], expectations: Output[Artifact],
+) -> NamedTuple("Outputs", [("model_name", str), ("token_pieces", List[str])]):
+    from collections import namedtuple
     from pathlib import Path
 
     from kubetune.core.config import from_params
+    from kubetune.steps.tokenize import TokenizeConfig, plan_pieces
     from kubetune.steps.validate import ValidateConfig, run_step
 
     meta = run_step(store_uri=store, run_id=run_id or job_id, train_uri=train_uri, eval_uri=eval_uri, test_uri=test_uri,
                     model_name=model_name, cfg=from_params(ValidateConfig, locals()), dataset_dir=Path(dataset.path),
                     report_path=Path(report.path), expectations_path=Path(expectations.path))
-    return meta["model_name"]
+    return namedtuple("Outputs", ["model_name", "token_pieces"])(meta["model_name"], plan_pieces(meta, from_params(TokenizeConfig, locals())))
 
 
 def freshness(store: str, run_id: str, job_id: str, model_name: str, force: bool, dataset: Input[Dataset]) -> bool:
@@ -56,15 +58,26 @@ def freshness(store: str, run_id: str, job_id: str, model_name: str, force: bool
     return run_step(store_uri=store, run_id=run_id or job_id, model_name=model_name, dataset_dir=Path(dataset.path), force=force)
 
 
+def tokenize_piece(store: str, run_id: str, job_id: str, model_uri: str, max_length: int, truncation: str, max_unknown_share: float,
+                   fail_on_unknown: bool, fanout_rows: int, dataset: Input[Dataset], piece: str) -> str:
+    from pathlib import Path
+
+    from kubetune.core.config import from_params
+    from kubetune.steps.tokenize import TokenizeConfig, piece_step
+
+    return piece_step(store_uri=store, run_id=run_id or job_id, dataset_dir=Path(dataset.path), model_uri=model_uri, piece=piece,
+                      cfg=from_params(TokenizeConfig, locals()))
+
+
 def tokenize(store: str, run_id: str, job_id: str, model_uri: str, max_length: int, truncation: str, max_unknown_share: float,
-             fail_on_unknown: bool, dataset: Input[Dataset], tokens: Output[Dataset]):
+             fail_on_unknown: bool, fanout_rows: int, pieces: List[str], dataset: Input[Dataset], tokens: Output[Dataset]):
     from pathlib import Path
 
     from kubetune.core.config import from_params
     from kubetune.steps.tokenize import TokenizeConfig, run_step
 
     run_step(store_uri=store, run_id=run_id or job_id, dataset_dir=Path(dataset.path), model_uri=model_uri,
-             out_dir=Path(tokens.path), cfg=from_params(TokenizeConfig, locals()))
+             out_dir=Path(tokens.path), cfg=from_params(TokenizeConfig, locals()), pieces=pieces)
 
 
 def finetune(store: str, run_id: str, job_id: str, model_uri: str, epochs: int, batch_size: int, learning_rate: float,
@@ -190,7 +203,7 @@ def make_components(cluster: ClusterConfig) -> SimpleNamespace:
         return dsl.component(fn, base_image=cluster.image, install_kfp_package=False)
 
     return SimpleNamespace(
-        validate=cpu(validate), freshness=cpu(freshness), tokenize=cpu(tokenize),
+        validate=cpu(validate), freshness=cpu(freshness), tokenize_piece=cpu(tokenize_piece), tokenize=cpu(tokenize),
         finetune=dsl.component(finetune, base_image=cluster.gpu_image, install_kfp_package=False),
         finetune_distributed=cpu(finetune_distributed),
         evaluate=cpu(evaluate), export=cpu(export), deploy=cpu(deploy), summarize=cpu(summarize),

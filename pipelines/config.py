@@ -47,6 +47,7 @@ class ClusterConfig:
     resources: dict = field(default_factory=lambda: {
         "validate": Resources("1", "2", "2Gi", "4Gi"),
         "freshness": Resources("250m", "500m", "512Mi", "1Gi"),
+        "tokenize-piece": Resources("2", "4", "2Gi", "4Gi"),  # one piece of a large dataset; memory holds one shard
         "tokenize": Resources("2", "4", "2Gi", "4Gi"),
         "finetune": Resources("4", "8", "16Gi", "32Gi", gpus=1),
         # launches a PyTorchJob/TrainJob and waits: moves the tokens and the model, trains nothing

@@ -1,6 +1,6 @@
-"""The training pipeline: validate -> freshness -> [data changed] tokenize -> finetune -> evaluate -> [gate] -> export -> deploy,
-with a summary written by an exit handler whatever happens. Pure wiring plus cluster settings: the
-parameters (names, types, defaults, descriptions) come from kubetune.pipelines.parameters, and each
+"""The training pipeline: validate -> freshness -> [data changed] tokenize (large data: pieces in parallel, merged)
+-> finetune -> evaluate -> [gate] -> export -> deploy, with a summary written by an exit handler whatever happens.
+Pure wiring plus cluster settings: the parameters (names, types, defaults, descriptions) come from kubetune.pipelines.parameters, and each
 step gets the parameters its wrapper names.
 
     kubetune compile --output kubetune-training.yaml     # upload in the Kubeflow UI
@@ -18,7 +18,7 @@ PIPELINE_NAME = "kubetune-training"
 # Retried on failure: their work is mostly store I/O (cache, champion download, registry publish).
 # Not validate: its failures are input errors that a retry only delays (boto3 already retries
 # transient S3 errors within a call); not export: deterministic failures.
-NETWORK_STEPS = ("freshness", "tokenize", "evaluate", "deploy", "summarize", "batch-plan", "batch-score", "batch-collect")
+NETWORK_STEPS = ("freshness", "tokenize-piece", "tokenize", "evaluate", "deploy", "summarize", "batch-plan", "batch-score", "batch-collect")
 # Retried because a retry resumes from the store checkpoint (a lost node costs minutes, not the run);
 # their deterministic failures (bad options, labels) fail within seconds, before any training.
 RESUMABLE_STEPS = ("finetune", "finetune_distributed")
@@ -66,10 +66,14 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
         with dsl.ExitHandler(summary, name="train-and-publish"):
             validate = ops.validate(**inputs(ops.validate, p, **job))
             # the registry name as validate resolved it (given, or derived from the data)
-            named = {**job, "model_name": validate.outputs["Output"], "dataset": validate.outputs["dataset"]}
+            named = {**job, "model_name": validate.outputs["model_name"], "dataset": validate.outputs["dataset"]}
             freshness = ops.freshness(**inputs(ops.freshness, p, **named))
             with dsl.If(freshness.outputs["Output"] == True, name="data-changed"):  # noqa: E712 (KFP condition)
-                tokenize = ops.tokenize(**inputs(ops.tokenize, p, **named))
+                # large data: the pieces validate planned are tokenized in parallel, then merged by tokenize;
+                # small data: one piece, "whole", that tokenize does itself (kfp.local cannot run an empty ParallelFor)
+                with dsl.ParallelFor(validate.outputs["token_pieces"], name="tokenize-pieces") as piece:
+                    tokenize_piece = ops.tokenize_piece(**inputs(ops.tokenize_piece, p, **named, piece=piece))
+                tokenize = ops.tokenize(**inputs(ops.tokenize, p, **named, pieces=dsl.Collected(tokenize_piece.output)))
                 data = {**named, "tokens": tokenize.outputs["tokens"]}
 
                 def gate_export_deploy(model) -> list:
@@ -90,7 +94,8 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
                     finetune_job = ops.finetune_distributed(**inputs(ops.finetune_distributed, p, **data, image=cluster.gpu_image,
                                                                      s3_secret=cluster.s3_secret, s3_config_map=cluster.s3_config_map))
                     downstream += gate_export_deploy(finetune_job.outputs["model"])
-        for step, task in (("validate", validate), ("freshness", freshness), ("tokenize", tokenize), ("finetune", finetune),
+        for step, task in (("validate", validate), ("freshness", freshness), ("tokenize-piece", tokenize_piece), ("tokenize", tokenize),
+                           ("finetune", finetune),
                            ("finetune_distributed", finetune_job), *downstream):
             configure(task, step, cluster)
 

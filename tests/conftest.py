@@ -273,7 +273,8 @@ def s3_run(seaweedfs, tmp_path_factory, tiny_model_dir, sms_rows) -> S3Run:
             data.upload(f, f"base-model/{f.name}")
         args = ["--train", f"s3://{S3_RUN_BUCKET}/input/sms.csv", "--model", f"s3://{S3_RUN_BUCKET}/base-model",
                 "--name", "sms-spam", "--limit", "300", "--max-length", "64", *cli_args(TINY), "--gate-threshold", "0.5",
-                "--onnx-variants", "fp32"]  # the variants are covered by the local-store run
+                "--onnx-variants", "fp32",  # the variants are covered by the local-store run
+                "--fanout-rows", "100"]  # tokenized by a parallel task per split (the fan-out a large dataset gets), merged on S3
         store_uri = f"s3://{S3_RUN_BUCKET}/kubetune"
         code = main(["run", *args, "--store", store_uri, "--run-id", "s3run", "--summary", str(tmp / "summary.json")])
         summary = json.loads((tmp / "summary.json").read_text())

@@ -111,6 +111,21 @@ class Coverage:
         self.seen += len(texts)
         return self
 
+    def state(self) -> dict:
+        """What `merge` needs to continue from here (JSON): a piece of a split tokenized elsewhere."""
+        return {"unknown": self.unknown, "content": self.content, "seen": self.seen, "scripts": self.scripts,
+                "worst": [list(w) for w in self.worst]}
+
+    def merge(self, state: dict) -> "Coverage":
+        """Add the `state` of the chunks that follow this one's (their rows are numbered on from here):
+        the result equals one pass over all of them."""
+        self.unknown, self.content = self.unknown + state["unknown"], self.content + state["content"]
+        for name, n in state["scripts"].items():
+            self.scripts[name] = self.scripts.get(name, 0) + n
+        self.worst = sorted(self.worst + [(share, self.seen + row, text) for share, row, text in state["worst"]])[:self.examples]
+        self.seen += state["seen"]
+        return self
+
     def result(self) -> dict:
         share = self.unknown / self.content if self.content else 0.0
         name, part = main_script(self.scripts)

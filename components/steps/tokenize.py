@@ -15,6 +15,13 @@ Memory: each split is read, tokenized and written `shard_rows` rows at a time (o
 batch, one shard), so the step's memory holds one shard's rows whatever the split's size; the
 statistics are gathered as it goes (length percentiles from a histogram: exact).
 
+Fan-out (large data): the pipeline tokenizes a dataset of more than `fanout_rows` rows as parallel
+tasks (dsl.ParallelFor), each a piece: a run of one split's token shards (`plan_pieces`, called when
+validate ends). A piece task (`piece_step`) writes its shards and its tally (rows, truncation counts,
+length histogram, coverage) to <store>/runs/<run>/pieces/tokenize/<cache key>/<piece>/; this step
+then merges them in order (`run_step(pieces=...)`): the shards and meta.json are those of one task.
+A smaller dataset is one piece, `whole`, which this step tokenizes itself.
+
 Cache: the result is keyed by the content of the data (validate's fingerprints), the tokenizer's
 full definition (its tokenizer.json), max_length and the shard format, and published to
 <store>/cache/tokenize/<key>/. A re-run with the same inputs copies the cached folder instead of
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,12 +49,15 @@ from kubetune.monitoring.features import Coverage
 from kubetune.storage import formats
 from kubetune.storage.contracts import META, TOKENS_FORMAT, DatasetMeta, ModelInputs, TokensMeta
 from kubetune.storage.shards import save_split
-from kubetune.storage.store import Store, join
+from kubetune.storage.store import Store, StoreError, join
 from kubetune.tasks.encoding import TRUNCATIONS, per_input
 from kubetune.training.modeling import resolve_model_dir
 
 STEP = "tokenize"
 SPLITS = ("train", "eval", "test")
+WHOLE = "whole"  # the one piece of a dataset tokenized by one task (no fan-out)
+MAX_PIECES = 500  # large KFP fan-ins are slow to schedule and to collect: keep the fan-out in the low hundreds
+PIECE_STATE = "piece.json"
 
 
 @dataclass(frozen=True)
@@ -60,8 +71,13 @@ class TokenizeConfig:
     fail_on_unknown: bool = param(False, "Fail (exit 2) instead of warning when a split exceeds max_unknown_share.")
     batch_size: int = opt(1000, "Texts (NER: sentences; pairs: text pairs) per tokenizer call.")
     shard_rows: int = opt(50_000, "Rows per token shard file (<split>-NNNNN.npz); part of the tokenization cache key.")
+    fanout_rows: int = param(1_000_000, "Large data: a dataset of more rows than this is tokenized by parallel tasks "
+                                        "(dsl.ParallelFor) of about this many rows each, whole token shards; 0: always one task.")
 
     def check(self) -> None:
+        if self.fanout_rows < 0 or self.shard_rows < 1:
+            raise ConfigError(f"fanout_rows={self.fanout_rows}, shard_rows={self.shard_rows}: use fanout_rows >= 0 (0: one task) "
+                              "and shard_rows >= 1")
         if not 8 <= self.max_length <= 8192:
             raise ConfigError(f"max_length={self.max_length}: use a value between 8 and 8192 tokens")
         if self.truncation not in TRUNCATIONS:
@@ -97,35 +113,141 @@ def cache_key(meta: DatasetMeta, tokenizer, cfg: TokenizeConfig) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def tokenize(dataset_dir: Path, model_dir: Path, out_dir: Path, cfg: TokenizeConfig, store: Store | None) -> dict:
-    """Write the tokens folder for a validated dataset (from the cache when possible)."""
+@dataclass(frozen=True)
+class Piece:
+    """A run of `count` token shards of one split from shard `first`: what one fan-out task tokenizes.
+    Written `train-00004-00002`; the text names store keys, so it is parsed strictly."""
+
+    split: str
+    first: int
+    count: int
+
+    FORM = re.compile(r"(train|eval|test)-(\d{5})-(\d{5})")
+
+    @classmethod
+    def parse(cls, text: str) -> "Piece":
+        m = cls.FORM.fullmatch(text)
+        if not m or int(m[3]) < 1:
+            raise ConfigError(f"tokenize piece {text!r}: expected <split>-<first shard>-<shard count> as plan_pieces writes it, "
+                              "e.g. train-00000-00020")
+        return cls(m[1], int(m[2]), int(m[3]))
+
+    def __str__(self) -> str:
+        return f"{self.split}-{self.first:05d}-{self.count:05d}"
+
+    def rows(self, shard_rows: int) -> tuple[int, int]:
+        return self.first * shard_rows, (self.first + self.count) * shard_rows
+
+
+def plan_pieces(meta: dict, cfg: TokenizeConfig) -> list[str]:
+    """The pieces tokenize fans out over for a validated dataset (`meta`: validate's): [WHOLE] when it
+    has at most `fanout_rows` rows in all (or fanout_rows is 0); else each split's token shards in runs
+    of about fanout_rows rows."""
+    rows = {s: meta["splits"][s]["rows"] for s in SPLITS}
+    if not cfg.fanout_rows or sum(rows.values()) <= cfg.fanout_rows:
+        return [WHOLE]
+    per = -(-cfg.fanout_rows // cfg.shard_rows)  # whole shards, so the shards are those of one task
+    pieces = []
+    for split in SPLITS:
+        shards = max(-(-rows[split] // cfg.shard_rows), 1)
+        pieces += [str(Piece(split, first, min(per, shards - first))) for first in range(0, shards, per)]
+    if len(pieces) > MAX_PIECES:
+        raise ConfigError(f"fanout_rows={cfg.fanout_rows}: {sum(rows.values())} rows make {len(pieces)} parallel tokenize tasks "
+                          f"(at most {MAX_PIECES}); raise fanout_rows to {-(-sum(rows.values()) // MAX_PIECES)} or more")
+    return pieces
+
+
+class _Tally:
+    """A split's tokens meta, summed as its shards are tokenized, or merged from pieces tokenized
+    elsewhere (in order): either way the result equals one pass over the split."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.rows, self.stats, self.shards = 0, {}, []
+        self.histogram = np.zeros(max_length + 1, dtype=np.int64)  # index = a sequence's length
+        self.coverage = Coverage(tokenizer)
+
+    def add(self, t, texts: list, shards: list[str]) -> None:
+        self.shards += shards
+        self.rows += len(t.labels)
+        self.stats = {k: self.stats.get(k, 0) + v for k, v in t.stats.items()}
+        lengths = np.fromiter((len(r) for r in t.rows if r), dtype=np.int64)  # per sequence (a multiple-choice row has several)
+        self._count(np.bincount(lengths))
+        self.coverage.add(texts, per_input(t.rows, t.choices))
+
+    def _count(self, counts: np.ndarray) -> None:
+        n = max(len(counts), len(self.histogram))
+        self.histogram = np.pad(self.histogram, (0, n - len(self.histogram))) + np.pad(counts, (0, n - len(counts)))
+
+    def state(self) -> dict:
+        return {"rows": self.rows, "stats": self.stats, "shards": self.shards, "histogram": self.histogram.tolist(),
+                "coverage": self.coverage.state()}
+
+    def merge(self, state: dict) -> None:
+        self.shards += state["shards"]
+        self.rows += state["rows"]
+        self.stats = {k: self.stats.get(k, 0) + state["stats"].get(k, 0) for k in {*self.stats, *state["stats"]}}
+        self._count(np.asarray(state["histogram"], dtype=np.int64))
+        self.coverage.merge(state["coverage"])
+
+    def result(self, out_dir: Path, split: str, cfg: TokenizeConfig) -> dict:
+        if not self.shards:  # no rows: one empty shard, as for a split tokenized at once
+            self.shards = save_split(out_dir, split, [], np.zeros(0, dtype=np.int64), cfg.shard_rows)
+        h = self.histogram
+        return {"rows": self.rows, "shards": self.shards, "tokens": int(h @ np.arange(len(h))), "length": length_stats(h),
+                **self.stats, "coverage": self.coverage.result()}
+
+
+@dataclass
+class _Setup:
+    meta: DatasetMeta
+    tokenizer: object
+    key: str
+    task: object
+    label_ids: dict
+
+    @property
+    def cache_prefix(self) -> str:
+        return join("cache", STEP, self.key)
+
+
+def _setup(dataset_dir: Path, model_dir: Path, cfg: TokenizeConfig) -> _Setup:
     cfg.check()
     meta = DatasetMeta.read(dataset_dir)
     tokenizer = load_tokenizer(model_dir)
-    key = cache_key(meta, tokenizer, cfg)
-    cache_prefix = join("cache", STEP, key)
-    if store is not None and store.is_published(cache_prefix):
-        cached = TokensMeta.from_json(store.read_json(join(cache_prefix, META)))
-        check_coverage(cached.splits, cfg, model_dir)  # before anything is written
-        store.download_dir(cache_prefix, out_dir)
-        log(STEP, f"cache hit: {store.url(cache_prefix)} (same data, tokenizer and max_length)")
-        return {**cached.to_json(), "cache": "hit"}
-
     task = tasks.get(meta.task)
     if cfg.truncation not in task.truncations:
         raise ConfigError(f"truncation={cfg.truncation!r}: a {task.name} model supports {', '.join(task.truncations)}")
-    label_ids = {label: i for i, label in enumerate(meta.labels)}
+    return _Setup(meta, tokenizer, cache_key(meta, tokenizer, cfg), task, {label: i for i, label in enumerate(meta.labels)})
+
+
+def tokenize(dataset_dir: Path, model_dir: Path, out_dir: Path, cfg: TokenizeConfig, store: Store | None,
+             pieces: tuple["Piece", ...] = (), pieces_prefix: str = "") -> dict:
+    """Write the tokens folder for a validated dataset (from the cache when possible); with `pieces`,
+    merged from the pieces the fan-out tasks published under `pieces_prefix` instead of tokenized here."""
+    setup = _setup(dataset_dir, model_dir, cfg)
+    meta, tokenizer, task = setup.meta, setup.tokenizer, setup.task
+    if store is not None and store.is_published(setup.cache_prefix):
+        cached = TokensMeta.from_json(store.read_json(join(setup.cache_prefix, META)))
+        check_coverage(cached.splits, cfg, model_dir)  # before anything is written
+        store.download_dir(setup.cache_prefix, out_dir)
+        log(STEP, f"cache hit: {store.url(setup.cache_prefix)} (same data, tokenizer and max_length)")
+        return {**cached.to_json(), "cache": "hit"}
+
     progress = Progress(STEP, sum(meta.splits[s]["rows"] for s in SPLITS), task.row_unit, every_s=2.0)
     out_dir.mkdir(parents=True, exist_ok=True)
     # text pairs: segment ids are derived from where [SEP] sits (kubetune.storage.shards.token_types)
     inputs = ModelInputs(max_length=cfg.max_length, truncation=cfg.truncation, input_names=tuple(tokenizer.model_input_names),
                          pad_token_id=tokenizer.pad_token_id, sep_token_id=tokenizer.sep_token_id if task.segments == 2 else None)
-    info = TokensMeta(key, task.name, meta.labels, inputs, meta.fingerprints(), splits={})
+    info = TokensMeta(setup.key, task.name, meta.labels, inputs, meta.fingerprints(), splits={})
     before = set(out_dir.glob("*.npz"))
     try:
         for split in SPLITS:
-            info.splits[split] = tokenize_split(task, tokenizer, dataset_dir / f"{split}.parquet", split, label_ids, cfg, progress,
-                                                out_dir)
+            if pieces:
+                tally = _merge_pieces(store, join(pieces_prefix, setup.key), split, pieces, meta.splits[split]["rows"], out_dir,
+                                      _Tally(tokenizer, cfg.max_length))
+            else:
+                tally = tokenize_split(setup, dataset_dir / f"{split}.parquet", split, cfg, progress, out_dir)
+            info.splits[split] = tally.result(out_dir, split, cfg)
             for note in task.tokenize_notes(split, info.splits[split], info.splits[split]["rows"], cfg.max_length):
                 log(STEP, f"{note}, keeping the {cfg.truncation}")
         check_coverage(info.splits, cfg, model_dir)
@@ -135,32 +257,64 @@ def tokenize(dataset_dir: Path, model_dir: Path, out_dir: Path, cfg: TokenizeCon
         raise
     tokenizer.save_pretrained(out_dir / "tokenizer")
     info.write(out_dir)
-    if store is not None and store.publish_dir(out_dir, cache_prefix):
-        log(STEP, f"cached as {store.url(cache_prefix)}")
+    if store is not None and store.publish_dir(out_dir, setup.cache_prefix):
+        log(STEP, f"cached as {store.url(setup.cache_prefix)}")
     return {**info.to_json(), "cache": "miss"}
 
 
-def tokenize_split(task, tokenizer, path: Path, split: str, label_ids: dict, cfg: TokenizeConfig, progress, out_dir: Path) -> dict:
-    """The tokens meta of one split, written shard by shard: each record batch of `shard_rows` rows
-    of the validated Parquet file is tokenized and saved before the next is read."""
+def tokenize_split(setup: _Setup, path: Path, split: str, cfg: TokenizeConfig, progress, out_dir: Path,
+                   piece: Piece | None = None) -> _Tally:
+    """The tally of one split (or of one piece of it), written shard by shard: each record batch of
+    `shard_rows` rows of the validated Parquet file is tokenized and saved before the next is read."""
     import pyarrow.parquet as pq
 
-    shards: list[str] = []
-    rows, stats, histogram, coverage = 0, {}, np.zeros(cfg.max_length + 1, dtype=np.int64), Coverage(tokenizer)
-    for batch in formats.parquet_batches(pq.ParquetFile(path), cfg.shard_rows):
+    start, stop = piece.rows(cfg.shard_rows) if piece else (0, None)
+    first = piece.first if piece else 0
+    tally = _Tally(setup.tokenizer, cfg.max_length)
+    for batch in formats.parquet_batches(pq.ParquetFile(path), cfg.shard_rows, start=start, stop=stop):
         frame = batch.to_pandas()
-        t = task.tokenize(tokenizer, frame, label_ids, cfg, progress)
-        shards += save_split(out_dir, split, t.rows, t.labels, cfg.shard_rows, t.token_labels, t.choices, first=len(shards))
-        rows += len(t.labels)
-        stats = {k: stats.get(k, 0) + v for k, v in t.stats.items()}
-        lengths = np.fromiter((len(r) for r in t.rows if r), dtype=np.int64)  # per sequence (a multiple-choice row has several)
-        counts = np.bincount(lengths, minlength=len(histogram))
-        histogram = np.pad(histogram, (0, len(counts) - len(histogram))) + counts
-        coverage.add(task.profile_texts(frame), per_input(t.rows, t.choices))
-    if not shards:  # no rows: one empty shard, as for a split tokenized at once
-        shards = save_split(out_dir, split, [], np.zeros(0, dtype=np.int64), cfg.shard_rows)
-    return {"rows": rows, "shards": shards, "tokens": int(histogram @ np.arange(len(histogram))), "length": length_stats(histogram),
-            **stats, "coverage": coverage.result()}
+        t = setup.task.tokenize(setup.tokenizer, frame, setup.label_ids, cfg, progress)
+        shards = save_split(out_dir, split, t.rows, t.labels, cfg.shard_rows, t.token_labels, t.choices, first=first + len(tally.shards))
+        tally.add(t, setup.task.profile_texts(frame), shards)
+    return tally
+
+
+def tokenize_piece(dataset_dir: Path, model_dir: Path, piece: Piece, cfg: TokenizeConfig, store: Store, prefix: str,
+                   workdir: Path) -> str:
+    """Tokenize one piece and publish its shards and tally under `prefix`/<cache key>/<piece>/ (the
+    tokenize step merges them). Nothing to do when the cache already holds the whole result."""
+    setup = _setup(dataset_dir, model_dir, cfg)
+    if store.is_published(setup.cache_prefix):
+        log(STEP, f"{piece}: cache hit ({store.url(setup.cache_prefix)}), nothing to tokenize")
+        return "hit"
+    start, stop = piece.rows(cfg.shard_rows)
+    rows = max(min(stop, setup.meta.splits[piece.split]["rows"]) - start, 0)
+    tally = tokenize_split(setup, dataset_dir / f"{piece.split}.parquet", piece.split, cfg,
+                           Progress(STEP, rows, setup.task.row_unit, label=str(piece), every_s=2.0), workdir, piece)
+    (workdir / PIECE_STATE).write_text(json.dumps(tally.state()))
+    store.publish_dir(workdir, join(prefix, setup.key, str(piece)))  # False: an earlier try published the same piece
+    log(STEP, f"{piece}: {tally.rows} {setup.task.row_unit} in {len(tally.shards)} shard(s), published")
+    return "miss"
+
+
+def _merge_pieces(store: Store, prefix: str, split: str, pieces: tuple[Piece, ...], rows: int, out_dir: Path, tally: _Tally) -> _Tally:
+    """The split's tally from its pieces, read in shard order; their shards move into `out_dir`."""
+    import tempfile
+
+    for piece in sorted((p for p in pieces if p.split == split), key=lambda p: p.first):
+        if piece.first != len(tally.shards):
+            break  # a gap: reported below
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".piece-") as tmp:
+            local = store.download_dir(join(prefix, str(piece)), Path(tmp))
+            state = json.loads((local / PIECE_STATE).read_text())
+            for name in state["shards"]:
+                (local / name).replace(out_dir / name)
+        tally.merge(state)
+    if tally.rows != rows:
+        raise StoreError(f"the tokenize pieces of {split} under {store.url(prefix)} hold {tally.rows} of its {rows} rows "
+                         f"({len(tally.shards)} shard(s) merged; pieces given: {', '.join(str(p) for p in pieces if p.split == split)}); "
+                         "rerun the pipeline so that every piece is tokenized")
+    return tally
 
 
 def length_stats(histogram: np.ndarray) -> dict:
@@ -208,14 +362,38 @@ def check_coverage(splits: dict, cfg: TokenizeConfig, model_dir: Path) -> None:
     log(STEP, f"WARNING fix: {fix} (--fail-on-unknown makes this an error)")
 
 
-def run_step(*, store_uri: str, run_id: str, dataset_dir: Path, model_uri: str, out_dir: Path, cfg: TokenizeConfig) -> dict:
+def run_step(*, store_uri: str, run_id: str, dataset_dir: Path, model_uri: str, out_dir: Path, cfg: TokenizeConfig,
+             pieces: list[str] | tuple[str, ...] = ()) -> dict:
+    """The step as the pipeline runs it. `pieces`: those the fan-out tasks tokenized (`piece_step`),
+    merged here; empty or [WHOLE]: tokenized here."""
     return_freed_memory()  # RSS follows what the step holds (it streams the data)
+    merged = tuple(Piece.parse(p) for p in pieces if p != WHOLE)
     with step_context(STEP, store_uri=store_uri, run_id=run_id, config={"model": model_uri, **asdict(cfg)}) as ctx:
+        if merged and ctx.record is None:
+            raise ConfigError("tokenize pieces are merged from the run's records: give a store and a run id")
         model_dir = resolve_model_dir(model_uri, ctx.settings, ctx.scratch)
-        info = tokenize(dataset_dir, model_dir, out_dir, cfg, ctx.store)
-        ctx.outputs.update(cache=info["cache"], cache_key=info["cache_key"], truncation=info["truncation"],
+        prefix = ctx.record.key("pieces", STEP) if merged else ""
+        info = tokenize(dataset_dir, model_dir, out_dir, cfg, ctx.store, merged, prefix)
+        if merged:  # the pieces are in the tokens folder (and the cache) now; on failure they stay for a retry of this step
+            ctx.store.delete_prefix(prefix)
+        ctx.outputs.update(cache=info["cache"], cache_key=info["cache_key"], truncation=info["truncation"], pieces=len(merged) or 1,
                            splits={s: {k: v for k, v in d.items() if k != "shards"} for s, d in info["splits"].items()})
     return info
+
+
+def piece_step(*, store_uri: str, run_id: str, dataset_dir: Path, model_uri: str, piece: str, cfg: TokenizeConfig) -> str:
+    """One fan-out task: tokenize `piece` and publish it for run_step to merge. [WHOLE]: nothing to
+    do here (the dataset is small: the tokenize step tokenizes it itself). Returns the piece."""
+    if piece == WHOLE:
+        return piece
+    parsed = Piece.parse(piece)
+    with step_context(f"{STEP}-{parsed}", store_uri=store_uri, run_id=run_id, config={"model": model_uri, **asdict(cfg)}) as ctx:
+        if ctx.record is None:
+            raise ConfigError(f"tokenize piece {piece}: the pieces go to the run's records; give a store and a run id")
+        model_dir = resolve_model_dir(model_uri, ctx.settings, ctx.scratch)
+        ctx.outputs["cache"] = tokenize_piece(dataset_dir, model_dir, parsed, cfg, ctx.store, ctx.record.key("pieces", STEP),
+                                              ctx.tmp("piece"))
+    return piece
 
 
 def main(argv: list[str] | None = None) -> int:

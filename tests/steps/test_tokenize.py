@@ -10,9 +10,9 @@ import pytest
 
 from kubetune import tasks
 from kubetune.errors import ConfigError, InputError
-from kubetune.steps.tokenize import TokenizeConfig, load_tokenizer, tokenize
+from kubetune.steps.tokenize import WHOLE, Piece, TokenizeConfig, load_tokenizer, piece_step, plan_pieces, run_step, tokenize
 from kubetune.storage.shards import length_grouped_batches, load_split, pad_batch
-from kubetune.storage.store import open_store
+from kubetune.storage.store import StoreError, open_store
 
 
 def test_shards_hold_the_tokenizer_output(small_dataset, small_tokens, model_dir):
@@ -225,3 +225,68 @@ def test_a_failure_in_a_later_shard_leaves_no_shard_behind(tmp_path, small_datas
     with pytest.raises(RuntimeError, match="tokenizer crashed"):
         tokenize(small_dataset, model_dir, out, TokenizeConfig(max_length=32, shard_rows=10), store=None)
     assert len(calls) == 3 and not list(out.glob("*.npz")) and not (out / "meta.json").exists()
+
+
+# ---- fan-out: pieces tokenized by parallel tasks, merged by the tokenize step ---------------------
+
+
+def _arrays(folder, name):
+    with np.load(folder / name) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.mark.parametrize("data", ["small_dataset", "chinese_dataset"])
+def test_fanned_out_tokenize_equals_one_task(data, tmp_path, model_dir, request):
+    """The pipeline's fan-out (tokenize_piece tasks, then tokenize merging them) with a tiny shard
+    size gives the shards and the meta of one task over the same data, pieces run in any order;
+    the pieces are removed once merged, and a piece of a cached dataset has nothing to do."""
+    dataset = request.getfixturevalue(data)
+    cfg = TokenizeConfig(max_length=32, shard_rows=7, fanout_rows=20)  # pieces of 3 shards (21 rows)
+    whole = tokenize(dataset, model_dir, tmp_path / "whole", cfg, store=None)
+    pieces = plan_pieces(json.loads((dataset / "meta.json").read_text()), cfg)
+    for split, d in whole["splits"].items():
+        assert len([p for p in pieces if p.startswith(split)]) == -(-len(d["shards"]) // 3)
+    store = tmp_path / "store"
+    common = {"store_uri": str(store), "run_id": "r", "dataset_dir": dataset, "model_uri": str(model_dir), "cfg": cfg}
+    assert [piece_step(piece=p, **common) for p in reversed(pieces)] == pieces[::-1]
+    assert len(list((store / "runs/r/pieces/tokenize").glob("*/*/piece.json"))) == len(pieces)
+    merged = run_step(out_dir=tmp_path / "merged", pieces=pieces, **common)
+    assert merged["cache"] == "miss" and {**merged, "cache": None} == {**whole, "cache": None}
+    names = sorted(p.name for p in (tmp_path / "whole").glob("*.npz"))
+    assert names == sorted(p.name for p in (tmp_path / "merged").glob("*.npz")) and len(names) > len(pieces)
+    for name in names:
+        a, b = _arrays(tmp_path / "whole", name), _arrays(tmp_path / "merged", name)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "merged/meta.json").read_text()) == json.loads((tmp_path / "whole/meta.json").read_text())
+    assert not (store / "runs/r/pieces/tokenize").exists() or not any((store / "runs/r/pieces/tokenize").iterdir())
+    record = json.loads((store / f"runs/r/steps/tokenize-{pieces[0]}.json").read_text())
+    assert record["status"] == "succeeded" and record["outputs"]["cache"] == "miss"
+    assert piece_step(piece=pieces[0], **{**common, "run_id": "again"}) == pieces[0]  # cached by the merge: nothing to do
+    assert json.loads((store / f"runs/again/steps/tokenize-{pieces[0]}.json").read_text())["outputs"]["cache"] == "hit"
+
+
+def test_a_missing_piece_fails_the_merge_and_names_the_split(tmp_path, small_dataset, model_dir):
+    cfg = TokenizeConfig(max_length=32, shard_rows=7, fanout_rows=20)
+    pieces = plan_pieces(json.loads((small_dataset / "meta.json").read_text()), cfg)
+    common = {"store_uri": str(tmp_path / "store"), "run_id": "r", "dataset_dir": small_dataset, "model_uri": str(model_dir), "cfg": cfg}
+    for p in pieces:
+        piece_step(piece=p, **common)
+    lost = [p for p in pieces if p.startswith("train")][1]
+    with pytest.raises(StoreError, match=r"pieces of train .* hold \d+ of its \d+ rows") as e:
+        run_step(out_dir=tmp_path / "t", pieces=[p for p in pieces if p != lost], **common)
+    assert e.value.exit_code != 0
+    assert not list((tmp_path / "t").glob("*.npz")) and not (tmp_path / "t/meta.json").exists()
+
+
+def test_pieces_are_planned_above_the_threshold_only_and_parsed_strictly():
+    meta = {"splits": {"train": {"rows": 800_000}, "eval": {"rows": 100_000}, "test": {"rows": 100_000}}}
+    assert plan_pieces(meta, TokenizeConfig()) == [WHOLE]  # 1M rows: one task
+    assert plan_pieces(meta, TokenizeConfig(fanout_rows=0, shard_rows=10)) == [WHOLE]
+    assert plan_pieces(meta, TokenizeConfig(fanout_rows=300_000)) == [
+        "train-00000-00006", "train-00006-00006", "train-00012-00004", "eval-00000-00002", "test-00000-00002"]
+    with pytest.raises(ConfigError, match="make 1000 parallel tokenize tasks .* raise fanout_rows to 2000"):
+        plan_pieces(meta, TokenizeConfig(fanout_rows=1000, shard_rows=1000))
+    for bad in ("../train-00000-00001", "train-00000-00000", "train-0-1", "whole/x", "valid-00000-00001"):
+        with pytest.raises(ConfigError, match="tokenize piece"):
+            Piece.parse(bad)
+    assert str(Piece.parse("eval-00003-00002")) == "eval-00003-00002"

@@ -234,3 +234,9 @@ def test_parquet_batches_cut_across_row_groups(tmp_path):
     batches = list(parquet_batches(pq.ParquetFile(tmp_path / "x.parquet"), 5, ["n"]))
     assert [b.num_rows for b in batches] == [5, 5, 5, 5, 3]
     assert [v for b in batches for v in b.column("n").to_pylist()] == list(range(23)) and batches[0].column_names == ["n"]
+    # a range [start, stop): the batches of the whole file from `start` on (tokenize's fan-out pieces)
+    for start, stop in ((10, 20), (7, None), (14, 15), (0, 23), (20, 40), (23, None)):
+        part = list(parquet_batches(pq.ParquetFile(tmp_path / "x.parquet"), 5, ["n"], start=start, stop=stop))
+        end = min(stop or 23, 23)
+        assert [v for b in part for v in b.column("n").to_pylist()] == list(range(start, end))
+        assert [b.num_rows for b in part] == [min(5, end - s) for s in range(start, end, 5)]
