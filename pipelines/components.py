@@ -31,11 +31,29 @@ from kfp.dsl import (
 from kubetune.pipelines.config import ClusterConfig
 
 
+def validate_plan(store: str, run_id: str, job_id: str, task: str, train_uri: str, eval_uri: str, test_uri: str, fanout_mb: float) -> List[str]:
+    from kubetune.core.config import from_params
+    from kubetune.steps.validate import ValidateConfig, plan_step
+
+    return plan_step(store_uri=store, run_id=run_id or job_id, train_uri=train_uri, eval_uri=eval_uri, test_uri=test_uri,
+                     cfg=from_params(ValidateConfig, locals()))
+
+
+def validate_piece(
+    store: str, run_id: str, job_id: str, task: str, text_column: str, text_pair_column: str, label_column: str, header: bool,
+    fanout_mb: float, piece: str,
+) -> str:
+    from kubetune.core.config import from_params
+    from kubetune.steps.validate import ValidateConfig, piece_step
+
+    return piece_step(store_uri=store, run_id=run_id or job_id, cfg=from_params(ValidateConfig, locals()), piece=piece)
+
+
 def validate(
     store: str, run_id: str, job_id: str, task: str, train_uri: str, eval_uri: str, test_uri: str, model_name: str, text_column: str,
     text_pair_column: str, label_column: str, choices_column: str, context_column: str, allow_mixed_choices: bool, positive_label: str,
-    header: bool, tag_column: int, repair_tags: bool, limit: int, seed: int, eval_fraction: float, test_fraction: float, fanout_rows: int,
-    dataset: Output[Dataset], report: Output[Markdown], expectations: Output[Artifact],
+    header: bool, tag_column: int, repair_tags: bool, limit: int, seed: int, eval_fraction: float, test_fraction: float, fanout_mb: float,
+    fanout_rows: int, pieces: List[str], dataset: Output[Dataset], report: Output[Markdown], expectations: Output[Artifact],
 ) -> NamedTuple("Outputs", [("model_name", str), ("token_pieces", List[str])]):
     from collections import namedtuple
     from pathlib import Path
@@ -46,7 +64,7 @@ def validate(
 
     meta = run_step(store_uri=store, run_id=run_id or job_id, train_uri=train_uri, eval_uri=eval_uri, test_uri=test_uri,
                     model_name=model_name, cfg=from_params(ValidateConfig, locals()), dataset_dir=Path(dataset.path),
-                    report_path=Path(report.path), expectations_path=Path(expectations.path))
+                    report_path=Path(report.path), expectations_path=Path(expectations.path), pieces=pieces)
     return namedtuple("Outputs", ["model_name", "token_pieces"])(meta["model_name"], plan_pieces(meta, from_params(TokenizeConfig, locals())))
 
 
@@ -203,7 +221,8 @@ def make_components(cluster: ClusterConfig) -> SimpleNamespace:
         return dsl.component(fn, base_image=cluster.image, install_kfp_package=False)
 
     return SimpleNamespace(
-        validate=cpu(validate), freshness=cpu(freshness), tokenize_piece=cpu(tokenize_piece), tokenize=cpu(tokenize),
+        validate_plan=cpu(validate_plan), validate_piece=cpu(validate_piece), validate=cpu(validate),
+        freshness=cpu(freshness), tokenize_piece=cpu(tokenize_piece), tokenize=cpu(tokenize),
         finetune=dsl.component(finetune, base_image=cluster.gpu_image, install_kfp_package=False),
         finetune_distributed=cpu(finetune_distributed),
         evaluate=cpu(evaluate), export=cpu(export), deploy=cpu(deploy), summarize=cpu(summarize),

@@ -45,6 +45,8 @@ class ClusterConfig:
     retries: int = 3  # for the steps whose work is mostly network I/O
     pipeline_root: str = ""  # "" = the KFP installation's default artifact store
     resources: dict = field(default_factory=lambda: {
+        "validate-plan": Resources("250m", "500m", "512Mi", "1Gi"),  # lists the input files
+        "validate-piece": Resources("1", "2", "2Gi", "4Gi"),  # the checks over a piece's files; memory holds a batch
         "validate": Resources("1", "2", "2Gi", "4Gi"),
         "freshness": Resources("250m", "500m", "512Mi", "1Gi"),
         "tokenize-piece": Resources("2", "4", "2Gi", "4Gi"),  # one piece of a large dataset; memory holds one shard

@@ -1,4 +1,4 @@
-"""The training pipeline: validate -> freshness -> [data changed] tokenize (large data: pieces in parallel, merged)
+"""The training pipeline: validate -> freshness -> [data changed] tokenize (each, for large data: pieces in parallel, merged)
 -> finetune -> evaluate -> [gate] -> export -> deploy, with a summary written by an exit handler whatever happens.
 Pure wiring plus cluster settings: the parameters (names, types, defaults, descriptions) come from kubetune.pipelines.parameters, and each
 step gets the parameters its wrapper names.
@@ -16,9 +16,10 @@ from kubetune.pipelines.config import CLUSTER_STORE, GIT_SECRET_KEYS, S3_CONFIG_
 
 PIPELINE_NAME = "kubetune-training"
 # Retried on failure: their work is mostly store I/O (cache, champion download, registry publish).
-# Not validate: its failures are input errors that a retry only delays (boto3 already retries
-# transient S3 errors within a call); not export: deterministic failures.
-NETWORK_STEPS = ("freshness", "tokenize-piece", "tokenize", "evaluate", "deploy", "summarize", "batch-plan", "batch-score", "batch-collect")
+# Not validate and its pieces: their failures are input errors that a retry only delays (boto3 already
+# retries transient S3 errors within a call); not export: deterministic failures.
+NETWORK_STEPS = ("validate-plan", "freshness", "tokenize-piece", "tokenize", "evaluate", "deploy", "summarize", "batch-plan", "batch-score",
+                 "batch-collect")
 # Retried because a retry resumes from the store checkpoint (a lost node costs minutes, not the run);
 # their deterministic failures (bad options, labels) fail within seconds, before any training.
 RESUMABLE_STEPS = ("finetune", "finetune_distributed")
@@ -64,15 +65,19 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
         summary = ops.summarize(**inputs(ops.summarize, p, **job))
         configure(summary, "summarize", cluster)
         with dsl.ExitHandler(summary, name="train-and-publish"):
-            validate = ops.validate(**inputs(ops.validate, p, **job))
+            # large data: a split's files are checked by parallel pieces, merged by validate; small data: one piece,
+            # "whole", that validate reads itself (kfp.local cannot run an empty ParallelFor)
+            plan = ops.validate_plan(**inputs(ops.validate_plan, p, **job))
+            with dsl.ParallelFor(plan.output, name="validate-pieces") as piece:
+                validate_piece = ops.validate_piece(**inputs(ops.validate_piece, p, **job, piece=piece))
+            validate = ops.validate(**inputs(ops.validate, p, **job, pieces=dsl.Collected(validate_piece.output)))
             # the registry name as validate resolved it (given, or derived from the data)
             named = {**job, "model_name": validate.outputs["model_name"], "dataset": validate.outputs["dataset"]}
             freshness = ops.freshness(**inputs(ops.freshness, p, **named))
             with dsl.If(freshness.outputs["Output"] == True, name="data-changed"):  # noqa: E712 (KFP condition)
-                # large data: the pieces validate planned are tokenized in parallel, then merged by tokenize;
-                # small data: one piece, "whole", that tokenize does itself (kfp.local cannot run an empty ParallelFor)
-                with dsl.ParallelFor(validate.outputs["token_pieces"], name="tokenize-pieces") as piece:
-                    tokenize_piece = ops.tokenize_piece(**inputs(ops.tokenize_piece, p, **named, piece=piece))
+                # the same for tokenize: the pieces validate planned from the splits' rows (fanout_rows)
+                with dsl.ParallelFor(validate.outputs["token_pieces"], name="tokenize-pieces") as token_piece:
+                    tokenize_piece = ops.tokenize_piece(**inputs(ops.tokenize_piece, p, **named, piece=token_piece))
                 tokenize = ops.tokenize(**inputs(ops.tokenize, p, **named, pieces=dsl.Collected(tokenize_piece.output)))
                 data = {**named, "tokens": tokenize.outputs["tokens"]}
 
@@ -94,7 +99,8 @@ def build_training_pipeline(cluster: ClusterConfig | None = None, default_store:
                     finetune_job = ops.finetune_distributed(**inputs(ops.finetune_distributed, p, **data, image=cluster.gpu_image,
                                                                      s3_secret=cluster.s3_secret, s3_config_map=cluster.s3_config_map))
                     downstream += gate_export_deploy(finetune_job.outputs["model"])
-        for step, task in (("validate", validate), ("freshness", freshness), ("tokenize-piece", tokenize_piece), ("tokenize", tokenize),
+        for step, task in (("validate-plan", plan), ("validate-piece", validate_piece), ("validate", validate), ("freshness", freshness),
+                           ("tokenize-piece", tokenize_piece), ("tokenize", tokenize),
                            ("finetune", finetune),
                            ("finetune_distributed", finetune_job), *downstream):
             configure(task, step, cluster)

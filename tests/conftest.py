@@ -268,13 +268,15 @@ def s3_run(seaweedfs, tmp_path_factory, tiny_model_dir, sms_rows) -> S3Run:
         settings = S3Settings.from_env(os.environ)
         settings.client().create_bucket(Bucket=S3_RUN_BUCKET)
         data = open_store(f"s3://{S3_RUN_BUCKET}", settings)
-        data.upload(write_csv(tmp / "sms.csv", [(t, l) for l, t in sms_rows[:1200]]), "input/sms.csv")
+        for k in range(3):  # a prefix of part files, as data lakes hold large data
+            data.upload(write_csv(tmp / f"part-{k}.csv", [(t, l) for l, t in sms_rows[400 * k:400 * (k + 1)]]), f"input/sms/part-{k}.csv")
         for f in sorted(tiny_model_dir.iterdir()):
             data.upload(f, f"base-model/{f.name}")
-        args = ["--train", f"s3://{S3_RUN_BUCKET}/input/sms.csv", "--model", f"s3://{S3_RUN_BUCKET}/base-model",
+        args = ["--train", f"s3://{S3_RUN_BUCKET}/input/sms/", "--model", f"s3://{S3_RUN_BUCKET}/base-model",
                 "--name", "sms-spam", "--limit", "300", "--max-length", "64", *cli_args(TINY), "--gate-threshold", "0.5",
                 "--onnx-variants", "fp32",  # the variants are covered by the local-store run
-                "--fanout-rows", "100"]  # tokenized by a parallel task per split (the fan-out a large dataset gets), merged on S3
+                # the fan-outs large data gets, merged through S3: a validate task per file, a tokenize task per split
+                "--fanout-mb", "0.02", "--fanout-rows", "100"]
         store_uri = f"s3://{S3_RUN_BUCKET}/kubetune"
         code = main(["run", *args, "--store", store_uri, "--run-id", "s3run", "--summary", str(tmp / "summary.json")])
         summary = json.loads((tmp / "summary.json").read_text())

@@ -20,10 +20,23 @@ from pathlib import Path
 
 from kubetune import tasks
 from kubetune.core.context import run_main, step_context, step_parser
+from kubetune.core.fanout import is_piece
 from kubetune.errors import OUTCOMES, outcome_of
 from kubetune.storage.records import STEPS, RunRecord
 
 TRAINING = ("tokenize", "finetune", "evaluate", "export", "deploy")  # what freshness skips
+FANNED_OUT = ("validate", "tokenize")  # steps whose large-data work runs as pieces (kubetune.core.fanout)
+
+
+def _failed_piece(record: RunRecord, step: str) -> dict | None:
+    """The record of a failed fan-out piece of `step` (steps/<step>-<piece>.json), if any."""
+    for key in record.store.list(record.key("steps")):
+        name = key.rsplit("/", 1)[-1].removesuffix(".json")
+        if name.startswith(f"{step}-") and is_piece(name[len(step) + 1:]):
+            piece = record.store.read_json(key)
+            if piece.get("status") == "failed":
+                return piece
+    return None
 
 
 def build_summary(record: RunRecord, pipeline_state: str = "") -> dict:
@@ -31,6 +44,9 @@ def build_summary(record: RunRecord, pipeline_state: str = "") -> dict:
     evaluation = record.read_json("evaluation.json")
     export = record.read_json("export.json")
     deployment = record.read_json("deployment.json")
+    for name in FANNED_OUT:  # a failed piece task is its step's failure (the step itself then never ran)
+        if steps.get(name) is None and (piece := _failed_piece(record, name)):
+            steps[name] = piece
     freshness = record.read_json("steps/freshness.json")
     if freshness and freshness.get("status") == "failed":
         steps = {**steps, "freshness": freshness}  # so its error is reported

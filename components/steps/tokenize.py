@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ import numpy as np
 from kubetune import tasks
 from kubetune.core.config import add_config_args, config_from_args, opt, param
 from kubetune.core.context import run_main, step_context, step_parser
+from kubetune.core.fanout import MAX_PIECES, WHOLE, Piece, check_count, in_order
 from kubetune.core.progress import Progress, log
 from kubetune.core.system import return_freed_memory
 from kubetune.errors import ConfigError, InputError
@@ -55,8 +55,6 @@ from kubetune.training.modeling import resolve_model_dir
 
 STEP = "tokenize"
 SPLITS = ("train", "eval", "test")
-WHOLE = "whole"  # the one piece of a dataset tokenized by one task (no fan-out)
-MAX_PIECES = 500  # large KFP fan-ins are slow to schedule and to collect: keep the fan-out in the low hundreds
 PIECE_STATE = "piece.json"
 
 
@@ -113,32 +111,6 @@ def cache_key(meta: DatasetMeta, tokenizer, cfg: TokenizeConfig) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
 
 
-@dataclass(frozen=True)
-class Piece:
-    """A run of `count` token shards of one split from shard `first`: what one fan-out task tokenizes.
-    Written `train-00004-00002`; the text names store keys, so it is parsed strictly."""
-
-    split: str
-    first: int
-    count: int
-
-    FORM = re.compile(r"(train|eval|test)-(\d{5})-(\d{5})")
-
-    @classmethod
-    def parse(cls, text: str) -> "Piece":
-        m = cls.FORM.fullmatch(text)
-        if not m or int(m[3]) < 1:
-            raise ConfigError(f"tokenize piece {text!r}: expected <split>-<first shard>-<shard count> as plan_pieces writes it, "
-                              "e.g. train-00000-00020")
-        return cls(m[1], int(m[2]), int(m[3]))
-
-    def __str__(self) -> str:
-        return f"{self.split}-{self.first:05d}-{self.count:05d}"
-
-    def rows(self, shard_rows: int) -> tuple[int, int]:
-        return self.first * shard_rows, (self.first + self.count) * shard_rows
-
-
 def plan_pieces(meta: dict, cfg: TokenizeConfig) -> list[str]:
     """The pieces tokenize fans out over for a validated dataset (`meta`: validate's): [WHOLE] when it
     has at most `fanout_rows` rows in all (or fanout_rows is 0); else each split's token shards in runs
@@ -151,10 +123,8 @@ def plan_pieces(meta: dict, cfg: TokenizeConfig) -> list[str]:
     for split in SPLITS:
         shards = max(-(-rows[split] // cfg.shard_rows), 1)
         pieces += [str(Piece(split, first, min(per, shards - first))) for first in range(0, shards, per)]
-    if len(pieces) > MAX_PIECES:
-        raise ConfigError(f"fanout_rows={cfg.fanout_rows}: {sum(rows.values())} rows make {len(pieces)} parallel tokenize tasks "
-                          f"(at most {MAX_PIECES}); raise fanout_rows to {-(-sum(rows.values()) // MAX_PIECES)} or more")
-    return pieces
+    total = sum(rows.values())
+    return check_count(pieces, f"fanout_rows={cfg.fanout_rows}: {total} rows", f"raise fanout_rows to {-(-total // MAX_PIECES)} or more")
 
 
 class _Tally:
@@ -268,7 +238,7 @@ def tokenize_split(setup: _Setup, path: Path, split: str, cfg: TokenizeConfig, p
     `shard_rows` rows of the validated Parquet file is tokenized and saved before the next is read."""
     import pyarrow.parquet as pq
 
-    start, stop = piece.rows(cfg.shard_rows) if piece else (0, None)
+    start, stop = _rows(piece, cfg) if piece else (0, None)
     first = piece.first if piece else 0
     tally = _Tally(setup.tokenizer, cfg.max_length)
     for batch in formats.parquet_batches(pq.ParquetFile(path), cfg.shard_rows, start=start, stop=stop):
@@ -279,6 +249,11 @@ def tokenize_split(setup: _Setup, path: Path, split: str, cfg: TokenizeConfig, p
     return tally
 
 
+def _rows(piece: Piece, cfg: TokenizeConfig) -> tuple[int, int]:
+    """The split's rows [start, stop) in a piece of whole token shards."""
+    return piece.first * cfg.shard_rows, (piece.first + piece.count) * cfg.shard_rows
+
+
 def tokenize_piece(dataset_dir: Path, model_dir: Path, piece: Piece, cfg: TokenizeConfig, store: Store, prefix: str,
                    workdir: Path) -> str:
     """Tokenize one piece and publish its shards and tally under `prefix`/<cache key>/<piece>/ (the
@@ -287,7 +262,7 @@ def tokenize_piece(dataset_dir: Path, model_dir: Path, piece: Piece, cfg: Tokeni
     if store.is_published(setup.cache_prefix):
         log(STEP, f"{piece}: cache hit ({store.url(setup.cache_prefix)}), nothing to tokenize")
         return "hit"
-    start, stop = piece.rows(cfg.shard_rows)
+    start, stop = _rows(piece, cfg)
     rows = max(min(stop, setup.meta.splits[piece.split]["rows"]) - start, 0)
     tally = tokenize_split(setup, dataset_dir / f"{piece.split}.parquet", piece.split, cfg,
                            Progress(STEP, rows, setup.task.row_unit, label=str(piece), every_s=2.0), workdir, piece)
@@ -301,7 +276,7 @@ def _merge_pieces(store: Store, prefix: str, split: str, pieces: tuple[Piece, ..
     """The split's tally from its pieces, read in shard order; their shards move into `out_dir`."""
     import tempfile
 
-    for piece in sorted((p for p in pieces if p.split == split), key=lambda p: p.first):
+    for piece in in_order(pieces, split):
         if piece.first != len(tally.shards):
             break  # a gap: reported below
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".piece-") as tmp:

@@ -14,6 +14,15 @@ Outputs: a dataset folder (train/eval/test.parquet, labels.json, meta.json with 
 fingerprints), the expectation results as JSON and a Markdown report. Without eval/test files the
 splits are made here: seeded, and for tables stratified by label and grouped by text so that
 duplicates never straddle two splits.
+
+Fan-out (large data, tables): when a split is given as several files and the inputs hold more than
+`fanout_mb`, the pipeline runs `plan_step` (the files of each split, listed once, in
+<store>/runs/<run>/pieces/validate/plan.json, grouped into pieces of about fanout_mb), a `piece_step`
+per piece (dsl.ParallelFor: the row-level checks and the index over its files, its rows kept as
+Parquet, published under the run) and then this step with the pieces (`run_step(pieces=...)`): it
+merges them in file order and makes the whole-split and cross-split checks (duplicates, labels,
+train/test overlap by hash), the splits and the report, as one task over the same files would.
+Smaller data is one piece, `whole`, which this step reads itself.
 """
 
 from __future__ import annotations
@@ -28,16 +37,20 @@ import pandas as pd
 from kubetune import tasks
 from kubetune.core.config import add_config_args, config_from_args, opt, param
 from kubetune.core.context import run_main, step_context, step_parser
+from kubetune.core.fanout import WHOLE, Piece, check_count, in_order
 from kubetune.core.progress import log
 from kubetune.core.system import return_freed_memory
-from kubetune.errors import ConfigError, InputError
+from kubetune.errors import ConfigError, InputError, KubetuneError
 from kubetune.release import registry
-from kubetune.storage import assets
+from kubetune.storage import assets, formats
 from kubetune.storage.contracts import DatasetMeta
-from kubetune.storage.store import S3Settings
+from kubetune.storage.store import S3Settings, Store, StoreError, file_size, join
+from kubetune.validation import tables
 from kubetune.validation.report import SPLITS, Report
 
 STEP = "validate"
+PLAN = "plan.json"  # under the run's pieces/validate/: the files of each split, listed once for every piece task
+MB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,10 @@ class ValidateConfig:
     repair_tags: bool = param(False, "NER: an I-<type> that continues nothing becomes B-<type> instead of an error.")
     max_sentence_words: int = opt(128, "NER: warn about sentences with more words than this (tokenize truncates them to "
                                        "max_length tokens).")
+    fanout_mb: float = param(512.0, "Large data: when a split is given as several files (a folder or s3:// prefix) and the inputs "
+                                "hold more than this many MB, the rows are checked by parallel tasks (dsl.ParallelFor) of whole files "
+                                "of about this size each, then merged; 0: always one task. Tables only (NER and multiple-choice "
+                                "data are checked in one task).")
 
     def check(self) -> None:
         tasks.get(self.task)
@@ -90,6 +107,8 @@ class ValidateConfig:
             problems.append(f"eval_fraction + test_fraction = {held_out:.2f} leaves too little to train on; keep it below 0.9")
         if self.token_column == self.tag_column:
             problems.append(f"token_column and tag_column are both {self.tag_column}: the tag needs its own column")
+        if self.fanout_mb < 0:
+            problems.append(f"fanout_mb={self.fanout_mb}: use 0 (always one task) or a size in MB")
         if self.limit < 0:
             problems.append(f"limit={self.limit}: use 0 (all rows) or a positive row count")
         if not 0 <= self.min_text_chars <= self.max_text_chars:
@@ -126,20 +145,25 @@ def load_dataset(dataset_dir: Path) -> tuple[dict[str, pd.DataFrame], DatasetMet
 
 
 def validate(train_uri: str, eval_uri: str, test_uri: str, cfg: ValidateConfig, out_dir: Path,
-             settings: S3Settings | None = None, workdir: Path | None = None) -> tuple[Report, dict | None]:
+             settings: S3Settings | None = None, workdir: Path | None = None, merged: dict | None = None) -> tuple[Report, dict | None]:
     """Load and check the inputs; when they pass, write the dataset folder. Returns the report and
-    the dataset meta (None when a critical check failed: nothing is written then)."""
+    the dataset meta (None when a critical check failed: nothing is written then). `merged`: the
+    fan-out pieces' results (`merge_pieces`) in place of reading the inputs."""
     cfg.check()
     task = tasks.get(cfg.task)
     train_uri = train_uri or task.default_data
     check_builtins(task, (train_uri, eval_uri, test_uri))
     sources = task.sources(train_uri, eval_uri, test_uri)
-    data, formats, files = {}, {}, {}
+    if merged:
+        data, fmts, passes = merged["data"], merged["formats"], merged["passes"]
+        report, usable = task.check(data, sources, fmts, {}, cfg, passes=passes)
+    else:
+        data, fmts, files = {}, {}, {}
+        for split, uri in sources.items():
+            data[split], fmts[split], files[split] = task.load(split, uri, cfg, settings, workdir or out_dir.parent)
+        report, usable = task.check(data, sources, fmts, files, cfg)
     for split, uri in sources.items():
-        data[split], formats[split], files[split] = task.load(split, uri, cfg, settings, workdir or out_dir.parent)
-    report, usable = task.check(data, sources, formats, files, cfg)
-    for split, uri in sources.items():
-        parts = len(report.files.get(split) or files[split])
+        parts = len(report.files.get(split) or [])
         log(STEP, f"{split}: {report.rows(split)} {task.row_unit} from {uri}" + (f" ({parts} files)" if parts > 1 else ""))
     for c in report.failures("warning"):
         log(STEP, f"warning: {report.describe(c, examples=2)}")
@@ -150,20 +174,129 @@ def validate(train_uri: str, eval_uri: str, test_uri: str, cfg: ValidateConfig, 
     return report, meta
 
 
+# ---- fan-out ---------------------------------------------------------------------------------------
+
+
+def plan_pieces(train_uri: str, eval_uri: str, test_uri: str, cfg: ValidateConfig, settings: S3Settings | None) -> tuple[list, dict]:
+    """(pieces, plan): [WHOLE] and no plan unless the task fans out, a split is several files and the
+    inputs hold more than fanout_mb; else each split's files in runs of about fanout_mb."""
+    cfg.check()
+    task = tasks.get(cfg.task)
+    sources = task.sources(train_uri or task.default_data, eval_uri, test_uri)
+    if not cfg.fanout_mb or not task.fans_out or any(assets.is_builtin(u) for u in sources.values()):
+        return [WHOLE], {}
+    listed = {split: formats.split_files(uri, settings) for split, uri in sources.items()}
+    if all(len(files) == 1 for files, _ in listed.values()):
+        return [WHOLE], {}
+    sizes = {split: [file_size(f, settings) for f in files] for split, (files, _) in listed.items()}
+    limit = int(cfg.fanout_mb * MB)
+    if sum(map(sum, sizes.values())) <= limit:
+        return [WHOLE], {}
+    pieces = []
+    for split, split_sizes in sizes.items():
+        first, size = 0, 0
+        for i, n in enumerate(split_sizes):
+            if i > first and size + n > limit:
+                pieces.append(str(Piece(split, first, i - first)))
+                first, size = i, 0
+            size += n
+        pieces.append(str(Piece(split, first, len(split_sizes) - first)))
+    files = sum(map(len, sizes.values()))
+    check_count(pieces, f"fanout_mb={cfg.fanout_mb}: {files} files", "raise fanout_mb")
+    return pieces, {"sources": sources, "formats": {s: fmt for s, (_, fmt) in listed.items()},
+                    "files": {s: files for s, (files, _) in listed.items()}, "pieces": pieces}
+
+
+def _pieces_prefix(ctx) -> str:
+    if ctx.record is None:
+        raise ConfigError("validate's fan-out keeps its pieces in the run's records: give a store and a run id")
+    return ctx.record.key("pieces", STEP)
+
+
+def plan_step(*, store_uri: str, run_id: str, train_uri: str, eval_uri: str, test_uri: str, cfg: ValidateConfig) -> list[str]:
+    """The pipeline's first task: the pieces validate fans out over ([WHOLE]: one task). A problem
+    with the inputs is left to validate, which reports it as it would without a fan-out."""
+    with step_context(f"{STEP}-plan", store_uri=store_uri, run_id=run_id, config={"train": train_uri, **asdict(cfg)}) as ctx:
+        try:
+            pieces, plan = plan_pieces(train_uri, eval_uri, test_uri, cfg, ctx.settings)
+        except KubetuneError as e:
+            log(STEP, f"no fan-out: {e}")
+            pieces, plan = [WHOLE], {}
+        if plan:
+            ctx.store.write_json(join(_pieces_prefix(ctx), PLAN), plan)
+            log(STEP, f"{sum(map(len, plan['files'].values()))} files checked by {len(pieces)} parallel tasks")
+        ctx.outputs["pieces"] = len(pieces)
+    return pieces
+
+
+def piece_step(*, store_uri: str, run_id: str, cfg: ValidateConfig, piece: str) -> str:
+    """One fan-out task: the row-level checks and the index over the piece's files, its rows kept as
+    Parquet, all published under the run for run_step to merge. WHOLE: nothing to do here."""
+    if piece == WHOLE:
+        return piece
+    parsed = Piece.parse(piece)
+    with step_context(f"{STEP}-{parsed}", store_uri=store_uri, run_id=run_id, config={"piece": piece, **asdict(cfg)}) as ctx:
+        prefix = _pieces_prefix(ctx)
+        plan = ctx.store.read_json(join(prefix, PLAN))
+        files = plan["files"].get(parsed.split, [])[parsed.first:parsed.first + parsed.count]
+        if len(files) != parsed.count:
+            raise StoreError(f"validate piece {piece}: the plan {ctx.store.url(join(prefix, PLAN))} lists {len(files)} of its files")
+        task = tasks.get(cfg.task)
+        source, _, _ = task.load(parsed.split, plan["sources"][parsed.split], cfg, ctx.settings, ctx.scratch, part=files)
+        folder = ctx.tmp("piece")
+        done = task.check_piece(tables.RecordingSource(source, folder / "rows.parquet"), parsed.split, cfg)
+        done.save(folder)
+        ctx.store.publish_dir(folder, join(prefix, str(parsed)))  # False: an earlier try published the same piece
+        rows = len(done.index)
+        log(STEP, f"{parsed}: {rows} {task.row_unit} of {len(files)} file(s) checked")
+        ctx.outputs.update(rows=rows, files=len(files))
+    return piece
+
+
+def merge_pieces(store: Store, prefix: str, pieces: list[Piece], workdir: Path) -> dict:
+    """The pieces' passes merged per split, and their recorded rows as each split's source."""
+    plan = store.read_json(join(prefix, PLAN))
+    data, passes = {}, {}
+    for split, files in plan["files"].items():
+        parts, done, covered = [], [], 0
+        for piece in in_order(pieces, split):
+            if piece.first != covered:
+                break
+            local = store.download_dir(join(prefix, str(piece)), workdir / str(piece))
+            done.append(tables.SplitPass.load(local))
+            parts.append((local / "rows.parquet", sum(p.end for p in done[:-1])))
+            covered += piece.count
+        if covered != len(files):
+            raise StoreError(f"the validate pieces of {split} under {store.url(prefix)} cover {covered} of its {len(files)} files "
+                             f"(pieces given: {', '.join(str(p) for p in pieces if p.split == split) or 'none'}); rerun the pipeline")
+        passes[split] = tables.merge_passes(done)
+        data[split] = tables.PartsSource(parts, passes[split].located)
+    return {"data": data, "formats": plan["formats"], "passes": passes}
+
+
 def run_step(
     *, store_uri: str, run_id: str, train_uri: str, eval_uri: str, test_uri: str, cfg: ValidateConfig,
-    dataset_dir: Path, report_path: Path, expectations_path: Path, model_name: str = "",
+    dataset_dir: Path, report_path: Path, expectations_path: Path, model_name: str = "", pieces: list[str] | tuple = (),
 ) -> dict:
     """The step as the pipeline runs it; returns the dataset meta, with the registry name the run
-    publishes under as "model_name" (given, or derived from the data)."""
+    publishes under as "model_name" (given, or derived from the data). `pieces`: those the fan-out
+    tasks checked (`piece_step`), merged here; empty or [WHOLE]: the inputs are read here."""
     return_freed_memory()  # RSS follows what the step holds (it streams the data)
     train_uri, model_name = resolve_inputs(cfg.task, train_uri, model_name)
+    fanned = [Piece.parse(p) for p in pieces if p != WHOLE]
     config = {"train": train_uri, "eval": eval_uri, "test": test_uri, "model_name": model_name, **asdict(cfg)}
     with step_context(STEP, store_uri=store_uri, run_id=run_id, config=config) as ctx:
         record = ctx.record
         record.write_json("run.json", {"run_id": record.run_id, "store": ctx.store.uri, "train": train_uri, "eval": eval_uri,
                                        "test": test_uri, "model_name": model_name, "validate": asdict(cfg)})
-        report, meta = validate(train_uri, eval_uri, test_uri, cfg, dataset_dir, ctx.settings, ctx.scratch)
+        prefix = _pieces_prefix(ctx) if fanned else ""
+        try:
+            merged = merge_pieces(ctx.store, prefix, fanned, ctx.tmp("pieces")) if fanned else None
+            report, meta = validate(train_uri, eval_uri, test_uri, cfg, dataset_dir, ctx.settings, ctx.scratch, merged)
+        finally:  # validate is not retried: its pieces go, whatever happened
+            if fanned:
+                ctx.store.delete_prefix(prefix)
+        ctx.outputs["pieces"] = len(fanned) or 1
         # the report is kept for failed runs too: it is what the user reads to fix the data
         markdown = report.markdown(meta)
         for path, text in ((report_path, markdown), (expectations_path, json.dumps(report.to_json(), indent=1, default=str))):

@@ -405,6 +405,9 @@ class S3Store(Store):
         except NotFound:
             return False
 
+    def size(self, key: str) -> int:
+        return int(self._call("head", key, self._client.head_object, Bucket=self.bucket, Key=self._key(key))["ContentLength"])
+
     def _iter_keys(self, prefix: str) -> Iterator[str]:
         full = self._key(prefix)
         full = full + "/" if full else ""
@@ -519,6 +522,14 @@ def listing(uri: str, settings: S3Settings | None = None, *, hidden: bool = True
     if not path.is_dir():
         return []
     return sorted(str(p) for p in path.rglob("*") if p.is_file() and keep(p.relative_to(path).as_posix()))
+
+
+def file_size(uri: str, settings: S3Settings | None = None) -> int:
+    """The size in bytes of a file or an s3:// object."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return S3Store(f"s3://{bucket}", settings or S3Settings()).size(key)
+    return local_path(uri).stat().st_size
 
 
 def local_path(uri: str) -> Path:

@@ -38,6 +38,10 @@ class TaskData(Protocol):
     formats: tuple[str, ...]  # input formats it reads (kubetune.storage.formats)
     default_data: str  # what `kubetune run --task NAME` trains on without --train
     row_unit: str  # what a row of its data is called in messages ("rows", "sentences")
+    # large inputs are checked by parallel tasks over their files (kubetune.steps.validate): then
+    # load(..., part=files) reads some files, check_piece(source, split, cfg) makes a piece's
+    # tables.SplitPass and check(..., passes=...) takes the merged passes in place of reading the rows
+    fans_out: bool
 
     def sources(self, train: str, eval_: str, test: str) -> dict[str, str]: ...
     def load(self, split: str, uri: str, cfg, settings, workdir: Path) -> tuple[object, str, list]: ...

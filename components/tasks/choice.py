@@ -105,6 +105,8 @@ class MultipleChoice(SequenceClassification):
     columns = ("text", "context", "choices", "label")
     model_purpose = "answer multiple-choice questions"
 
+    fans_out = False  # its rows hold lists of choices: checked and split in memory
+
     # ---- validate ------------------------------------------------------------------------------
     def load(self, split: str, uri: str, cfg, settings, workdir: Path):
         """(frame of text, context, choices, answer, source_row; format; files): the choices of a list

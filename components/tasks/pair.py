@@ -34,7 +34,7 @@ from kubetune.tasks import base, encoding
 from kubetune.tasks.metrics import classification_metrics
 from kubetune.tasks.predictor import softmax
 from kubetune.tasks.sequence import SequenceClassification
-from kubetune.validation import splits, tables
+from kubetune.validation import tables
 from kubetune.validation.report import SPLITS, Check, Report
 
 POSITIVE_NAMES = ("1", "true", "yes", "positive", "relevant", "entailment", "duplicate", "paraphrase", "match", "answer")
@@ -81,19 +81,25 @@ class PairClassification(SequenceClassification):
     truncations = ("head",)  # the tokenizer cuts the longer text of the pair first
 
     # ---- validate ------------------------------------------------------------------------------
-    def load(self, split: str, uri: str, cfg, settings, workdir: Path):
+    def load(self, split: str, uri: str, cfg, settings, workdir: Path, part: list[str] | None = None):
         source, fmt = tables.table_source(uri, columns={"text": cfg.text_column, "text_pair": cfg.text_pair_column,
-                                                        "label": cfg.label_column}, header=cfg.header, settings=settings, workdir=workdir)
+                                                        "label": cfg.label_column}, header=cfg.header, settings=settings, workdir=workdir,
+                                          part=part)
         return source, fmt, []
 
-    def check(self, data: dict, sources: dict, formats_: dict, files: dict, cfg) -> tuple[Report, dict]:
-        """The table checks on the pair (joined texts; the first text keeps a question's rows in one
-        split), plus: every row has a non-empty second text."""
-        keyed = {s: tables.MappedSource(src, _keyed) for s, src in data.items()}
-        report, indexes = tables.check_tables(keyed, sources, formats_, cfg, files, row_checks=(_pair_present(cfg),))
+    def view(self, source):
+        """The pair as the checked text (joined), the first text as the split group."""
+        return tables.MappedSource(source, _keyed)
+
+    def row_checks(self, cfg) -> tuple:
+        return (_pair_present(cfg),)  # every row has a non-empty second text
+
+    def check(self, data: dict, sources: dict, formats_: dict, files: dict, cfg, passes: dict | None = None) -> tuple[Report, dict]:
+        """The table checks on the pair, plus: the positive label is one of train's."""
+        report, usable = super().check(data, sources, formats_, files, cfg, passes)
         if cfg.positive_label:
-            report.checks.append(_positive_known(indexes["train"], cfg))
-        return report, {s: splits.CheckedTable(data[s], indexes[s]) for s in data}
+            report.checks.append(_positive_known(usable["train"].index, cfg))
+        return report, usable
 
     # prepare (the subclassed one) splits grouped by text: every row of one question lands in one split
     columns = ("text", "text_pair", "label")

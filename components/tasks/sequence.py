@@ -48,14 +48,30 @@ class SequenceClassification:
     def sources(self, train: str, eval_: str, test: str) -> dict[str, str]:
         return base.given_sources(train, eval_, test)
 
-    def load(self, split: str, uri: str, cfg, settings, workdir: Path):
-        """The split's table as a source of record batches (read by check, and again by prepare)."""
+    fans_out = True  # large inputs: its rows are checked by parallel tasks over the files (kubetune.steps.validate)
+
+    def load(self, split: str, uri: str, cfg, settings, workdir: Path, part: list[str] | None = None):
+        """The split's table as a source of record batches (read by check, and again by prepare);
+        `part`: only these of its files (a fan-out piece)."""
         source, fmt = tables.table_source(uri, columns={"text": cfg.text_column, "label": cfg.label_column}, header=cfg.header,
-                                          settings=settings, workdir=workdir)
+                                          settings=settings, workdir=workdir, part=part)
         return source, fmt, []
 
-    def check(self, data: dict, sources: dict, formats_: dict, files: dict, cfg) -> tuple[Report, dict]:
-        report, indexes = tables.check_tables(data, sources, formats_, cfg, files)
+    def view(self, source):
+        """The rows as the table checks see them (a pair: joined into one key)."""
+        return source
+
+    def row_checks(self, cfg) -> tuple:
+        """Its own row-level rules beside the expectations (kubetune.validation.tables.RowCheck)."""
+        return ()
+
+    def check_piece(self, source, split: str, cfg) -> tables.SplitPass:
+        """The row-level pass over a fan-out piece's files (merged by `check` through `passes`)."""
+        return tables.check_pass(self.view(source), split, cfg, self.row_checks(cfg))
+
+    def check(self, data: dict, sources: dict, formats_: dict, files: dict, cfg, passes: dict | None = None) -> tuple[Report, dict]:
+        report, indexes = tables.check_tables({s: self.view(src) for s, src in data.items()}, sources, formats_, cfg, files,
+                                              self.row_checks(cfg), passes)
         return report, {s: splits.CheckedTable(data[s], indexes[s]) for s in data}
 
     columns = ("text", "label")  # what a split's Parquet file holds (with source_row) and its fingerprint covers

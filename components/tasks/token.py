@@ -63,6 +63,8 @@ class TokenClassification:
     model_purpose = "tag tokens"
     truncations = ("head",)  # words past max_length are dropped; their entities count as missed
 
+    fans_out = False  # sentences are read and checked in memory (kubetune.validation.tagging)
+
     # ---- validate ------------------------------------------------------------------------------
     def sources(self, train: str, eval_: str, test: str) -> dict[str, str]:
         """Given files, else a builtin's official eval/test splits, else split off train."""

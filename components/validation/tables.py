@@ -11,20 +11,28 @@ number), not the rows themselves.
 
 Checks, per split (critical ones stop the run with exit code 2, warnings go to the report):
   critical  text not null, not empty/whitespace, length within [min, max] characters   (GE, per batch)
-  critical  label not null; eval/test labels are a subset of the train labels          (GE, per batch)
+  critical  label not null                                                             (GE, per batch)
+  critical  eval/test labels are a subset of the train labels                          (exact, label codes)
   critical  train has >= 2 classes, and each class has >= min_examples_per_class rows   (exact counts)
   warning   duplicate texts, identical texts with different labels, class imbalance,
             eval/test texts that also occur in train (leakage)                          (by text hash)
 great-expectations runs the row-level expectations on every batch (every row checked, counts summed,
-the first examples kept); the whole-column rules (uniqueness, the number of distinct labels) need the
-whole column at once, so kubetune checks them exactly over the split's hashes and label counts.
+the first examples kept); the whole-column rules (uniqueness, the number of distinct labels) and the
+cross-split ones (labels known to train, overlap with train) need whole columns at once, so kubetune
+checks them exactly over the splits' hashes and label codes.
+
+Fan-out (large inputs, kubetune.steps.validate): a split's files are read by parallel tasks, each a
+`check_pass` over its files that also keeps its rows as Parquet (`RecordingSource`); `merge_passes`
+joins the passes in file order (counts summed, row numbers carried on, label codes in first-seen
+order) and `PartsSource` reads the rows back, so the whole-split and cross-split checks, the splits and
+the report are those of one pass over the split.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -66,6 +74,7 @@ class TableSource:
     names: list | None = None
     label: str = "label"
     located: list = field(default_factory=list)  # [(file URI, row offset)], known once read
+    end: int = 0  # the row offset after the last file, known once read (the next part's source_row start)
 
     def batches(self, rows: int | None = None) -> Iterator[pd.DataFrame]:
         """The table, `rows` rows (default BATCH_ROWS) at a time, each a frame of the roles and source_row."""
@@ -91,7 +100,7 @@ class TableSource:
                     yield self._frame(data)
                     data = self._empty()
             offset += last
-        self.located = located
+        self.located, self.end = located, offset
         if data["source_row"] or not seen:
             if not seen and not data["source_row"]:
                 raise InputError(f"{self.uri}: file is empty (a header but no data rows)" if len(self.files) == 1
@@ -131,14 +140,74 @@ class MappedSource:
     def located(self) -> list:
         return self.source.located
 
+    @property
+    def end(self) -> int:
+        return getattr(self.source, "end", 0)
+
     def batches(self, rows: int | None = None) -> Iterator[pd.DataFrame]:
         return map(self.fn, self.source.batches(rows))
 
 
+class RecordingSource:
+    """Another source's batches, each also appended to a Parquet file as it is read (a fan-out piece
+    keeps its rows for the step that merges the pieces: `PartsSource` reads them back)."""
+
+    def __init__(self, source, path: Path):
+        self.source, self.path = source, path
+
+    @property
+    def located(self) -> list:
+        return self.source.located
+
+    @property
+    def end(self) -> int:
+        return self.source.end
+
+    def batches(self, rows: int | None = None) -> Iterator[pd.DataFrame]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        writer = None
+        try:
+            for batch in self.source.batches(rows):
+                # every role is text (the label a string by label_str); typed once: a batch of nulls keeps the schema
+                schema = pa.schema([(c, pa.int64() if c == "source_row" else pa.string()) for c in batch.columns])
+                writer = writer or pq.ParquetWriter(self.path, schema)
+                writer.write_table(pa.Table.from_pandas(batch, schema=schema, preserve_index=False))
+                yield batch
+        finally:
+            if writer is not None:
+                writer.close()
+
+
+@dataclass
+class PartsSource:
+    """A split read back from the Parquet files its fan-out pieces recorded, in order; `shift` numbers
+    each part's source_row on from the parts before it, as one reader over all the files would."""
+
+    parts: list  # [(Parquet path, row shift)]
+    located: list = field(default_factory=list)
+
+    def batches(self, rows: int | None = None) -> Iterator[pd.DataFrame]:
+        import pyarrow.parquet as pq
+
+        for path, shift in self.parts:
+            for table in formats.parquet_batches(pq.ParquetFile(path), rows or BATCH_ROWS):
+                frame = table.to_pandas()
+                frame["source_row"] += shift
+                yield frame
+
+
 def table_source(uri: str, *, columns: dict[str, str], header: bool = True, settings: S3Settings | None = None,
-                 workdir: Path | None = None, label: str = "label") -> tuple[TableSource, str]:
-    """The source of `uri` and its format; s3:// objects are downloaded under `workdir` (disk, not memory)."""
+                 workdir: Path | None = None, label: str = "label", part: list[str] | None = None) -> tuple[TableSource, str]:
+    """The source of `uri` and its format; s3:// objects are downloaded under `workdir` (disk, not memory).
+    `part`: only these files of it (a fan-out piece: kubetune.steps.validate lists them once, in its plan)."""
     names = None
+    if part:
+        fmt = formats.format_of(part[0])
+        if fmt is None or any(formats.format_of(f) != fmt for f in part):
+            raise InputError(f"{uri}: the planned files {part[0]} ... are not of one known format; plan again")
+        return TableSource(uri, fmt, formats.local_files(part, settings, workdir or Path(".")), columns, header, None, label), fmt
     if assets.is_builtin(uri):
         _, asset = assets.resolve(uri)
         path = assets.materialize(uri, workdir or Path("."))
@@ -261,8 +330,9 @@ def _ge_context():
     return gx, gx.get_context(project_config=config, mode="ephemeral")
 
 
-def _expectations(gx, split: str, train_labels: list[str], cfg):
-    """(expectation, user column, description of failing rows) for one split: the row-level rules."""
+def _expectations(gx, split: str, cfg):
+    """(expectation, user column, description of failing rows) for one split: the row-level rules
+    (each batch is checked on its own: a fan-out piece checks its rows without the other splits)."""
     E = gx.expectations
     text, label = cfg.text_column, cfg.label_column
     items = [
@@ -275,9 +345,6 @@ def _expectations(gx, split: str, train_labels: list[str], cfg):
          + f"longer than {cfg.max_text_chars} characters"),
         (E.ExpectColumnValuesToNotBeNull(column="label"), label, "have no label"),
     ]
-    if split != "train":
-        items.append((E.ExpectColumnValuesToBeInSet(column="label", value_set=train_labels), label,
-                      f"have labels that are not in the train labels {train_labels}"))
     return items
 
 
@@ -295,8 +362,8 @@ class RowCheck:
 class _SplitChecks:
     """The checks of one split, fed a batch at a time."""
 
-    def __init__(self, gx, context, split: str, train_labels: list[str], cfg, row_checks: tuple[RowCheck, ...]):
-        self.items = _expectations(gx, split, train_labels, cfg)
+    def __init__(self, gx, context, split: str, cfg, row_checks: tuple[RowCheck, ...]):
+        self.items = _expectations(gx, split, cfg)
         suite = gx.ExpectationSuite(name=f"kubetune-{split}")
         for expectation, _, _ in self.items:
             suite.add_expectation(expectation)
@@ -384,6 +451,14 @@ def _whole_split_checks(split: str, index: SplitIndex, source, cfg, train: Split
         examples=example_rows(source, rows, "label"),
     ))
     if train is not None:
+        known = set(train.class_counts().index)
+        outside = np.array([name not in known for name in index.labels] + [False])  # a null label (-1) is the not-null check's
+        bad = outside[index.label]
+        checks.append(Check(
+            split, "labels_in_train", cfg.label_column, "critical", not bad.any(),
+            f"have labels that are not in the train labels {sorted(known)}", unexpected_count=int(bad.sum()), element_count=n,
+            examples=example_rows(source, bad, "label"),
+        ))
         seen = np.sort(train.key[train.has_text])
         at = np.minimum(np.searchsorted(seen, index.key), max(len(seen) - 1, 0))
         leaked = index.has_text & (seen[at] == index.key) if len(seen) else np.zeros(n, dtype=bool)
@@ -409,26 +484,79 @@ def example_rows(source, mask: np.ndarray, column: str) -> list:
     return [(int(row), value) for row, value in values_at(source, positions, ("source_row", column))] if positions else []
 
 
+@dataclass
+class SplitPass:
+    """One read of a split's rows (or of a fan-out piece's files): the row-level checks with their
+    counts and first examples, the great-expectations summary, the index, and where its files start."""
+
+    checks: list  # [Check]
+    ge: dict
+    index: SplitIndex
+    located: list  # [(file URI, row offset)]
+    end: int  # the row offset after its last file
+
+    def save(self, folder: Path) -> None:
+        arrays = {k: getattr(self.index, k) for k in ("key", "has_text", "label", "group_key") if getattr(self.index, k) is not None}
+        np.savez(folder / "index.npz", **arrays)
+        (folder / "pass.json").write_text(json.dumps({"checks": [asdict(c) for c in self.checks], "ge": self.ge, "located": self.located,
+                                                      "end": self.end, "labels": self.index.labels}, default=str))
+
+    @classmethod
+    def load(cls, folder: Path) -> "SplitPass":
+        d = json.loads((folder / "pass.json").read_text())
+        with np.load(folder / "index.npz") as z:
+            index = SplitIndex(**{k: z[k] for k in z.files}, labels=d["labels"])
+        checks = [Check(**{**c, "examples": [tuple(e) for e in c["examples"]]}) for c in d["checks"]]
+        return cls(checks, d["ge"], index, [tuple(f) for f in d["located"]], d["end"])
+
+
+def check_pass(source, split: str, cfg, row_checks: tuple[RowCheck, ...] = (), ge=None) -> SplitPass:
+    """Read `source` once, a batch at a time: the row-level checks and the index."""
+    gx, context = ge or _ge_context()
+    split_checks, builder = _SplitChecks(gx, context, split, cfg, row_checks), _IndexBuilder()
+    for batch in source.batches():
+        split_checks.add(batch)
+        builder.add(batch)
+        del batch  # the next batch is read while this one would still be held
+    return SplitPass(split_checks.checks, split_checks.ge_result(), builder.build(), source.located, getattr(source, "end", 0))
+
+
+def merge_passes(parts: list[SplitPass]) -> SplitPass:
+    """The passes of a split's pieces, in file order, as one pass over all its files."""
+    checks = [replace(c, success=True, unexpected_count=0, element_count=0, examples=[]) for c in parts[0].checks]
+    located, shift, codes, labels = [], 0, {}, []
+    for part in parts:
+        for total, c in zip(checks, part.checks, strict=True):
+            _SplitChecks._count(total, c.success, c.unexpected_count, c.element_count, [(row + shift, v) for row, v in c.examples])
+        located += [(uri, offset + shift) for uri, offset in part.located]
+        shift += part.end
+        to_global = np.array([codes.setdefault(name, len(codes)) for name in part.index.labels] + [-1], dtype=np.int32)
+        labels.append(to_global[part.index.label])  # -1 (null) indexes the trailing -1
+    group = [p.index.group_key for p in parts]
+    index = SplitIndex(np.concatenate([p.index.key for p in parts]), np.concatenate([p.index.has_text for p in parts]),
+                       np.concatenate(labels), list(codes), None if group[0] is None else np.concatenate(group))
+    results = [{**r, "success": all(p.ge["results"][i]["success"] for p in parts),
+                "element_count": sum(p.ge["results"][i]["element_count"] for p in parts),
+                "unexpected_count": sum(p.ge["results"][i]["unexpected_count"] for p in parts)} for i, r in enumerate(parts[0].ge["results"])]
+    return SplitPass(checks, {"batches": sum(p.ge["batches"] for p in parts), "results": results}, index, located, shift)
+
+
 def check_tables(sources: dict, source_uris: dict[str, str], formats: dict[str, str], cfg, files: dict | None = None,
-                 row_checks: tuple[RowCheck, ...] = ()) -> tuple[Report, dict[str, SplitIndex]]:
+                 row_checks: tuple[RowCheck, ...] = (), passes: dict[str, SplitPass] | None = None) -> tuple[Report, dict[str, SplitIndex]]:
     """Check each split (a source, or a frame) a batch at a time, train first; returns the report and
     each split's index (kubetune.validation.splits makes and writes the splits from it). A batch may
-    carry a "group" column: the text that keeps rows together when splitting (default: "text")."""
-    gx, context = _ge_context()
+    carry a "group" column: the text that keeps rows together when splitting (default: "text").
+    `passes`: the splits' row-level passes made already (a fan-out's pieces, merged); the sources are
+    then read only for the examples of the whole-split checks."""
+    ge = _ge_context()
     sources = {s: FrameSource(src) if isinstance(src, pd.DataFrame) else src for s, src in sources.items()}
-    checks, ge_results, indexes = [], {}, {}
+    checks, ge_results, indexes, located = [], {}, {}, {}
     for split in sorted(sources, key=lambda s: s != "train"):
         source = sources[split]
-        train_labels = sorted(indexes["train"].class_counts().index) if split != "train" else []
-        split_checks, builder = _SplitChecks(gx, context, split, train_labels, cfg, row_checks), _IndexBuilder()
-        for batch in source.batches():
-            split_checks.add(batch)
-            builder.add(batch)
-            del batch  # the next batch is read while this one would still be held
-        indexes[split] = index = builder.build()
-        ge_results[split] = split_checks.ge_result()
-        checks += split_checks.checks + _whole_split_checks(split, index, source, cfg, indexes.get("train") if split != "train" else None)
-    located = {s: src.located for s, src in sources.items() if src.located}
+        done = (passes or {}).get(split) or check_pass(source, split, cfg, row_checks, ge)
+        indexes[split], ge_results[split] = done.index, done.ge
+        if done.located:
+            located[split] = done.located
+        checks += done.checks + _whole_split_checks(split, done.index, source, cfg, indexes.get("train") if split != "train" else None)
     report = Report(sources=source_uris, formats=formats, checks=checks, ge_results=ge_results, files={**(files or {}), **located})
     return report, indexes
-

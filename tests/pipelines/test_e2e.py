@@ -141,10 +141,14 @@ def test_s3_store_end_to_end(s3_run, s3_env):
     assert summary["deployment"]["model_uri"] == f"s3://{s3_run.bucket}/kubetune/models/sms-spam/{version}"
     assert store.read_json("models/sms-spam/aliases/production.json")["version"] == version
     assert any(k.startswith("cache/tokenize/") and k.endswith("/_MANIFEST.json") for k in keys)
-    # --fanout-rows 100: each split tokenized by its own parallel task, merged by tokenize, the pieces then removed
-    assert store.read_json("runs/s3run/steps/tokenize.json")["outputs"]["pieces"] == 3
-    for piece in ("train-00000-00001", "eval-00000-00001", "test-00000-00001"):
-        assert store.read_json(f"runs/s3run/steps/tokenize-{piece}.json")["status"] == "succeeded"
+    # --fanout-mb 0.02: each of the 3 input files checked by its own task, merged by validate; --fanout-rows 100:
+    # each split tokenized by its own task, merged by tokenize; the pieces removed once merged
+    for step, pieces in (("validate", ("train-00000-00001", "train-00001-00001", "train-00002-00001")),
+                         ("tokenize", ("train-00000-00001", "eval-00000-00001", "test-00000-00001"))):
+        assert store.read_json(f"runs/s3run/steps/{step}.json")["outputs"]["pieces"] == 3
+        for piece in pieces:
+            assert store.read_json(f"runs/s3run/steps/{step}-{piece}.json")["status"] == "succeeded"
+    assert store.read_json("runs/s3run/steps/validate-train-00001-00001.json")["outputs"]["rows"] == 400
     assert not [k for k in keys if k.startswith("runs/s3run/pieces/")]
     isvc = store.read_bytes(f"models/sms-spam/{version}/inferenceservice.yaml").decode()
     assert f"value: s3://{s3_run.bucket}/kubetune/models/sms-spam/{version}" in isvc

@@ -23,7 +23,8 @@ from kubetune.pipelines.training import NETWORK_STEPS, RESUMABLE_STEPS
 pytestmark = pytest.mark.slow  # compiles the pipelines: seconds a test
 
 GOLDEN = Path(__file__).parent / "golden" / "kubetune-training.yaml"
-STEPS = ("validate", "freshness", "tokenize-piece", "tokenize", "finetune", "evaluate", "export", "deploy", "summarize")
+STEPS = ("validate-plan", "validate-piece", "validate", "freshness",
+         "tokenize-piece", "tokenize", "finetune", "evaluate", "export", "deploy", "summarize")
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +94,14 @@ def test_retries_caching_and_control_flow(specs):
     condition_tasks = sorted(sorted(c.dag.tasks) for name, c in pipeline.components.items() if name.startswith("comp-condition"))
     nested = sorted([t for t in ts if not t.startswith("condition-")] for ts in condition_tasks)
     assert nested == [[], ["deploy", "export"], ["deploy-2", "export-2"], ["evaluate", "finetune"],
-                      ["evaluate-2", "finetune-distributed"], ["for-loop-3", "tokenize"]], nested
-    # tokenize's fan-out: a piece task per item of validate's token_pieces, collected into tokenize's pieces
-    loop = tasks["for-loop-3"]
-    assert loop.parameter_iterator.items.input_parameter == "pipelinechannel--validate-token_pieces"
-    assert sorted(pipeline.components[loop.component_ref.name].dag.tasks) == ["tokenize-piece"]
-    assert tasks["tokenize"].inputs.parameters["pieces"].task_output_parameter.producer_task == "for-loop-3"
+                      ["evaluate-2", "finetune-distributed"], ["for-loop-4", "tokenize"]], nested
+    # the fan-outs: a piece task per item of the plan (validate-plan's output, validate's token_pieces),
+    # the pieces' outputs collected into the merging step's pieces
+    for loop, items, piece, step in (("for-loop-2", "validate-plan-Output", "validate-piece", "validate"),
+                                     ("for-loop-4", "validate-token_pieces", "tokenize-piece", "tokenize")):
+        assert tasks[loop].parameter_iterator.items.input_parameter == f"pipelinechannel--{items}"
+        assert sorted(pipeline.components[tasks[loop].component_ref.name].dag.tasks) == [piece]
+        assert tasks[step].inputs.parameters["pieces"].task_output_parameter.producer_task == loop
     assert tasks["evaluate"].inputs.artifacts["model"].task_output_artifact.producer_task == "finetune"
     assert tasks["evaluate-2"].inputs.artifacts["model"].task_output_artifact.producer_task == "finetune-distributed"
     for twin in ("evaluate-2", "export-2", "deploy-2"):  # the distributed branch's copies get the same settings

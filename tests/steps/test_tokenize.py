@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 
 from kubetune import tasks
+from kubetune.core.fanout import WHOLE, Piece
 from kubetune.errors import ConfigError, InputError
-from kubetune.steps.tokenize import WHOLE, Piece, TokenizeConfig, load_tokenizer, piece_step, plan_pieces, run_step, tokenize
+from kubetune.steps.tokenize import TokenizeConfig, load_tokenizer, piece_step, plan_pieces, run_step, tokenize
 from kubetune.storage.shards import length_grouped_batches, load_split, pad_batch
 from kubetune.storage.store import StoreError, open_store
 
@@ -284,9 +285,9 @@ def test_pieces_are_planned_above_the_threshold_only_and_parsed_strictly():
     assert plan_pieces(meta, TokenizeConfig(fanout_rows=0, shard_rows=10)) == [WHOLE]
     assert plan_pieces(meta, TokenizeConfig(fanout_rows=300_000)) == [
         "train-00000-00006", "train-00006-00006", "train-00012-00004", "eval-00000-00002", "test-00000-00002"]
-    with pytest.raises(ConfigError, match="make 1000 parallel tokenize tasks .* raise fanout_rows to 2000"):
+    with pytest.raises(ConfigError, match="1000000 rows make 1000 parallel tasks .* raise fanout_rows to 2000"):
         plan_pieces(meta, TokenizeConfig(fanout_rows=1000, shard_rows=1000))
     for bad in ("../train-00000-00001", "train-00000-00000", "train-0-1", "whole/x", "valid-00000-00001"):
-        with pytest.raises(ConfigError, match="tokenize piece"):
+        with pytest.raises(ConfigError, match="piece"):
             Piece.parse(bad)
     assert str(Piece.parse("eval-00003-00002")) == "eval-00003-00002"

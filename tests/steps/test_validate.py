@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from kubetune.errors import ConfigError
+from kubetune.errors import ConfigError, InputError
 from kubetune.steps.validate import ValidateConfig, load_dataset, validate
 from kubetune.storage.contracts import DatasetMeta
 from kubetune.validation.splits import split_frame, subsample
@@ -202,3 +204,125 @@ def test_a_dataset_validated_again_in_place(tmp_path, monkeypatch):
         validate(str(ds / "train.parquet"), str(ds / "eval.parquet"), str(ds / "test.parquet"), ValidateConfig(), ds)
     assert pd.read_parquet(ds / "train.parquet")[["text", "label"]].equals(before[["text", "label"]])
     assert not list(ds.glob(".*partial"))
+
+
+# ---- fan-out: a split's files checked by parallel tasks, merged by validate ------------------------
+
+
+def _files(folder, rows, parts, header):
+    folder.mkdir()
+    size = -(-len(rows) // parts)
+    for k in range(parts):
+        write_csv(folder / f"part-{k}.csv", rows[k * size:(k + 1) * size], header=header)
+    return str(folder)
+
+
+def _both(tmp_path, train, test, cfg):
+    """validate run as one task and as the pipeline's fan-out (plan, a piece task per piece in any
+    order, the merge): (outcome, report files, the pieces), each path's."""
+    from kubetune.steps.validate import piece_step, plan_step, run_step
+
+    store, out = str(tmp_path / "store"), []
+    for run_id in ("one", "fan"):
+        c = replace(cfg, fanout_mb=0 if run_id == "one" else cfg.fanout_mb)
+        common = {"store_uri": store, "run_id": run_id}
+        pieces = plan_step(**common, train_uri=train, eval_uri="", test_uri=test, cfg=c)
+        assert [piece_step(**common, cfg=c, piece=p) for p in reversed(pieces)] == pieces[::-1]
+        ds, files = tmp_path / f"ds-{run_id}", tmp_path / f"report-{run_id}"
+        try:
+            result = run_step(**common, train_uri=train, eval_uri="", test_uri=test, cfg=c, dataset_dir=ds, report_path=files / "r.md",
+                              expectations_path=files / "e.json", pieces=pieces)
+        except InputError as e:
+            result = str(e)
+        frames = {s: pd.read_parquet(ds / f"{s}.parquet") for s in ("train", "eval", "test")} if isinstance(result, dict) else {}
+        out.append((result, frames, (files / "r.md").read_text(), json.loads((files / "e.json").read_text()), pieces))
+        assert not (Path(store) / f"runs/{run_id}/pieces").exists() or not any((Path(store) / f"runs/{run_id}/pieces").iterdir())
+    return out
+
+
+@pytest.mark.parametrize("task", ["sequence-classification", "pair-classification"])
+def test_fanned_out_validate_equals_one_task(tmp_path, sms_rows, task):
+    """The pipeline's fan-out over a split's files (tiny pieces here: fanout_mb 0.02) gives the splits,
+    meta, report and expectations of one task over the same files: duplicates, conflicting labels and
+    train/test overlap span pieces, and the examples name the file and line."""
+    rows = [(t, l) for l, t in sms_rows[:1500]]
+    rows[1400] = (rows[3][0], "spam" if rows[3][1] == "ham" else "ham")  # a conflicting duplicate three files apart
+    test_rows = [(t, l) for l, t in sms_rows[1500:1800]] + [rows[1000]]  # one leaked row
+    header = ("text", "label")
+    if task == "pair-classification":  # a question (3 rows each) and its candidate; the same conflict and leak
+        rows = [(f"question {i // 3}", t, l) for i, (t, l) in enumerate(rows)]
+        rows[1400] = (*rows[3][:2], rows[1400][2])
+        test_rows = [(f"question {9000 + i // 3}", t, l) for i, (t, l) in enumerate(test_rows[:-1])] + [rows[1000]]
+        header = ("text", "text_pair", "label")
+    train, test = _files(tmp_path / "train", rows, 4, header), _files(tmp_path / "test", test_rows, 2, header)
+    (one, one_frames, one_md, one_ge, whole), (fan, fan_frames, fan_md, fan_ge, pieces) = _both(
+        tmp_path, train, test, ValidateConfig(task=task, limit=1200, fanout_mb=0.02))
+    assert whole == ["whole"] and len(pieces) >= 4 and [p for p in pieces if p.startswith("test")]
+    assert {**one["config"], "fanout_mb": 0.02} == fan["config"]  # meta.json records the options, the fan-out's too
+    assert {**one, "config": None} == {**fan, "config": None} and one_md == fan_md
+
+    def batches(ge):  # how many batches great-expectations ran: one a piece at least
+        return {s: r.pop("batches") for s, r in ge["great_expectations"].items()}
+
+    assert batches(one_ge) == {"train": 1, "test": 1} and batches(fan_ge) == {"train": 4, "test": 2} and one_ge == fan_ge
+    assert all(one_frames[s].equals(fan_frames[s]) for s in one_frames)
+    checks = {(c["split"], c["name"]): c for c in fan_ge["checks"]}
+    assert checks[("train", "consistent_labels")]["unexpected_count"] >= 2 and checks[("test", "no_train_overlap")]["unexpected_count"] >= 1
+    assert "part-3.csv line" in fan_md  # the conflict's example, located in its file
+
+
+def test_fanned_out_validate_rejects_as_one_task_does(tmp_path, sms_rows):
+    """An empty text deep in a later file and a test label train does not have: the same error,
+    naming the file and line, from the merged pieces as from one task; nothing is written."""
+    rows = [(t, l) for l, t in sms_rows[:1200]]
+    rows[1000] = ("   ", "ham")
+    test_rows = [(t, l) for l, t in sms_rows[1200:1400]] + [("a text with an unknown label", "maybe")]
+    train, test = _files(tmp_path / "train", rows, 4, ("text", "label")), _files(tmp_path / "test", test_rows, 2, ("text", "label"))
+    (one, _, _, _, _), (fan, _, fan_md, _, pieces) = _both(tmp_path, train, test, ValidateConfig(fanout_mb=0.02))
+    assert len(pieces) >= 4 and isinstance(fan, str) and one == fan
+    assert "part-3.csv line 102: '   '" in fan and "have labels that are not in the train labels ['ham', 'spam']" in fan
+    assert not (tmp_path / "ds-fan").exists() and fan_md.startswith("# Data validation: FAILED")
+
+
+def test_fan_out_plan(tmp_path, sms_rows):
+    """No fan-out below fanout_mb, for one file, for a builtin or a task that reads in memory; pieces
+    of whole files otherwise, and a bad piece name is refused before any key is built from it."""
+    from kubetune.core.fanout import WHOLE
+    from kubetune.steps.validate import piece_step, plan_pieces
+
+    rows = [(t, l) for l, t in sms_rows[:1000]]
+    train = _files(tmp_path / "train", rows, 5, ("text", "label"))
+    sizes = [p.stat().st_size for p in sorted((tmp_path / "train").iterdir())]
+    mb = 2.5 * max(sizes) / (1 << 20)  # two files a piece
+    pieces, plan = plan_pieces(train, "", "", ValidateConfig(fanout_mb=mb), None)
+    assert pieces == ["train-00000-00002", "train-00002-00002", "train-00004-00001"] and len(plan["files"]["train"]) == 5
+    for cfg, uri in ((ValidateConfig(fanout_mb=1.0), train), (ValidateConfig(fanout_mb=0), train),
+                     (ValidateConfig(fanout_mb=0.001), str(tmp_path / "train/part-0.csv")), (ValidateConfig(fanout_mb=0.001), ""),
+                     (ValidateConfig(fanout_mb=0.001, task="multiple-choice"), train)):
+        assert plan_pieces(uri, "", "", cfg, None) == ([WHOLE], {})
+    with pytest.raises(ConfigError, match="piece"):
+        piece_step(store_uri=str(tmp_path / "s"), run_id="r", cfg=ValidateConfig(), piece="../train-00000-00001")
+
+
+def test_a_failed_piece_is_named_and_is_the_run_s_failure(tmp_path, sms_rows):
+    """A file the reader rejects fails its piece task with the file's name, exit 2; the run summary
+    reports it as validate's failure (validate itself never ran)."""
+    from kubetune.core.fanout import WHOLE
+    from kubetune.steps.summary import build_summary
+    from kubetune.steps.validate import piece_step, plan_step
+    from kubetune.storage.records import RunRecord
+    from kubetune.storage.store import open_store
+
+    rows = [(t, l) for l, t in sms_rows[:900]]
+    train = _files(tmp_path / "train", rows, 3, ("text", "label"))
+    write_csv(tmp_path / "train/part-2.csv", rows[600:], header=("text", "stars"))
+    store, cfg = str(tmp_path / "store"), ValidateConfig(fanout_mb=0.02)
+    pieces = plan_step(store_uri=store, run_id="r", train_uri=train, eval_uri="", test_uri="", cfg=cfg)
+    assert pieces[-1] == "train-00002-00001" and WHOLE not in pieces
+    with pytest.raises(InputError, match=r"part-2\.csv.*'label'") as e:
+        piece_step(store_uri=store, run_id="r", cfg=cfg, piece=pieces[-1])
+    assert e.value.exit_code == 2
+    summary = build_summary(RunRecord(open_store(store), "r"))
+    assert summary["outcome"] == "input_rejected" and summary["exit_code"] == 2
+    assert summary["error"]["step"] == "validate-train-00002-00001" and "part-2.csv" in summary["error"]["message"]
+    assert summary["steps"][0] == {"name": "validate", "status": "failed", "seconds": summary["steps"][0]["seconds"]}
