@@ -374,12 +374,26 @@ def piece_step(*, store_uri: str, run_id: str, dataset_dir: Path, model_uri: str
 def main(argv: list[str] | None = None) -> int:
     p = step_parser("kubetune.steps.tokenize", __doc__)
     p.add_argument("--dataset", required=True, type=Path)
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--model", default="", help="required except with --plan")
+    p.add_argument("--out", type=Path, help="tokens folder to write (required except with --plan and --piece)")
+    fan = p.add_mutually_exclusive_group()  # the fan-out outside KFP (e.g. Argo, a shell): plan, a task per piece, then merge
+    fan.add_argument("--plan", action="store_true", help="print the pieces for the dataset and --fanout-rows as a JSON list (the last line)")
+    fan.add_argument("--piece", default="", help="tokenize this piece of the plan and publish it under the run")
+    fan.add_argument("--pieces", default="", help="comma-separated: merge these published pieces into --out")
     add_config_args(p, TokenizeConfig)
     a = p.parse_args(argv)
+    cfg = config_from_args(TokenizeConfig, a)
+    if not a.plan and not a.model:
+        p.error("--model is required (except with --plan)")
+    if not (a.plan or a.piece or a.out):
+        p.error("--out is required (except with --plan and --piece)")
+    if a.plan:
+        return run_main(lambda: print(json.dumps(plan_pieces({"splits": DatasetMeta.read(a.dataset).splits}, cfg))))
+    if a.piece:
+        return run_main(lambda: piece_step(store_uri=a.store, run_id=a.run_id, dataset_dir=a.dataset, model_uri=a.model, piece=a.piece,
+                                           cfg=cfg))
     return run_main(lambda: run_step(store_uri=a.store, run_id=a.run_id, dataset_dir=a.dataset, model_uri=a.model,
-                                     out_dir=a.out, cfg=config_from_args(TokenizeConfig, a)))
+                                     out_dir=a.out, cfg=cfg, pieces=[x for x in a.pieces.split(",") if x]))
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from kubetune.errors import ConfigError, InputError, KubetuneError
 from kubetune.release import registry
 from kubetune.storage import assets, formats
 from kubetune.storage.contracts import DatasetMeta
-from kubetune.storage.store import S3Settings, Store, StoreError, file_size, join
+from kubetune.storage.store import NotFound, S3Settings, Store, StoreError, file_size, join
 from kubetune.validation import tables
 from kubetune.validation.report import SPLITS, Report
 
@@ -237,7 +237,7 @@ def piece_step(*, store_uri: str, run_id: str, cfg: ValidateConfig, piece: str) 
     parsed = Piece.parse(piece)
     with step_context(f"{STEP}-{parsed}", store_uri=store_uri, run_id=run_id, config={"piece": piece, **asdict(cfg)}) as ctx:
         prefix = _pieces_prefix(ctx)
-        plan = ctx.store.read_json(join(prefix, PLAN))
+        plan = _read_plan(ctx.store, prefix)
         files = plan["files"].get(parsed.split, [])[parsed.first:parsed.first + parsed.count]
         if len(files) != parsed.count:
             raise StoreError(f"validate piece {piece}: the plan {ctx.store.url(join(prefix, PLAN))} lists {len(files)} of its files")
@@ -253,9 +253,17 @@ def piece_step(*, store_uri: str, run_id: str, cfg: ValidateConfig, piece: str) 
     return piece
 
 
+def _read_plan(store: Store, prefix: str) -> dict:
+    try:
+        return store.read_json(join(prefix, PLAN))
+    except NotFound:
+        raise NotFound(f"{store.url(join(prefix, PLAN))}: no fan-out plan under this run; plan it first (validate --plan, the "
+                       "pipeline's validate-plan task) with the same store and run id") from None
+
+
 def merge_pieces(store: Store, prefix: str, pieces: list[Piece], workdir: Path) -> dict:
     """The pieces' passes merged per split, and their recorded rows as each split's source."""
-    plan = store.read_json(join(prefix, PLAN))
+    plan = _read_plan(store, prefix)
     data, passes = {}, {}
     for split, files in plan["files"].items():
         parts, done, covered = [], [], 0
@@ -315,19 +323,33 @@ def run_step(
 
 def main(argv: list[str] | None = None) -> int:
     p = step_parser("kubetune.steps.validate", __doc__)
-    p.add_argument("--train", required=True)
+    p.add_argument("--train", default="", help="training data (required except with --piece)")
     p.add_argument("--eval", default="")
     p.add_argument("--test", default="")
-    p.add_argument("--out", required=True, type=Path, help="dataset folder to write")
-    p.add_argument("--report", required=True, type=Path)
-    p.add_argument("--expectations", required=True, type=Path)
+    p.add_argument("--out", type=Path, help="dataset folder to write")
+    p.add_argument("--report", type=Path)
+    p.add_argument("--expectations", type=Path)
     p.add_argument("--name", default="", help="registry name the run publishes under; empty: derived from --train")
+    fan = p.add_mutually_exclusive_group()  # the fan-out outside KFP (e.g. Argo, a shell): plan, a task per piece, then merge
+    fan.add_argument("--plan", action="store_true",
+                     help="plan the fan-out (--fanout-mb): plan.json under the run, its pieces printed as a JSON list (the last line)")
+    fan.add_argument("--piece", default="", help="check this piece of the plan and publish it under the run")
+    fan.add_argument("--pieces", default="", help="comma-separated: merge these published pieces (with --out, --report, --expectations)")
     add_config_args(p, ValidateConfig)
     a = p.parse_args(argv)
+    cfg = config_from_args(ValidateConfig, a)
+    if not a.piece and not a.train:
+        p.error("--train is required (except with --piece)")
+    if not (a.plan or a.piece) and not (a.out and a.report and a.expectations):
+        p.error("--out, --report and --expectations are required (except with --plan and --piece)")
+    if a.plan:
+        return run_main(lambda: print(json.dumps(plan_step(store_uri=a.store, run_id=a.run_id, train_uri=a.train, eval_uri=a.eval,
+                                                           test_uri=a.test, cfg=cfg))))
+    if a.piece:
+        return run_main(lambda: piece_step(store_uri=a.store, run_id=a.run_id, cfg=cfg, piece=a.piece))
     return run_main(lambda: run_step(
-        store_uri=a.store, run_id=a.run_id, train_uri=a.train, eval_uri=a.eval, test_uri=a.test,
-        cfg=config_from_args(ValidateConfig, a), dataset_dir=a.out, report_path=a.report, expectations_path=a.expectations,
-        model_name=a.name,
+        store_uri=a.store, run_id=a.run_id, train_uri=a.train, eval_uri=a.eval, test_uri=a.test, cfg=cfg, dataset_dir=a.out,
+        report_path=a.report, expectations_path=a.expectations, model_name=a.name, pieces=[x for x in a.pieces.split(",") if x],
     ))
 
 

@@ -78,3 +78,39 @@ def test_one_exit_code_table(tmp_path):
     r = step("summary", "--out", tmp_path / "summary.json", store=store)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["outcome"] == "input_rejected" and summary["exit_code"] == r.returncode == 2
+
+
+def test_the_fan_out_runs_from_the_command_line(tmp_path, sms_rows, model_dir):
+    """The fan-out outside KFP (an Argo DAG, a shell loop): --plan prints the pieces, --piece runs one,
+    --pieces merges them; the dataset and the tokens equal one task's, made here through the same entry."""
+    from tests.conftest import write_csv
+
+    (tmp_path / "train").mkdir()
+    rows = [(t, l) for l, t in sms_rows[:900]]
+    for k in range(3):
+        write_csv(tmp_path / f"train/part-{k}.csv", rows[300 * k:300 * (k + 1)])
+    out = {}
+    for mode, mb, fanout_rows in (("one", 0, 0), ("fan", 0.01, 300)):
+        store, d = tmp_path / f"store-{mode}", tmp_path / mode
+        validate = ["--train", tmp_path / "train", "--fanout-mb", mb]
+        files = ["--out", d / "ds", "--report", d / "report.md", "--expectations", d / "exp.json"]
+        tokenize = ["--dataset", d / "ds", "--model", model_dir, "--max-length", 64, "--shard-rows", 100, "--fanout-rows", fanout_rows]
+        if mode == "one":
+            assert step("validate", *validate, *files, store=store).returncode == 0
+            assert step("tokenize", *tokenize, "--out", d / "tok", store=store).returncode == 0
+        else:
+            for name, args, merge in (("validate", validate, files), ("tokenize", tokenize, ["--out", d / "tok"])):
+                r = step(name, *args, "--plan", store=store)
+                assert r.returncode == 0, r.stderr
+                pieces = json.loads(r.stdout.strip().splitlines()[-1])
+                assert len(pieces) >= 3, pieces
+                for piece in pieces:
+                    r = step(name, *args, "--piece", piece, store=store)
+                    assert r.returncode == 0, r.stderr
+                r = step(name, *args, *merge, "--pieces", ",".join(pieces), store=store)
+                assert r.returncode == 0, r.stderr
+        out[mode] = [json.loads((d / f).read_text()) for f in ("ds/meta.json", "tok/meta.json")]
+    (ds_one, tok_one), (ds_fan, tok_fan) = out["one"], out["fan"]
+    assert {**ds_one, "config": None} == {**ds_fan, "config": None} and tok_one == tok_fan
+    r = step("validate", "--piece", "train-00000-00001", store=tmp_path / "store-none")  # no plan under that run: a clear error
+    assert r.returncode != 0 and "plan.json" in r.stderr
