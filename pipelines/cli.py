@@ -40,7 +40,7 @@ from kubetune.pipelines import cluster, parameters
 from kubetune.pipelines.config import ClusterConfig
 from kubetune.release import registry
 from kubetune.release.manifests import ServingConfig
-from kubetune.release.rollout import DeployConfig, GitAuth, release, roll_back
+from kubetune.release.rollout import DeployConfig, GitAuth, abort_canary, promote, release, roll_back
 from kubetune.steps.summary import build_summary
 from kubetune.steps.validate import resolve_inputs
 from kubetune.storage.records import RunRecord
@@ -79,6 +79,8 @@ def _registry_parsers(sub) -> None:
                                    "the InferenceService, wait for Ready, roll back on failure; gitops: commit it for Argo CD).")
     p.add_argument("name", help="registry name")
     p.add_argument("--version", default=registry.PRODUCTION, help="version or alias to deploy")
+    p.add_argument("--promote", action="store_true", help="the canary becomes production: all traffic to it, in the service's "
+                   "KServe mode (Standard: the stable predictor retargeted to the canary), then the production alias moves to it")
     add_store_arg(p)
     add_config_args(p, DeployConfig)
     add_config_args(p, ServingConfig)
@@ -87,6 +89,8 @@ def _registry_parsers(sub) -> None:
     p = sub.add_parser("rollback", help="move production back to the previous version (and roll it out to a target)", formatter_class=_Help)
     p.add_argument("name", help="registry name")
     p.add_argument("--to", default="", help="version to go back to (default: production's previous)")
+    p.add_argument("--canary", action="store_true", help="roll the canary back instead: production takes all traffic again "
+                   "(the canary entry or revision goes), the canary alias is removed, production does not move")
     add_store_arg(p)
     add_config_args(p, DeployConfig)
     add_config_args(p, ServingConfig)
@@ -294,10 +298,15 @@ def cmd_compile(a: argparse.Namespace) -> int:
 def cmd_deploy(a: argparse.Namespace) -> int:
     ref = registry.ModelRef(registry.check_name(a.name), a.version)  # before the store: a rejected name creates nothing
     store = open_store(a.store, S3Settings.from_env(), create=False)
-    name, version = registry.resolve(store, ref)
     run_id = f"cli-deploy-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-    result = release(store, name, version, config_from_args(ServingConfig, a), config_from_args(DeployConfig, a), run_id,
-                     GitAuth.from_env())
+    if a.promote:
+        if a.version != registry.PRODUCTION:
+            raise ConfigError(f"--promote rolls out the canary's version: drop --version {a.version}")
+        result = promote(store, ref.name, config_from_args(ServingConfig, a), config_from_args(DeployConfig, a), run_id, GitAuth.from_env())
+    else:
+        name, version = registry.resolve(store, ref)
+        result = release(store, name, version, config_from_args(ServingConfig, a), config_from_args(DeployConfig, a), run_id,
+                         GitAuth.from_env())
     print(json.dumps({k: v for k, v in result.items() if k != "manifest"}, indent=2))
     return 0
 
@@ -308,6 +317,12 @@ def cmd_rollback(a: argparse.Namespace) -> int:
         registry.check_version(a.to, "--to")
     store = open_store(a.store, S3Settings.from_env(), create=False)
     run_id = f"cli-rollback-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    if a.canary:
+        if a.to:
+            raise ConfigError("--canary gives the traffic back to production: drop --to")
+        result = abort_canary(store, name, config_from_args(ServingConfig, a), config_from_args(DeployConfig, a), run_id, GitAuth.from_env())
+        print(f"{a.name}/canary {result['alias']['canary_removed']} rolled back; {registry.PRODUCTION} {result['version']} takes all traffic")
+        return 0
     result = roll_back(store, name, config_from_args(ServingConfig, a), config_from_args(DeployConfig, a),
                        run_id, GitAuth.from_env(), to=a.to)
     alias = result["alias"]

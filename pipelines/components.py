@@ -159,7 +159,7 @@ def export(store: str, run_id: str, job_id: str, onnx_variants: str, require_var
 
 
 def deploy(store: str, run_id: str, job_id: str, model_name: str, namespace: str, serving_image: str, deploy_target: str,
-           canary_traffic_percent: int, gitops_repo: str, gitops_branch: str, gitops_path: str,
+           canary_traffic_percent: int, kserve_mode: str, gitops_repo: str, gitops_branch: str, gitops_path: str,
            onnx_model: Input[Model], evaluation: Input[Artifact], manifest: Output[Artifact], training_report: Output[HTML]) -> str:
     from pathlib import Path
 

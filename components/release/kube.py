@@ -92,6 +92,20 @@ class Kube:
         except (OSError, urllib3.exceptions.HTTPError) as e:
             raise _unreachable(e, f"get {kind.describe(namespace, name)}") from None
 
+    def config_map(self, namespace: str, name: str) -> dict | None:
+        """A ConfigMap's data, or None when it does not exist or this ServiceAccount may not read it."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return client.CoreV1Api(self.api_client).read_namespaced_config_map(name, namespace).data or {}
+        except ApiException as e:
+            if e.status in (403, 404):
+                return None
+            raise KubeError(f"get ConfigMap {namespace}/{name}: {_message(e)} (HTTP {e.status})") from None
+        except (OSError, urllib3.exceptions.HTTPError) as e:
+            raise _unreachable(e, f"get ConfigMap {namespace}/{name}") from None
+
     def apply(self, obj: dict, *, kind: Kind | None = None, force: bool = True) -> dict:
         """Server-side apply of a full manifest: PATCH with application/apply-patch+yaml (JSON is
         YAML; the client JSON-encodes it). Through ApiClient.call_api: CustomObjectsApi only sends merge patches."""
@@ -102,7 +116,8 @@ class Kube:
         try:
             return self.api_client.call_api(
                 f"/apis/{kind.group}/{kind.version}/namespaces/{ns}/{kind.plural}/{name}", "PATCH",
-                query_params=[("fieldManager", FIELD_MANAGER), ("force", "true" if force else "false")],
+                # Strict: a field the cluster's CRD does not know is an error, not silently pruned (e.g. spec.canary before KServe 0.20)
+                query_params=[("fieldManager", FIELD_MANAGER), ("force", "true" if force else "false"), ("fieldValidation", "Strict")],
                 header_params={"Accept": "application/json", "Content-Type": "application/apply-patch+yaml"},
                 body=obj, response_type="object", auth_settings=["BearerToken"],
                 _return_http_data_only=True, _preload_content=True)

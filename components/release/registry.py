@@ -139,6 +139,16 @@ def set_alias(store: Store, name: str, alias: str, version: str, run_id: str, ex
     return update_alias(store, name, alias, change)
 
 
+def clear_alias(store: Store, name: str, alias: str) -> dict | None:
+    """Remove `alias` (a canary promoted or rolled back); returns what it pointed at, None if unset."""
+    if alias in (PRODUCTION, PREVIOUS):
+        raise InputError(f"{name}/{alias} cannot be removed, only moved (kubetune deploy, kubetune rollback)")
+    current = read_alias(store, name, alias)
+    if current is not None:
+        store.delete_prefix(alias_key(name, alias))
+    return current
+
+
 def rollback(store: Store, name: str, run_id: str = "rollback", to: str = "") -> dict:
     """Move production back: to `to`, or to its `previous` version. The version rolled back from
     leaves the history, so a second rollback goes one further back."""

@@ -4,8 +4,14 @@
 
   registry  move the `production` alias (nothing else; serving follows the alias or GitOps)
   kserve    server-side apply the InferenceService through the Kubernetes API, optionally as a
-            canary (canaryTrafficPercent), wait for Ready; on failure or timeout re-apply the
-            spec that was live before, and leave the alias where it was
+            canary, wait for Ready; on failure or timeout re-apply the spec that was live before,
+            and leave the alias where it was. A canary takes the form of the service's KServe
+            deployment mode: canaryTrafficPercent in Serverless (Knative) mode; a spec.canary entry
+            beside the live predictor in Standard (RawDeployment) mode, KServe 0.20+, where
+            canaryTrafficPercent is ignored (the new version would take all traffic). The mode is the
+            service's serving.kserve.io/deploymentMode annotation (or status), else the default in
+            KServe's inferenceservice-config ConfigMap, else --kserve-mode; when none says, or the
+            mode cannot split traffic, the canary is refused before anything is applied
   gitops    commit the rendered InferenceService (pinned to the version's URI) to a Git repository
             path/branch that an Argo CD Application watches (k8s/argocd), and push
 
@@ -40,6 +46,12 @@ from kubetune.release.manifests import ServingConfig, inference_service, to_yaml
 from kubetune.storage.store import Store
 
 TARGETS = ("registry", "kserve", "gitops")
+KSERVE_MODES = ("Serverless", "Standard")  # the modes a canary can split traffic in
+MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
+_MODE_NAMES = {"serverless": "Serverless", "rawdeployment": "Standard", "standard": "Standard", "modelmesh": "ModelMesh"}
+ISVC_CONFIG = "inferenceservice-config"  # KServe's controller settings; its "deploy" key holds defaultDeploymentMode
+# a Standard-mode canary's replicas follow its traffic share: KServe's webhook refuses autoscaling fields on it
+_AUTOSCALING = ("minReplicas", "maxReplicas", "scaleMetric", "scaleMetricType", "scaleTarget", "autoScaling")
 STEP = "deploy"
 MANIFEST_FILE = "inferenceservice.yaml"  # the rendered InferenceService, in each registry version
 
@@ -53,6 +65,11 @@ class DeployConfig:
     target: str = param("registry", "registry (move the production alias), kserve (apply, wait for Ready, else roll back) or "
                         "gitops (commit for Argo CD).", name="deploy_target", choices=TARGETS)
     canary_traffic_percent: int = param(0, "kserve only: share of traffic (1-99) for the new model as a canary; 0 = all traffic.")
+    kserve_mode: str = param("", "kserve only: the KServe deployment mode when the cluster does not say (the InferenceService's "
+                             "serving.kserve.io/deploymentMode annotation, else KServe's inferenceservice-config default): Serverless "
+                             "(a canary is canaryTrafficPercent) or Standard (RawDeployment; a canary is spec.canary, KServe 0.20+); "
+                             "empty: the cluster must say.", choices=("", *KSERVE_MODES))
+    kserve_namespace: str = opt("kserve", "kserve only: the namespace of KServe's controller and its inferenceservice-config ConfigMap.")
     timeout_seconds: int = opt(600, "kserve only: seconds to wait for the InferenceService to be Ready before rolling back.")
     poll_seconds: float = opt(5.0, "kserve only: seconds between readiness checks.")
     kubeconfig: str = opt("", "kserve only, outside a cluster: kubeconfig file; empty: in-cluster config in a pod, else "
@@ -71,6 +88,10 @@ class DeployConfig:
             problems.append(f"canary_traffic_percent={self.canary_traffic_percent}: use 0 (no canary) to 99")
         if self.canary_traffic_percent and self.target != "kserve":
             problems.append(f"canary_traffic_percent={self.canary_traffic_percent} needs deploy target kserve (got {self.target})")
+        if self.kserve_mode not in ("", *KSERVE_MODES):
+            problems.append(f"kserve_mode={self.kserve_mode!r}: use {' or '.join(KSERVE_MODES)} (or leave it empty: the cluster says)")
+        if self.kserve_mode and self.target != "kserve":
+            problems.append(f"kserve_mode={self.kserve_mode} needs deploy target kserve (got {self.target})")
         if self.target == "kserve" and self.timeout_seconds <= 0:
             problems.append(f"timeout_seconds={self.timeout_seconds}: must be positive")
         if self.target == "gitops" and not self.gitops_repo:
@@ -124,15 +145,85 @@ def refuse_symlinks(root: Path, rel: str) -> None:
 # kserve
 
 
-def isvc_verdict(obj: dict, generation: int | None) -> bool | None:
-    """True when the InferenceService is Ready for our generation; None when KServe reports a
-    failure that waiting will not fix (the model failed to load, the spec is invalid)."""
-    if kube.is_ready(obj, generation):
-        return True
-    transition = ((obj.get("status") or {}).get("modelStatus") or {}).get("transitionStatus")
-    if transition in ("BlockedByFailedLoad", "InvalidSpec"):
-        return None
-    return False
+def isvc_verdict(obj: dict, generation: int | None, canary: str = "") -> bool | None:
+    """True when the InferenceService is Ready for our generation (and, for a Standard-mode
+    `canary`, CanaryReady); None when KServe reports a failure that waiting will not fix (the model
+    failed to load, the spec is invalid)."""
+    status = obj.get("status") or {}
+    mine = [c for c in status.get("canaryStatuses") or [] if c.get("name") == canary] if canary else []
+    for s in [status, *mine]:
+        if ((s.get("modelStatus") or {}).get("transitionStatus")) in ("BlockedByFailedLoad", "InvalidSpec"):
+            return None
+    if canary and kube.conditions(obj).get("CanaryReady", {}).get("status") != "True":
+        return False
+    return kube.is_ready(obj, generation)
+
+
+def deployment_mode(client: kube.Kube, live: dict, cfg: DeployConfig) -> tuple[str, str]:
+    """(mode, what said so) of a live InferenceService: its annotation or status, else KServe's
+    default (the inferenceservice-config ConfigMap, if this ServiceAccount may read it), else
+    --kserve-mode; ("", ...) when nothing says."""
+    import json
+
+    said = ((live.get("metadata") or {}).get("annotations") or {}).get(MODE_ANNOTATION) or (live.get("status") or {}).get("deploymentMode")
+    if said:
+        return _MODE_NAMES.get(said.lower(), said), f"the InferenceService's {MODE_ANNOTATION}"
+    data = client.config_map(cfg.kserve_namespace, ISVC_CONFIG) or {}
+    try:
+        default = json.loads(data.get("deploy") or "{}").get("defaultDeploymentMode")
+    except ValueError:
+        default = None
+    if default:
+        return _MODE_NAMES.get(default.lower(), default), f"ConfigMap {cfg.kserve_namespace}/{ISVC_CONFIG}"
+    return cfg.kserve_mode, "--kserve-mode"
+
+
+def canary_name(version: str) -> str:
+    """The Standard-mode canary predictor's name (KServe names its Deployment <service>-<name>-predictor)."""
+    name = re.sub(r"[^a-z0-9-]+", "-", version.lower()).strip("-")[:30].rstrip("-")
+    return name if name[:1].isalpha() else f"v{name}"[:30]
+
+
+def keep_predictor_name(manifest: dict, live: dict) -> dict:
+    """A full rollout of the version the live service already runs under a predictor name (a
+    Standard-mode canary being promoted, or a promoted one): keep that name, so KServe retargets the
+    stable predictor to the running Deployment instead of starting another one."""
+    version = manifest["metadata"]["annotations"]["kubetune.io/model-version"]
+    annotations = (live.get("metadata") or {}).get("annotations") or {}
+    spec = live.get("spec") or {}
+    if annotations.get("kubetune.io/canary-version") == version:
+        name = next((c["predictor"]["name"] for c in spec.get("canary") or [] if c.get("predictor", {}).get("name")), "")
+    elif annotations.get("kubetune.io/model-version") == version:
+        name = (spec.get("predictor") or {}).get("name", "")
+    else:
+        name = ""
+    if not name:
+        return manifest
+    return {**manifest, "spec": {**manifest["spec"], "predictor": {"name": name, **manifest["spec"]["predictor"]}}}
+
+
+def canary_manifest(manifest: dict, live: dict, cfg: DeployConfig, mode: str, said_by: str, what: str) -> tuple[dict, str]:
+    """The manifest that sends cfg.canary_traffic_percent of the traffic to the new version in
+    `mode`, and the canary's name (Standard mode). Refuses a mode that cannot split traffic."""
+    percent = cfg.canary_traffic_percent
+    if mode == "Serverless":
+        return {**manifest, "spec": {**manifest["spec"], "predictor": {**manifest["spec"]["predictor"], "canaryTrafficPercent": percent}}}, ""
+    if mode == "Standard":
+        # the live predictor stays as it is (it keeps the rest of the traffic); the new version is the canary entry
+        stable = kube.strip_server_fields(live)
+        version = manifest["metadata"]["annotations"]["kubetune.io/model-version"]
+        name = canary_name(version)
+        predictor = {k: v for k, v in manifest["spec"]["predictor"].items() if k not in _AUTOSCALING}
+        annotations = {**(stable["metadata"].get("annotations") or {}), "kubetune.io/canary-version": version}
+        return {**stable, "metadata": {**stable["metadata"], "annotations": annotations},
+                "spec": {**stable["spec"], "canary": [{"trafficPercent": percent, "predictor": {**predictor, "name": name}}]}}, name
+    if not mode:
+        raise ConfigError(f"cannot tell the KServe deployment mode of {what}: it has no {MODE_ANNOTATION} annotation and the "
+                          f"ConfigMap {cfg.kserve_namespace}/{ISVC_CONFIG} could not be read; a canary needs it (Serverless and "
+                          "Standard split traffic differently, and a wrong guess sends all traffic to the new version): set "
+                          "--kserve-mode Serverless or Standard")
+    raise ConfigError(f"{what} runs in KServe's {mode} mode (from {said_by}), which cannot split traffic: deploy without "
+                      "--canary-traffic-percent, or serve it in Serverless or Standard mode")
 
 
 def rollout_kserve(manifest: dict, cfg: DeployConfig, commit: Callable[[], object] = lambda: None,
@@ -142,17 +233,29 @@ def rollout_kserve(manifest: dict, cfg: DeployConfig, commit: Callable[[], objec
     client = client or kube.connect(cfg.kubeconfig, cfg.context)
     ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
     what = kube.INFERENCE_SERVICE.describe(ns, name)
-    manifest = {**manifest, "spec": {**manifest["spec"], "predictor": dict(manifest["spec"]["predictor"])}}
-    if cfg.canary_traffic_percent:
-        manifest["spec"]["predictor"]["canaryTrafficPercent"] = cfg.canary_traffic_percent
     before = client.get(kube.INFERENCE_SERVICE, ns, name)
-    if cfg.canary_traffic_percent and before is None:
-        raise ConfigError(f"{what} does not exist yet: a canary needs a live revision to split traffic with; deploy without a canary first")
-    applied = client.apply(manifest)
+    mode, canary = "", ""
+    if before is not None and not cfg.canary_traffic_percent:
+        manifest = keep_predictor_name(manifest, before)
+    if cfg.canary_traffic_percent:
+        if before is None:
+            raise ConfigError(f"{what} does not exist yet: a canary needs a live revision to split traffic with; deploy without a canary first")
+        mode, said_by = deployment_mode(client, before, cfg)
+        manifest, canary = canary_manifest(manifest, before, cfg, mode, said_by, what)  # refused here: nothing applied yet
+        log(STEP, f"{what}: KServe {mode} mode (from {said_by}): the canary is "
+            + ("canaryTrafficPercent" if mode == "Serverless" else f"spec.canary entry {canary!r}"))
+    try:
+        applied = client.apply(manifest)
+    except kube.KubeError as e:
+        # strict field validation: this cluster's InferenceService CRD has no spec.canary
+        if canary and re.search(r"canary\S*:? field not declared|unknown field \S*canary", str(e)):
+            raise ConfigError(f"{e}: KServe before 0.20 has no Standard-mode canary (spec.canary), and canaryTrafficPercent is "
+                              "ignored in Standard mode; upgrade KServe to 0.20+, or deploy without --canary-traffic-percent") from None
+        raise
     log(STEP, f"applied {what} (generation {applied['metadata'].get('generation')})"
         + (f", canary {cfg.canary_traffic_percent}%" if cfg.canary_traffic_percent else ""))
     try:
-        live = client.wait(kube.INFERENCE_SERVICE, ns, name, lambda o: isvc_verdict(o, applied["metadata"].get("generation")),
+        live = client.wait(kube.INFERENCE_SERVICE, ns, name, lambda o: isvc_verdict(o, applied["metadata"].get("generation"), canary),
                            timeout=cfg.timeout_seconds, interval=cfg.poll_seconds)
         url = (live.get("status") or {}).get("url")
         log(STEP, f"{what} is Ready" + (f" at {url}" if url else ""))
@@ -160,6 +263,7 @@ def rollout_kserve(manifest: dict, cfg: DeployConfig, commit: Callable[[], objec
     except KubetuneError as e:
         raise RolloutFailed(f"{e}; {restore_kserve(client, before, what)}") from None
     return {"target": "kserve", "namespace": ns, "name": name, "url": url, "canary_traffic_percent": cfg.canary_traffic_percent,
+            "mode": mode or None, "canary": canary or None,
             "generation": applied["metadata"].get("generation"), "replaced_existing": before is not None}
 
 
@@ -334,6 +438,44 @@ def release(store: Store, name: str, version: str, serving: ServingConfig, targe
         move_alias()
     return {"model_name": name, "version": version, "model_uri": storage_uri, "manifest_uri": store.url(f"{prefix}/{MANIFEST_FILE}"),
             "alias": moved, "rollout": rollout, "manifest": manifest}
+
+
+def promote(store: Store, name: str, serving: ServingConfig, target: DeployConfig, run_id: str, auth: GitAuth | None = None) -> dict:
+    """The canary becomes production: rolled out to all traffic (Serverless: the spec without
+    canaryTrafficPercent; Standard: the stable predictor retargeted to the canary's Deployment, the
+    canary entry gone), then `production` moves to it and the `canary` alias goes."""
+    canary = registry.read_alias(store, name, "canary")
+    if canary is None:
+        raise InputError(f"{name} has no canary in {store.uri} to promote (deploy one with --canary-traffic-percent)")
+    if target.canary_traffic_percent:
+        raise ConfigError("--promote sends all traffic to the canary: drop --canary-traffic-percent")
+    version = canary["version"]
+
+    def move() -> dict:
+        moved = registry.set_alias(store, name, registry.PRODUCTION, version, run_id, {"target": target.target, "promoted_from": "canary"})
+        registry.clear_alias(store, name, "canary")
+        return moved
+
+    return release(store, name, version, serving, target, run_id, auth, move=move)
+
+
+def abort_canary(store: Store, name: str, serving: ServingConfig, target: DeployConfig, run_id: str,
+                 auth: GitAuth | None = None) -> dict:
+    """Roll a canary back: production's version takes all traffic again (the canary entry or the
+    canary revision's share goes), and the `canary` alias goes; production does not move."""
+    canary, production = registry.read_alias(store, name, "canary"), registry.read_alias(store, name)
+    if canary is None or production is None:
+        raise InputError(f"{name} has no canary in {store.uri} to roll back" if canary is None else
+                         f"{name} has a canary but no {registry.PRODUCTION} version to give its traffic back to")
+    if target.canary_traffic_percent:
+        raise ConfigError("rolling a canary back sends all traffic to production: drop --canary-traffic-percent")
+
+    def move() -> dict:
+        registry.clear_alias(store, name, "canary")
+        log(STEP, f"{name}/canary {canary['version']} removed")
+        return {**production, "previous": production.get("previous"), "canary_removed": canary["version"]}
+
+    return release(store, name, production["version"], serving, target, run_id, auth, move=move)
 
 
 def roll_back(store: Store, name: str, serving: ServingConfig, target: DeployConfig, run_id: str,

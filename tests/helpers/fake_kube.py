@@ -22,6 +22,7 @@ from tests.helpers import schemas
 TOKEN = "fake-token"
 # any namespaced custom object (InferenceServices, and PyTorchJobs/TrainJobs for the fine-tune launcher)
 PATH = re.compile(r"^/apis/[^/]+/[^/]+/namespaces/([^/]+)/[^/]+/([^/]+)$")
+CONFIG_MAP = re.compile(r"^/api/v1/namespaces/([^/]+)/configmaps/([^/]+)$")
 
 
 def status(code: int, reason: str, message: str) -> dict:
@@ -40,6 +41,40 @@ def failed_load(obj: dict) -> dict:
             "modelStatus": {"transitionStatus": "BlockedByFailedLoad"}}
 
 
+def version_of(predictor: dict) -> str:
+    """The registry version a predictor serves (the tail of its STORAGE_URI)."""
+    env = {e["name"]: e["value"] for c in predictor.get("containers", []) for e in c.get("env", [])}
+    return env["STORAGE_URI"].rstrip("/").rsplit("/", 1)[-1]
+
+
+def standard_ready(obj: dict) -> dict:
+    """KServe's Standard (RawDeployment) mode: Ready, and each spec.canary entry deployed and Ready
+    (CanaryReady); canaryTrafficPercent means nothing here (the real controller ignores it)."""
+    canaries = obj["spec"].get("canary") or []
+    status = {**ready(obj), "deploymentMode": "RawDeployment",
+              "canaryStatuses": [{"name": c["predictor"]["name"], "ready": True, "trafficPercent": c["trafficPercent"]} for c in canaries]}
+    if canaries:
+        status["conditions"] = status["conditions"] + [{"type": "CanaryReady", "status": "True"}]
+    return status
+
+
+def traffic(obj: dict, previous: str | None) -> dict[str, int]:
+    """Which version gets what share of the requests, as the mode's controller routes them.
+    Serverless (Knative): canaryTrafficPercent to the latest revision, the rest to the previous
+    one. Standard: spec.canary entries get their trafficPercent, the predictor the rest; a
+    canaryTrafficPercent is ignored, so the applied predictor takes everything."""
+    predictor, share = obj["spec"]["predictor"], {}
+    if (obj.get("status") or {}).get("deploymentMode") == "RawDeployment":
+        for c in obj["spec"].get("canary") or []:
+            share[version_of(c["predictor"])] = c["trafficPercent"]
+        share[version_of(predictor)] = 100 - sum(share.values())
+    elif predictor.get("canaryTrafficPercent") and previous:
+        share = {version_of(predictor): predictor["canaryTrafficPercent"], previous: 100 - predictor["canaryTrafficPercent"]}
+    else:
+        share = {version_of(predictor): 100}
+    return share
+
+
 def in_progress(obj: dict) -> dict:
     return {"observedGeneration": obj["metadata"]["generation"],
             "conditions": [{"type": "Ready", "status": "False", "reason": "PredictorNotReady"}]}
@@ -50,6 +85,10 @@ class FakeKube:
         self.objects: dict[tuple[str, str], dict] = {}
         self.requests: list[dict] = []
         self.controller: Callable[[dict], dict] = ready  # status for the current generation
+        self.config_maps: dict[tuple[str, str], dict] = {}  # (namespace, name) -> data
+        self.forbidden_config_maps = False  # a ServiceAccount without RBAC to read them
+        self.unknown_fields: tuple[str, ...] = ()  # spec fields an older CRD does not have (e.g. "canary" before KServe 0.20)
+        self.previous: dict[tuple[str, str], str] = {}  # the version served before the current spec (Serverless traffic)
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -62,6 +101,10 @@ class FakeKube:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def traffic(self, ns: str, name: str) -> dict[str, int]:
+        obj = self.objects[(ns, name)]
+        return traffic({**obj, "status": self.controller(obj)}, self.previous.get((ns, name)))
 
     def kubeconfig(self, path: Path) -> Path:
         path.write_text(yaml.safe_dump({
@@ -101,6 +144,10 @@ class FakeKube:
                 return m.group(1), m.group(2), parse_qs(url.query)
 
             def do_GET(self) -> None:
+                cm = CONFIG_MAP.match(urlsplit(self.path).path)
+                if cm:
+                    self._config_map(*cm.groups())
+                    return
                 route = self._route()
                 if route is None:
                     return
@@ -112,6 +159,18 @@ class FakeKube:
                         return
                     obj["status"] = fake.controller(obj)
                     self._send(200, obj)
+
+            def _config_map(self, ns: str, name: str) -> None:
+                fake.requests.append({"method": "GET", "path": self.path, "query": {}, "content_type": None})
+                if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+                    self._send(401, status(401, "Unauthorized", "Unauthorized"))
+                elif fake.forbidden_config_maps:
+                    self._send(403, status(403, "Forbidden", f'configmaps "{name}" is forbidden: User cannot get resource "configmaps"'))
+                elif (ns, name) not in fake.config_maps:
+                    self._send(404, status(404, "NotFound", f'configmaps "{name}" not found'))
+                else:
+                    self._send(200, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": ns},
+                                     "data": fake.config_maps[(ns, name)]})
 
             def do_PATCH(self) -> None:
                 route = self._route()
@@ -125,6 +184,12 @@ class FakeKube:
                 if body["metadata"].get("name") != name or body["metadata"].get("namespace") != ns:
                     self._send(400, status(400, "BadRequest", "name/namespace in the body do not match the URL"))
                     return
+                for field in fake.unknown_fields:  # an older CRD: rejected under strict validation, else dropped without a word
+                    if field in body.get("spec", {}):
+                        if query.get("fieldValidation") == ["Strict"]:
+                            self._send(422, status(422, "Invalid", f".spec.{field}: field not declared in schema"))
+                            return
+                        del body["spec"][field]
                 try:  # like an API server with strict field validation, against the published CRD
                     schemas.validate(body)
                 except schemas.SchemaError as e:
@@ -138,6 +203,8 @@ class FakeKube:
                     obj["metadata"].update(generation=generation, uid=(old or {}).get("metadata", {}).get("uid", f"uid-{name}"),
                                            resourceVersion=str(len(fake.requests)), managedFields=[{"manager": "kubetune"}])
                     obj["status"] = (old or {}).get("status", {})
+                    if old is not None and old["spec"] != body["spec"] and old["spec"].get("predictor", {}).get("containers"):
+                        fake.previous[(ns, name)] = version_of(old["spec"]["predictor"])
                     fake.objects[(ns, name)] = obj
                     self._send(201 if old is None else 200, obj)
 

@@ -41,9 +41,9 @@ def kustomize(tree: str) -> list[dict]:
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
 
-def isvc(**cfg) -> dict:
-    return inference_service("sms-spam", "v20261123-060109-fba4c2", "s3://bucket/kubetune/models/sms-spam/v20261123-060109-fba4c2",
-                             "20261123-060109-fba4c2", ServingConfig(**cfg))
+def isvc(version: str = "v20261123-060109-fba4c2", **cfg) -> dict:
+    return inference_service("sms-spam", version, f"s3://bucket/kubetune/models/sms-spam/{version}", "20261123-060109-fba4c2",
+                             ServingConfig(**cfg))
 
 
 def jobs() -> dict[str, dict]:
@@ -65,7 +65,11 @@ class RecordingKube:
         self.applied: list[dict] = []
 
     def get(self, kind, ns, name):
-        return copy.deepcopy(self.applied[-1]) if self.applied else {"metadata": {"generation": 1}}
+        live = copy.deepcopy(self.applied[-1]) if self.applied else isvc()  # a live service to canary against
+        return {**live, "metadata": {**live["metadata"], "generation": len(self.applied) + 1}}
+
+    def config_map(self, ns, name):
+        return None  # KServe's default unknown: the mode comes from kserve_mode
 
     def apply(self, obj):
         self.applied.append(copy.deepcopy(obj))
@@ -75,18 +79,24 @@ class RecordingKube:
         return {"status": {"url": "http://x"}}
 
 
-def applied_canary() -> dict:
+def applied_canary(mode: str) -> dict:
+    """The canary rollout_kserve applies in `mode` (Standard: a spec.canary entry, KServe 0.20+)."""
     kube = RecordingKube()
-    rollout_kserve(isvc(), DeployConfig(target="kserve", canary_traffic_percent=10), client=kube)
+    rollout_kserve(isvc(version="v20261207-000000-new"), DeployConfig(target="kserve", canary_traffic_percent=10, kserve_mode=mode),
+                   client=kube)
     (obj,) = kube.applied
-    assert obj["spec"]["predictor"]["canaryTrafficPercent"] == 10
+    if mode == "Serverless":
+        assert obj["spec"]["predictor"]["canaryTrafficPercent"] == 10
+    else:
+        assert obj["spec"]["canary"][0]["trafficPercent"] == 10 and "canaryTrafficPercent" not in obj["spec"]["predictor"]
     return obj
 
 
 def rendered_by_code() -> dict[str, dict]:
     return {"inferenceservice": isvc(), "inferenceservice-custom": isvc(image="r.example/kt@sha256:" + "a" * 64, cpu_limit="1500m",
                                                                        memory_request="768Mi", min_replicas=0),
-            "inferenceservice-canary": applied_canary(), **jobs()}
+            "inferenceservice-canary": applied_canary("Serverless"), "inferenceservice-canary-standard": applied_canary("Standard"),
+            **jobs()}
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -76,7 +76,7 @@ def test_kserve_apply_wait_then_alias(store, kube, tmp_path):
     assert "canaryTrafficPercent" not in obj["spec"]["predictor"]
     patches = [r for r in kube.requests if r["method"] == "PATCH"]
     assert len(patches) == 1 and patches[0]["content_type"] == "application/apply-patch+yaml"
-    assert patches[0]["query"] == {"fieldManager": ["kubetune"], "force": ["true"]}
+    assert patches[0]["query"] == {"fieldManager": ["kubetune"], "force": ["true"], "fieldValidation": ["Strict"]}
     alias = registry.read_alias(store, NAME)
     assert alias["version"] == v1 and alias["target"] == "kserve" and alias["data_fingerprint"] == "fp-r1-aaaa"
 
@@ -106,6 +106,7 @@ def test_kserve_timeout_counts_only_the_new_generation(store, kube, tmp_path):
 
 
 def test_kserve_first_deploy_failure_and_canary(store, kube, tmp_path):
+    kserve_default(kube, "Serverless")
     v1 = publish_version(store, "r1-aaaa", 0.95, tmp_path)
     v2 = publish_version(store, "r2-bbbb", 0.96, tmp_path)
     with pytest.raises(Exception, match="a canary needs a live revision"):
@@ -427,3 +428,143 @@ def test_rejected_names_and_a_file_as_store_create_nothing(tmp_path, capsys):
     assert "is a file, not a folder" in err and err.strip().count("\n") == 0
     assert main(["models", NAME, "--store", str(a_file / "sub")]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+# ---- a canary in each KServe deployment mode (issue 24) ----------------------------------------------
+
+
+def kserve_default(kube, mode: str) -> None:
+    """KServe's controller default, as its inferenceservice-config ConfigMap holds it."""
+    kube.config_maps[("kserve", "inferenceservice-config")] = {"deploy": json.dumps({"defaultDeploymentMode": mode})}
+
+
+@pytest.mark.parametrize("mode", ["Serverless", "RawDeployment"])
+def test_a_canary_splits_traffic_in_either_mode(store, kube, tmp_path, mode):
+    """10% means 10% in both modes: Knative's canaryTrafficPercent in Serverless mode, a spec.canary
+    entry beside the live predictor in Standard (RawDeployment) mode, whose controller ignores
+    canaryTrafficPercent (the code before this sent the new version all of the traffic there)."""
+    kserve_default(kube, mode)
+    if mode == "RawDeployment":
+        kube.controller = fake_kube.standard_ready
+    v1 = publish_version(store, "r1-aaaa", 0.95, tmp_path)
+    v2 = publish_version(store, "r2-bbbb", 0.96, tmp_path)
+    release(store, NAME, v1, ServingConfig(namespace="ml"), kserve(kube), "deploy-1")
+    assert kube.traffic("ml", NAME) == {v1: 100}
+    result = release(store, NAME, v2, ServingConfig(namespace="ml"), kserve(kube, canary_traffic_percent=10), "canary-2")
+    assert kube.traffic("ml", NAME) == {v1: 90, v2: 10}
+    assert result["rollout"]["mode"] == ("Serverless" if mode == "Serverless" else "Standard")
+    assert registry.read_alias(store, NAME, "canary")["version"] == v2 and registry.read_alias(store, NAME)["version"] == v1
+    spec = kube.objects[("ml", NAME)]["spec"]
+    if mode == "RawDeployment":  # the live predictor untouched; the canary without autoscaling fields (KServe's webhook refuses them)
+        (entry,) = spec["canary"]
+        assert "canaryTrafficPercent" not in spec["predictor"] and fake_kube.version_of(spec["predictor"]) == v1
+        assert entry["trafficPercent"] == 10 and entry["predictor"]["name"] == v2 and "minReplicas" not in entry["predictor"]
+    # a full deploy afterwards replaces the canary: all traffic to the new version, in either mode
+    release(store, NAME, v2, ServingConfig(namespace="ml"), kserve(kube), "deploy-2")
+    assert kube.traffic("ml", NAME) == {v2: 100} and "canary" not in kube.objects[("ml", NAME)]["spec"]
+
+
+def test_the_mode_comes_from_the_service_then_kserve_then_the_option(store, kube, tmp_path):
+    """Without anything saying the mode, a canary is refused before anything is applied (exit 2,
+    naming the fix); the service's own annotation wins over KServe's default, which wins over --kserve-mode."""
+    from kubetune.release.rollout import deployment_mode
+
+    v1 = publish_version(store, "r1-aaaa", 0.95, tmp_path)
+    v2 = publish_version(store, "r2-bbbb", 0.96, tmp_path)
+    release(store, NAME, v1, ServingConfig(namespace="ml"), kserve(kube), "deploy-1")
+    before = json.dumps(kube.objects[("ml", NAME)])
+    kube.forbidden_config_maps = True  # the deployer may not read KServe's ConfigMap
+    with pytest.raises(ConfigError, match="cannot tell the KServe deployment mode .* set --kserve-mode Serverless or Standard") as e:
+        release(store, NAME, v2, ServingConfig(namespace="ml"), kserve(kube, canary_traffic_percent=10), "canary-2")
+    assert e.value.exit_code == 2 and json.dumps(kube.objects[("ml", NAME)]) == before
+    assert registry.read_alias(store, NAME, "canary") is None
+
+    from kubetune.release import kube as kube_api
+
+    client = kube_api.connect(str(kube.config_path))
+    live = kube.objects[("ml", NAME)]
+    assert deployment_mode(client, live, kserve(kube, kserve_mode="Standard")) == ("Standard", "--kserve-mode")
+    kube.forbidden_config_maps = False
+    kserve_default(kube, "Serverless")
+    assert deployment_mode(client, live, kserve(kube, kserve_mode="Standard")) == ("Serverless", "ConfigMap kserve/inferenceservice-config")
+    annotated = {**live, "metadata": {**live["metadata"], "annotations": {"serving.kserve.io/deploymentMode": "RawDeployment"}}}
+    assert deployment_mode(client, annotated, kserve(kube))[0] == "Standard"
+    modelmesh = {**live, "metadata": {**live["metadata"], "annotations": {"serving.kserve.io/deploymentMode": "ModelMesh"}}}
+    kube.objects[("ml", NAME)] = modelmesh
+    with pytest.raises(ConfigError, match="ModelMesh mode .* cannot split traffic"):
+        release(store, NAME, v2, ServingConfig(namespace="ml"), kserve(kube, canary_traffic_percent=10), "canary-2")
+
+
+def test_a_standard_canary_on_kserve_before_0_20_is_refused(store, kube, tmp_path):
+    """KServe before 0.20 has no spec.canary: applied with strict field validation the API server
+    refuses it (without it, the field would be dropped silently and nothing split); exit 2, nothing changed."""
+    kserve_default(kube, "RawDeployment")
+    kube.controller = fake_kube.standard_ready
+    kube.unknown_fields = ("canary",)
+    v1 = publish_version(store, "r1-aaaa", 0.95, tmp_path)
+    v2 = publish_version(store, "r2-bbbb", 0.96, tmp_path)
+    release(store, NAME, v1, ServingConfig(namespace="ml"), kserve(kube), "deploy-1")
+    with pytest.raises(ConfigError, match=r"spec.canary: field not declared in schema.*KServe before 0\.20") as e:
+        release(store, NAME, v2, ServingConfig(namespace="ml"), kserve(kube, canary_traffic_percent=10), "canary-2")
+    assert e.value.exit_code == 2 and kube.traffic("ml", NAME) == {v1: 100} and "canary" not in kube.objects[("ml", NAME)]["spec"]
+
+
+def test_a_standard_canary_that_fails_to_load_is_removed(store, kube, tmp_path):
+    """The canary's own status says it failed to load: the live spec is applied again (the canary
+    entry goes), production and the canary alias stay where they were."""
+    kserve_default(kube, "RawDeployment")
+    v1 = publish_version(store, "r1-aaaa", 0.95, tmp_path)
+    v2 = publish_version(store, "r2-bbbb", 0.96, tmp_path)
+    kube.controller = fake_kube.standard_ready
+    release(store, NAME, v1, ServingConfig(namespace="ml"), kserve(kube), "deploy-1")
+
+    def canary_fails(obj):
+        s = fake_kube.standard_ready(obj)
+        for c in s["canaryStatuses"]:
+            c.update(ready=False, modelStatus={"transitionStatus": "BlockedByFailedLoad"})
+        s["conditions"] = [c for c in s["conditions"] if c["type"] != "CanaryReady"] + (
+            [{"type": "CanaryReady", "status": "False", "reason": "CanaryNotReady"}] if s["canaryStatuses"] else [])
+        return s
+
+    kube.controller = canary_fails
+    with pytest.raises(RolloutFailed, match="rolled back to the previous spec"):
+        release(store, NAME, v2, ServingConfig(namespace="ml"), kserve(kube, canary_traffic_percent=10), "canary-2")
+    assert "canary" not in kube.objects[("ml", NAME)]["spec"] and kube.traffic("ml", NAME) == {v1: 100}
+    assert registry.read_alias(store, NAME, "canary") is None and registry.read_alias(store, NAME)["version"] == v1
+
+
+@pytest.mark.parametrize("mode", ["Serverless", "RawDeployment"])
+def test_promote_and_roll_back_a_canary_in_either_mode(store, kube, tmp_path, mode, capsys):
+    """`kubetune deploy --promote`: the canary takes all traffic (Standard: the stable predictor is
+    retargeted to the canary's name, the entry goes), production moves to it, the canary alias
+    goes. `kubetune rollback --canary`: production takes all traffic back, production stays."""
+    kserve_default(kube, mode)
+    if mode == "RawDeployment":
+        kube.controller = fake_kube.standard_ready
+    target = ["--target", "kserve", "--kubeconfig", str(kube.config_path), "--poll-seconds", "0.02", "--timeout-seconds", "5",
+              "--namespace", "ml", "--store", str(tmp_path / "store")]
+    v1 = publish_version(store, "r1-aaaa", 0.95, tmp_path)
+    v2 = publish_version(store, "r2-bbbb", 0.96, tmp_path)
+    v3 = publish_version(store, "r3-cccc", 0.97, tmp_path)
+    assert main(["deploy", NAME, "--version", v1, *target]) == 0
+    assert main(["deploy", NAME, "--version", v2, "--canary-traffic-percent", "20", *target]) == 0
+    assert kube.traffic("ml", NAME) == {v1: 80, v2: 20}
+    assert main(["deploy", NAME, "--promote", *target]) == 0
+    assert kube.traffic("ml", NAME) == {v2: 100} and registry.read_alias(store, NAME)["version"] == v2
+    assert registry.read_alias(store, NAME, "canary") is None and registry.read_alias(store, NAME)["previous"] == v1
+    spec = kube.objects[("ml", NAME)]["spec"]
+    assert "canary" not in spec and "canaryTrafficPercent" not in spec["predictor"]
+    if mode == "RawDeployment":  # retargeted: the canary's Deployment is the stable one now, no restart
+        assert spec["predictor"]["name"] == v2
+    # another canary, rolled back: production (v2) takes all traffic again, still under its name
+    assert main(["deploy", NAME, "--version", v3, "--canary-traffic-percent", "10", *target]) == 0
+    assert kube.traffic("ml", NAME) == {v2: 90, v3: 10}
+    capsys.readouterr()
+    assert main(["rollback", NAME, "--canary", *target]) == 0
+    assert f"{NAME}/canary {v3} rolled back; production {v2} takes all traffic" in capsys.readouterr().out
+    assert kube.traffic("ml", NAME) == {v2: 100} and "canary" not in kube.objects[("ml", NAME)]["spec"]
+    assert registry.read_alias(store, NAME)["version"] == v2 and registry.read_alias(store, NAME, "canary") is None
+    if mode == "RawDeployment":
+        assert kube.objects[("ml", NAME)]["spec"]["predictor"]["name"] == v2
+    assert main(["deploy", NAME, "--promote", *target]) == 2  # nothing left to promote
+    assert "has no canary" in capsys.readouterr().err
