@@ -55,9 +55,10 @@ class RunInputs:
                                       "(a local folder or s3://bucket/prefix).")
     run_id: str = param("", "Records go to <store>/runs/<run_id>; empty = the KFP run id (kubetune run: <UTC time>-<random>).")
     force: bool = param(False, "Train even when the data equals that of the current production model (else the run is skipped).")
-    finetune_backend: str = param("pod", "pod = fine-tune in one pod with 1 GPU; pytorchjob = a Kubeflow Training Operator "
-                                         "PyTorchJob, trainjob = a Kubeflow Trainer TrainJob, each with finetune_workers x "
-                                         "finetune_gpus_per_worker (DDP).", flag="-", choices=FINETUNE_BACKENDS)
+    finetune_backend: str = param("pod", "pod = fine-tune in one pod with 1 GPU; trainjob = a Kubeflow Trainer TrainJob (its "
+                                         "progress and rank 0's log shown in the step's log), pytorchjob = a Kubeflow Training "
+                                         "Operator PyTorchJob (legacy), each with finetune_workers x finetune_gpus_per_worker (DDP).",
+                                  flag="-", choices=FINETUNE_BACKENDS)
 
 
 # (config, `kubetune run --help` group): the order is the table's

@@ -106,6 +106,34 @@ class Kube:
         except (OSError, urllib3.exceptions.HTTPError) as e:
             raise _unreachable(e, f"get ConfigMap {namespace}/{name}") from None
 
+    def pods(self, namespace: str, selector: str) -> list[dict]:
+        """The pods matching a label selector, as plain dicts (oldest first)."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            items = client.CoreV1Api(self.api_client).list_namespaced_pod(namespace, label_selector=selector).items
+        except ApiException as e:
+            raise KubeError(f"list pods {namespace} -l {selector}: {_message(e)} (HTTP {e.status})") from None
+        except (OSError, urllib3.exceptions.HTTPError) as e:
+            raise _unreachable(e, f"list pods {namespace} -l {selector}") from None
+        pods = [self.api_client.sanitize_for_serialization(p) for p in items]
+        return sorted(pods, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
+
+    def pod_log(self, namespace: str, name: str, *, since_seconds: int | None = None, tail_lines: int | None = None) -> list[str]:
+        """A pod's log lines, each prefixed by its RFC 3339 timestamp (the API's timestamps=true)."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        kw = {k: v for k, v in (("since_seconds", since_seconds), ("tail_lines", tail_lines)) if v}
+        try:
+            text = client.CoreV1Api(self.api_client).read_namespaced_pod_log(name, namespace, timestamps=True, **kw)
+        except ApiException as e:
+            raise KubeError(f"logs of pod {namespace}/{name}: {_message(e)} (HTTP {e.status})") from None
+        except (OSError, urllib3.exceptions.HTTPError) as e:
+            raise _unreachable(e, f"logs of pod {namespace}/{name}") from None
+        return [line for line in (text or "").splitlines() if line.strip()]
+
     def apply(self, obj: dict, *, kind: Kind | None = None, force: bool = True) -> dict:
         """Server-side apply of a full manifest: PATCH with application/apply-patch+yaml (JSON is
         YAML; the client JSON-encodes it). Through ApiClient.call_api: CustomObjectsApi only sends merge patches."""

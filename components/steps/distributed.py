@@ -5,16 +5,21 @@
         --workers 2 --gpus-per-worker 4 --image ghcr.io/kubetune/kubetune:0.1.0-cuda --namespace team-ml
     python -m kubetune.steps.distributed ... --dry-run     # print the manifest instead of creating it
 
-Backends: `pytorchjob` (Kubeflow Training Operator v1, kubeflow.org/v1 PyTorchJob: one Master and
-N-1 Workers) and `trainjob` (Kubeflow Trainer v2, trainer.kubeflow.org/v1alpha1 TrainJob on the
-`torch-distributed` ClusterTrainingRuntime). Both operators set the PET_* variables torchrun reads
-(nodes, processes per node, node rank, master address), so every worker runs the same command:
+Backends: `trainjob` (the default: Kubeflow Trainer v2, trainer.kubeflow.org/v1alpha1 TrainJob on the
+`torch-distributed` ClusterTrainingRuntime) and `pytorchjob` (legacy: Kubeflow Training Operator v1,
+kubeflow.org/v1 PyTorchJob, one Master and N-1 Workers; the operator is documented as legacy now).
+Both operators set the PET_* variables torchrun reads (nodes, processes per node, node rank, master
+address), so every worker runs the same command:
 `torchrun -m kubetune.steps.finetune ...` (kubetune.training.parallel: DDP, nccl on GPUs).
 
 The worker pods cannot see KFP's artifact paths, so this launcher, running in the pipeline's pod,
 publishes the tokens to <store>/runs/<run_id>/finetune/tokens, starts the job (which reads them
 from there, checkpoints to the store and publishes the model to <store>/runs/<run_id>/finetune/model),
-waits for it to succeed or fail, and downloads the model into the step's output folder. A re-run of
+waits for it to succeed or fail, and downloads the model into the step's output folder. While it
+waits, the step's log shows rank 0's log lines as they come and the job's progress (TrainJob
+status.trainerStatus: percent, ETA, loss and eval metric, which the fine-tune reports through the
+Trainer's progress API, kubetune.training.trainer_status); when the job fails, the failing pod's
+reason and last lines. A re-run of
 the launcher with the same run id finds the job (or its published model) and does not start a
 second one; a restarted worker resumes from the store checkpoint.
 
@@ -32,7 +37,7 @@ from pathlib import Path
 
 from kubetune.core.config import add_config_args, config_from_args, opt, param
 from kubetune.core.context import run_main, step_context, step_parser
-from kubetune.core.progress import log
+from kubetune.core.progress import fmt_seconds, log
 from kubetune.errors import ConfigError, KubetuneError
 from kubetune.release.kube import Kind, Kube, KubeError, WaitTimeout, connect
 from kubetune.steps.finetune import STEP, FinetuneConfig
@@ -53,8 +58,8 @@ class JobFailed(KubetuneError):
 
 @dataclass(frozen=True)
 class JobConfig:
-    backend: str = opt("pytorchjob", "Job kind: pytorchjob (Kubeflow Training Operator PyTorchJob) or trainjob (Kubeflow "
-                                     "Trainer TrainJob).")
+    backend: str = opt("trainjob", "Job kind: trainjob (Kubeflow Trainer TrainJob) or pytorchjob (legacy: Kubeflow Training "
+                                   "Operator PyTorchJob).")
     workers: int = param(1, "Worker pods of the distributed job (pytorchjob/trainjob only).", name="finetune_workers", flag="-")
     # GPUs and torchrun processes per pod; 0 = CPU workers (1 process each)
     gpus_per_worker: int = param(1, "GPUs (one torchrun process each) per worker pod; 0 = CPU workers (pytorchjob/trainjob only).",
@@ -171,6 +176,95 @@ def job_state(obj: dict) -> tuple[str, str]:
     return "running", ""
 
 
+# rank 0's pod, and every pod, of a job (the operators' labels)
+RANK0 = {"pytorchjob": "training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=master",
+         "trainjob": "jobset.sigs.k8s.io/jobset-name={name},jobset.sigs.k8s.io/job-index=0,batch.kubernetes.io/job-completion-index=0"}
+PODS = {"pytorchjob": "training.kubeflow.org/job-name={name}", "trainjob": "jobset.sigs.k8s.io/jobset-name={name}"}
+LAST_LINES = 20  # of the failing pod's log, in the error
+
+
+class JobWatch:
+    """What the launcher shows while the job runs: rank 0's new log lines and the job's progress
+    status, at each poll. Reading pods needs get/list on pods and pods/log (k8s/training/rbac); without
+    it the launcher says so once and only waits."""
+
+    def __init__(self, kube: Kube, backend: str, namespace: str, name: str, poll_s: float):
+        self.kube, self.backend, self.namespace, self.name = kube, backend, namespace, name
+        self.window = int(max(poll_s, 1) * 2 + 10)  # seconds of log read each poll: overlaps the last read
+        self.seen: set[str] = set()  # the lines of the last window (timestamped), so none is shown twice
+        self.pod, self.progress, self.blind = "", None, False
+
+    def poll(self, obj: dict) -> None:
+        self._progress(obj)
+        if not self.blind:
+            try:
+                self._stream()
+            except KubeError as e:
+                self.blind = True
+                log(STEP, f"cannot read the workers' logs ({e}); waiting without them (RBAC: k8s/training/rbac)")
+
+    def _progress(self, obj: dict) -> None:
+        ts = (obj.get("status") or {}).get("trainerStatus") or {}
+        shown = (ts.get("progressPercentage"), tuple((m["name"], m["value"]) for m in ts.get("metrics") or []))
+        if not ts or shown == self.progress:
+            return
+        self.progress = shown
+        eta = ts.get("estimatedRemainingSeconds")
+        metrics = ", ".join(f"{m['name']} {m['value']}" for m in ts.get("metrics") or [])
+        log(STEP, f"job progress {ts.get('progressPercentage', '?')}%" + (f", ETA {fmt_seconds(eta)}" if eta is not None else "")
+            + (f", {metrics}" if metrics else ""))
+
+    def _stream(self) -> None:
+        pods = self.kube.pods(self.namespace, RANK0[self.backend].format(name=self.name))
+        if not pods:
+            return
+        pod = pods[0]["metadata"]["name"]
+        first = pod != self.pod
+        self.pod = pod
+        lines = self.kube.pod_log(self.namespace, pod, tail_lines=100) if first else self.kube.pod_log(self.namespace, pod,
+                                                                                                         since_seconds=self.window)
+        fresh = [line for line in lines if line not in self.seen]
+        self.seen = set(lines)
+        for line in fresh:
+            log(STEP, f"[{pod}] {line.split(' ', 1)[-1]}")  # without the API's timestamp: the line has its own context
+
+    def failure(self) -> str:
+        """The failing pod's reason and last lines, for the error ("" when none can be found)."""
+        try:
+            pods = self.kube.pods(self.namespace, PODS[self.backend].format(name=self.name))
+        except KubeError:
+            return ""
+        for pod in pods:
+            reason = pod_failure(pod)
+            if not reason:
+                continue
+            name = pod["metadata"]["name"]
+            try:
+                tail = [line.split(" ", 1)[-1] for line in self.kube.pod_log(self.namespace, name, tail_lines=LAST_LINES)]
+            except KubeError:
+                tail = []
+            return f"pod {name}: {reason}" + ("; its last lines:\n    " + "\n    ".join(tail) if tail else "")
+        return ""
+
+
+def pod_failure(pod: dict) -> str:
+    """Why a pod failed ("" if it did not): a container that ended with a non-zero code, or one that
+    cannot start (image pull, crash loop), or the pod's own failed phase."""
+    status = pod.get("status") or {}
+    for c in status.get("containerStatuses") or []:
+        state = c.get("state") or {}
+        last = (c.get("lastState") or {}).get("terminated")
+        ended = state.get("terminated") or last
+        if ended and ended.get("exitCode"):
+            return f"container {c['name']} {ended.get('reason') or 'Error'} (exit code {ended['exitCode']})"
+        waiting = (state.get("waiting") or {}).get("reason")
+        if waiting in ("CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError"):
+            return f"container {c['name']} {waiting}: {(state.get('waiting') or {}).get('message') or ''}".rstrip(": ")
+    if status.get("phase") == "Failed":
+        return f"{status.get('reason') or 'Failed'}: {status.get('message') or ''}".rstrip(": ")
+    return ""
+
+
 def current_namespace() -> str:
     path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
     return path.read_text().strip() if path.is_file() else "default"
@@ -193,8 +287,10 @@ def run_job(manifest: dict, backend: str, job: JobConfig, kube: Kube | None = No
                               "(kubectl apply -k k8s/training) for the pipeline's ServiceAccount") from None
         raise
     log(STEP, f"applied {kind.describe(namespace, name)}: {job.workers} worker(s) x {job.processes_per_worker} process(es)")
+    watch = JobWatch(kube, backend, namespace, name, job.poll_s)
 
     def done(obj: dict) -> bool | None:
+        watch.poll(obj)  # rank 0's new lines and the progress, at every poll
         state, _ = job_state(obj)
         return True if state == "succeeded" else None if state == "failed" else False
 
@@ -202,8 +298,9 @@ def run_job(manifest: dict, backend: str, job: JobConfig, kube: Kube | None = No
         kube.wait(kind, namespace, name, done, timeout=job.timeout_s, interval=job.poll_s)
     except WaitTimeout as e:
         message = job_state(e.last)[1] if e.last else ""
-        raise JobFailed(f"{e}{': ' + message if message else ''} (kubectl -n {namespace} logs -l "
-                        f"training.kubeflow.org/job-name={name})") from None
+        pod = watch.failure()
+        raise JobFailed(f"{e}{': ' + message if message else ''}" + (f"; {pod}" if pod else "")
+                        + f" (kubectl -n {namespace} logs -l {PODS[backend].format(name=name)})") from None
     log(STEP, f"{kind.describe(namespace, name)} succeeded")
 
 

@@ -64,6 +64,7 @@ from kubetune.training.modeling import (
     trainable_state,
 )
 from kubetune.training.parallel import World, barrier, gather, process_group, shard_batches
+from kubetune.training.trainer_status import TrainerStatus
 
 STEP = "finetune"
 PEFT_METHODS = ("none", "lora")
@@ -238,6 +239,8 @@ class FinetuneRun:
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
         self.state = TrainProgress()
         self.on_epoch = None  # (epoch, model) -> None after each epoch's eval
+        self.status: TrainerStatus | None = None  # where progress is reported (finetune(): a TrainJob's rank 0)
+        self.clock = (time.perf_counter(), 0)  # (when, steps done then): the ETA's rate counts this process's steps only
         self.best_state: dict | None = None
         self.loss_sum = torch.zeros((), device=device)
         config_hash = hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()[:16]
@@ -315,11 +318,22 @@ class FinetuneRun:
             st.step = step + 1
             # .item() waits for the GPU: only when a progress line is due
             progress.update(1, **({"loss": self.loss_sum.item() / st.micro} if progress.due() else {}))
+            if self.status is not None and self.status.due():
+                self.report_status(epoch, {"loss": self.loss_sum.item() / st.micro})
             if cfg.checkpoint_steps and self.scheduler.last_epoch % cfg.checkpoint_steps == 0 and st.step < self.steps_per_epoch:
                 st.train_seconds += self._elapsed(t0)
                 save(f"epoch {epoch} step {st.step}/{self.steps_per_epoch}")
                 t0 = time.perf_counter()
         st.train_seconds += self._elapsed(t0)
+
+    def report_status(self, epoch: int, metrics: dict, force: bool = False) -> None:
+        """Progress, ETA and `metrics` to the TrainJob's status (kubetune.training.trainer_status)."""
+        total = self.epochs * self.steps_per_epoch
+        done = min((epoch - 1) * self.steps_per_epoch + self.state.step, total)
+        since, start = self.clock
+        rate = (done - start) / max(time.perf_counter() - since, 1e-9)
+        self.status.report(100 * done / max(total, 1), (total - done) / rate if rate > 0 else None, {"epoch": epoch, **metrics},
+                           force=force)
 
     def _elapsed(self, t0: float) -> float:
         import torch
@@ -341,6 +355,8 @@ class FinetuneRun:
         log(STEP, f"epoch {epoch}: train loss {st.history[-1]['train_loss']:.4f}, " + ", ".join(f"eval {k} {scores[k]:.4f}" for k in shown))
         if self.on_epoch is not None:
             self.on_epoch(epoch, self.core)
+        if self.status is not None:  # every epoch's end, whatever the throttle: its eval score is what a watcher waits for
+            self.report_status(epoch, {"train_loss": st.history[-1]["train_loss"], f"eval_{self.selection}": value}, force=True)
         if st.best is None or value > st.best:
             # keep the best weights on the host: nothing is written twice
             st.best, st.best_epoch, st.stale, self.best_state = value, epoch, 0, trainable_state(self.core)
@@ -367,6 +383,7 @@ class FinetuneRun:
                 log(STEP, f"resumed from checkpoint {checkpoints.url}: epoch {st.epoch}, step {st.step}/{self.steps_per_epoch}"
                           + (" (training had finished)" if st.stopped or st.epoch > self.epochs else ""))
         st = self.state
+        self.clock = (time.perf_counter(), (st.epoch - 1) * self.steps_per_epoch + st.step)  # a resumed run's rate starts here
 
         def save(where: str) -> None:
             if checkpoints is None:
@@ -408,6 +425,8 @@ def finetune(tokens_dir: Path, model_dir: Path, out_dir: Path, cfg: FinetuneConf
     with process_group(world, device):
         run = FinetuneRun(tokens_dir, model_dir, cfg, device, world)
         run.on_epoch = on_epoch
+        # in a TrainJob whose Trainer has the progress plugin on, rank 0 reports there; elsewhere None
+        run.status = TrainerStatus.from_env(rank=world.rank, step=STEP)
         trainable = sum(p.numel() for p in run.core.parameters() if p.requires_grad)
         total = sum(p.numel() for p in run.core.parameters())
         log(STEP, f"epochs: {run.epochs} ({run.epochs_reason})")

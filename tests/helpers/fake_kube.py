@@ -23,6 +23,8 @@ TOKEN = "fake-token"
 # any namespaced custom object (InferenceServices, and PyTorchJobs/TrainJobs for the fine-tune launcher)
 PATH = re.compile(r"^/apis/[^/]+/[^/]+/namespaces/([^/]+)/[^/]+/([^/]+)$")
 CONFIG_MAP = re.compile(r"^/api/v1/namespaces/([^/]+)/configmaps/([^/]+)$")
+PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods$")
+POD_LOG = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/log$")
 
 
 def status(code: int, reason: str, message: str) -> dict:
@@ -89,6 +91,9 @@ class FakeKube:
         self.forbidden_config_maps = False  # a ServiceAccount without RBAC to read them
         self.unknown_fields: tuple[str, ...] = ()  # spec fields an older CRD does not have (e.g. "canary" before KServe 0.20)
         self.previous: dict[tuple[str, str], str] = {}  # the version served before the current spec (Serverless traffic)
+        self.pods: dict[tuple[str, str], dict] = {}  # (namespace, name) -> a Pod (metadata.labels, status)
+        self.logs: dict[tuple[str, str], list[str]] = {}  # (namespace, pod) -> its log lines so far
+        self.forbidden_logs = False
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -144,9 +149,13 @@ class FakeKube:
                 return m.group(1), m.group(2), parse_qs(url.query)
 
             def do_GET(self) -> None:
-                cm = CONFIG_MAP.match(urlsplit(self.path).path)
+                path = urlsplit(self.path).path
+                cm, pods, log = CONFIG_MAP.match(path), PODS.match(path), POD_LOG.match(path)
                 if cm:
                     self._config_map(*cm.groups())
+                    return
+                if pods or log:
+                    self._core(pods, log)
                     return
                 route = self._route()
                 if route is None:
@@ -159,6 +168,37 @@ class FakeKube:
                         return
                     obj["status"] = fake.controller(obj)
                     self._send(200, obj)
+
+            def _core(self, pods, log) -> None:
+                """Pods by label selector, and a pod's log (timestamped lines, tailLines honoured)."""
+                query = parse_qs(urlsplit(self.path).query)
+                fake.requests.append({"method": "GET", "path": urlsplit(self.path).path, "query": query, "content_type": None})
+                if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+                    self._send(401, status(401, "Unauthorized", "Unauthorized"))
+                    return
+                if fake.forbidden_logs:
+                    self._send(403, status(403, "Forbidden", 'pods is forbidden: User cannot list resource "pods"'))
+                    return
+                with fake.lock:
+                    if pods:
+                        want = dict(kv.split("=", 1) for kv in (query.get("labelSelector") or [""])[0].split(",") if kv)
+                        items = [p for (ns, _), p in fake.pods.items() if ns == pods.group(1)
+                                 and all(p["metadata"].get("labels", {}).get(k) == v for k, v in want.items())]
+                        self._send(200, {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items})
+                        return
+                    key = log.groups()
+                    if key not in fake.pods:
+                        self._send(404, status(404, "NotFound", f'pods "{key[1]}" not found'))
+                        return
+                    lines = [f"2026-12-07T10:00:{i // 60:02d}.{i % 60:09d}Z {line}" for i, line in enumerate(fake.logs.get(key, []))]
+                tail = query.get("tailLines")
+                lines = lines[-int(tail[0]):] if tail else lines
+                data = "".join(line + "\n" for line in lines).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
             def _config_map(self, ns: str, name: str) -> None:
                 fake.requests.append({"method": "GET", "path": self.path, "query": {}, "content_type": None})

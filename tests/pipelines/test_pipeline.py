@@ -170,7 +170,8 @@ def test_distributed_workers_get_the_compiled_s3_settings(tmp_path):
 
     from kubetune.steps.distributed import JobConfig, render
 
-    manifest = render(JobConfig(s3_secret=given["s3_secret"], s3_config_map=given["s3_config_map"]), "job", "ns", ["torchrun"])
+    manifest = render(JobConfig(backend="pytorchjob", s3_secret=given["s3_secret"], s3_config_map=given["s3_config_map"]), "job", "ns",
+                      ["torchrun"])
     env_from = manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["envFrom"]
     assert env_from == [{"secretRef": {"name": "team-s3"}}, {"configMapRef": {"name": "team-s3-config"}}]
 
