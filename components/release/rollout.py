@@ -64,11 +64,13 @@ class RolloutFailed(KubetuneError):
 class DeployConfig:
     target: str = param("registry", "registry (move the production alias), kserve (apply, wait for Ready, else roll back) or "
                         "gitops (commit for Argo CD).", name="deploy_target", choices=TARGETS)
-    canary_traffic_percent: int = param(0, "kserve only: share of traffic (1-99) for the new model as a canary; 0 = all traffic.")
-    kserve_mode: str = param("", "kserve only: the KServe deployment mode when the cluster does not say (the InferenceService's "
-                             "serving.kserve.io/deploymentMode annotation, else KServe's inferenceservice-config default): Serverless "
-                             "(a canary is canaryTrafficPercent) or Standard (RawDeployment; a canary is spec.canary, KServe 0.20+); "
-                             "empty: the cluster must say.", choices=("", *KSERVE_MODES))
+    canary_traffic_percent: int = param(0, "kserve and gitops: share of traffic (1-99) for the new model as a canary, in the form of "
+                                           "the KServe mode (kserve_mode); 0 = all traffic.")
+    kserve_mode: str = param("", "kserve and gitops: the KServe deployment mode, for the kserve target when the cluster does not "
+                             "say (the InferenceService's serving.kserve.io/deploymentMode annotation, else KServe's "
+                             "inferenceservice-config default), and for a gitops canary always: Serverless (a canary is "
+                             "canaryTrafficPercent) or Standard (RawDeployment; a canary is spec.canary, KServe 0.20+).",
+                             choices=("", *KSERVE_MODES))
     kserve_namespace: str = opt("kserve", "kserve only: the namespace of KServe's controller and its inferenceservice-config ConfigMap.")
     timeout_seconds: int = opt(600, "kserve only: seconds to wait for the InferenceService to be Ready before rolling back.")
     poll_seconds: float = opt(5.0, "kserve only: seconds between readiness checks.")
@@ -86,12 +88,15 @@ class DeployConfig:
             problems.append(f"deploy target {self.target!r}: use one of {', '.join(TARGETS)}")
         if not 0 <= self.canary_traffic_percent <= 99:
             problems.append(f"canary_traffic_percent={self.canary_traffic_percent}: use 0 (no canary) to 99")
-        if self.canary_traffic_percent and self.target != "kserve":
-            problems.append(f"canary_traffic_percent={self.canary_traffic_percent} needs deploy target kserve (got {self.target})")
+        if self.canary_traffic_percent and self.target not in ("kserve", "gitops"):
+            problems.append(f"canary_traffic_percent={self.canary_traffic_percent} needs deploy target kserve or gitops (got {self.target})")
+        if self.canary_traffic_percent and self.target == "gitops" and not self.kserve_mode:
+            problems.append(f"canary_traffic_percent={self.canary_traffic_percent} with deploy target gitops: name the KServe mode the "
+                            "cluster serves it in (kserve_mode Serverless or Standard): the commit must hold that mode's canary form")
         if self.kserve_mode not in ("", *KSERVE_MODES):
             problems.append(f"kserve_mode={self.kserve_mode!r}: use {' or '.join(KSERVE_MODES)} (or leave it empty: the cluster says)")
-        if self.kserve_mode and self.target != "kserve":
-            problems.append(f"kserve_mode={self.kserve_mode} needs deploy target kserve (got {self.target})")
+        if self.kserve_mode and self.target not in ("kserve", "gitops"):
+            problems.append(f"kserve_mode={self.kserve_mode} needs deploy target kserve or gitops (got {self.target})")
         if self.target == "kserve" and self.timeout_seconds <= 0:
             problems.append(f"timeout_seconds={self.timeout_seconds}: must be positive")
         if self.target == "gitops" and not self.gitops_repo:
@@ -356,10 +361,28 @@ def commit_message(name: str, version: str, metrics: dict, run_id: str, storage_
             f"Model: {storage_uri}\nRun: {run_id}\nTest metrics: {figures or 'n/a'}\n\nCommitted by kubetune (deploy target gitops).\n")
 
 
-def rollout_gitops(manifest: dict, cfg: DeployConfig, auth: GitAuth, message: str, attempts: int = 3) -> dict:
+def gitops_shape(manifest: dict, cfg: DeployConfig) -> Callable[[dict | None], dict]:
+    """What to commit given the file the branch holds (None: none yet): a canary in the form of the
+    KServe mode the user names (the committed file is the live stable spec), or the full manifest
+    keeping a predictor name the file gives this version (a Standard-mode promotion)."""
+    what = f"{manifest['metadata']['name']}.yaml in {redact(cfg.gitops_repo)} {cfg.gitops_branch}"
+
+    def shape(live: dict | None) -> dict:
+        if not cfg.canary_traffic_percent:
+            return keep_predictor_name(manifest, live) if live else manifest
+        if live is None:
+            raise ConfigError(f"{what} does not exist yet: a canary needs a live version to split traffic with; deploy without a canary first")
+        return canary_manifest(manifest, live, cfg, cfg.kserve_mode, "--kserve-mode", what)[0]
+
+    return shape
+
+
+def rollout_gitops(manifest: dict, cfg: DeployConfig, auth: GitAuth, message: str, attempts: int = 3,
+                   shape: Callable[[dict | None], dict] | None = None) -> dict:
     """Commit exactly one file, <gitops_path>/<name>.yaml, on top of the branch and push. A push
     that loses a race with another commit is rebased and retried; an identical manifest makes no
-    commit (the desired state is already there)."""
+    commit (the desired state is already there). `shape(file on the branch or None)`: what to write
+    (default: `manifest`)."""
     problems = check_git_values(cfg.gitops_repo, cfg.gitops_branch)  # again here: a caller may skip cfg.check()
     if problems:
         raise ConfigError("; ".join(problems))
@@ -382,7 +405,8 @@ def rollout_gitops(manifest: dict, cfg: DeployConfig, auth: GitAuth, message: st
             refuse_symlinks(work, rel)
             target = work / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(to_yaml(manifest))
+            live = _read_manifest(target) if target.is_file() else None
+            target.write_text(to_yaml(shape(live) if shape else manifest))
             git("add", "--", rel)
             if git("diff", "--cached", "--quiet", check=False).returncode == 0:
                 log(STEP, f"{rel} on {cfg.gitops_branch} already holds this manifest: nothing to commit")
@@ -399,6 +423,16 @@ def rollout_gitops(manifest: dict, cfg: DeployConfig, auth: GitAuth, message: st
                 raise RolloutFailed(f"git push to {redact(cfg.gitops_repo)} failed: {redact(pushed.stderr.strip())}")
             log(STEP, f"push lost a race (attempt {attempt + 1}/{attempts}): re-committing on the new branch head")
         raise RolloutFailed(f"git push to {redact(cfg.gitops_repo)} {cfg.gitops_branch} kept being rejected after {attempts} attempts")
+
+
+def _read_manifest(path: Path) -> dict | None:
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RolloutFailed(f"{path.name} in the GitOps repository is not YAML ({e}); fix or remove it") from None
+    return doc if isinstance(doc, dict) and doc.get("kind") == "InferenceService" else None
 
 
 # ---- a release: a published registry version rolled out to its target, then its alias moved ----
@@ -431,7 +465,7 @@ def release(store: Store, name: str, version: str, serving: ServingConfig, targe
         # versions published before task families existed are sequence classifiers
         shown = {k: metrics["metrics"][k] for k in tasks.get(metrics.get("task", tasks.DEFAULT)).headline}
         message = commit_message(name, version, shown, metrics.get("run_id", run_id), storage_uri)
-        rollout = rollout_gitops(manifest, target, auth or GitAuth(), message)
+        rollout = rollout_gitops(manifest, target, auth or GitAuth(), message, shape=gitops_shape(manifest, target))
         move_alias()
     else:
         rollout = {"target": "registry"}

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -568,3 +569,39 @@ def test_promote_and_roll_back_a_canary_in_either_mode(store, kube, tmp_path, mo
         assert kube.objects[("ml", NAME)]["spec"]["predictor"]["name"] == v2
     assert main(["deploy", NAME, "--promote", *target]) == 2  # nothing left to promote
     assert "has no canary" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["Serverless", "Standard"])
+def test_a_gitops_canary_commits_the_form_of_the_named_mode(store, tmp_path, bare_repo, mode):
+    """GitOps cannot ask the cluster: the user names the mode, the commit holds that mode's canary
+    (Standard: the committed stable spec kept, the new version as a spec.canary entry), promotion and
+    rollback commit the full spec (Standard: under the canary's name); each file matches the KServe CRD."""
+    from kubetune.release.rollout import abort_canary, promote
+    from tests.helpers import schemas
+
+    v1, v2, v3 = (publish_version(store, f"r{i}-{tail}", 0.95, tmp_path) for i, tail in ((1, "aaaa"), (2, "bbbb"), (3, "cccc")))
+    cfg = DeployConfig(target="gitops", gitops_repo=str(bare_repo), gitops_branch="main", gitops_path="apps")
+    with pytest.raises(ConfigError, match="name the KServe mode"):
+        release(store, NAME, v2, ServingConfig(namespace="ml"), replace(cfg, canary_traffic_percent=10), "c", GitAuth())
+
+    def committed() -> dict:
+        doc = yaml.safe_load(git(bare_repo, "show", "main:apps/sms-spam.yaml"))
+        schemas.validate(doc)
+        return doc
+
+    release(store, NAME, v1, ServingConfig(namespace="ml"), cfg, "d1", GitAuth())
+    canary = replace(cfg, canary_traffic_percent=10, kserve_mode=mode)
+    release(store, NAME, v2, ServingConfig(namespace="ml"), canary, "c2", GitAuth())
+    doc = committed()
+    shares = fake_kube.traffic({**doc, "status": {"deploymentMode": "RawDeployment"} if mode == "Standard" else {}}, v1)
+    assert shares == {v1: 90, v2: 10} and registry.read_alias(store, NAME, "canary")["version"] == v2
+    promote(store, NAME, ServingConfig(namespace="ml"), cfg, "p", GitAuth())
+    doc = committed()
+    assert fake_kube.version_of(doc["spec"]["predictor"]) == v2 and "canary" not in doc["spec"]
+    assert doc["spec"]["predictor"].get("name") == (v2 if mode == "Standard" else None)
+    assert registry.read_alias(store, NAME)["version"] == v2 and registry.read_alias(store, NAME, "canary") is None
+    release(store, NAME, v3, ServingConfig(namespace="ml"), canary, "c3", GitAuth())
+    abort_canary(store, NAME, ServingConfig(namespace="ml"), cfg, "a", GitAuth())
+    doc = committed()
+    assert fake_kube.version_of(doc["spec"]["predictor"]) == v2 and "canary" not in doc["spec"]
+    assert "canaryTrafficPercent" not in doc["spec"]["predictor"] and registry.read_alias(store, NAME)["version"] == v2
