@@ -332,8 +332,8 @@ class FinetuneRun:
         done = min((epoch - 1) * self.steps_per_epoch + self.state.step, total)
         since, start = self.clock
         rate = (done - start) / max(time.perf_counter() - since, 1e-9)
-        self.status.report(100 * done / max(total, 1), (total - done) / rate if rate > 0 else None, {"epoch": epoch, **metrics},
-                           force=force)
+        self.status.report(100 * done / max(total, 1), (total - done) / rate if rate > 0 else None,
+                           {"epoch": epoch, "step": done, **metrics}, force=force)
 
     def _elapsed(self, t0: float) -> float:
         import torch

@@ -244,7 +244,7 @@ def test_the_fine_tune_reports_its_progress_under_a_trainjob(status_server, monk
     ends = [r["body"]["trainerStatus"] for r in received if any(m["name"] == "eval_macro_f1" for m in r["body"]["trainerStatus"]["metrics"])]
     assert [dict((m["name"], m["value"]) for m in e["metrics"])["epoch"] for e in ends] == ["1", "2"]
     assert ends[0]["progressPercentage"] == 50 and ends[-1]["progressPercentage"] == 100 and ends[-1]["estimatedRemainingSeconds"] == 0
-    assert all({"train_loss", "eval_macro_f1"} <= {m["name"] for m in e["metrics"]} for e in ends)
+    assert all({"step", "train_loss", "eval_macro_f1"} <= {m["name"] for m in e["metrics"]} for e in ends)
     for k in env:
         monkeypatch.delenv(k)
     count = len(received)
