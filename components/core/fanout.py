@@ -37,6 +37,18 @@ class Piece:
         return f"{self.split}-{self.first:05d}-{self.count:05d}"
 
 
+def parse_pieces(pieces) -> tuple[Piece, ...]:
+    """The pieces a step merges (WHOLE, the small-data piece, is none)."""
+    return tuple(Piece.parse(p) for p in pieces if p != WHOLE)
+
+
+def pieces_prefix(ctx, step: str) -> str:
+    """Where `step`'s pieces go: under the run's records (a StepContext with a store and a run id)."""
+    if ctx.record is None:
+        raise ConfigError(f"{step}'s fan-out keeps its pieces in the run's records: give a store and a run id")
+    return ctx.record.key("pieces", step)
+
+
 def is_piece(text: str) -> bool:
     return bool(_FORM.fullmatch(text))
 

@@ -27,6 +27,7 @@ opts in to trusting the first key seen) for ssh. The commit author is KUBETUNE_G
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -168,8 +169,6 @@ def deployment_mode(client: kube.Kube, live: dict, cfg: DeployConfig) -> tuple[s
     """(mode, what said so) of a live InferenceService: its annotation or status, else KServe's
     default (the inferenceservice-config ConfigMap, if this ServiceAccount may read it), else
     --kserve-mode; ("", ...) when nothing says."""
-    import json
-
     said = ((live.get("metadata") or {}).get("annotations") or {}).get(MODE_ANNOTATION) or (live.get("status") or {}).get("deploymentMode")
     if said:
         return _MODE_NAMES.get(said.lower(), said), f"the InferenceService's {MODE_ANNOTATION}"
@@ -207,6 +206,16 @@ def keep_predictor_name(manifest: dict, live: dict) -> dict:
     return {**manifest, "spec": {**manifest["spec"], "predictor": {"name": name, **manifest["spec"]["predictor"]}}}
 
 
+def rollout_manifest(manifest: dict, live: dict | None, cfg: DeployConfig, mode: str, said_by: str, what: str) -> tuple[dict, str]:
+    """What to roll out over `live` (the running spec, or None): the full manifest keeping a name the
+    live spec gives this version, or a canary in `mode`; and the canary's name (Standard mode)."""
+    if not cfg.canary_traffic_percent:
+        return (keep_predictor_name(manifest, live) if live else manifest), ""
+    if live is None:
+        raise ConfigError(f"{what} does not exist yet: a canary needs a live revision to split traffic with; deploy without a canary first")
+    return canary_manifest(manifest, live, cfg, mode, said_by, what)
+
+
 def canary_manifest(manifest: dict, live: dict, cfg: DeployConfig, mode: str, said_by: str, what: str) -> tuple[dict, str]:
     """The manifest that sends cfg.canary_traffic_percent of the traffic to the new version in
     `mode`, and the canary's name (Standard mode). Refuses a mode that cannot split traffic."""
@@ -239,14 +248,10 @@ def rollout_kserve(manifest: dict, cfg: DeployConfig, commit: Callable[[], objec
     ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
     what = kube.INFERENCE_SERVICE.describe(ns, name)
     before = client.get(kube.INFERENCE_SERVICE, ns, name)
-    mode, canary = "", ""
-    if before is not None and not cfg.canary_traffic_percent:
-        manifest = keep_predictor_name(manifest, before)
+    canary_over_live = cfg.canary_traffic_percent and before is not None
+    mode, said_by = deployment_mode(client, before, cfg) if canary_over_live else ("", "")
+    manifest, canary = rollout_manifest(manifest, before, cfg, mode, said_by, what)  # a refused canary: nothing applied yet
     if cfg.canary_traffic_percent:
-        if before is None:
-            raise ConfigError(f"{what} does not exist yet: a canary needs a live revision to split traffic with; deploy without a canary first")
-        mode, said_by = deployment_mode(client, before, cfg)
-        manifest, canary = canary_manifest(manifest, before, cfg, mode, said_by, what)  # refused here: nothing applied yet
         log(STEP, f"{what}: KServe {mode} mode (from {said_by}): the canary is "
             + ("canaryTrafficPercent" if mode == "Serverless" else f"spec.canary entry {canary!r}"))
     try:
@@ -367,14 +372,7 @@ def gitops_shape(manifest: dict, cfg: DeployConfig) -> Callable[[dict | None], d
     keeping a predictor name the file gives this version (a Standard-mode promotion)."""
     what = f"{manifest['metadata']['name']}.yaml in {redact(cfg.gitops_repo)} {cfg.gitops_branch}"
 
-    def shape(live: dict | None) -> dict:
-        if not cfg.canary_traffic_percent:
-            return keep_predictor_name(manifest, live) if live else manifest
-        if live is None:
-            raise ConfigError(f"{what} does not exist yet: a canary needs a live version to split traffic with; deploy without a canary first")
-        return canary_manifest(manifest, live, cfg, cfg.kserve_mode, "--kserve-mode", what)[0]
-
-    return shape
+    return lambda live: rollout_manifest(manifest, live, cfg, cfg.kserve_mode, "--kserve-mode", what)[0]
 
 
 def rollout_gitops(manifest: dict, cfg: DeployConfig, auth: GitAuth, message: str, attempts: int = 3,

@@ -41,7 +41,7 @@ import numpy as np
 from kubetune import tasks
 from kubetune.core.config import add_config_args, config_from_args, opt, param
 from kubetune.core.context import run_main, step_context, step_parser
-from kubetune.core.fanout import MAX_PIECES, WHOLE, Piece, check_count, in_order
+from kubetune.core.fanout import MAX_PIECES, WHOLE, Piece, check_count, in_order, parse_pieces, pieces_prefix
 from kubetune.core.progress import Progress, log
 from kubetune.core.system import return_freed_memory
 from kubetune.errors import ConfigError, InputError
@@ -127,6 +127,11 @@ def plan_pieces(meta: dict, cfg: TokenizeConfig) -> list[str]:
     return check_count(pieces, f"fanout_rows={cfg.fanout_rows}: {total} rows", f"raise fanout_rows to {-(-total // MAX_PIECES)} or more")
 
 
+def _sum_counts(a: dict, b: dict) -> dict:
+    """Counts summed key by key, in the order the keys first appear (meta.json's order stays the same run to run)."""
+    return {k: a.get(k, 0) + b.get(k, 0) for k in dict.fromkeys([*a, *b])}
+
+
 class _Tally:
     """A split's tokens meta, summed as its shards are tokenized, or merged from pieces tokenized
     elsewhere (in order): either way the result equals one pass over the split."""
@@ -139,7 +144,7 @@ class _Tally:
     def add(self, t, texts: list, shards: list[str]) -> None:
         self.shards += shards
         self.rows += len(t.labels)
-        self.stats = {k: self.stats.get(k, 0) + v for k, v in t.stats.items()}
+        self.stats = _sum_counts(self.stats, t.stats)
         lengths = np.fromiter((len(r) for r in t.rows if r), dtype=np.int64)  # per sequence (a multiple-choice row has several)
         self._count(np.bincount(lengths))
         self.coverage.add(texts, per_input(t.rows, t.choices))
@@ -155,7 +160,7 @@ class _Tally:
     def merge(self, state: dict) -> None:
         self.shards += state["shards"]
         self.rows += state["rows"]
-        self.stats = {k: self.stats.get(k, 0) + state["stats"].get(k, 0) for k in {*self.stats, *state["stats"]}}
+        self.stats = _sum_counts(self.stats, state["stats"])
         self._count(np.asarray(state["histogram"], dtype=np.int64))
         self.coverage.merge(state["coverage"])
 
@@ -342,12 +347,10 @@ def run_step(*, store_uri: str, run_id: str, dataset_dir: Path, model_uri: str, 
     """The step as the pipeline runs it. `pieces`: those the fan-out tasks tokenized (`piece_step`),
     merged here; empty or [WHOLE]: tokenized here."""
     return_freed_memory()  # RSS follows what the step holds (it streams the data)
-    merged = tuple(Piece.parse(p) for p in pieces if p != WHOLE)
+    merged = parse_pieces(pieces)
     with step_context(STEP, store_uri=store_uri, run_id=run_id, config={"model": model_uri, **asdict(cfg)}) as ctx:
-        if merged and ctx.record is None:
-            raise ConfigError("tokenize pieces are merged from the run's records: give a store and a run id")
+        prefix = pieces_prefix(ctx, STEP) if merged else ""
         model_dir = resolve_model_dir(model_uri, ctx.settings, ctx.scratch)
-        prefix = ctx.record.key("pieces", STEP) if merged else ""
         info = tokenize(dataset_dir, model_dir, out_dir, cfg, ctx.store, merged, prefix)
         if merged:  # the pieces are in the tokens folder (and the cache) now; on failure they stay for a retry of this step
             ctx.store.delete_prefix(prefix)
@@ -363,11 +366,9 @@ def piece_step(*, store_uri: str, run_id: str, dataset_dir: Path, model_uri: str
         return piece
     parsed = Piece.parse(piece)
     with step_context(f"{STEP}-{parsed}", store_uri=store_uri, run_id=run_id, config={"model": model_uri, **asdict(cfg)}) as ctx:
-        if ctx.record is None:
-            raise ConfigError(f"tokenize piece {piece}: the pieces go to the run's records; give a store and a run id")
+        prefix = pieces_prefix(ctx, STEP)
         model_dir = resolve_model_dir(model_uri, ctx.settings, ctx.scratch)
-        ctx.outputs["cache"] = tokenize_piece(dataset_dir, model_dir, parsed, cfg, ctx.store, ctx.record.key("pieces", STEP),
-                                              ctx.tmp("piece"))
+        ctx.outputs["cache"] = tokenize_piece(dataset_dir, model_dir, parsed, cfg, ctx.store, prefix, ctx.tmp("piece"))
     return piece
 
 

@@ -37,7 +37,7 @@ import pandas as pd
 from kubetune import tasks
 from kubetune.core.config import add_config_args, config_from_args, opt, param
 from kubetune.core.context import run_main, step_context, step_parser
-from kubetune.core.fanout import WHOLE, Piece, check_count, in_order
+from kubetune.core.fanout import WHOLE, Piece, check_count, in_order, parse_pieces, pieces_prefix
 from kubetune.core.progress import log
 from kubetune.core.system import return_freed_memory
 from kubetune.errors import ConfigError, InputError, KubetuneError
@@ -207,12 +207,6 @@ def plan_pieces(train_uri: str, eval_uri: str, test_uri: str, cfg: ValidateConfi
                     "files": {s: files for s, (files, _) in listed.items()}, "pieces": pieces}
 
 
-def _pieces_prefix(ctx) -> str:
-    if ctx.record is None:
-        raise ConfigError("validate's fan-out keeps its pieces in the run's records: give a store and a run id")
-    return ctx.record.key("pieces", STEP)
-
-
 def plan_step(*, store_uri: str, run_id: str, train_uri: str, eval_uri: str, test_uri: str, cfg: ValidateConfig) -> list[str]:
     """The pipeline's first task: the pieces validate fans out over ([WHOLE]: one task). A problem
     with the inputs is left to validate, which reports it as it would without a fan-out."""
@@ -223,7 +217,7 @@ def plan_step(*, store_uri: str, run_id: str, train_uri: str, eval_uri: str, tes
             log(STEP, f"no fan-out: {e}")
             pieces, plan = [WHOLE], {}
         if plan:
-            ctx.store.write_json(join(_pieces_prefix(ctx), PLAN), plan)
+            ctx.store.write_json(join(pieces_prefix(ctx, STEP), PLAN), plan)
             log(STEP, f"{sum(map(len, plan['files'].values()))} files checked by {len(pieces)} parallel tasks")
         ctx.outputs["pieces"] = len(pieces)
     return pieces
@@ -236,7 +230,7 @@ def piece_step(*, store_uri: str, run_id: str, cfg: ValidateConfig, piece: str) 
         return piece
     parsed = Piece.parse(piece)
     with step_context(f"{STEP}-{parsed}", store_uri=store_uri, run_id=run_id, config={"piece": piece, **asdict(cfg)}) as ctx:
-        prefix = _pieces_prefix(ctx)
+        prefix = pieces_prefix(ctx, STEP)
         plan = _read_plan(ctx.store, prefix)
         files = plan["files"].get(parsed.split, [])[parsed.first:parsed.first + parsed.count]
         if len(files) != parsed.count:
@@ -261,19 +255,19 @@ def _read_plan(store: Store, prefix: str) -> dict:
                        "pipeline's validate-plan task) with the same store and run id") from None
 
 
-def merge_pieces(store: Store, prefix: str, pieces: list[Piece], workdir: Path) -> dict:
+def merge_pieces(store: Store, prefix: str, pieces: tuple[Piece, ...], workdir: Path) -> dict:
     """The pieces' passes merged per split, and their recorded rows as each split's source."""
     plan = _read_plan(store, prefix)
     data, passes = {}, {}
     for split, files in plan["files"].items():
-        parts, done, covered = [], [], 0
+        parts, done, covered, shift = [], [], 0, 0
         for piece in in_order(pieces, split):
             if piece.first != covered:
                 break
             local = store.download_dir(join(prefix, str(piece)), workdir / str(piece))
             done.append(tables.SplitPass.load(local))
-            parts.append((local / "rows.parquet", sum(p.end for p in done[:-1])))
-            covered += piece.count
+            parts.append((local / "rows.parquet", shift))
+            covered, shift = covered + piece.count, shift + done[-1].end
         if covered != len(files):
             raise StoreError(f"the validate pieces of {split} under {store.url(prefix)} cover {covered} of its {len(files)} files "
                              f"(pieces given: {', '.join(str(p) for p in pieces if p.split == split) or 'none'}); rerun the pipeline")
@@ -291,13 +285,13 @@ def run_step(
     tasks checked (`piece_step`), merged here; empty or [WHOLE]: the inputs are read here."""
     return_freed_memory()  # RSS follows what the step holds (it streams the data)
     train_uri, model_name = resolve_inputs(cfg.task, train_uri, model_name)
-    fanned = [Piece.parse(p) for p in pieces if p != WHOLE]
+    fanned = parse_pieces(pieces)
     config = {"train": train_uri, "eval": eval_uri, "test": test_uri, "model_name": model_name, **asdict(cfg)}
     with step_context(STEP, store_uri=store_uri, run_id=run_id, config=config) as ctx:
         record = ctx.record
         record.write_json("run.json", {"run_id": record.run_id, "store": ctx.store.uri, "train": train_uri, "eval": eval_uri,
                                        "test": test_uri, "model_name": model_name, "validate": asdict(cfg)})
-        prefix = _pieces_prefix(ctx) if fanned else ""
+        prefix = pieces_prefix(ctx, STEP) if fanned else ""
         try:
             merged = merge_pieces(ctx.store, prefix, fanned, ctx.tmp("pieces")) if fanned else None
             report, meta = validate(train_uri, eval_uri, test_uri, cfg, dataset_dir, ctx.settings, ctx.scratch, merged)

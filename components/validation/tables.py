@@ -535,9 +535,9 @@ def merge_passes(parts: list[SplitPass]) -> SplitPass:
     group = [p.index.group_key for p in parts]
     index = SplitIndex(np.concatenate([p.index.key for p in parts]), np.concatenate([p.index.has_text for p in parts]),
                        np.concatenate(labels), list(codes), None if group[0] is None else np.concatenate(group))
-    results = [{**r, "success": all(p.ge["results"][i]["success"] for p in parts),
-                "element_count": sum(p.ge["results"][i]["element_count"] for p in parts),
-                "unexpected_count": sum(p.ge["results"][i]["unexpected_count"] for p in parts)} for i, r in enumerate(parts[0].ge["results"])]
+    # the expectations' summary follows from their merged checks (the first checks, one per expectation), as in one pass
+    results = [{**r, "success": c.success, "element_count": c.element_count, "unexpected_count": c.unexpected_count}
+               for r, c in zip(parts[0].ge["results"], checks)]
     return SplitPass(checks, {"batches": sum(p.ge["batches"] for p in parts), "results": results}, index, located, shift)
 
 
@@ -548,12 +548,15 @@ def check_tables(sources: dict, source_uris: dict[str, str], formats: dict[str, 
     carry a "group" column: the text that keeps rows together when splitting (default: "text").
     `passes`: the splits' row-level passes made already (a fan-out's pieces, merged); the sources are
     then read only for the examples of the whole-split checks."""
-    ge = _ge_context()
+    ge = None  # great-expectations' context, made once and only when a split is read here (not for merged passes)
     sources = {s: FrameSource(src) if isinstance(src, pd.DataFrame) else src for s, src in sources.items()}
     checks, ge_results, indexes, located = [], {}, {}, {}
     for split in sorted(sources, key=lambda s: s != "train"):
         source = sources[split]
-        done = (passes or {}).get(split) or check_pass(source, split, cfg, row_checks, ge)
+        done = (passes or {}).get(split)
+        if done is None:
+            ge = ge or _ge_context()
+            done = check_pass(source, split, cfg, row_checks, ge)
         indexes[split], ge_results[split] = done.index, done.ge
         if done.located:
             located[split] = done.located
