@@ -9,6 +9,14 @@ good throughput with/without the bad clients. Exit 1 if any good request failed.
     python benchmarks/serve_load.py --model ... --clients 16 --bad-clients 4 --requests 40
 
 Loopback only; bounded by --requests per good client (the bad clients stop with them).
+
+    python benchmarks/serve_load.py --model ./onnx-folder --saturation
+
+`--saturation` (a local model folder) also asks whether serving keeps up with batch inference: the
+batch path (OnnxClassifier.score over the texts, the same variant and thread count the server
+picks) against the server at saturation (--clients clients, each sending requests of
+--saturation-texts texts back to back, micro-batched by the server) on the same texts; target:
+server rows/s >= 80% of the batch path's. The clients run on the same cores as the server.
 """
 
 from __future__ import annotations
@@ -99,6 +107,61 @@ def run_phase(url: str, name: str, texts: list[str], clients: int, per_client: i
             "good_errors": dict(good_errors), "bad_answers": dict(bad_answers), "wall": wall}
 
 
+def batch_rows_per_s(model_dir: Path, texts: list[str], threads: int) -> tuple[float, str]:
+    """The batch path on `texts`: rows/s and the variant it ran (auto, as the server picks)."""
+    from kubetune.core.system import usable_cpus
+    from kubetune.onnx.model import OnnxClassifier
+
+    clf = OnnxClassifier(model_dir, threads=threads or usable_cpus())
+    clf.score(texts[:64], 32)  # warm-up
+    t0 = time.perf_counter()
+    clf.score(texts, 32)
+    return len(texts) / (time.perf_counter() - t0), f"{clf.variant}, {clf.kernels}"
+
+
+def saturate(url: str, name: str, texts: list[str], clients: int, per_request: int) -> float:
+    """Rows/s the server answers when `clients` send `per_request`-text requests back to back over `texts`."""
+    chunks = [texts[i:i + per_request] for i in range(0, len(texts), per_request)]
+    nxt, lock, failed = iter(range(len(chunks))), threading.Lock(), []
+
+    def client() -> None:
+        session = requests.Session()
+        while True:
+            with lock:
+                i = next(nxt, None)
+            if i is None:
+                return
+            r = session.post(f"{url}/v1/models/{name}:predict", json={"instances": chunks[i]}, timeout=120)
+            if r.status_code != 200:
+                failed.append(r.status_code)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failed:
+        raise SystemExit(f"saturation: {len(failed)} requests failed: {collections.Counter(failed)}")
+    return len(texts) / (time.perf_counter() - t0)
+
+
+def saturation(a, texts: list[str]) -> None:
+    model_dir = Path(a.model)
+    if not (model_dir / "model.onnx").is_file():
+        raise SystemExit(f"--saturation needs a local model folder (with model.onnx), not {a.model}")
+    batch, path = batch_rows_per_s(model_dir, texts, a.threads)
+    args = ["--model", a.model, "--name", a.name, "--threads", str(a.threads), "--max-queue-texts", "100000"]
+    with running_server(args) as server:
+        saturate(server.url, a.name, texts[:256], a.clients, a.saturation_texts)  # warm-up
+        served = saturate(server.url, a.name, texts, a.clients, a.saturation_texts)
+    ratio = served / batch
+    print(f"\nserving vs batch inference ({len(texts)} SMS texts, {path}):")
+    print(f"  batch path (OnnxClassifier.score)            {batch:>8.1f} rows/s")
+    print(f"  server at saturation ({a.clients} clients x {a.saturation_texts}-text requests) {served:>8.1f} rows/s")
+    print(f"  server / batch: {ratio:.2f} (target >= 0.80: {'met' if ratio >= 0.8 else 'MISSED'})")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--model", required=True, help="what `kubetune serve --model` takes")
@@ -107,8 +170,12 @@ def main() -> int:
     p.add_argument("--bad-clients", type=int, default=2, help="clients sending only malformed requests (second phase)")
     p.add_argument("--requests", type=int, default=25, help="requests per good client and phase")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
+    p.add_argument("--saturation", action="store_true", help="also compare the server at saturation with the batch path")
+    p.add_argument("--saturation-texts", type=int, default=16, help="texts per request in the saturation phase")
     a = p.parse_args()
     texts = sms_texts(1000)
+    if a.saturation:
+        saturation(a, sms_texts(5574))
     args = ["--model", a.model, "--name", a.name, "--threads", str(a.threads), "--max-queue-texts", "100000"]
     with running_server(args) as server:
         run_phase(server.url, a.name, texts, a.clients, 2, 0)  # warm-up

@@ -6,6 +6,9 @@ import os
 from pathlib import Path
 
 CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+CPUINFO = Path("/proc/cpuinfo")
+# the CPU flags that decide which GEMM kernels ONNX Runtime's MLAS (and torch's oneDNN) dispatch to
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
 
 def usable_cpus(cpu_max: Path = CPU_MAX) -> int:
@@ -20,6 +23,43 @@ def usable_cpus(cpu_max: Path = CPU_MAX) -> int:
     except (OSError, ValueError):
         pass
     return n
+
+
+def cpu_features(cpuinfo: Path = CPUINFO) -> dict:
+    """{"model": the CPU's name, "flags": the ISA_FLAGS it has}, read at run time (Linux /proc/cpuinfo;
+    elsewhere model "unknown", no flags: every path still runs, on the kernels ONNX Runtime finds)."""
+    model, flags = "unknown", set()
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return {"model": model, "flags": [f for f in ISA_FLAGS if f in flags]}
+
+
+def cpu_kernels(variant: str, flags: list[str]) -> str:
+    """The GEMM kernel family ONNX Runtime's CPU provider dispatches to for `variant` on a CPU with
+    `flags` (MLAS picks it at run time from the same flags): int8 uses AMX tiles, else VNNI dot
+    products, else AVX2; float graphs use AVX-512 FMA, else AVX2 FMA. What the benchmark, the
+    batch-inference record and the serving log name as the path that ran."""
+    has = set(flags)
+    if variant == "fp16":
+        return "fp16 through fp32 casts"  # a GPU variant: on CPU ONNX Runtime inserts casts around fp32 kernels
+    if variant == "int8":
+        for name, needs in (("AMX int8", {"amx_tile", "amx_int8"}), ("AVX-512 VNNI", {"avx512_vnni"}), ("AVX-VNNI", {"avx_vnni"}),
+                            ("AVX2", {"avx2"})):
+            if needs <= has:
+                return f"int8 {name}"
+        return "int8 SSE4.1"
+    for name, needs in (("AVX-512", {"avx512f"}), ("AVX2 FMA", {"avx2", "fma"})):
+        if needs <= has:
+            return f"fp32 {name}"
+    return "fp32 SSE"
 
 
 # torch's contiguous float unary ops that ATen hands to MKL's vector math library (aten/src/ATen/cpu/vml.h)

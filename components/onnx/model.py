@@ -143,3 +143,14 @@ class OnnxClassifier(Predictor):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         inputs = replace(self.settings.inputs, input_names=tuple(self.input_names), pad_token_id=tokenizer.pad_token_id)
         super().__init__(task, tokenizer, labels, inputs, OnnxBackend(self.session, inputs, len(labels)))
+
+    @property
+    def kernels(self) -> str:
+        """The path this session runs: the CUDA provider, or the CPU kernel family ONNX Runtime
+        dispatches this variant to on this machine's CPU (read at run time: AMX, AVX-512 VNNI, AVX2...)."""
+        from kubetune.core.system import cpu_features, cpu_kernels
+
+        provider = self.session.get_providers()[0]
+        if provider != "CPUExecutionProvider":
+            return f"{self.variant} on {provider}"
+        return cpu_kernels(self.variant, cpu_features()["flags"])

@@ -37,6 +37,7 @@ import kserve
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from kubetune import tasks
+from kubetune.core.progress import log
 from kubetune.core.system import usable_cpus
 from kubetune.monitoring import features
 from kubetune.monitoring.profile import CONFIDENCE_EDGES
@@ -179,6 +180,8 @@ class TextModel(kserve.Model):
     def load(self) -> bool:
         self.classifier = OnnxClassifier(self.model_dir, device=self.cfg.device, threads=self.cfg.threads or usable_cpus())
         self.limits = dataclasses.replace(self.limits, keep=self.classifier.truncation)
+        log("serve", f"model {self.name}: variant {self.classifier.variant}, {self.classifier.kernels}, "
+                     f"{self.cfg.threads or usable_cpus()} threads")
         # one Scored per text; a micro-batch is encoded in one tokenizer call, run onnx_batch_size texts at a time
         score = functools.partial(self.classifier.score, batch_size=self.cfg.onnx_batch_size, chunk=0)
         self.batcher = MicroBatcher(score, max_batch=self.cfg.max_batch_texts,

@@ -185,7 +185,7 @@ class ShardScorer:
             self._clf = OnnxClassifier(model_dir, device=self.cfg.device, threads=threads, variant=self.cfg.variant)
             check_columns(self._clf.task, self.cfg, self.plan["model"]["name"])
             log(STEP, f"model {self.plan['model']['name']} {self.plan['model']['version']}, variant {self._clf.variant}, "
-                      f"{self._clf.session.get_providers()[0]}, {threads} threads")
+                      f"{self._clf.kernels}, {threads} threads")
         return self._clf
 
     def rows(self, file: str, start: int, stop: int) -> list[Row]:
@@ -219,7 +219,7 @@ class ShardScorer:
         seconds = time.perf_counter() - t0
         entry = {**shard, "rows": len(rows), "predicted": len(predictions), "rejected": len(rejects), "truncated": int(truncated.sum()),
                  "seconds": round(seconds, 3), "rows_per_s": round(len(rows) / seconds, 1) if seconds else None,
-                 "model_version": self.plan["model"]["version"], "variant": self.clf.variant,
+                 "model_version": self.plan["model"]["version"], "variant": self.clf.variant, "kernels": self.clf.kernels,
                  "files": ["predictions.parquet"] + (["rejects.parquet"] if len(rejects) else [])}
         staging = self.work / f"shard-{shard_id}"
         staging.mkdir(parents=True, exist_ok=True)
@@ -249,6 +249,7 @@ def collect(plan: dict, output: Store, settings: S3Settings | None = None) -> di
     entries = [output.read_json(join("shards", s["id"], "shard.json")) for s in plan["shards"]]
     totals = {k: sum(e[k] for e in entries) for k in ("rows", "predicted", "rejected", "truncated")}
     manifest = {"input": plan["input"], "output": output.uri, "model": plan["model"], "variant": entries[0]["variant"],
+                "kernels": entries[0].get("kernels", ""),
                 "fingerprint": plan["fingerprint"], "totals": totals, "shards": entries,
                 "predictions": [output.url(join("shards", e["id"], "predictions.parquet")) for e in entries],
                 "rejects": [output.url(join("shards", e["id"], "rejects.parquet")) for e in entries if e["rejected"]]}

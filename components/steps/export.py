@@ -3,16 +3,19 @@
     python -m kubetune.steps.export --model /tmp/kt/model --tokens /tmp/kt/tokens --out /tmp/kt/onnx \
         --variants fp32,optimized,int8 --store ./kubetune-store --run-id dev
 
-The graph comes from torch's exporter (torch.export + onnxscript, `dynamo=True`) with dynamic batch
-and sequence axes. Parity: up to `parity_rows` held-out (test) rows go through torch and through
+The graph comes from torch's TorchScript exporter with dynamic batch and sequence axes (about a
+second; the graph ONNX Runtime's transformer fusions recognise), or, where that exporter fails or
+is gone from torch, from torch.export (`dynamo=True`, several seconds); the record names which.
+Exported once: every variant is built from that graph. Parity: up to `parity_rows` held-out (test) rows go through torch and through
 ONNX Runtime at several batch shapes; the step fails when the largest logit difference exceeds
 `parity_atol` or the argmax agreement falls below `min_agreement` (token classification: over every
 real token of those rows, per-token argmax). The output folder carries
 everything inference needs (see kubetune.onnx.model): model.onnx, tokenizer, labels, settings.
 
 Variants (`variants`, default fp32,optimized,int8; see kubetune.onnx.variants): each requested one is
-built and checked on up to `check_rows` eval rows against torch (argmax agreement >= min_agreement on
-the rows torch decides by a softmax margin >= agreement_margin, accuracy drop <= max_accuracy_drop).
+built and checked on up to `check_rows` eval rows against torch (on the rows torch decides by a softmax
+margin >= agreement_margin, no more flips than a flip rate of 1 - min_agreement explains, by a
+binomial test; accuracy drop <= max_accuracy_drop).
 fp32 failing fails the step. The others are best-effort: a failing one is dropped and reported (log,
 export record `rejected_variants`, run summary, model card, KFP metrics) and fp32 plus the passing
 ones are published; `require_variants` makes a failing variant fail the step with exit 3, like the gate.
@@ -37,15 +40,15 @@ from kubetune.core.context import run_main, step_context, step_parser
 from kubetune.core.progress import log
 from kubetune.errors import ConfigError, KubetuneError
 from kubetune.onnx.model import OnnxClassifier
-from kubetune.onnx.variants import accept_variants, example_inputs, parse_variants
+from kubetune.onnx.variants import accept_variants, example_inputs, parse_variants, torchscript_export
 from kubetune.storage.contracts import ModelInputs, ModelSettings, TokensMeta, write_labels
 from kubetune.storage.shards import load_split
 from kubetune.training.modeling import TorchBackend
 
 STEP = "export"
 # what kubetune.json keeps of each variant's check
-VARIANT_FIELDS = ("file", "rows", "agreement", "decided_rows", "decided_agreement", "accuracy", "torch_accuracy", "accuracy_drop",
-                  "size_bytes")
+VARIANT_FIELDS = ("file", "rows", "agreement", "decided_rows", "decided_agreement", "flips", "accuracy", "torch_accuracy", "accuracy_drop",
+                  "size_bytes", "kernels")
 
 
 class ParityError(KubetuneError):
@@ -58,8 +61,9 @@ class ExportConfig:
     parity_rows: int = opt(256, "Test rows on which torch and ONNX Runtime (fp32) logits are compared, at batch sizes 1 and 32.")
     parity_atol: float = opt(1e-3, "Largest |torch logit - ONNX logit| (fp32 vs fp32) the parity check allows; more: the export "
                                    "fails.")
-    min_agreement: float = opt(0.995, "Smallest share of rows (NER: tokens) whose argmax agrees with torch: in the parity check, "
-                                      "and in each variant's check on the rows torch decides by --agreement-margin.")
+    min_agreement: float = opt(0.995, "Smallest share of rows (NER: tokens) whose argmax agrees with torch in the parity check; "
+                                      "a variant is rejected when its flips on the rows torch decides by --agreement-margin are more "
+                                      "than a flip rate of 1 - min_agreement explains (binomial test, p < 0.05).")
     device: str = opt("cpu", "ONNX Runtime provider for the parity and variant checks: cpu or cuda.")
     variants: str = param("fp32,optimized,int8", "Comma-separated ONNX variants: fp32 (required), optimized, int8 (CPU), fp16 (GPU); "
                           "each passes a held-out check.", name="onnx_variants")
@@ -85,8 +89,21 @@ class ExportConfig:
         parse_variants(self.variants)
 
 
+def export_graph(model, input_names: list[str], path: Path, opset: int, axes: tuple[str, ...]) -> str:
+    """The model as an ONNX graph at `path` with dynamic `axes` (the task's input_axes) on every
+    input; returns which exporter made it (the TorchScript one, else torch.export)."""
+    try:
+        torchscript_export(model, input_names, path, opset, axes)
+        return "torchscript exporter"
+    except Exception as e:  # noqa: BLE001 - any exporter failure: the other exporter, and the record says so
+        log(STEP, f"the TorchScript exporter failed ({type(e).__name__}: {str(e)[:200]}); exporting with torch.export instead")
+        path.unlink(missing_ok=True)
+        export_onnx(model, input_names, path, opset, axes)
+        return "torch.export"
+
+
 def export_onnx(model, input_names: list[str], path: Path, opset: int, axes: tuple[str, ...] = ("batch", "sequence")) -> None:
-    """The model as an ONNX graph with dynamic `axes` (the task's input_axes) on every input."""
+    """The model as a torch.export (dynamo) ONNX graph with dynamic `axes` on every input."""
     import torch
 
     kwargs = example_inputs(input_names, axes)
@@ -141,9 +158,10 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig, 
     # ---- graph -------------------------------------------------------------------------------
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / "model.onnx"
-    export_onnx(model, names, onnx_path, cfg.opset, task.input_axes)
+    exporter = export_graph(model, names, onnx_path, cfg.opset, task.input_axes)
     onnx.checker.check_model(str(onnx_path))
-    log(STEP, f"exported {onnx_path.stat().st_size / 2**20:.1f} MiB, opset {cfg.opset}, dynamic {', '.join(task.input_axes)} axes")
+    log(STEP, f"exported {onnx_path.stat().st_size / 2**20:.1f} MiB with the {exporter}, opset {cfg.opset}, "
+              f"dynamic {', '.join(task.input_axes)} axes")
 
     # ---- what travels with the graph ---------------------------------------------------------
     for f in model_dir.iterdir():
@@ -170,13 +188,13 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig, 
     held_out = load_split(tokens_dir, "eval")
     held_out = held_out.take(np.arange(min(cfg.check_rows, len(held_out))))
     reference = TorchBackend(model, inputs, torch.device("cpu")).logits(held_out, 32, task.per_token)
-    variants, rejected = accept_variants(model, names, out_dir, wanted, held_out, reference, device=cfg.device,
+    variants, rejected = accept_variants(model, out_dir, wanted, held_out, reference, origin=exporter, device=cfg.device,
                                          min_agreement=cfg.min_agreement, max_accuracy_drop=cfg.max_accuracy_drop, work=work,
-                                         margin=cfg.agreement_margin, required=cfg.require_variants, axes=task.input_axes)
+                                         margin=cfg.agreement_margin, required=cfg.require_variants)
     settings.with_variants({k: {f: v[f] for f in VARIANT_FIELDS} for k, v in variants.items()},
                            {k: {**{f: v[f] for f in VARIANT_FIELDS if f != "file"}, "problems": v["problems"]}
                             for k, v in rejected.items()}).write(out_dir)
-    parity["variants"], parity["rejected_variants"] = variants, rejected
+    parity.update(variants=variants, rejected_variants=rejected, exporter=exporter)
     (out_dir / "parity.json").write_text(json.dumps(parity, indent=2))
     return {**parity, "size_bytes": onnx_path.stat().st_size, "opset": cfg.opset}
 

@@ -11,7 +11,7 @@ import pytest
 
 from kubetune.core import context
 from kubetune.core.context import step_context
-from kubetune.core.system import usable_cpus
+from kubetune.core.system import cpu_features, cpu_kernels, usable_cpus
 from kubetune.errors import ConfigError
 from kubetune.storage.store import S3Settings
 
@@ -64,6 +64,23 @@ def test_usable_cpus_honours_affinity_and_the_cgroup_quota(tmp_path, monkeypatch
     cpu_max.write_text("50000 100000\n")  # half a CPU still gets one thread
     assert usable_cpus(cpu_max) == 1
     assert usable_cpus(tmp_path / "missing") == 64  # cgroup v1 or no cgroup: the affinity mask
+
+
+def test_cpu_features_name_the_kernels_each_variant_runs_on(tmp_path):
+    """The flags are read at run time from /proc/cpuinfo; each CPU gets the best path it has."""
+    spr = "flags\t\t: fpu sse4_1 avx2 fma avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n" + spr + "\nprocessor\t: 1\n" + spr)
+    xeon = cpu_features(info)
+    assert xeon == {"model": "Intel(R) Xeon(R) Platinum 8480+",
+                    "flags": ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"]}
+    assert cpu_kernels("int8", xeon["flags"]) == "int8 AMX int8" and cpu_kernels("optimized", xeon["flags"]) == "fp32 AVX-512"
+    assert cpu_kernels("int8", ["avx2", "fma", "avx512f", "avx512_vnni"]) == "int8 AVX-512 VNNI"
+    assert cpu_kernels("int8", ["avx2", "fma"]) == "int8 AVX2" and cpu_kernels("fp32", ["avx2", "fma"]) == "fp32 AVX2 FMA"
+    assert cpu_kernels("int8", []) == "int8 SSE4.1" and cpu_kernels("fp32", []) == "fp32 SSE"
+    assert cpu_features(tmp_path / "missing") == {"model": "unknown", "flags": []}
+    here = cpu_features()  # this machine: whatever it has, a known path
+    assert cpu_kernels("int8", here["flags"]).startswith("int8 ")
 
 
 def test_batch_inference_and_serving_size_their_threads_with_usable_cpus(monkeypatch, tmp_path, exported_model):

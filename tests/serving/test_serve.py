@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 
 import numpy as np
@@ -245,6 +246,8 @@ def test_health_readiness_and_metadata(server):
     assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
     assert [o["name"] for o in meta["outputs"]] == ["label", "score", "probabilities"]
     assert server.get("/v1/models/no-such-model").status_code == 404
+    # the log names the path that runs: the variant and the kernels this CPU dispatches it to
+    assert re.search(rf"\[kubetune serve\] model {NAME}: variant optimized, fp32 [\w -]+, \d+ threads", server.output())
     # the probes of the InferenceService deploy renders hit these endpoints
     container = inference_service(NAME, VERSION, "s3://b/m", "run", ServingConfig())["spec"]["predictor"]["containers"][0]
     for probe in ("readinessProbe", "livenessProbe"):

@@ -76,7 +76,7 @@ def test_formats_bad_rows_and_the_shared_contract(tmp_path, store_dir, sms_rows,
     clf = OnnxClassifier(exported_model)
     over = sum(len(ids) > clf.max_length for ids in clf.tokenizer(texts[120:200] + texts[200:259] + [long_text])["input_ids"])
     assert manifest["totals"] == {"rows": total, "predicted": 80 + 1 + 59, "rejected": 7, "truncated": over}
-    assert len(manifest["shards"]) == 2 + 2 and manifest["variant"] == "optimized"
+    assert len(manifest["shards"]) == 2 + 2 and manifest["variant"] == "optimized" and manifest["kernels"].startswith("fp32 ")
     preds, rejects = all_rows(out)
     assert len(preds) + len(rejects) == total and not set(preds["id"]) & set(rejects["id"])
     reasons = dict(zip(rejects["id"], rejects["reason"]))
@@ -99,7 +99,7 @@ def test_formats_bad_rows_and_the_shared_contract(tmp_path, store_dir, sms_rows,
     # int8 on request: the same labels; scores differ a little (activations are quantized per batch)
     int8 = run_batch(str(store_dir), "sms-spam", str(inp / "c.parquet"), str(tmp_path / "int8"),
                      BatchConfig(variant="int8", id_column="msg_id"))
-    assert int8["variant"] == "int8"
+    assert int8["variant"] == "int8" and int8["kernels"].startswith("int8 ")
     p8 = pd.read_parquet(tmp_path / "int8/shards/00000/predictions.parquet").sort_values("source_row")
     assert (p8["prob_ham"] + p8["prob_spam"] - 1).abs().max() < 1e-9
     # labels may only flip near the decision boundary (the export gate allows 0.5% disagreement)

@@ -108,6 +108,23 @@ def test_export_fails_loudly_on_parity(tmp_path, trained_model, small_tokens, mo
         ex.export(trained_model, small_tokens, tmp_path / "onnx", ExportConfig(parity_rows=8), tmp_path / "work")
 
 
+@pytest.mark.slow
+def test_export_falls_back_to_torch_export(tmp_path, trained_model, small_tokens, monkeypatch):
+    """A torch without a working TorchScript exporter: the graph comes from torch.export, is checked the
+    same way, the variants are built from it, and the record says which exporter ran."""
+    import kubetune.steps.export as ex
+
+    def gone(*a, **k):
+        raise RuntimeError("the TorchScript exporter was removed")
+
+    monkeypatch.setattr(ex, "torchscript_export", gone)
+    out = tmp_path / "onnx"
+    result = ex.export(trained_model, small_tokens, out, ExportConfig(parity_rows=8, variants="fp32,optimized"), tmp_path / "work")
+    assert result["exporter"] == "torch.export" and result["passed"]
+    assert result["variants"]["optimized"]["source"] == "torch.export" and set(result["variants"]) == {"fp32", "optimized"}
+    assert {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node} != set()
+
+
 def test_cuda_provider_is_never_a_silent_fallback(exported_model):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
