@@ -69,21 +69,14 @@ from kubetune.training.trainer_status import TrainerStatus
 STEP = "finetune"
 PEFT_METHODS = ("none", "lora")
 # settings that do not change the trained weights: a checkpoint may be resumed with other values
-# epochs=0 (the default): a small data set gets more epochs, so that training takes at least
-# AUTO_MIN_STEPS optimizer steps (warm-up and linear decay over a dozen steps teach nothing: a
-# 500-row sample trained 13 steps and predicted one class). Full-size data keeps 1 epoch. Early
-# stopping waits for AUTO_MIN_STEPS // 2 steps then: a 300-row sample scored "always ham" for its
-# first 2 epochs (16 steps); one more flat epoch and the plain rule (2 epochs without gain) stops it.
-AUTO_MIN_STEPS = 100
-AUTO_MAX_EPOCHS = 10
 RUN_ONLY = ("device", "cpu_threads", "eval_batch_size", "checkpoint_steps", "resume", "compile", "keep_checkpoints")
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    epochs: int = param(0, "Training epochs; 0 = chosen from the data size (1 epoch when it has >= 100 optimizer steps, else "
-                           "enough epochs for 100 steps, at most 10). The best epoch on eval is kept; early stopping after 2 "
-                           "without gain.")
+    epochs: int = param(0, "Training epochs; 0 = chosen from the data size (1 epoch when it has >= the task's minimum of optimizer "
+                           "steps, else enough epochs for that minimum, capped: classification 100 steps, at most 10 epochs; NER "
+                           "300, at most 30). The best epoch on eval is kept; early stopping after 2 without gain.")
     # per process; the effective batch is batch_size x grad_accum_steps x processes
     batch_size: int = param(32, "Training batch size.")
     learning_rate: float = param(1e-4, "Peak AdamW learning rate (linear warm-up over 10% of steps, then linear decay).")
@@ -138,17 +131,18 @@ class FinetuneConfig:
             raise ConfigError("; ".join(problems))
 
 
-def auto_epochs(steps_per_epoch: int, requested: int) -> tuple[int, str]:
-    """(epochs, why): `requested` when set (> 0); else the fewest epochs that give AUTO_MIN_STEPS
-    optimizer steps, capped at AUTO_MAX_EPOCHS (the best epoch is kept and early stopping still applies)."""
+def auto_epochs(steps_per_epoch: int, requested: int, task) -> tuple[int, str]:
+    """(epochs, why): `requested` when set (> 0); else the fewest epochs that give the task's
+    `auto_min_steps` optimizer steps, capped at its `auto_max_epochs` (kubetune.tasks.base.TaskHead;
+    the best epoch is kept and early stopping still applies)."""
     if requested > 0:
         return requested, "set by --epochs"
-    epochs = min(max(-(-AUTO_MIN_STEPS // max(steps_per_epoch, 1)), 1), AUTO_MAX_EPOCHS)
+    least = task.auto_min_steps
+    epochs = min(max(-(-least // max(steps_per_epoch, 1)), 1), task.auto_max_epochs)
     if epochs == 1:
-        return 1, f"auto: {steps_per_epoch} steps per epoch >= {AUTO_MIN_STEPS}"
-    capped = " (capped)" if epochs * steps_per_epoch < AUTO_MIN_STEPS else ""
-    return epochs, (f"auto: {steps_per_epoch} steps per epoch < {AUTO_MIN_STEPS}, so {epochs} epochs = "
-                    f"{epochs * steps_per_epoch} steps{capped}")
+        return 1, f"auto: {steps_per_epoch} steps per epoch >= {least}"
+    capped = " (capped)" if epochs * steps_per_epoch < least else ""
+    return epochs, f"auto: {steps_per_epoch} steps per epoch < {least}, so {epochs} epochs = {epochs * steps_per_epoch} steps{capped}"
 
 
 def forward_loss(model, batch: dict, autocast, loss):
@@ -216,9 +210,9 @@ class FinetuneRun:
         self.train = DeviceSplit(train, self.meta.inputs.pad_token_id, device, cfg.pad_multiple, sep_id=self.meta.inputs.sep_token_id)
         batches = len(shard_batches(length_grouped_batches(train.lengths, cfg.batch_size, np.random.default_rng(0)), world))
         self.steps_per_epoch = -(-batches // cfg.grad_accum_steps)
-        self.epochs, self.epochs_reason = auto_epochs(self.steps_per_epoch, cfg.epochs)
+        self.epochs, self.epochs_reason = auto_epochs(self.steps_per_epoch, cfg.epochs, self.task)
         # epochs chosen from the data size: no early stop before half the minimum steps (--epochs N: the plain rule)
-        self.min_steps_before_stop = AUTO_MIN_STEPS // 2 if cfg.epochs == 0 else 0
+        self.min_steps_before_stop = self.task.auto_min_steps // 2 if cfg.epochs == 0 else 0
         total_steps = self.steps_per_epoch * self.epochs
 
         self.core = load_classifier(model_dir, self.labels, self.task)

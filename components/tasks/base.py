@@ -73,6 +73,10 @@ class TaskHead(Protocol):
     input_axes: tuple[str, ...]  # the model inputs' axes: ("batch", "sequence"), or with "choices" between
     per_token: bool  # logits per token ([batch, sequence, labels]) rather than per row
     model_purpose: str  # "classify sequences": for the error when a model folder cannot
+    # --epochs 0 (kubetune.steps.finetune.auto_epochs): a small split gets enough epochs for this many
+    # optimizer steps, at most auto_max_epochs; early stopping waits for half of them
+    auto_min_steps: int
+    auto_max_epochs: int
 
     def model_class(self): ...
     def loss(self, logits, target, inputs=None): ...

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from kubetune import tasks
 from kubetune.errors import ConfigError, InputError
-from kubetune.steps.finetune import AUTO_MAX_EPOCHS, AUTO_MIN_STEPS, FinetuneConfig, FinetuneRun, auto_epochs, finetune
+from kubetune.steps.finetune import FinetuneConfig, FinetuneRun, auto_epochs, finetune
 from kubetune.storage.shards import load_split, save_split
 from kubetune.training.modeling import resolve_model_dir
 
@@ -117,15 +118,46 @@ def test_best_epoch_and_early_stopping(tiny_tokens, tiny_model_dir, tmp_path, mo
 
 
 def test_epochs_from_the_data_size():
-    """epochs=0 (the default): enough epochs for AUTO_MIN_STEPS optimizer steps, capped; full-size
+    """epochs=0 (the default): enough epochs for the task's minimum of optimizer steps, capped; full-size
     data (the full SMS train split is 140 steps of 32) keeps 1 epoch; --epochs N is taken as given."""
-    assert (AUTO_MIN_STEPS, AUTO_MAX_EPOCHS) == (100, 10)
-    assert auto_epochs(140, 0)[0] == 1 and auto_epochs(100, 0)[0] == 1  # the full SMS run is unchanged
-    assert auto_epochs(13, 0) == (8, "auto: 13 steps per epoch < 100, so 8 epochs = 104 steps")  # --limit 500
-    assert auto_epochs(47, 0)[0] == 3  # NER --limit 1500
-    assert auto_epochs(8, 0) == (10, "auto: 8 steps per epoch < 100, so 10 epochs = 80 steps (capped)")  # --limit 300
-    assert auto_epochs(99, 0)[0] == 2 and auto_epochs(1, 0)[0] == 10
-    assert auto_epochs(13, 1) == (1, "set by --epochs") and auto_epochs(500, 4)[0] == 4
+    seq = tasks.get("sequence-classification")
+    assert (seq.auto_min_steps, seq.auto_max_epochs) == (100, 10)
+    assert auto_epochs(140, 0, seq)[0] == 1 and auto_epochs(100, 0, seq)[0] == 1  # the full SMS run is unchanged
+    assert auto_epochs(13, 0, seq) == (8, "auto: 13 steps per epoch < 100, so 8 epochs = 104 steps")  # --limit 500
+    assert auto_epochs(8, 0, seq) == (10, "auto: 8 steps per epoch < 100, so 10 epochs = 80 steps (capped)")  # --limit 300
+    assert auto_epochs(99, 0, seq)[0] == 2 and auto_epochs(1, 0, seq)[0] == 10
+    assert auto_epochs(13, 1, seq) == (1, "set by --epochs") and auto_epochs(500, 4, seq)[0] == 4
+    for name in ("pair-classification", "multiple-choice"):  # sequence classification of pairs / choices: the same rule
+        assert (tasks.get(name).auto_min_steps, tasks.get(name).auto_max_epochs) == (100, 10)
+
+
+def test_ner_gets_more_steps():
+    """NER (9 tags per word) needs more steps than a label per text: at least 300, at most 30 epochs.
+    The full CoNLL-2003 train split (14,041 sentences, 439 steps of 32) keeps 1 epoch."""
+    ner = tasks.get("token-classification")
+    assert (ner.auto_min_steps, ner.auto_max_epochs) == (300, 30)
+    assert auto_epochs(10, 0, ner) == (30, "auto: 10 steps per epoch < 300, so 30 epochs = 300 steps")  # --limit 300
+    assert auto_epochs(47, 0, ner) == (7, "auto: 47 steps per epoch < 300, so 7 epochs = 329 steps")  # --limit 1500
+    assert auto_epochs(439, 0, ner) == (1, "auto: 439 steps per epoch >= 300")  # all of CoNLL-2003
+    assert auto_epochs(6, 0, ner) == (30, "auto: 6 steps per epoch < 300, so 30 epochs = 180 steps (capped)")
+    assert auto_epochs(47, 5, ner) == (5, "set by --epochs")
+
+
+def test_finetune_takes_the_ner_minimum(tmp_path, tiny_model_dir):
+    """finetune reads the minimum and the cap from the task of the tokens: 60 CoNLL sentences at
+    batch 8 are 8 steps per epoch, so NER trains 30 epochs (capped, 240 steps), and early stopping
+    waits for 150 steps (a sequence split of that size would get 13 epochs and wait for 50)."""
+    from kubetune.steps.tokenize import TokenizeConfig, tokenize
+    from kubetune.steps.validate import ValidateConfig, validate
+
+    report, _ = validate("builtin:conll2003", "", "", ValidateConfig(task="token-classification", limit=60), tmp_path / "ds")
+    assert report.passed
+    tokenize(tmp_path / "ds", tiny_model_dir, tmp_path / "tok", TokenizeConfig(max_length=32), store=None)
+    run = FinetuneRun(tmp_path / "tok", tiny_model_dir, FinetuneConfig(batch_size=8), torch.device("cpu"), ft_world())
+    assert (run.steps_per_epoch, run.epochs, run.min_steps_before_stop) == (8, 30, 150)
+    assert run.epochs_reason == "auto: 8 steps per epoch < 300, so 30 epochs = 240 steps (capped)"
+    fixed = FinetuneRun(tmp_path / "tok", tiny_model_dir, FinetuneConfig(epochs=3, batch_size=8), torch.device("cpu"), ft_world())
+    assert (fixed.epochs, fixed.min_steps_before_stop) == (3, 0)
 
 
 def test_default_schedule_on_few_steps(tiny_tokens, tiny_model_dir):
@@ -157,7 +189,7 @@ def test_the_default_epochs_learn_a_small_split(tiny_tokens, model_dir, tmp_path
 
 def test_auto_epochs_wait_for_enough_steps_before_early_stopping(tiny_tokens, tiny_model_dir, tmp_path, monkeypatch):
     """A small split may score one class for a few epochs before it learns: with epochs chosen from
-    the data size, epochs before AUTO_MIN_STEPS // 2 steps do not count towards early stopping."""
+    the data size, epochs before the task's auto_min_steps // 2 steps do not count towards early stopping."""
     import kubetune.steps.finetune as ft
 
     monkeypatch.setattr(ft, "eval_scores", lambda *a, **k: {"accuracy": 0.87, "macro_f1": 0.47})  # "always ham", every epoch
