@@ -3,6 +3,7 @@ entity micro-F1, report test entity micro-F1 with a per-type table (the issue's 
 
     .venv/bin/python benchmarks/ner.py                                   # full data, 5 epochs (~30-40 min on 2 CPU cores)
     .venv/bin/python benchmarks/ner.py --limit 300 --epochs 1 --max-length 64    # a quick smoke run
+    .venv/bin/python benchmarks/ner.py --limit 1500 --epochs 0 --seed 1          # the NER quick try as `kubetune run` trains it
 
 It runs the pipeline's own steps in one process (validate -> tokenize -> finetune -> test scoring,
 the same functions `kubetune run --task token-classification` runs under kfp.local), without the
@@ -38,7 +39,8 @@ def main() -> int:
     p.add_argument("--train", default="builtin:conll2003")
     p.add_argument("--model", default="builtin:all-minilm-l6-v2")
     p.add_argument("--limit", type=int, default=0, help="sentences per split; 0: all")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=5, help="0: chosen from the data size, as `kubetune run` does")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample, the split and the training (as `kubetune run --seed`)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--max-length", type=int, default=128)
@@ -53,7 +55,7 @@ def main() -> int:
     timings, t_all = {}, time.perf_counter()
 
     t0 = time.perf_counter()
-    report, meta = validate(a.train, "", "", ValidateConfig(task=TASK.name, limit=a.limit), work / "dataset")
+    report, meta = validate(a.train, "", "", ValidateConfig(task=TASK.name, limit=a.limit, seed=a.seed), work / "dataset")
     if not report.passed:
         print(report.error_message())
         return 2
@@ -81,7 +83,7 @@ def main() -> int:
 
     t0 = time.perf_counter()
     cfg = FinetuneConfig(epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.learning_rate,
-                         early_stopping_patience=a.patience, device=a.device)
+                         early_stopping_patience=a.patience, device=a.device, seed=a.seed)
     training = finetune(work / "tokens", model_dir, work / "model", cfg, on_epoch=on_epoch if a.test_every_epoch else None)
     timings["finetune"] = time.perf_counter() - t0
 
@@ -99,6 +101,8 @@ def main() -> int:
         print(f"  epoch {row['epoch']}: train loss {row['train_loss']:.4f}, validation entity micro-F1 {row['eval_entity_micro_f1']:.4f}")
     print(f"selected epoch {training['best_epoch']} by validation entity micro-F1 {training['best_eval_entity_micro_f1']:.4f}\n")
     print(per_type_table(metrics))
+    gate = GateConfig().threshold
+    print(f"epochs {training['epochs']} ({training['epochs_reason']}); the default gate (>= {gate}): {'PASS' if f1 >= gate else 'FAIL'}")
     print(f"\ntest entity micro-F1 {f1:.4f} (target >= {TARGET}: {'MET' if f1 >= TARGET else 'MISSED'}), macro-F1 "
           f"{metrics['entity_macro_f1']:.4f}, token accuracy {metrics['token_accuracy']:.4f}, words lost to truncation "
           f"{metrics['truncated_words']}")
