@@ -132,21 +132,21 @@ def test_epochs_from_the_data_size():
 
 
 def test_ner_gets_more_steps():
-    """NER (9 tags per word) needs more steps than a label per text: at least 300, at most 30 epochs.
+    """NER (9 tags per word) needs more steps than a label per text: at least 400, at most 30 epochs.
     The full CoNLL-2003 train split (14,041 sentences, 439 steps of 32) keeps 1 epoch."""
     ner = tasks.get("token-classification")
-    assert (ner.auto_min_steps, ner.auto_max_epochs) == (300, 30)
-    assert auto_epochs(10, 0, ner) == (30, "auto: 10 steps per epoch < 300, so 30 epochs = 300 steps")  # --limit 300
-    assert auto_epochs(47, 0, ner) == (7, "auto: 47 steps per epoch < 300, so 7 epochs = 329 steps")  # --limit 1500
-    assert auto_epochs(439, 0, ner) == (1, "auto: 439 steps per epoch >= 300")  # all of CoNLL-2003
-    assert auto_epochs(6, 0, ner) == (30, "auto: 6 steps per epoch < 300, so 30 epochs = 180 steps (capped)")
+    assert (ner.auto_min_steps, ner.auto_max_epochs) == (400, 30)
+    assert auto_epochs(10, 0, ner) == (30, "auto: 10 steps per epoch < 400, so 30 epochs = 300 steps (capped)")  # --limit 300
+    assert auto_epochs(47, 0, ner) == (9, "auto: 47 steps per epoch < 400, so 9 epochs = 423 steps")  # --limit 1500
+    assert auto_epochs(439, 0, ner) == (1, "auto: 439 steps per epoch >= 400")  # all of CoNLL-2003
+    assert auto_epochs(6, 0, ner) == (30, "auto: 6 steps per epoch < 400, so 30 epochs = 180 steps (capped)")
     assert auto_epochs(47, 5, ner) == (5, "set by --epochs")
 
 
 def test_finetune_takes_the_ner_minimum(tmp_path, tiny_model_dir):
     """finetune reads the minimum and the cap from the task of the tokens: 60 CoNLL sentences at
     batch 8 are 8 steps per epoch, so NER trains 30 epochs (capped, 240 steps), and early stopping
-    waits for 150 steps (a sequence split of that size would get 13 epochs and wait for 50)."""
+    waits for 200 steps (a sequence split of that size would get 13 epochs and wait for 50)."""
     from kubetune.steps.tokenize import TokenizeConfig, tokenize
     from kubetune.steps.validate import ValidateConfig, validate
 
@@ -154,8 +154,8 @@ def test_finetune_takes_the_ner_minimum(tmp_path, tiny_model_dir):
     assert report.passed
     tokenize(tmp_path / "ds", tiny_model_dir, tmp_path / "tok", TokenizeConfig(max_length=32), store=None)
     run = FinetuneRun(tmp_path / "tok", tiny_model_dir, FinetuneConfig(batch_size=8), torch.device("cpu"), ft_world())
-    assert (run.steps_per_epoch, run.epochs, run.min_steps_before_stop) == (8, 30, 150)
-    assert run.epochs_reason == "auto: 8 steps per epoch < 300, so 30 epochs = 240 steps (capped)"
+    assert (run.steps_per_epoch, run.epochs, run.min_steps_before_stop) == (8, 30, 200)
+    assert run.epochs_reason == "auto: 8 steps per epoch < 400, so 30 epochs = 240 steps (capped)"
     fixed = FinetuneRun(tmp_path / "tok", tiny_model_dir, FinetuneConfig(epochs=3, batch_size=8), torch.device("cpu"), ft_world())
     assert (fixed.epochs, fixed.min_steps_before_stop) == (3, 0)
 
