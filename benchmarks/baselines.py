@@ -51,10 +51,13 @@ def embedding_cosine(model_dir: Path, a: list[str], b: list[str], max_length: in
     return (ea * eb).sum(-1)
 
 
-def run_steps(task: str, work: Path, model_dir: Path, a, timings: dict) -> tuple[dict, dict, dict]:
+def run_steps(task: str, work: Path, model_dir: Path, a, timings: dict, truncation: str = "head",
+              seed: int = 0) -> tuple[dict, dict, dict]:
     """(dataset meta, training result, test metrics) of kubetune on the benchmark's split; `a`: the
-    benchmark's arguments (epochs, batch_size, learning_rate, max_length, device); seconds per phase
-    go to `timings`. Exits 2 when validation rejects the data."""
+    benchmark's arguments (epochs, batch_size, learning_rate, max_length, device); `truncation` and
+    `seed` (the fine-tune's: the head's init, dropout, batch order; the eval split stays validate's
+    seed 0) as the pipeline parameters; seconds per phase go to `timings`. Exits 2 when validation
+    rejects the data."""
     from kubetune.steps.evaluate import GateConfig, score_test
     from kubetune.steps.finetune import FinetuneConfig, finetune
     from kubetune.steps.tokenize import TokenizeConfig, tokenize
@@ -66,11 +69,12 @@ def run_steps(task: str, work: Path, model_dir: Path, a, timings: dict) -> tuple
     if not report.passed:
         print(report.error_message())
         raise SystemExit(2)
-    tokenize(work / "dataset", model_dir, work / "tokens", TokenizeConfig(max_length=a.max_length), store=None)
+    tokenize(work / "dataset", model_dir, work / "tokens", TokenizeConfig(max_length=a.max_length, truncation=truncation), store=None)
     timings["validate+tokenize"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     training = finetune(work / "tokens", model_dir, work / "model", FinetuneConfig(epochs=a.epochs, batch_size=a.batch_size,
-                                                                                  learning_rate=a.learning_rate, device=a.device))
+                                                                                  learning_rate=a.learning_rate, device=a.device,
+                                                                                  seed=seed))
     timings["finetune"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     metrics, _, _, _ = score_test(work / "model", work / "tokens", work / "dataset", TokensMeta.read(work / "tokens"),
