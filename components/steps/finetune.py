@@ -76,7 +76,7 @@ RUN_ONLY = ("device", "cpu_threads", "eval_batch_size", "checkpoint_steps", "res
 class FinetuneConfig:
     epochs: int = param(0, "Training epochs; 0 = chosen from the data size (1 epoch when it has >= the task's minimum of optimizer "
                            "steps, else enough epochs for that minimum, capped: classification 100 steps, at most 10 epochs; NER "
-                           "300, at most 30). The best epoch on eval is kept; early stopping after 2 without gain.")
+                           "400, at most 30). The best epoch on eval is kept; early stopping after 2 without gain.")
     # per process; the effective batch is batch_size x grad_accum_steps x processes
     batch_size: int = param(32, "Training batch size.")
     learning_rate: float = param(1e-4, "Peak AdamW learning rate (linear warm-up over 10% of steps, then linear decay).")

@@ -62,7 +62,8 @@ class TokenClassification:
     optional_fields: tuple[str, ...] = ()
     model_purpose = "tag tokens"
     truncations = ("head",)  # words past max_length are dropped; their entities count as missed
-    # --epochs 0: at least 400 optimizer steps (below the full CoNLL-2003 epoch, 439, which keeps 1 epoch), at most 30 epochs. Nine tags per word learn slower than a label
+    # --epochs 0: at least 400 optimizer steps (fewer than one epoch of the full CoNLL-2003, 439 steps, which
+    # keeps 1 epoch), at most 30 epochs. Nine tags per word learn slower than a label
     # per text: 300 CoNLL sentences (10 steps per epoch) trained 100 steps to eval entity micro-F1 0.59, still
     # rising; over 400 steps: entity F1 0 until step 30, 0.71 at step 100, 0.73-0.78 from step 120 on
     auto_min_steps = 400
