@@ -192,12 +192,15 @@ def build_variants(model, out_dir: Path, wanted: list[str], work: Path, origin: 
 
 
 def check_variant(name: str, clf: OnnxClassifier, split: TokenizedSplit, reference: np.ndarray, min_agreement: float,
-                  max_accuracy_drop: float, margin: float = 0.0) -> dict:
+                  max_accuracy_drop: float, margin: float = 0.0, got: np.ndarray | None = None) -> dict:
     """Agreement with torch (on the rows torch decides by at least `margin`, see the module
     docstring) and accuracy against the labels on `split`; `passed` and why not. The logit rows are
     the task's (`clf.task`): one per text, or for token classification every real token end to end,
-    so agreement is per token and accuracy per labelled token."""
-    got, targets = clf.logits(split, batch_size=32, per_token=clf.task.per_token), clf.task.targets(split)
+    so agreement is per token and accuracy per labelled token. `got`: the variant's logits on
+    `split` at batch 32 when already computed (fp32's come from the parity check)."""
+    if got is None:
+        got = clf.logits(split, batch_size=32, per_token=clf.task.per_token)
+    targets = clf.task.targets(split)
     return {"file": variant_file(name), **judge_variant(got, targets, reference, min_agreement, max_accuracy_drop, margin),
             "size_bytes": (clf.dir / variant_file(name)).stat().st_size, "provider": clf.session.get_providers()[0],
             "kernels": clf.kernels}
@@ -231,7 +234,7 @@ def judge_variant(got: np.ndarray, targets: np.ndarray, reference: np.ndarray, m
 
 def accept_variants(model, out_dir: Path, wanted: list[str], split: TokenizedSplit, reference: np.ndarray, *, origin: str,
                     device: str, min_agreement: float, max_accuracy_drop: float, work: Path, margin: float = 0.0,
-                    required: bool = False) -> tuple[dict[str, dict], dict[str, dict]]:
+                    required: bool = False, scored: dict | None = None) -> tuple[dict[str, dict], dict[str, dict]]:
     """Build, check and record the variants: (accepted, rejected), each {name: check record}. fp32
     failing raises VariantRejected; another variant failing raises RequiredVariantRejected when
     `required`, else it is dropped (file removed) and returned in `rejected`."""
@@ -239,18 +242,20 @@ def accept_variants(model, out_dir: Path, wanted: list[str], split: TokenizedSpl
         log(STEP, "fp16 is a GPU variant: its check runs on the CPU provider here (through casts), not on the CUDA kernels it serves with")
     facts = build_variants(model, out_dir, wanted, work, origin)
     return judge_variants(out_dir, facts, split, reference, device=device, min_agreement=min_agreement,
-                          max_accuracy_drop=max_accuracy_drop, margin=margin, required=required)
+                          max_accuracy_drop=max_accuracy_drop, margin=margin, required=required, scored=scored)
 
 
 def judge_variants(out_dir: Path, facts: dict[str, dict], split: TokenizedSplit, reference: np.ndarray, *, device: str,
-                   min_agreement: float, max_accuracy_drop: float, margin: float, required: bool) -> tuple[dict, dict]:
+                   min_agreement: float, max_accuracy_drop: float, margin: float, required: bool,
+                   scored: dict | None = None) -> tuple[dict, dict]:
     """Check the built variants (`facts`: {name: build facts}, fp32 first) and apply the rules of the
-    module docstring: (accepted, rejected); a dropped variant's file is removed from `out_dir`."""
+    module docstring: (accepted, rejected); a dropped variant's file is removed from `out_dir`.
+    `scored`: {name: (classifier, its logits on `split`)} already computed, not run again."""
     wanted = list(facts)
     results = {}
     for name in wanted:
-        clf = OnnxClassifier(out_dir, device=device, variant=name, unchecked=True)
-        results[name] = {**check_variant(name, clf, split, reference, min_agreement, max_accuracy_drop, margin), **facts[name]}
+        clf, got = (scored or {}).get(name) or (OnnxClassifier(out_dir, device=device, variant=name, unchecked=True), None)
+        results[name] = {**check_variant(name, clf, split, reference, min_agreement, max_accuracy_drop, margin, got), **facts[name]}
         r = results[name]
         log(STEP, f"variant {name:<9} {'accepted' if r['passed'] else 'REJECTED'}: agreement {r['decided_agreement']:.4f} on "
                   f"{r['decided_rows']} decided rows ({r['agreement']:.4f} on all {r['rows']}), accuracy {r['accuracy']:.4f} "

@@ -6,8 +6,11 @@
 The graph comes from torch's TorchScript exporter with dynamic batch and sequence axes (about a
 second; the graph ONNX Runtime's transformer fusions recognise), or, where that exporter fails or
 is gone from torch, from torch.export (`dynamo=True`, several seconds); the record names which.
-Exported once: every variant is built from that graph. Parity: up to `parity_rows` held-out (test) rows go through torch and through
-ONNX Runtime at several batch shapes; the step fails when the largest logit difference exceeds
+Exported once: every variant is built from that graph.
+
+Torch runs once, over up to `check_rows` held-out (eval) rows; its logits are the reference of
+everything after. Parity: the fp32 graph on those rows at batch size 32 (padded) and on the first
+`parity_rows` one at a time (unpadded); the step fails when the largest logit difference exceeds
 `parity_atol` or the argmax agreement falls below `min_agreement` (token classification: over every
 real token of those rows, per-token argmax). The output folder carries
 everything inference needs (see kubetune.onnx.model): model.onnx, tokenizer, labels, settings.
@@ -41,7 +44,7 @@ from kubetune.core.progress import log
 from kubetune.errors import ConfigError, KubetuneError
 from kubetune.onnx.model import OnnxClassifier
 from kubetune.onnx.variants import accept_variants, example_inputs, parse_variants, torchscript_export
-from kubetune.storage.contracts import ModelInputs, ModelSettings, TokensMeta, write_labels
+from kubetune.storage.contracts import ModelSettings, TokensMeta, write_labels
 from kubetune.storage.shards import load_split
 from kubetune.training.modeling import TorchBackend
 
@@ -58,7 +61,8 @@ class ParityError(KubetuneError):
 @dataclass(frozen=True)
 class ExportConfig:
     opset: int = opt(18, "ONNX opset version of the exported graph.")
-    parity_rows: int = opt(256, "Test rows on which torch and ONNX Runtime (fp32) logits are compared, at batch sizes 1 and 32.")
+    parity_rows: int = opt(64, "Eval rows on which torch and ONNX Runtime (fp32) logits are also compared one row at a time "
+                               "(every checked row is compared at batch size 32).")
     parity_atol: float = opt(1e-3, "Largest |torch logit - ONNX logit| (fp32 vs fp32) the parity check allows; more: the export "
                                    "fails.")
     min_agreement: float = opt(0.995, "Smallest share of rows (NER: tokens) whose argmax agrees with torch in the parity check; "
@@ -119,26 +123,26 @@ def export_onnx(model, input_names: list[str], path: Path, opset: int, axes: tup
     program.save(str(path))
 
 
-def check_parity(model, clf: OnnxClassifier, split, cfg: ExportConfig, inputs: ModelInputs) -> dict:
-    """torch vs ONNX Runtime logits on the same rows, at two batch sizes (1 and 32) so both the
-    unpadded and the padded paths are covered."""
-    import torch
-
-    rows = split.take(np.arange(min(cfg.parity_rows, len(split))))
+def check_parity(reference: np.ndarray, clf: OnnxClassifier, split, cfg: ExportConfig) -> tuple[dict, np.ndarray]:
+    """torch's logits (`reference`, on `split`) vs ONNX Runtime's fp32 graph: every row at batch 32
+    (the padded path), and the first `parity_rows` rows one at a time (the unpadded path). Returns
+    the report and the batch-32 logits, which are also the fp32 variant's check."""
     per_token = clf.task.per_token  # token classification: every real token of every row, end to end
-    reference = TorchBackend(model, inputs, torch.device("cpu")).logits(rows, 32, per_token)
-    report = {"rows": len(rows), "tokens": int(rows.lengths.sum())}
-    worst, agree = 0.0, 1.0
-    for batch in (1, 32):
+    first = split.take(np.arange(min(cfg.parity_rows, len(split))))
+    report = {"rows": len(split), "tokens": int(split.lengths.sum()), "split": "eval"}
+    worst, agree, full = 0.0, 1.0, None
+    for batch, rows in ((32, split), (1, first)):
         got = clf.logits(rows, batch_size=batch, per_token=per_token)
-        diff = float(np.abs(got - reference).max())
-        share = float((got.argmax(-1) == reference.argmax(-1)).mean())
-        report[f"batch_{batch}"] = {"max_abs_diff": diff, "argmax_agreement": share}
+        want = reference[:len(got)]  # a prefix of rows is a prefix of the logits (per token: in row order)
+        full = got if full is None else full
+        diff = float(np.abs(got - want).max())
+        share = float((got.argmax(-1) == want.argmax(-1)).mean())
+        report[f"batch_{batch}"] = {"rows": len(rows), "max_abs_diff": diff, "argmax_agreement": share}
         worst, agree = max(worst, diff), min(agree, share)
     report.update(max_abs_diff=worst, argmax_agreement=agree,
                   passed=worst <= cfg.parity_atol and agree >= cfg.min_agreement,
                   parity_atol=cfg.parity_atol, min_agreement=cfg.min_agreement)
-    return report
+    return report, full
 
 
 def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig, work: Path) -> dict:
@@ -172,11 +176,16 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig, 
     settings = ModelSettings(task.name, inputs, opset=cfg.opset, torch=torch.__version__)
     settings.write(out_dir)
 
-    # ---- parity on held-out rows -------------------------------------------------------------
+    # ---- one torch pass over the held-out (eval) rows: the reference of the parity and every variant check
+    held_out = load_split(tokens_dir, "eval")
+    held_out = held_out.take(np.arange(min(cfg.check_rows, len(held_out))))
+    reference = TorchBackend(model, inputs, torch.device("cpu")).logits(held_out, 32, task.per_token)
+
+    # ---- parity: the fp32 graph against torch ------------------------------------------------
     clf = OnnxClassifier(out_dir, device=cfg.device, variant="fp32")
-    parity = check_parity(model, clf, load_split(tokens_dir, "test"), cfg, inputs)
+    parity, fp32_logits = check_parity(reference, clf, held_out, cfg)
     (out_dir / "parity.json").write_text(json.dumps(parity, indent=2))
-    log(STEP, f"parity on {parity['rows']} test rows: max |logit diff| {parity['max_abs_diff']:.2e}, "
+    log(STEP, f"parity on {parity['rows']} eval rows: max |logit diff| {parity['max_abs_diff']:.2e}, "
               f"argmax agreement {parity['argmax_agreement']:.4f}")
     if not parity["passed"]:
         raise ParityError(
@@ -184,13 +193,10 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig, 
             f"{parity['argmax_agreement']:.4f} (minimum {cfg.min_agreement}); the export is not published"
         )
 
-    # ---- variants, each checked on the eval split --------------------------------------------
-    held_out = load_split(tokens_dir, "eval")
-    held_out = held_out.take(np.arange(min(cfg.check_rows, len(held_out))))
-    reference = TorchBackend(model, inputs, torch.device("cpu")).logits(held_out, 32, task.per_token)
+    # ---- variants, each checked on the same rows (fp32's logits are the parity's) ------------
     variants, rejected = accept_variants(model, out_dir, wanted, held_out, reference, origin=exporter, device=cfg.device,
                                          min_agreement=cfg.min_agreement, max_accuracy_drop=cfg.max_accuracy_drop, work=work,
-                                         margin=cfg.agreement_margin, required=cfg.require_variants)
+                                         margin=cfg.agreement_margin, required=cfg.require_variants, scored={"fp32": (clf, fp32_logits)})
     settings.with_variants({k: {f: v[f] for f in VARIANT_FIELDS} for k, v in variants.items()},
                            {k: {**{f: v[f] for f in VARIANT_FIELDS if f != "file"}, "problems": v["problems"]}
                             for k, v in rejected.items()}).write(out_dir)

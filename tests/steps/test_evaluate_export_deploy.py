@@ -88,14 +88,18 @@ def test_onnx_matches_torch_on_raw_texts(exported_model, trained_model, sms_rows
 def test_parity_check_catches_a_wrong_graph(exported_model, trained_model, small_tokens):
     from transformers import AutoModelForSequenceClassification
 
+    from kubetune.training.modeling import TorchBackend
+
     model = AutoModelForSequenceClassification.from_pretrained(trained_model).eval()
     inputs = TokensMeta.read(small_tokens).inputs
     split = load_split(small_tokens, "test")
-    ok = check_parity(model, OnnxClassifier(exported_model, variant="fp32"), split, ExportConfig(), inputs)
-    assert ok["passed"] and ok["batch_1"]["argmax_agreement"] == 1.0
+    clf = OnnxClassifier(exported_model, variant="fp32")
+    ok, logits = check_parity(TorchBackend(model, inputs, torch.device("cpu")).logits(split, 32), clf, split, ExportConfig(parity_rows=5))
+    assert ok["passed"] and ok["batch_1"] == {"rows": 5, "max_abs_diff": ok["batch_1"]["max_abs_diff"], "argmax_agreement": 1.0}
+    assert ok["batch_32"]["rows"] == len(split) == len(logits) and np.abs(logits - clf.logits(split, 32)).max() == 0
     with torch.no_grad():
         model.classifier.bias += torch.tensor([5.0, -5.0])  # the torch side now disagrees with the graph
-    bad = check_parity(model, OnnxClassifier(exported_model, variant="fp32"), split, ExportConfig(), inputs)
+    bad, _ = check_parity(TorchBackend(model, inputs, torch.device("cpu")).logits(split, 32), clf, split, ExportConfig())
     assert not bad["passed"] and bad["max_abs_diff"] > 1.0
 
 
@@ -103,7 +107,8 @@ def test_parity_check_catches_a_wrong_graph(exported_model, trained_model, small
 def test_export_fails_loudly_on_parity(tmp_path, trained_model, small_tokens, monkeypatch):
     import kubetune.steps.export as ex
 
-    monkeypatch.setattr(ex, "check_parity", lambda *a, **k: {"rows": 3, "max_abs_diff": 0.5, "argmax_agreement": 0.9, "passed": False})
+    monkeypatch.setattr(ex, "check_parity", lambda *a, **k: ({"rows": 3, "max_abs_diff": 0.5, "argmax_agreement": 0.9, "passed": False},
+                                                              None))
     with pytest.raises(ParityError, match=r"ONNX parity failed: max \|logit diff\| 5.000e-01 .* argmax agreement 0.9000"):
         ex.export(trained_model, small_tokens, tmp_path / "onnx", ExportConfig(parity_rows=8), tmp_path / "work")
 
