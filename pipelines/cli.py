@@ -335,7 +335,12 @@ def cmd_models(a: argparse.Namespace) -> int:
     store = open_store(a.store, S3Settings.from_env(), create=False)
     production = registry.read_alias(store, name) or {}
     canary = registry.read_alias(store, name, "canary") or {}
-    for version in registry.versions(store, name):
+    found = registry.versions(store, name)
+    if not found and not production:
+        there = registry.names(store)
+        raise InputError(f"no model {name!r} in {store.uri}: " + (f"the models there are {', '.join(there)}" if there else
+                                                                  "it has no published models (kubetune run publishes one)"))
+    for version in found:
         tags = [t for t, v in ((registry.PRODUCTION, production.get("version")), (registry.PREVIOUS, production.get("previous")),
                                ("canary", canary.get("version"))) if v == version]
         print(f"{version}  {' '.join(tags)}")

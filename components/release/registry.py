@@ -178,6 +178,11 @@ def _fingerprint_of(store: Store, name: str, version: str) -> str | None:
         return None
 
 
+def names(store: Store) -> list[str]:
+    """The model names with at least one published version in `store`, sorted."""
+    return sorted({k.split("/")[1] for k in store.list("models") if k.endswith("/_MANIFEST.json") and k.count("/") >= 3})
+
+
 def versions(store: Store, name: str) -> list[str]:
     """Published versions of `name`, oldest first."""
     found = {k.split("/")[2] for k in store.list(join("models", name)) if k.endswith("/_MANIFEST.json")}

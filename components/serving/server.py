@@ -63,32 +63,46 @@ class ErrorLog:
         self._lock = threading.Lock()
         self._window_start, self._in_window, self.suppressed = 0.0, 0, 0
 
-    def error(self, message: str) -> bool:
-        """Log `message` unless over the rate; True when it was logged."""
+    def admit(self, message: str) -> str | None:
+        """`message` (with the count of those held back since the last one) when under the rate, else None."""
         with self._lock:
             now = time.monotonic()
             if now - self._window_start >= self.window_s:
                 self._window_start, self._in_window = now, 0
             if self._in_window >= self.burst:
                 self.suppressed += 1
-                return False
+                return None
             self._in_window += 1
             held, self.suppressed = self.suppressed, 0
-        self.logger.error(message + (f" ({held} similar errors not logged in the last {self.window_s:.0f}s)" if held else ""))
-        return True
+        return message + (f" ({held} similar errors not logged in the last {self.window_s:.0f}s)" if held else "")
+
+    def error(self, message: str) -> bool:
+        """Log `message` unless over the rate; True when it was logged."""
+        line = self.admit(message)
+        if line is not None:
+            self.logger.error(line)
+        return line is not None
 
 
 class OneLineRejections(logging.Filter):
     """KServe logs a full traceback for every request its own decoding rejects with a 400 (invalid
     JSON, a lone surrogate orjson refuses): a flood of bad requests became megabytes of log. Such a
-    record becomes one line; the access log already has one per request."""
+    record becomes one line, rate-limited like the 500s (`limit`: at most `burst` per window, the
+    rest counted in the next line); the access log already has one per request."""
+
+    def __init__(self, limit: ErrorLog | None = None):
+        super().__init__()
+        self.limit = limit or ErrorLog()
 
     def filter(self, record: logging.LogRecord) -> bool:
         from kserve.errors import InvalidInput
 
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, InvalidInput):
-            record.msg, record.args, record.exc_info, record.exc_text = f"rejected a request (400): {exc}", (), None, None
+            line = self.limit.admit(f"rejected a request (400): {exc}")
+            if line is None:
+                return False
+            record.msg, record.args, record.exc_info, record.exc_text = line, (), None, None
         return True
 
 

@@ -285,10 +285,18 @@ def batch_drift(plan: dict, entries: list[dict], output: Store, settings: S3Sett
             "html": output.url(DRIFT_HTML)}
 
 
+def open_stores(store_uri: str, model_ref: str, output_uri: str, settings: S3Settings | None) -> tuple[Store, Store]:
+    """(model store, output store): the store must exist and the reference resolve
+    before the output is opened, so a bad --store or --model leaves no empty --output folder behind."""
+    store = open_store(store_uri, settings, create=False)
+    registry.resolve(store, model_ref)
+    return store, open_store(output_uri, settings)
+
+
 def run_batch(store_uri: str, model_ref: str, input_uri: str, output_uri: str, cfg: BatchConfig) -> dict:
     """plan -> score every shard (committed ones skipped) -> collect, in this process."""
     with step_context(STEP) as ctx:
-        store, output = open_store(store_uri, ctx.settings), open_store(output_uri, ctx.settings)
+        store, output = open_stores(store_uri, model_ref, output_uri, ctx.settings)
         plan = make_plan(store, model_ref, input_uri, output, cfg, ctx.settings, ctx.tmp("plan"))
         scorer = ShardScorer(plan, output, ctx.settings, ctx.tmp("score"))
         todo = [s for s in plan["shards"] if not output.is_published(join("shards", s["id"]))]
@@ -308,8 +316,8 @@ def run_batch(store_uri: str, model_ref: str, input_uri: str, output_uri: str, c
 
 def plan_step(*, store_uri: str, model_ref: str, input_uri: str, output_uri: str, cfg: BatchConfig) -> list[str]:
     with step_context("batch-plan") as ctx:
-        plan = make_plan(open_store(store_uri, ctx.settings), model_ref, input_uri, open_store(output_uri, ctx.settings), cfg,
-                         ctx.settings, ctx.scratch)
+        store, output = open_stores(store_uri, model_ref, output_uri, ctx.settings)
+        plan = make_plan(store, model_ref, input_uri, output, cfg, ctx.settings, ctx.scratch)
     return [s["id"] for s in plan["shards"]]
 
 

@@ -272,6 +272,8 @@ def test_rollback_cli_walks_back_through_history(store, tmp_path, capsys):
     assert "has no previous version to roll back to" in capsys.readouterr().err
     assert main(["models", NAME, "--store", store.uri]) == 0
     assert f"{v1}  production" in capsys.readouterr().out
+    assert main(["models", "nosuchmodel", "--store", store.uri]) == 2  # not silence and exit 0: what is there
+    assert capsys.readouterr().err.strip().endswith(f"no model 'nosuchmodel' in {store.uri}: the models there are {NAME}")
     assert main(["deploy", NAME, "--version", v3, "--store", store.uri]) == 0  # registry target: promote a version
     alias = registry.read_alias(store, NAME)
     assert alias["version"] == v3 and alias["previous"] == v1

@@ -322,12 +322,24 @@ def test_kserve_rejections_are_logged_as_one_line():
         from kserve.errors import InvalidInput
 
         from kubetune.serving.server import OneLineRejections
+    from kubetune.serving.server import ErrorLog
+
     out = io.StringIO()
     logger = logging.getLogger("kt-test-rejections")
     logger.addHandler(logging.StreamHandler(out))
-    logger.addFilter(OneLineRejections())
-    try:
-        raise InvalidInput("Unrecognized request format: str is not valid UTF-8: surrogates not allowed")
-    except InvalidInput as e:
-        logger.error("Exception:", exc_info=e)
-    assert out.getvalue() == "rejected a request (400): Unrecognized request format: str is not valid UTF-8: surrogates not allowed\n"
+    limit = ErrorLog(burst=3, window_s=3600)
+    logger.addFilter(OneLineRejections(limit))
+
+    def reject(n: int) -> None:
+        for _ in range(n):
+            try:
+                raise InvalidInput("Unrecognized request format: str is not valid UTF-8: surrogates not allowed")
+            except InvalidInput as e:
+                logger.error("Exception:", exc_info=e)
+
+    reject(100)  # a flood of bad requests: the first 3 in the window are logged, the rest counted
+    line = "rejected a request (400): Unrecognized request format: str is not valid UTF-8: surrogates not allowed"
+    assert out.getvalue() == f"{line}\n" * 3
+    limit._window_start -= 3600  # the next window: its first line says how many were held back
+    reject(1)
+    assert out.getvalue().splitlines()[3] == f"{line} (97 similar errors not logged in the last 3600s)"

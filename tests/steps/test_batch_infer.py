@@ -121,6 +121,11 @@ def test_bad_settings_and_references(tmp_path, store_dir, capsys):
         BatchConfig(variant="fp8").check()
     code = main(["infer", "--store", str(store_dir), "--model", "models/nope/production", "--input", str(tmp_path), "--output", str(tmp_path / "o")])
     assert code == 2 and "nope has no version or alias 'production'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # a bad --model is refused before --output is created
+    code = main(["infer", "--store", str(tmp_path / "no-store"), "--model", "sms-spam", "--input", str(tmp_path), "--output",
+                 str(tmp_path / "o")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "no-store").exists()
     code = main(["infer", "--store", str(store_dir), "--model", "sms-spam", "--input", str(tmp_path), "--output", str(tmp_path / "o")])
     assert code == 2 and "no CSV, TSV, JSONL or Parquet files there" in capsys.readouterr().err
 
