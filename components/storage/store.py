@@ -320,6 +320,15 @@ class LocalStore(Store):
         return True
 
 
+def _transfer_errors() -> tuple[type[Exception], ...]:
+    """What boto3's transfer manager raises besides botocore's own errors: its wrappers of the last
+    failure (boto3.exceptions) and s3transfer's (an ETag that changed mid-download, retries run out)."""
+    from boto3.exceptions import Boto3Error
+    from s3transfer import exceptions as s3t
+
+    return Boto3Error, s3t.RetriesExceededError, s3t.S3UploadFailedError, s3t.S3DownloadFailedError
+
+
 class S3Store(Store):
     def __init__(self, uri: str, settings: S3Settings):
         self.bucket, self.prefix = split_s3(uri)
@@ -336,14 +345,33 @@ class S3Store(Store):
         try:
             return fn(*args, **kwargs)
         except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
-            if code in ("404", "NoSuchKey", "NotFound"):
-                raise NotFound(f"{self.url(key)} does not exist") from None
-            if code == "NoSuchBucket":
-                raise StoreError(f"bucket {self.bucket!r} does not exist at {self.where} (create it, or fix the store URI)") from None
-            raise StoreError(f"S3 {what} {self.url(key)} failed at {self.where}: {code} {e}") from None
+            raise self._client_error(what, key, e) from None
         except BotoCoreError as e:
             raise StoreError(f"S3 {what} {self.url(key)} failed at {self.where}: {e}") from None
+        except _transfer_errors() as e:
+            raise self._transfer_error(what, key, e) from e
+
+    def _client_error(self, what: str, key: str, e) -> StoreError:
+        code = e.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchKey", "NotFound"):
+            return NotFound(f"{self.url(key)} does not exist")
+        if code == "NoSuchBucket":
+            return StoreError(f"bucket {self.bucket!r} does not exist at {self.where} (create it, or fix the store URI)")
+        return StoreError(f"S3 {what} {self.url(key)} failed at {self.where}: {code} {e}")
+
+    def _transfer_error(self, what: str, key: str, e: Exception) -> StoreError:
+        """boto3's transfer manager (download_file, upload_file) wraps the error that ended it: a
+        ClientError in S3UploadFailedError, the last cut-off or timed-out body read in
+        RetriesExceededError ("Max Retries Exceeded", no key named)."""
+        from botocore.exceptions import ClientError
+
+        last = getattr(e, "last_exception", None) or e.__cause__ or e.__context__
+        if isinstance(last, ClientError):
+            return self._client_error(what, key, last)
+        if hasattr(e, "last_exception"):
+            return StoreError(f"S3 {what} {self.url(key)} failed at {self.where}: the response body was cut off or timed out on "
+                              f"every try ({last}); check the network to the S3 server and retry")
+        return StoreError(f"S3 {what} {self.url(key)} failed at {self.where}: {e}; retry")
 
     @property
     def where(self) -> str:

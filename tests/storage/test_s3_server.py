@@ -144,3 +144,50 @@ def test_safe_relative_names():
     for evil in ("", "a//b", "./a", "a\\..\\b"):
         with pytest.raises(StoreError):
             safe_relative(evil, "x")
+
+
+# ---- issue 25: the transfer manager (download_file / upload_file) ends in the same one-line error ------------
+
+
+@pytest.mark.slow
+def test_transfer_manager_cut_bodies_end_in_one_line(s3_bucket, s3_server, tmp_path, monkeypatch, capsys):
+    """download_file retries a cut body itself, then raises boto3's RetriesExceededError (no key in
+    it); the store turns it into its own one-line error naming the key, and the CLI prints only that."""
+    from kubetune.errors import EXIT_FAILED
+    from kubetune.pipelines.cli import main
+    from kubetune.release import registry
+    from tests.conftest import write_csv
+    from tests.helpers.faultproxy import FaultProxy
+
+    direct = open_store(f"s3://{s3_bucket}/kt", S3Settings.from_env(os.environ))
+    version = publish_model(direct, tmp_path)
+    onnx_key = f"{registry.version_prefix('sms-spam', version)}/model.onnx"
+    with FaultProxy(s3_server) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        via = open_store(f"s3://{s3_bucket}/kt", S3Settings.from_env(os.environ))
+        proxy.cut_bodies(lambda method, path: method == "GET" and path.split("?")[0].endswith("/model.onnx"), times=-1)
+        with pytest.raises(StoreError, match="cut off") as failed:
+            via.download(onnx_key, tmp_path / "model.onnx")
+        assert f"s3://{s3_bucket}/kt/{onnx_key}" in str(failed.value) and failed.value.exit_code == EXIT_FAILED
+        assert len(proxy.cut) > 1 and not list(tmp_path.glob(".model.onnx.tmp-*"))  # retried, and no temp file left
+        capsys.readouterr()
+        data = write_csv(tmp_path / "in.csv", [("free prize now", "spam"), ("see you at noon", "ham")])
+        code = main(["infer", "--store", f"s3://{s3_bucket}/kt", "--model", "sms-spam", "--input", str(data),
+                     "--output", str(tmp_path / "scored")])
+        err = capsys.readouterr().err
+        assert code == EXIT_FAILED, err
+        assert "model.onnx" in err and "cut off" in err and "Traceback" not in err and "RetriesExceeded" not in err
+        assert err.strip().count("\n") == 0, err
+
+
+def test_upload_errors_are_one_line(s3_bucket, tmp_path, monkeypatch):
+    """upload_file wraps a refused PUT in boto3's S3UploadFailedError; the store names the key instead."""
+    src = tmp_path / "model.onnx"
+    src.write_bytes(b"onnx")
+    missing = open_store(f"s3://{s3_bucket}-gone/kt", S3Settings.from_env(os.environ))
+    with pytest.raises(StoreError, match="does not exist"):
+        missing.upload(src, "models/m/model.onnx")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    denied = open_store(f"s3://{s3_bucket}/kt", S3Settings.from_env(os.environ))
+    with pytest.raises(StoreError, match=f"s3://{s3_bucket}/kt/models/m/model.onnx.*(SignatureDoesNotMatch|AccessDenied)"):
+        denied.upload(src, "models/m/model.onnx")
