@@ -1,7 +1,7 @@
 """Error types shared by every step, and the one exit-code table of kubetune.
 
   0  model deployed, or training skipped because the data is unchanged
-  1  anything else went wrong (a bug, the store unreachable, ONNX parity failed, ...)
+  1  anything else went wrong (a bug, the store unreachable, ONNX parity failed, a disk full, ...)
   2  input or options rejected: nothing was trained or published
   3  the quality gate rejected the model (or a variant the user required failed its check): nothing published
 
@@ -35,6 +35,13 @@ class ConfigError(InputError):
     """Options that cannot work together, rejected before any work is done (exit 2, like bad input)."""
 
     kind = "config"
+
+
+class DiskFullError(KubetuneError):
+    """No space left where a step writes (a checkpoint, a model, an ONNX graph, token shards): names the
+    folder, what was being written and its size (kubetune.storage.space raises it). Exit 1."""
+
+    kind = "disk_full"
 
 
 class GateRejected(KubetuneError):

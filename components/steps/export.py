@@ -46,6 +46,7 @@ from kubetune.onnx.model import OnnxClassifier
 from kubetune.onnx.variants import accept_variants, example_inputs, parse_variants, torchscript_export
 from kubetune.storage.contracts import ModelSettings, TokensMeta, write_labels
 from kubetune.storage.shards import load_split
+from kubetune.storage.space import is_disk_full, parameter_bytes, writing
 from kubetune.training.modeling import TorchBackend
 
 STEP = "export"
@@ -100,6 +101,8 @@ def export_graph(model, input_names: list[str], path: Path, opset: int, axes: tu
         torchscript_export(model, input_names, path, opset, axes)
         return "torchscript exporter"
     except Exception as e:  # noqa: BLE001 - any exporter failure: the other exporter, and the record says so
+        if is_disk_full(e, path):
+            raise  # the other exporter would fill the same disk
         log(STEP, f"the TorchScript exporter failed ({type(e).__name__}: {str(e)[:200]}); exporting with torch.export instead")
         path.unlink(missing_ok=True)
         export_onnx(model, input_names, path, opset, axes)
@@ -162,7 +165,8 @@ def export(model_dir: Path, tokens_dir: Path, out_dir: Path, cfg: ExportConfig, 
     # ---- graph -------------------------------------------------------------------------------
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / "model.onnx"
-    exporter = export_graph(model, names, onnx_path, cfg.opset, task.input_axes)
+    with writing(onnx_path, "the ONNX graph model.onnx", parameter_bytes(model)):
+        exporter = export_graph(model, names, onnx_path, cfg.opset, task.input_axes)
     onnx.checker.check_model(str(onnx_path))
     log(STEP, f"exported {onnx_path.stat().st_size / 2**20:.1f} MiB with the {exporter}, opset {cfg.opset}, "
               f"dynamic {', '.join(task.input_axes)} axes")

@@ -50,6 +50,7 @@ from kubetune.core.system import resolve_cpu_kernels, usable_cpus
 from kubetune.errors import ConfigError
 from kubetune.storage.contracts import ModelInputs, TokensMeta
 from kubetune.storage.shards import length_grouped_batches, load_split
+from kubetune.storage.space import parameter_bytes, writing
 from kubetune.storage.store import fetch, join
 from kubetune.training.checkpoint import Checkpoints, check_compatible
 from kubetune.training.modeling import (
@@ -400,7 +401,8 @@ class FinetuneRun:
         load_trainable(self.core, self.best_state)
         model = self.core.merge_and_unload() if self.cfg.peft == "lora" else self.core
         out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir)  # safetensors
+        with writing(out_dir, "the fine-tuned model (safetensors)", parameter_bytes(model)):
+            model.save_pretrained(out_dir)  # safetensors
         shutil.copytree(tokens_dir / "tokenizer", out_dir, dirs_exist_ok=True)
 
 

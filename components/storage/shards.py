@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kubetune.storage.space import writing
+
 IGNORE = -100  # torch cross_entropy's ignore_index: positions that carry no label
 ABSENT = -1e9  # the logit of an absent choice (multiple choice): no probability after a softmax
 
@@ -130,7 +132,8 @@ def save_split(out_dir: Path, split: str, rows: list[list[int]], labels: np.ndar
         if choices > 1:
             arrays["choices"] = np.int64(choices)
         name = f"{split}-{first + n:05d}.npz"
-        np.savez(out_dir / name, **arrays)
+        with writing(out_dir / name, f"the token shard {name}", sum(a.nbytes for a in arrays.values())):
+            np.savez(out_dir / name, **arrays)
         names.append(name)
     return names
 
@@ -205,10 +208,11 @@ def _joined(files: list[Path], name: str, total: int, in_memory: bool):
                 parts.append(z[name])
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
     out = tempfile.TemporaryFile(prefix="kubetune-tokens-")
-    for f in files:
-        with np.load(f) as z:
-            out.write(np.ascontiguousarray(z[name], dtype=np.int32).tobytes())
-    out.flush()
+    with writing(Path(tempfile.gettempdir()), f"the {name} of {len(files)} token shards (spilled to a temporary file)", total * 4):
+        for f in files:
+            with np.load(f) as z:
+                out.write(np.ascontiguousarray(z[name], dtype=np.int32).tobytes())
+        out.flush()
     return DiskArray(out, total)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.errors import ConfigError
+from kubetune.storage.space import tensor_bytes, writing
 from kubetune.storage.store import Store, join
 
 KEY = "state.pt"
@@ -37,7 +38,8 @@ class Checkpoints:
 
         with tempfile.TemporaryDirectory(prefix="kubetune-ckpt-") as tmp:
             path = Path(tmp) / KEY
-            torch.save(state, path)
+            with writing(path, f"the training checkpoint {KEY}", tensor_bytes(state)):
+                torch.save(state, path)
             self.store.upload(path, self.key)
 
     def delete(self) -> int:
