@@ -35,7 +35,7 @@ from kubetune import tasks
 from kubetune.core.config import add_config_args, config_from_args
 from kubetune.core.context import add_store_arg
 from kubetune.core.progress import fmt_seconds
-from kubetune.errors import ConfigError, InputError, KubetuneError
+from kubetune.errors import Cancelled, ConfigError, InputError, KubetuneError
 from kubetune.pipelines import cluster, parameters
 from kubetune.pipelines.config import ClusterConfig
 from kubetune.release import registry
@@ -199,7 +199,8 @@ def print_summary(s: dict, wall: float) -> None:
     if s.get("skip"):
         w(f"skipped: {s['skip']['reason']}\n")
     if s["error"]:
-        w(f"\n{s['error']['step']} failed: {s['error']['message']}\n")
+        verb = "cancelled" if s["outcome"] == "cancelled" else "failed"
+        w(f"\n{s['error']['step'] or 'run'} {verb}: {s['error']['message']}\n")
     w(f"\noutcome: {s['outcome']} (exit {s['exit_code']}), records in {s['store']}/runs/{s['run_id']}\n")
 
 
@@ -223,7 +224,7 @@ def prune_kfp_outputs(root: Path, own: set[Path], keep: int) -> list[Path]:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from kubetune.pipelines.local import run_locally
+    from kubetune.pipelines.local import run_locally, stop_steps_on_signal
     from kubetune.pipelines.training import build_training_pipeline
 
     store = open_store(a.store, S3Settings.from_env())
@@ -252,10 +253,14 @@ def cmd_run(a: argparse.Namespace) -> int:
     saved_tmpdir = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = str(run_tmp)
     t0 = time.perf_counter()
+    cancelled = None
     try:
         # no task retries locally: a failure here is not a flaky node, and backoff would only delay it
-        run_locally(build_training_pipeline(ClusterConfig(retries=0), default_store=store_uri), arguments,
-                    pipeline_root=pipeline_root, log_path=log_path, verbose=a.verbose)
+        with stop_steps_on_signal():
+            run_locally(build_training_pipeline(ClusterConfig(retries=0), default_store=store_uri), arguments,
+                        pipeline_root=pipeline_root, log_path=log_path, verbose=a.verbose)
+    except Cancelled as e:  # the steps are stopped; nothing more runs (the exit handler's summary neither)
+        cancelled = e
     finally:
         if not local:
             store.upload(log_path, record.key("kfp-local.log"))
@@ -270,7 +275,18 @@ def cmd_run(a: argparse.Namespace) -> int:
         shutil.rmtree(run_tmp, ignore_errors=True)
     wall = time.perf_counter() - t0
 
-    summary = record.read_json("summary.json") or build_summary(record)
+    if cancelled:
+        summary = build_summary(record)
+        # the first step without a record was the one running (or about to start); the rest never ran
+        step = next((s for s in summary["steps"] if s["status"] == "not_run"), None)
+        if step:
+            step["status"] = "cancelled"
+        summary.update(outcome="cancelled", exit_code=cancelled.exit_code,
+                       error={"step": step and step["name"], "kind": cancelled.kind, "exit_code": cancelled.exit_code,
+                              "message": str(cancelled)})
+        record.write_json("summary.json", summary)
+    else:
+        summary = record.read_json("summary.json") or build_summary(record)
     summary["wall_seconds"] = round(wall, 1)
     print_summary(summary, wall)
     if a.summary:

@@ -4,17 +4,27 @@ subprocess; the same compiled pipeline a cluster runs).
 kfp.local echoes every line each task prints, including the executor's JSON dumps. The full stream
 goes to a log file; the terminal gets the "[kubetune <step>]" lines (progress, timings, warnings,
 errors) unless `verbose` is set.
+
+SIGTERM or SIGINT to the run (a supervisor, `timeout`, CI, a pod stopping) stops its step processes
+too - SIGTERM, STOP_GRACE_S seconds, then SIGKILL - and raises Cancelled (exit 143 / 130): a step is
+never left running alone, writing into the store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, Iterator, TextIO
 
+from kubetune.core.processes import stop_descendants
 from kubetune.core.progress import MARK
+from kubetune.errors import Cancelled
+
+STOP_GRACE_S = 10.0  # how long the step processes get to exit after SIGTERM before SIGKILL
 
 
 class _Filter(io.TextIOBase):
@@ -53,3 +63,29 @@ def run_locally(pipeline: Callable, arguments: dict, *, pipeline_root: Path, log
         with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
             pipeline(**arguments)
         stream.flush()
+
+
+@contextlib.contextmanager
+def stop_steps_on_signal(grace: float = STOP_GRACE_S) -> Iterator[None]:
+    """While inside: SIGTERM/SIGINT stop every descendant process (SIGTERM, `grace` seconds, SIGKILL),
+    then raise Cancelled in the main thread. The previous handlers are restored on the way out."""
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield
+        return
+    stopping = False
+
+    def handler(signum: int, frame) -> None:
+        nonlocal stopping
+        if stopping:  # a second signal while the steps are being stopped: already on it
+            return
+        stopping = True
+        print(f"\nkubetune run: {signal.Signals(signum).name}: stopping the step processes", file=sys.__stderr__, flush=True)
+        stop_descendants(grace=grace)
+        raise Cancelled(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
