@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -28,6 +29,13 @@ def usable_cpus(cpu_max: Path = CPU_MAX) -> int:
 def cpu_features(cpuinfo: Path = CPUINFO) -> dict:
     """{"model": the CPU's name, "flags": the ISA_FLAGS it has}, read at run time (Linux /proc/cpuinfo;
     elsewhere model "unknown", no flags: every path still runs, on the kernels ONNX Runtime finds)."""
+    model, flags = _read_cpuinfo(cpuinfo)
+    return {"model": model, "flags": list(flags)}
+
+
+@functools.lru_cache(maxsize=4)
+def _read_cpuinfo(cpuinfo: Path) -> tuple[str, tuple[str, ...]]:
+    """Read once per process: the file is large on a many-core node and names every core alike."""
     model, flags = "unknown", set()
     try:
         for line in cpuinfo.read_text(errors="replace").splitlines():
@@ -39,7 +47,7 @@ def cpu_features(cpuinfo: Path = CPUINFO) -> dict:
                 break
     except OSError:
         pass
-    return {"model": model, "flags": [f for f in ISA_FLAGS if f in flags]}
+    return model, tuple(f for f in ISA_FLAGS if f in flags)
 
 
 def cpu_kernels(variant: str, flags: list[str]) -> str:
